@@ -1,0 +1,210 @@
+"""The Typer app: parse flags into Jobs, hand them on, map failures to exit codes.
+
+Nothing heavy is imported here so that `diffcli --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Annotated, Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from diffcli import __version__
+from diffcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, DiffcliError, Interrupted
+from diffcli.options import Job
+
+app = typer.Typer(
+    name="diffcli",
+    help="Text-to-image and friends on Stable Diffusion, for people and shell scripts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+STATE = {"debug": False}
+
+# Options shared by every generating command (txt2img, img2img, inpaint, upscale, ...).
+Negative = Annotated[str, typer.Option("--negative", "-n", help="What the image should not show.")]
+Cfg = Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale (default 7.5, or the model's recommendation).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (default suits the scheduler).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed of image 1; image i uses seed+i. Default: random, always reported.")]
+Width = Annotated[Optional[int], typer.Option("--width", help="Width in pixels (default: the model's native size).")]
+Height = Annotated[Optional[int], typer.Option("--height", help="Height in pixels (default: the model's native size).")]
+NumImages = Annotated[int, typer.Option("--num-images", "-N", help="How many images to make.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (memory grows with it).")]
+Scheduler = Annotated[Optional[str], typer.Option("--scheduler", help="Sampler by name, A1111 names too (see `diffcli schedulers`).")]
+Model = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", envvar="DIFFCLI_MODEL", help="Bundled name, Hub id, diffusers folder or .safetensors file."),
+]
+ModelConfig = Annotated[Optional[str], typer.Option("--model-config", help="Diffusers folder describing a non-standard single-file checkpoint.")]
+Device = Annotated[str, typer.Option("--device", envvar="DIFFCLI_DEVICE", help="auto | cuda | cuda:N | mps | cpu.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32.")]
+Out = Annotated[
+    Optional[str],
+    typer.Option("--out", "-o", envvar="DIFFCLI_OUTPUT", help="File, folder, or name template like '{index:05d}-{seed}-{slug}.png'. Default: outputs/."),
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing files instead of refusing.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout instead of paths.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")]
+SafetyChecker = Annotated[bool, typer.Option("--safety-checker", help="Run the model's safety checker (off by default).")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle-based weights (.ckpt/.bin); unsafe for untrusted files.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"diffcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Text-to-image and friends on Stable Diffusion, for people and shell scripts."""
+    STATE["debug"] = debug or bool(os.environ.get("DIFFCLI_DEBUG"))
+
+
+def say(message: str, quiet: bool) -> None:
+    """Human-facing line on stderr."""
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def run_jobs(jobs: list[Job], as_json: bool, quiet: bool) -> None:
+    """Plan every job first (so bad input fails before any model loads), then run them."""
+    from diffcli.generate import plan_job, run_plan
+
+    plans = [plan_job(job) for job in jobs]
+    for plan in plans:
+        spec = plan.spec
+        if spec.source == "bundled" and not plan.job.model:
+            say(f"Using the bundled demo model {spec.name!r} (no download). For real images pass --model "
+                "with a Hub id, a diffusers folder or a .safetensors checkpoint.", quiet)
+        say(f"model {spec.name} ({spec.family}, {spec.source}), seed {plan.seeds[0]}, "
+            f"{plan.width}x{plan.height}, {len(plan.seeds)} image(s)", quiet)
+        first = True
+
+        def on_image(record: dict) -> None:
+            nonlocal first
+            if first:
+                say(f"device {record['device']}, dtype {record['dtype']}, scheduler {record['scheduler']}, "
+                    f"steps {record['steps']}, cfg {record['cfg']:g}", quiet)
+                first = False
+            print(json.dumps(record, sort_keys=True) if as_json else record["path"], flush=True)
+
+        run_plan(plan, on_image, progress=not quiet and sys.stderr.isatty())
+
+
+@app.command()
+def txt2img(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    negative: Negative = "",
+    cfg: Cfg = None,
+    steps: Steps = None,
+    seed: Seed = None,
+    width: Width = None,
+    height: Height = None,
+    num_images: NumImages = 1,
+    batch_size: BatchSize = 1,
+    scheduler: Scheduler = None,
+    model: Model = None,
+    model_config: ModelConfig = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    as_json: JsonOut = False,
+    quiet: Quiet = False,
+    safety_checker: SafetyChecker = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Generate images from a text prompt."""
+    job = Job("txt2img", prompt, negative, cfg, steps, seed, width, height, num_images, batch_size, scheduler,
+              model, model_config, device, dtype, out, overwrite, safety_checker, allow_pickle)
+    run_jobs([job], as_json, quiet)
+
+
+@app.command()
+def schedulers() -> None:
+    """List the scheduler names --scheduler accepts, with A1111's names and default steps."""
+    from diffcli.pipeline import SCHEDULERS
+
+    for name, entry in SCHEDULERS.items():
+        print(f"{name:20} {entry.label:22} {entry.class_name:34} steps {entry.steps}")
+
+
+@app.command()
+def info(as_json: JsonOut = False) -> None:
+    """Versions, devices found and the default model."""
+    import platform
+
+    import torch
+
+    from diffcli.generate import versions
+    from diffcli.models import DEFAULT_MODEL, bundled_models
+
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    report = {
+        "versions": dict(versions(), python=platform.python_version()),
+        "devices": {"cuda": cuda, "mps": mps, "cpu_threads": torch.get_num_threads()},
+        "default_model": os.environ.get("DIFFCLI_MODEL") or DEFAULT_MODEL,
+        "bundled_models": sorted(bundled_models()),
+    }
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+        return
+    for key, value in report.items():
+        print(f"{key}: {json.dumps(value)}")
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted("terminated", EXIT_TERMINATED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app and turn every expected failure into one stderr line."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    STATE["debug"] = bool(os.environ.get("DIFFCLI_DEBUG"))
+    try:
+        app(args=argv, prog_name="diffcli", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("diffcli: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TyperException as exc:  # bad flags or values, found by the parser
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message()
+        if not message and ctx is not None:  # no arguments at all: show the help
+            print(ctx.get_help(), file=sys.stderr)
+        else:
+            print(f"diffcli: error: {message}", file=sys.stderr)
+            if ctx is not None:
+                print(f"Try '{ctx.command_path} --help'.", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("diffcli: interrupted; finished images were kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except DiffcliError as exc:
+        if STATE["debug"]:
+            raise
+        print(f"diffcli: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        if STATE["debug"]:
+            raise
+        print(f"diffcli: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    """setuptools console-script wrapper."""
+    sys.exit(main())

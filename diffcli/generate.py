@@ -1,0 +1,221 @@
+"""Running a job: plan it (no weights), load the pipeline, seed, call, check numerics, save."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from diffcli import __version__, output
+from diffcli.errors import RuntimeFailure
+from diffcli.models import ModelSpec, resolve_model
+from diffcli.options import Job, check_size_multiple, draw_seed, validate
+from diffcli.pipeline import CLASS_LABELS, SCHEDULERS, normalize_scheduler_name
+
+
+TASKS_SIZED_BY_IMAGE = ("img2img", "upscale")  # their pipelines take the size from the input image
+
+
+@dataclass
+class Plan:
+    """A job with every default resolved and every output path decided, before any weights load."""
+
+    job: Job
+    spec: ModelSpec
+    seeds: list[int]
+    paths: list[Path]
+    width: int
+    height: int
+    cfg: float
+    scheduler: str | None  # table name, or None for the model's own scheduler
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_job(job: Job) -> Plan:
+    """Validate a job and resolve model, size, seeds and output paths; loads no weights."""
+    validate(job)
+    if job.scheduler is not None:
+        job.scheduler = normalize_scheduler_name(job.scheduler)
+    spec = resolve_model(job.model, job.model_config, job.allow_pickle)
+    defaults = spec.defaults
+    width = job.width or defaults.get("width") or spec.sample_size or 512
+    height = job.height or defaults.get("height") or spec.sample_size or 512
+    check_size_multiple(width, height, spec.size_multiple)
+    seed = job.seed if job.seed is not None else draw_seed()
+    seeds = [seed + i for i in range(job.num_images)]
+    cfg = job.cfg if job.cfg is not None else defaults.get("cfg", 7.5)
+    scheduler = job.scheduler or defaults.get("scheduler")
+    fields = {
+        "slug": output.slugify(job.prompt),
+        "prompt": job.prompt[:80],
+        "model": output.slugify(Path(spec.name).stem, 30),
+        "steps": job.steps or defaults.get("steps") or "",
+        "cfg": f"{cfg:g}",
+        "scheduler": scheduler or "default",
+        "width": width,
+        "height": height,
+    }
+    paths = output.plan_paths(job.out, seeds, fields, job.overwrite)
+    return Plan(job, spec, seeds, paths, width, height, cfg, scheduler)
+
+
+def default_cache_dir() -> Path:
+    """Where diffcli keeps small caches (model hashes); $DIFFCLI_HOME overrides."""
+    import os
+
+    return Path(os.environ.get("DIFFCLI_HOME") or Path.home() / ".cache" / "diffcli")
+
+
+def versions() -> dict:
+    """Library versions recorded with every image."""
+    import diffusers
+    import torch
+    import transformers
+
+    return {"diffcli": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = False, step_hook=None) -> None:
+    """Load the model, generate every image in batches, save each as soon as its batch is done."""
+    from diffcli.pipeline import build_scheduler, default_steps, load_pipeline, resolve_device, resolve_dtype
+
+    job = plan.job
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.dtype, device)
+    started = time.perf_counter()
+    pipe = load_pipeline(plan.spec, job.task, device, dtype, job.safety_checker)
+    pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, plan.scheduler)
+    load_s = time.perf_counter() - started
+    steps = job.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
+    common = {
+        "task": job.task,
+        "prompt": job.prompt,
+        "negative": job.negative,
+        "steps": steps,
+        "cfg": plan.cfg,
+        "width": plan.width,
+        "height": plan.height,
+        "scheduler": plan.scheduler or type(pipe.scheduler).__name__,
+        "sampler": SCHEDULERS[plan.scheduler].label if plan.scheduler else CLASS_LABELS.get(type(pipe.scheduler).__name__, ""),
+        "model": plan.spec.name,
+        "model_hash": output_hash(plan.spec),
+        "model_family": plan.spec.family,
+        "device": device,
+        "generator_device": "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "versions": versions(),
+        **{k: v for k, v in job.extra.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    for start in range(0, len(plan.seeds), job.batch_size):
+        seeds = plan.seeds[start : start + job.batch_size]
+        began = time.perf_counter()
+        images, warnings = _generate_batch(pipe, job, plan, seeds, steps, progress, step_hook)
+        generate_s = (time.perf_counter() - began) / len(seeds)
+        for offset, (image, seed) in enumerate(zip(images, seeds)):
+            index = start + offset
+            meta = dict(common, seed=seed, index=index, warnings=plan.warnings + warnings)
+            path = plan.paths[index]
+            began = time.perf_counter()
+            output.write_atomic(path, output.encode_image(image, path, meta), job.overwrite)
+            timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3), "save_s": round(time.perf_counter() - began, 3)}
+            on_image(dict(meta, path=str(path), timings=timings))
+        load_s = 0.0
+
+
+def output_hash(spec: ModelSpec) -> str:
+    """The model hash, computed once per process per model."""
+    from diffcli.models import model_hash
+
+    if spec not in _HASHES:
+        _HASHES[spec] = model_hash(spec, default_cache_dir())
+    return _HASHES[spec]
+
+
+_HASHES: dict[ModelSpec, str] = {}
+
+
+def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, progress: bool, step_hook):
+    """One pipeline call for `seeds` (one CPU generator each), with a non-finite check and fp32 VAE retry."""
+    import numpy as np
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    last = {}
+    bar = _progress_bar(steps) if progress else None
+
+    def on_step_end(pipeline, step, timestep, tensors):
+        if step_hook is not None:
+            step_hook(step, tensors)
+        last["latents"] = tensors["latents"]
+        if bar is not None:
+            bar.advance(bar.task_ids[0])
+        return tensors
+
+    kwargs = dict(job.extra.get("pipeline_kwargs", {}))
+    if job.task not in TASKS_SIZED_BY_IMAGE:
+        kwargs.update(width=plan.width, height=plan.height)
+    try:
+        if bar is not None:
+            bar.start()
+        result = pipe(
+            prompt=[job.prompt] * len(seeds),
+            negative_prompt=[job.negative] * len(seeds) if job.negative else None,
+            num_inference_steps=steps,
+            guidance_scale=plan.cfg,
+            generator=generators,
+            output_type="np",
+            callback_on_step_end=on_step_end,
+            **kwargs,
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+    images = result.images
+    warnings = []
+    if not np.isfinite(images).all():
+        latents = last.get("latents")
+        if latents is None or not torch.isfinite(latents).all():
+            raise RuntimeFailure(
+                "the model produced NaN/Inf values; no image was saved",
+                "try --dtype fp32 (or bf16), another --scheduler, or a lower --cfg",
+            )
+        images = _decode_fp32(pipe, latents)
+        warnings.append("vae decode retried in fp32 after non-finite pixels")
+        if not np.isfinite(images).all():
+            raise RuntimeFailure("the VAE produced NaN/Inf pixels even in fp32; no image was saved")
+    return [_to_pil(image) for image in images], warnings
+
+
+def _decode_fp32(pipe, latents):
+    """Decode latents with the VAE upcast to fp32 (fixes the fp16 SD/SDXL VAE overflow)."""
+    import torch
+
+    vae = pipe.vae
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        with torch.no_grad():
+            decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        vae.to(dtype)
+    return pipe.image_processor.postprocess(decoded, output_type="np")
+
+
+def _to_pil(array):
+    """float [0,1] HxWxC -> 8-bit PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype("uint8"))
+
+
+def _progress_bar(steps: int):
+    """A rich progress bar on stderr (only used when stderr is a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("steps"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
+    bar.add_task("steps", total=steps)
+    return bar

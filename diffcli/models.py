@@ -1,0 +1,208 @@
+"""Resolve `--model` (bundled name, local folder, single file or Hub id) and detect its family."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffcli.errors import ModelError
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+DEFAULT_MODEL = "tiny-shapes"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model lives and what it is, known before any weights load."""
+
+    source: str  # "bundled" | "folder" | "single_file" | "hub"
+    location: str  # folder or file path, or Hub repo id
+    name: str  # how the user named it; recorded in metadata
+    family: str  # "sd1" | "sd2" | "sdxl" | "sd-x4-upscaler" | "sd-latent-upscaler"
+    inpaint: bool = False  # a 9-channel inpainting UNet
+    prediction_type: str = "epsilon"
+    sample_size: int | None = None  # native image side in pixels, when known
+    size_multiple: int = 8  # the VAE's downsampling factor: sizes must be multiples of it
+    config_dir: str | None = None  # diffusers config folder for single files
+    defaults: dict = field(default_factory=dict, compare=False, hash=False)  # bundled recommendations
+
+
+def bundled_models() -> dict[str, Path]:
+    """Names of the models shipped inside the package."""
+    if not BUNDLED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(BUNDLED_DIR.iterdir()) if (p / "model_index.json").is_file()}
+
+
+def resolve_model(spec: str | None, model_config: str | None = None, allow_pickle: bool = False) -> ModelSpec:
+    """Turn a --model value (or $DIFFCLI_MODEL, or the default) into a ModelSpec."""
+    spec = spec or os.environ.get("DIFFCLI_MODEL") or DEFAULT_MODEL
+    bundled = bundled_models()
+    if spec in bundled:
+        return _from_folder(bundled[spec], spec, "bundled")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _from_folder(path, spec, "folder")
+    if path.is_file():
+        return _from_single_file(path, spec, model_config, allow_pickle)
+    if spec.lower().endswith(SINGLE_FILE_SUFFIXES) or spec.startswith((".", "/", "~")):
+        raise ModelError(f"--model {spec!r}: no such file or folder")
+    if HUB_ID.match(spec):
+        return _from_hub(spec)
+    names = ", ".join(bundled) or "none installed"
+    raise ModelError(
+        f"--model {spec!r} is not a bundled model, a local path or a Hub id (owner/name)",
+        f"bundled models: {names}",
+    )
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON config file, turning every failure into a ModelError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing", "is this a complete diffusers model folder?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path} is not a readable JSON config: {exc}") from None
+
+
+def detect_family(model_index: dict, unet: dict) -> str:
+    """SD1/SD2/SDXL or an upscaler, from the pipeline class and the UNet config."""
+    pipeline_class = model_index.get("_class_name", "")
+    if "Upscale" in pipeline_class:
+        return "sd-latent-upscaler" if "Latent" in pipeline_class else "sd-x4-upscaler"
+    if "XL" in pipeline_class or unet.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if not pipeline_class.startswith("StableDiffusion"):
+        raise ModelError(f"unsupported pipeline class {pipeline_class!r}", "diffcli runs Stable Diffusion 1.x, 2.x and XL models")
+    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def _from_folder(path: Path, name: str, source: str) -> ModelSpec:
+    """A diffusers folder: model_index.json plus one subfolder per component."""
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"--model {name!r}: folder has no model_index.json", "expected a diffusers model folder (save_pretrained)")
+    return _spec_from_configs(path, name, source, str(path))
+
+
+def _spec_from_configs(folder: Path, name: str, source: str, location: str) -> ModelSpec:
+    """Build a ModelSpec from a folder holding model_index.json and component configs."""
+    model_index = read_json(folder / "model_index.json")
+    unet = read_json(folder / "unet" / "config.json")
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
+    vae_path = folder / "vae" / "config.json"
+    vae_blocks = len(read_json(vae_path).get("block_out_channels", [1] * 4)) if vae_path.is_file() else 4
+    defaults_path = folder / "diffcli.json"
+    family = detect_family(model_index, unet)
+    sample_size = unet.get("sample_size")
+    if isinstance(sample_size, list):
+        sample_size = sample_size[0]
+    upscaler = family.startswith("sd-") and "upscaler" in family
+    return ModelSpec(
+        source=source,
+        location=location,
+        name=name,
+        family=family,
+        inpaint=unet.get("in_channels") == 9,
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        sample_size=None if upscaler or not sample_size else sample_size * 2 ** (vae_blocks - 1),
+        size_multiple=2 ** (vae_blocks - 1),
+        defaults=read_json(defaults_path) if defaults_path.is_file() else {},
+    )
+
+
+def _from_single_file(path: Path, name: str, model_config: str | None, allow_pickle: bool) -> ModelSpec:
+    """A single checkpoint file: inspect its header for the family, pick a shipped config."""
+    from diffcli import checkpoints
+
+    checkpoints.refuse_pickle(path, allow_pickle)
+    info = checkpoints.inspect_checkpoint(path)
+    config_dir = Path(model_config) if model_config else Path(info.config_dir)
+    if model_config and not (config_dir / "model_index.json").is_file():
+        raise ModelError(f"--model-config {model_config!r} is not a diffusers folder (no model_index.json)")
+    spec = _spec_from_configs(config_dir, name, "single_file", str(path))
+    return ModelSpec(
+        source="single_file",
+        location=str(path),
+        name=name,
+        family=info.family if not model_config else spec.family,
+        inpaint=info.inpaint,
+        prediction_type=info.prediction_type if not model_config else spec.prediction_type,
+        sample_size=spec.sample_size,
+        size_multiple=spec.size_multiple,
+        config_dir=str(config_dir),
+    )
+
+
+def _from_hub(repo_id: str) -> ModelSpec:
+    """A Hub repo id: fetch (or find in the HF cache) only the small config files."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename))
+        except LocalEntryNotFoundError:
+            raise ModelError(
+                f"--model {repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached",
+                "connect once, or unset HF_HUB_OFFLINE, or pass a local folder or .safetensors file",
+            ) from None
+        except EntryNotFoundError:
+            return None
+        except GatedRepoError:
+            raise ModelError(f"--model {repo_id!r} is gated", "accept its licence on the Hub and log in with `hf auth login`") from None
+        except RepositoryNotFoundError:
+            raise ModelError(f"--model {repo_id!r}: no such repository on the Hub (or it is private)") from None
+        except OSError as exc:
+            raise ModelError(f"--model {repo_id!r}: {exc}") from None
+
+    index = fetch("model_index.json")
+    if index is None:
+        raise ModelError(f"--model {repo_id!r} has no model_index.json", "is it a diffusers pipeline repository?")
+    for filename in ("unet/config.json", "scheduler/scheduler_config.json", "vae/config.json"):
+        fetch(filename)
+    return _spec_from_configs(index.parent, repo_id, "hub", repo_id)
+
+
+def model_hash(spec: ModelSpec, cache_dir: Path) -> str:
+    """A1111-style short hash (sha256, 10 hex digits) of the weights, cached by size and mtime."""
+    target = Path(spec.location)
+    if spec.source in ("folder", "bundled"):
+        unet_files = sorted((target / "unet").glob("*.safetensors")) or sorted((target / "unet").glob("*.bin"))
+        target = unet_files[0] if unet_files else target / "model_index.json"
+    elif spec.source == "hub":
+        return ""  # the Hub records the revision; hashing multi-GB cached blobs is not worth the wait
+    stat = target.stat()
+    key = f"{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache_file = cache_dir / "hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        digest = hashlib.sha256()
+        with target.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        cache[key] = digest.hexdigest()[:10]
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    return cache[key]

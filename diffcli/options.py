@@ -1,0 +1,82 @@
+"""One validated settings object per job; everything is checked before any weights load."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+
+from diffcli.errors import UsageError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must still fit
+MAX_SIDE = 8192  # larger sizes are almost always a typo and would exhaust memory
+
+
+@dataclass
+class Job:
+    """Everything needed to produce the images of one command line (or one batch line)."""
+
+    task: str = "txt2img"
+    prompt: str = ""
+    negative: str = ""
+    cfg: float | None = None  # None: the model's recommendation, else 7.5 (A1111's default)
+    steps: int | None = None  # None: the scheduler's own sensible default (see pipeline.SCHEDULERS)
+    seed: int | None = None  # None: drawn at random, then always reported
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    num_images: int = 1
+    batch_size: int = 1  # images per pipeline call; memory grows linearly with it
+    scheduler: str | None = None  # None: the scheduler the model ships with
+    model: str | None = None  # None: $DIFFCLI_MODEL, then the bundled model
+    model_config: str | None = None  # diffusers folder describing a single-file checkpoint
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str | None = None  # None: $DIFFCLI_OUTPUT, then ./outputs/
+    overwrite: bool = False
+    safety_checker: bool = False
+    allow_pickle: bool = False
+    extra: dict = field(default_factory=dict)  # task-specific settings (strength, mask, ...)
+
+    def settings(self) -> dict:
+        """Plain dict of all settings, for metadata and JSON output."""
+        return asdict(self)
+
+
+def draw_seed() -> int:
+    """A random seed in A1111's 32-bit range, so it can be typed back in anywhere."""
+    return secrets.randbelow(2**32)
+
+
+def validate(job: Job) -> Job:
+    """Check every setting that needs no model; raise UsageError naming the flag and value."""
+    if job.task == "txt2img" and not job.prompt.strip():
+        raise UsageError("PROMPT is empty", "give the text of the image to generate")
+    if job.cfg is not None and not 0 <= job.cfg <= 100:
+        raise UsageError(f"--cfg must be between 0 and 100, got {job.cfg:g}")
+    if job.steps is not None and not 1 <= job.steps <= 1000:
+        raise UsageError(f"--steps must be between 1 and 1000, got {job.steps}")
+    for flag, value in (("--width", job.width), ("--height", job.height)):
+        if value is not None and not 8 <= value <= MAX_SIDE:
+            raise UsageError(f"{flag} must be between 8 and {MAX_SIDE}, got {value}")
+    if job.num_images < 1:
+        raise UsageError(f"--num-images must be at least 1, got {job.num_images}")
+    if job.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {job.batch_size}")
+    if job.seed is not None and not 0 <= job.seed <= MAX_SEED - job.num_images:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED - job.num_images}, got {job.seed}")
+    if not DEVICE_PATTERN.match(job.device):
+        raise UsageError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {job.device!r}")
+    if job.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
+    return job
+
+
+def check_size_multiple(width: int, height: int, multiple: int) -> None:
+    """Refuse sizes the model cannot produce (diffusers would floor them silently)."""
+    if width % multiple or height % multiple:
+        raise UsageError(
+            f"--width and --height must be multiples of {multiple} for this model, got {width}x{height}",
+            f"try {width - width % multiple or multiple}x{height - height % multiple or multiple}",
+        )

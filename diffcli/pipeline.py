@@ -1,0 +1,195 @@
+"""Build and cache diffusers pipelines: device, dtype, scheduler, pipeline class per task."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+
+from diffcli.errors import ModelError, UsageError
+
+# Library chatter (deprecations, optional-backend notices) is not for our users; they may override.
+for _library in ("TRANSFORMERS", "DIFFUSERS"):
+    os.environ.setdefault(f"{_library}_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1") if not sys.stderr.isatty() else None
+from diffcli.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class SchedulerEntry:
+    """A scheduler by name: the diffusers class, its options, and a step count that suits it."""
+
+    class_name: str
+    options: tuple = ()  # (key, value) pairs passed to from_config
+    steps: int = 30  # default --steps
+    label: str = ""  # A1111's sampler name, for the `parameters` metadata
+
+
+SCHEDULERS: dict[str, SchedulerEntry] = {
+    "ddim": SchedulerEntry("DDIMScheduler", steps=50, label="DDIM"),
+    "pndm": SchedulerEntry("PNDMScheduler", (("skip_prk_steps", True),), steps=50, label="PLMS"),
+    "lms": SchedulerEntry("LMSDiscreteScheduler", steps=50, label="LMS"),
+    "lms-karras": SchedulerEntry("LMSDiscreteScheduler", (("use_karras_sigmas", True),), 50, "LMS Karras"),
+    "heun": SchedulerEntry("HeunDiscreteScheduler", steps=25, label="Heun"),
+    "euler": SchedulerEntry("EulerDiscreteScheduler", steps=30, label="Euler"),
+    "euler-a": SchedulerEntry("EulerAncestralDiscreteScheduler", steps=30, label="Euler a"),
+    "dpm2": SchedulerEntry("KDPM2DiscreteScheduler", steps=25, label="DPM2"),
+    "dpm2-a": SchedulerEntry("KDPM2AncestralDiscreteScheduler", steps=25, label="DPM2 a"),
+    "dpm++2m": SchedulerEntry("DPMSolverMultistepScheduler", steps=25, label="DPM++ 2M"),
+    "dpm++2m-karras": SchedulerEntry(
+        "DPMSolverMultistepScheduler", (("use_karras_sigmas", True),), 25, "DPM++ 2M Karras"
+    ),
+    "dpm++2m-sde-karras": SchedulerEntry(
+        "DPMSolverMultistepScheduler",
+        (("algorithm_type", "sde-dpmsolver++"), ("use_karras_sigmas", True)),
+        25,
+        "DPM++ 2M SDE Karras",
+    ),
+    "dpm++sde-karras": SchedulerEntry("DPMSolverSDEScheduler", (("use_karras_sigmas", True),), 20, "DPM++ SDE Karras"),
+    "unipc": SchedulerEntry("UniPCMultistepScheduler", steps=20, label="UniPC"),
+    "deis": SchedulerEntry("DEISMultistepScheduler", steps=25, label="DEIS"),
+    "lcm": SchedulerEntry("LCMScheduler", steps=4, label="LCM"),
+    "ddpm": SchedulerEntry("DDPMScheduler", steps=100, label="DDPM"),
+}
+
+# Default steps and A1111 label for whatever scheduler class a model ships with (plain variant wins).
+CLASS_STEPS = {e.class_name: e.steps for e in reversed(SCHEDULERS.values())}
+CLASS_LABELS = {e.class_name: e.label for e in reversed(SCHEDULERS.values())}
+
+# Pipeline class per (family, task); families share SD classes except XL and the upscalers.
+PIPELINES = {
+    ("sd", "txt2img"): "StableDiffusionPipeline",
+    ("sd", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sd", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
+    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("sd-x4-upscaler", "upscale"): "StableDiffusionUpscalePipeline",
+    ("sd-latent-upscaler", "upscale"): "StableDiffusionLatentUpscalePipeline",
+}
+
+
+def normalize_scheduler_name(name: str) -> str:
+    """Map user spellings ('DPM++ 2M Karras', 'euler_a', 'Euler a') onto table keys."""
+    key = re.sub(r"[\s_]+", "-", name.strip().lower()).replace("dpm++-", "dpm++")
+    key = {"euler-ancestral": "euler-a", "plms": "pndm", "dpm++2m-sde": "dpm++2m-sde-karras"}.get(key, key)
+    compact = key.replace("-", "")
+    for known in SCHEDULERS:
+        if known.replace("-", "") == compact:
+            return known
+    for known, entry in SCHEDULERS.items():
+        if entry.label.lower().replace(" ", "") == compact:
+            return known
+    raise UsageError(f"--scheduler {name!r} is unknown", f"choose one of: {', '.join(SCHEDULERS)} (see `diffcli schedulers`)")
+
+
+def family_group(family: str) -> str:
+    """SD1 and SD2 share pipeline classes."""
+    return "sd" if family in ("sd1", "sd2") else family
+
+
+def pipeline_class_name(spec: ModelSpec, task: str) -> str:
+    """The diffusers class that runs `task` on this model, or a UsageError."""
+    name = PIPELINES.get((family_group(spec.family), task))
+    if name is None:
+        raise UsageError(f"{task} does not work with {spec.name!r} ({spec.family} model)")
+    return name
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' picks cuda, then mps, then cpu; an unavailable device is a UsageError."""
+    import torch
+
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if cuda_count else "mps" if mps else "cpu"
+    if requested.startswith("cuda"):
+        index = int(requested.partition(":")[2] or 0)
+        if index >= cuda_count:
+            found = f"{cuda_count} CUDA device(s) found" if cuda_count else "no CUDA device found"
+            raise UsageError(f"--device {requested} is not available ({found})", "use --device cpu or auto")
+    if requested == "mps" and not mps:
+        raise UsageError("--device mps is not available on this machine", "use --device cpu or auto")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str):
+    """'auto' is fp16 on CUDA/MPS and fp32 on CPU; unsupported combinations are UsageErrors."""
+    import torch
+
+    kind = device.split(":")[0]
+    name = requested if requested != "auto" else ("fp32" if kind == "cpu" else "fp16")
+    if name == "fp16" and kind == "cpu":
+        raise UsageError("--dtype fp16 is not supported on the CPU", "use --dtype fp32 (default) or bf16")
+    if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--dtype bf16 is not supported by {torch.cuda.get_device_name(device)}", "use --dtype fp16")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def build_scheduler(current, name: str | None):
+    """A fresh scheduler of the named kind (default: the model's own) from the model's config."""
+    import diffusers
+
+    if name is None:
+        return type(current).from_config(current.config)
+
+    entry = SCHEDULERS[normalize_scheduler_name(name)]
+    if entry.class_name == "DPMSolverSDEScheduler":
+        try:
+            import torchsde  # noqa: F401  (the SDE scheduler needs it)
+        except ImportError:
+            raise UsageError(f"--scheduler {name} needs the torchsde package", "pip install torchsde") from None
+    return getattr(diffusers, entry.class_name).from_config(current.config, **dict(entry.options))
+
+
+def default_steps(scheduler) -> int:
+    """A sensible --steps default for the scheduler actually in use."""
+    return CLASS_STEPS.get(type(scheduler).__name__, 30)
+
+
+_CACHE: dict[tuple, dict] = {}  # (model, device, dtype, safety checker) -> {task: pipeline}
+
+
+def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False):
+    """Load a model once per process; other tasks of the same model share its components."""
+    loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker), {})
+    if task not in loaded:
+        import diffusers
+
+        cls = getattr(diffusers, pipeline_class_name(spec, task))
+        base = next(iter(loaded.values()), None)
+        pipe = cls.from_pipe(base) if base is not None else _load_weights(cls, spec, dtype, safety_checker).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.diffcli_scheduler = pipe.scheduler  # each job builds its scheduler afresh from this one
+        loaded[task] = pipe
+    return loaded[task]
+
+
+def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool):
+    """from_pretrained / from_single_file with honest errors."""
+    kwargs = {"torch_dtype": dtype}
+    if not safety_checker and family_group(spec.family) == "sd":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if spec.source == "single_file":
+                from diffcli import checkpoints
+
+                info = checkpoints.inspect_checkpoint(spec.location)
+                extra = checkpoints.single_file_kwargs(info, spec.config_dir if spec.config_dir != info.config_dir else None)
+                pipe = cls.from_single_file(spec.location, **extra, **kwargs)
+            else:
+                pipe = cls.from_pretrained(spec.location, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {spec.name!r}: {first_line}") from exc
+    if safety_checker and getattr(pipe, "safety_checker", None) is None:
+        raise UsageError(f"--safety-checker: model {spec.name!r} has no safety checker")
+    return pipe

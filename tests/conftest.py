@@ -1,0 +1,149 @@
+"""Tiny real Stable Diffusion components, built once per session and saved the ways users have models.
+
+- `tiny_model`: a local diffusers folder (save_pretrained)
+- `tiny_hub`: the same model in a temporary Hugging Face cache under the repo id `diffcli-test/tiny-sd`
+No test touches the network: HF_HUB_OFFLINE is set for the whole session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("DIFFCLI_MODEL", None)
+os.environ.pop("DIFFCLI_OUTPUT", None)
+
+HUB_REPO = "diffcli-test/tiny-sd"
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+TEXT_HIDDEN = 32
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_tiny_tokenizer(folder: Path) -> int:
+    """A character-level CLIP BPE tokenizer (every byte, alone and word-final); returns vocab size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>",
+              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(vocab)
+
+
+def build_tiny_pipeline(root: Path):
+    """Tiny SD1-layout components from config dicts, seeded, as real diffusers classes."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab_size = write_tiny_tokenizer(root / "tokenizer-src")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN, norm_num_groups=8, attention_head_dim=4,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_size=TEXT_HIDDEN,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=77,
+    ))
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer-src")
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny pipeline saved as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("models")
+    folder = root / "tiny-sd"
+    build_tiny_pipeline(root).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory, tiny_model) -> Path:
+    """A Hugging Face cache holding the tiny model under HUB_REPO, as `hf download` would leave it."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    repo = cache / f"models--{HUB_REPO.replace('/', '--')}"
+    shutil.copytree(tiny_model, repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch, hf_cache_env):
+    """Each test runs in its own folder with its own diffcli home and the shared offline HF cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFCLI_HOME", str(tmp_path / ".diffcli-home"))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def hf_cache_env(tmp_path_factory):
+    """Point HF_HUB_CACHE at an empty session cache unless a test asks for the filled one."""
+    empty = tmp_path_factory.mktemp("hf-empty")
+    os.environ["HF_HUB_CACHE"] = str(empty)
+    return empty
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run diffcli's real entry point in-process; returns exit code, stdout and stderr."""
+    from diffcli.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def run_subprocess(*args: str, env: dict | None = None, **kwargs):
+    """diffcli as a real process (for help timing, signals and stdout bytes)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "diffcli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kwargs)
