@@ -173,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     STATE["debug"] = bool(os.environ.get("DIFFCLI_DEBUG"))
     try:
-        app(args=argv, prog_name="diffcli", standalone_mode=False)
-    except typer.Exit as exc:
-        return exc.exit_code
+        code = app(args=argv, prog_name="diffcli", standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C into this exit code
+            print("diffcli: interrupted; finished images were kept", file=sys.stderr)
+        return code if isinstance(code, int) else 0
     except typer.Abort:
         print("diffcli: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -202,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"diffcli: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
         return 1
-    return 0
 
 
 def entry() -> None:

@@ -10,7 +10,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from diffcli.errors import UsageError
+from diffcli.errors import RuntimeFailure, UsageError
 
 DEFAULT_DIR = "outputs"
 DEFAULT_TEMPLATE = "{index:05d}-{seed}-{slug}.png"
@@ -138,8 +138,11 @@ def encode_image(image, path: Path, meta: dict) -> bytes:
 
 def write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
     """Write via a temp file in the same folder; never replace an existing file unless asked."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -158,9 +161,11 @@ def write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
                 os.replace(tmp, path)
             else:
                 os.unlink(tmp)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}", "check free space and permissions") from exc
         raise
 
 

@@ -11,12 +11,14 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="diffcli-hf-empty-")  # never the user's cache
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("DIFFCLI_MODEL", None)
 os.environ.pop("DIFFCLI_OUTPUT", None)
@@ -102,19 +104,11 @@ def hf_cache(tmp_path_factory, tiny_model) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch, hf_cache_env):
+def isolated(tmp_path, monkeypatch):
     """Each test runs in its own folder with its own diffcli home and the shared offline HF cache."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DIFFCLI_HOME", str(tmp_path / ".diffcli-home"))
     return tmp_path
-
-
-@pytest.fixture(scope="session")
-def hf_cache_env(tmp_path_factory):
-    """Point HF_HUB_CACHE at an empty session cache unless a test asks for the filled one."""
-    empty = tmp_path_factory.mktemp("hf-empty")
-    os.environ["HF_HUB_CACHE"] = str(empty)
-    return empty
 
 
 @dataclass

@@ -1,0 +1,182 @@
+"""txt2img end to end through the real CLI on tiny real components."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import HUB_REPO, run_subprocess
+from diffcli.output import read_metadata
+from diffcli.pipeline import SCHEDULERS
+
+FAST = ("--steps", "2", "--quiet")
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_folder_model_writes_png_with_metadata(cli, tiny_model):
+    result = cli("txt2img", "a red car", "-n", "blurry", "--model", tiny_model, "--seed", "7", "--cfg", "5", "--steps", "3")
+    assert result.exit_code == 0, result.stderr
+    path = Path(result.stdout.strip())
+    assert path == Path("outputs/00000-7-a-red-car.png") and path.is_file()
+    assert Image.open(path).size == (64, 64)
+    meta = read_metadata(path)
+    assert (meta["prompt"], meta["negative"], meta["seed"], meta["cfg"], meta["steps"]) == ("a red car", "blurry", 7, 5.0, 3)
+    assert meta["model_hash"] and meta["generator_device"] == "cpu" and meta["dtype"] == "float32"
+    assert "Seed: 7" in Image.open(path).info["parameters"]
+    assert "seed 7" in result.stderr and "device cpu, dtype float32" in result.stderr
+
+
+def test_same_seed_same_image_and_batch_equals_single(cli, tiny_model):
+    batch = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "10", "-N", "3", "--batch-size", "3", "-o", "b-{seed}.png", *FAST)
+    single = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "11", "-o", "single.png", *FAST)
+    again = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "11", "-o", "again.png", *FAST)
+    assert batch.exit_code == single.exit_code == again.exit_code == 0
+    assert batch.stdout.split() == ["b-10.png", "b-11.png", "b-12.png"]
+    assert np.array_equal(pixels("single.png"), pixels("again.png"))
+    assert np.abs(pixels("b-11.png") - pixels("single.png")).max() <= 2  # batched kernels may differ in the last bit
+    assert not np.array_equal(pixels("b-10.png"), pixels("b-11.png"))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs(cli, tiny_model, name):
+    result = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "1", "--scheduler", name, "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    (record,) = result.json_lines()
+    assert record["scheduler"] == name and record["sampler"] == SCHEDULERS[name].label
+
+
+def test_a1111_scheduler_names_are_accepted(cli, tiny_model):
+    result = cli("txt2img", "a", "--model", tiny_model, "--scheduler", "DPM++ 2M Karras", "--json", *FAST)
+    assert result.json_lines()[0]["scheduler"] == "dpm++2m-karras"
+
+
+def test_sizes_and_size_errors(cli, tiny_model):
+    result = cli("txt2img", "a", "--model", tiny_model, "--width", "48", "--height", "32", "-o", "s.png", *FAST)
+    assert result.exit_code == 0 and Image.open("s.png").size == (48, 32)
+    bad = cli("txt2img", "a", "--model", tiny_model, "--width", "33", *FAST)
+    assert bad.exit_code == 2 and "multiples of 2" in bad.stderr
+
+
+def test_json_output_has_path_seed_settings_timings(cli, tiny_model):
+    result = cli("txt2img", "a dog", "--model", tiny_model, "--seed", "3", "-N", "2", "--json", *FAST)
+    records = result.json_lines()
+    assert [r["seed"] for r in records] == [3, 4] and [r["index"] for r in records] == [0, 1]
+    assert all(Path(r["path"]).is_file() and set(r["timings"]) == {"load_s", "generate_s", "save_s"} for r in records)
+    assert records[0]["versions"]["diffusers"] and records[0]["width"] == 64
+
+
+def test_random_seed_is_reported(cli, tiny_model):
+    result = cli("txt2img", "a dog", "--model", tiny_model, "--steps", "2", "--json")
+    seed = result.json_lines()[0]["seed"]
+    assert f"seed {seed}," in result.stderr
+
+
+def test_no_overwrite_without_flag(cli, tiny_model):
+    assert cli("txt2img", "a", "--model", tiny_model, "-o", "x.png", "--seed", "1", *FAST).exit_code == 0
+    before = Path("x.png").read_bytes()
+    refused = cli("txt2img", "a", "--model", tiny_model, "-o", "x.png", "--seed", "2", *FAST)
+    assert refused.exit_code == 2 and "x.png already exists" in refused.stderr
+    assert Path("x.png").read_bytes() == before
+    assert cli("txt2img", "a", "--model", tiny_model, "-o", "x.png", "--seed", "2", "--overwrite", *FAST).exit_code == 0
+    assert Path("x.png").read_bytes() != before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cfg", "abc"], "Invalid value for '--cfg'"),
+        (["--steps", "0"], "--steps must be between 1 and 1000, got 0"),
+        (["--scheduler", "nope"], "--scheduler 'nope' is unknown"),
+        (["--device", "cuda"], "--device cuda is not available"),
+        (["--device", "cpu", "--dtype", "fp16"], "--dtype fp16 is not supported on the CPU"),
+        (["--model", "no/such-repo"], "not in the Hugging Face cache"),
+        (["--model", "./missing.safetensors"], "no such file or folder"),
+        (["--model", "justaword"], "is not a bundled model"),
+        (["-o", "x.bmp"], "unsupported image type '.bmp'"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(cli, tiny_model, args, message):
+    model = [] if "--model" in args else ["--model", str(tiny_model)]
+    result = cli("txt2img", "a cat", "--steps", "1", *model, *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not Path("outputs").exists()
+
+
+def test_interrupt_exits_130_and_keeps_finished_images(cli, tiny_model, monkeypatch):
+    from diffcli import generate
+
+    real = generate._generate_batch
+    calls = []
+
+    def interrupt_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "_generate_batch", interrupt_second_batch)
+    result = cli("txt2img", "a", "--model", tiny_model, "-N", "3", "--seed", "1", "-o", "i-{seed}.png", *FAST)
+    assert result.exit_code == 130 and result.stdout.split() == ["i-1.png"]
+    assert sorted(p.name for p in Path().iterdir() if not p.name.startswith(".diffcli")) == ["i-1.png"]
+
+
+def test_non_finite_latents_fail_without_saving(tiny_model):
+    from diffcli.errors import RuntimeFailure
+    from diffcli.generate import plan_job, run_plan
+    from diffcli.options import Job
+
+    plan = plan_job(Job(prompt="a", model=str(tiny_model), steps=2, seed=1, out="nan.png"))
+
+    def poison(step, tensors):
+        tensors["latents"].fill_(float("nan"))
+
+    with pytest.raises(RuntimeFailure, match="NaN/Inf"):
+        run_plan(plan, lambda record: None, step_hook=poison)
+    assert not Path("nan.png").exists()
+
+
+def test_hub_id_from_prefilled_cache_offline(hf_cache, tmp_path):
+    result = run_subprocess("txt2img", "a cat", "--model", HUB_REPO, "--seed", "1", "--steps", "2", "-o", "hub.png",
+                            env={"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_metadata(tmp_path / "hub.png")["model"] == HUB_REPO
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys\n"
+        "from diffcli.cli import main\n"
+        "for args in (['--help'], ['txt2img', '--help'], ['schedulers', '--help'], ['info', '--help']):\n"
+        "    assert main(args) == 0, args\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_schedulers_and_info_commands(cli):
+    listing = cli("schedulers")
+    assert listing.exit_code == 0 and "dpm++2m-karras" in listing.stdout and "Euler a" in listing.stdout
+    info = cli("info", "--json")
+    assert info.exit_code == 0 and '"cpu_threads"' in info.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_matches_cpu_seed(cli, tiny_model):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gpu = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "4", "--device", "cuda", "-o", "gpu.png", "--json", *FAST)
+    cpu = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "4", "--device", "cpu", "-o", "cpu.png", *FAST)
+    assert gpu.exit_code == cpu.exit_code == 0, gpu.stderr
+    assert gpu.json_lines()[0]["dtype"] == "float16"
+    assert np.abs(pixels("gpu.png") - pixels("cpu.png")).mean() < 8  # same noise from the CPU generator
