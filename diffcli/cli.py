@@ -98,7 +98,7 @@ def run_jobs(jobs: list[Job], as_json: bool, quiet: bool) -> None:
                 first = False
             print(json.dumps(record, sort_keys=True) if as_json else record["path"], flush=True)
 
-        run_plan(plan, on_image, progress=not quiet and sys.stderr.isatty())
+        run_plan(plan, on_image, progress=not quiet and sys.stderr.isatty(), notify=lambda m: say(m, quiet))
 
 
 @app.command()

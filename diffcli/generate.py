@@ -77,7 +77,8 @@ def versions() -> dict:
     return {"diffcli": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = False, step_hook=None) -> None:
+def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = False, step_hook=None,
+             notify: Callable[[str], None] = lambda message: None) -> None:
     """Load the model, generate every image in batches, save each as soon as its batch is done."""
     from diffcli.pipeline import build_scheduler, default_steps, load_pipeline, resolve_device, resolve_dtype
 
@@ -85,7 +86,7 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     started = time.perf_counter()
-    pipe = load_pipeline(plan.spec, job.task, device, dtype, job.safety_checker)
+    pipe = load_pipeline(plan.spec, job.task, device, dtype, job.safety_checker, job.allow_pickle)
     pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, plan.scheduler)
     load_s = time.perf_counter() - started
     steps = job.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
@@ -111,7 +112,9 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
     for start in range(0, len(plan.seeds), job.batch_size):
         seeds = plan.seeds[start : start + job.batch_size]
         began = time.perf_counter()
-        images, warnings = _generate_batch(pipe, job, plan, seeds, steps, progress, step_hook)
+        images, warnings = _with_oom_ladder(
+            pipe, seeds, lambda part: _generate_batch(pipe, job, plan, part, steps, progress, step_hook), notify
+        )
         generate_s = (time.perf_counter() - began) / len(seeds)
         for offset, (image, seed) in enumerate(zip(images, seeds)):
             index = start + offset
@@ -134,6 +137,44 @@ def output_hash(spec: ModelSpec) -> str:
 
 
 _HASHES: dict[ModelSpec, str] = {}
+
+
+OOM_LADDER = ("attention slicing", "VAE tiling", "one image per call", "model CPU offload")
+
+
+def _with_oom_ladder(pipe, seeds: list[int], generate_batch, notify):
+    """Run a batch; on CUDA out-of-memory free memory and retry with the next, cheaper setting."""
+    import gc
+
+    import torch
+
+    applied: list[str] = []
+    while True:
+        try:
+            if "one image per call" in applied:
+                parts = [generate_batch([seed]) for seed in seeds]
+                images, warnings = [image for part in parts for image in part[0]], parts[0][1]
+            else:
+                images, warnings = generate_batch(seeds)
+            return images, warnings + [f"out of memory: retried with {step}" for step in applied]
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(applied) == len(OOM_LADDER):
+                raise RuntimeFailure(
+                    f"out of GPU memory even with {', '.join(OOM_LADDER)}",
+                    "lower --width/--height, or use --device cpu",
+                ) from None
+            step = OOM_LADDER[len(applied)]
+            applied.append(step)
+            notify(f"out of GPU memory: retrying with {step}")
+            if step == "attention slicing":
+                pipe.enable_attention_slicing()
+            elif step == "VAE tiling":
+                pipe.vae.enable_tiling()
+            elif step == "model CPU offload":
+                pipe.enable_model_cpu_offload()
 
 
 def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, progress: bool, step_hook):

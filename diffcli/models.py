@@ -46,10 +46,10 @@ def resolve_model(spec: str | None, model_config: str | None = None, allow_pickl
     spec = spec or os.environ.get("DIFFCLI_MODEL") or DEFAULT_MODEL
     bundled = bundled_models()
     if spec in bundled:
-        return _from_folder(bundled[spec], spec, "bundled")
+        return _from_folder(bundled[spec], spec, "bundled", allow_pickle)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _from_folder(path, spec, "folder")
+        return _from_folder(path, spec, "folder", allow_pickle)
     if path.is_file():
         return _from_single_file(path, spec, model_config, allow_pickle)
     if spec.lower().endswith(SINGLE_FILE_SUFFIXES) or spec.startswith((".", "/", "~")):
@@ -85,10 +85,18 @@ def detect_family(model_index: dict, unet: dict) -> str:
     return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
 
 
-def _from_folder(path: Path, name: str, source: str) -> ModelSpec:
+def _from_folder(path: Path, name: str, source: str, allow_pickle: bool) -> ModelSpec:
     """A diffusers folder: model_index.json plus one subfolder per component."""
     if not (path / "model_index.json").is_file():
         raise ModelError(f"--model {name!r}: folder has no model_index.json", "expected a diffusers model folder (save_pretrained)")
+    if not allow_pickle:
+        for component in sorted(p for p in path.iterdir() if p.is_dir()):
+            pickled = [f.name for f in component.iterdir() if f.suffix in PICKLE_SUFFIXES]
+            if pickled and not any(component.glob("*.safetensors")):
+                raise ModelError(
+                    f"--model {name!r}: {component.name}/{pickled[0]} is a pickle file, which can run code when loaded",
+                    "convert it to .safetensors, or pass --allow-pickle if you trust its source",
+                )
     return _spec_from_configs(path, name, source, str(path))
 
 

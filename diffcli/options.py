@@ -53,6 +53,11 @@ def validate(job: Job) -> Job:
     """Check every setting that needs no model; raise UsageError naming the flag and value."""
     if job.task == "txt2img" and not job.prompt.strip():
         raise UsageError("PROMPT is empty", "give the text of the image to generate")
+    for flag, text in (("PROMPT", job.prompt), ("--negative", job.negative)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{flag} is not valid UTF-8 text", "check the terminal's or the file's encoding") from None
     if job.cfg is not None and not 0 <= job.cfg <= 100:
         raise UsageError(f"--cfg must be between 0 and 100, got {job.cfg:g}")
     if job.steps is not None and not 1 <= job.steps <= 1000:

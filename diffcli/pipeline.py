@@ -153,7 +153,7 @@ def default_steps(scheduler) -> int:
 _CACHE: dict[tuple, dict] = {}  # (model, device, dtype, safety checker) -> {task: pipeline}
 
 
-def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False):
+def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False, allow_pickle: bool = False):
     """Load a model once per process; other tasks of the same model share its components."""
     loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker), {})
     if task not in loaded:
@@ -161,15 +161,15 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
 
         cls = getattr(diffusers, pipeline_class_name(spec, task))
         base = next(iter(loaded.values()), None)
-        pipe = cls.from_pipe(base) if base is not None else _load_weights(cls, spec, dtype, safety_checker).to(device)
+        pipe = cls.from_pipe(base) if base is not None else _load_weights(cls, spec, dtype, safety_checker, allow_pickle).to(device)
         pipe.set_progress_bar_config(disable=True)
         pipe.diffcli_scheduler = pipe.scheduler  # each job builds its scheduler afresh from this one
         loaded[task] = pipe
     return loaded[task]
 
 
-def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool):
-    """from_pretrained / from_single_file with honest errors."""
+def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickle: bool):
+    """from_pretrained / from_single_file with honest errors; pickle files only when allowed."""
     kwargs = {"torch_dtype": dtype}
     if not safety_checker and family_group(spec.family) == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -186,7 +186,7 @@ def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool):
                 extra = checkpoints.single_file_kwargs(info, spec.config_dir if spec.config_dir != info.config_dir else None)
                 pipe = cls.from_single_file(spec.location, **extra, **kwargs)
             else:
-                pipe = cls.from_pretrained(spec.location, **kwargs)
+                pipe = cls.from_pretrained(spec.location, use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {spec.name!r}: {first_line}") from exc

@@ -1,0 +1,124 @@
+"""Failures a user can cause or meet: one line, a documented exit code, nothing lost."""
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diffcli.output import read_metadata
+
+FAST = ("--steps", "2", "--quiet")
+
+
+class WritesMarker:
+    """Unpickling this creates a folder: proof that loading ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture
+def pickled_model(tiny_model, tmp_path) -> tuple[Path, Path]:
+    """The tiny model with its UNet weights replaced by a malicious pickle."""
+    folder = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model, folder)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "PWNED"
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(WritesMarker(str(marker))))
+    return folder, marker
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_malicious_pickle_never_runs(cli, pickled_model, allow):
+    folder, marker = pickled_model
+    result = cli("txt2img", "a", "--model", folder, *(["--allow-pickle"] if allow else []), *FAST)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert ("pickle file" in result.stderr) if not allow else ("cannot load model" in result.stderr)
+    assert not marker.exists()
+
+
+def test_out_of_memory_ladder_recovers_and_records_it(cli, tiny_model, monkeypatch):
+    import torch
+
+    from diffcli import generate
+
+    real, calls = generate._generate_batch, []
+
+    def oom_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "_generate_batch", oom_twice)
+    result = cli("txt2img", "a", "--model", tiny_model, "--seed", "1", "-N", "2", "--batch-size", "2", "-o", "o.png", "--steps", "2")
+    assert result.exit_code == 0, result.stderr
+    assert "retrying with attention slicing" in result.stderr and "retrying with VAE tiling" in result.stderr
+    assert "out of memory: retried with VAE tiling" in read_metadata("o-1.png")["warnings"]
+
+
+def test_out_of_memory_everywhere_is_a_clear_failure(cli, tiny_model, monkeypatch):
+    import torch
+
+    from diffcli import generate
+
+    def always_oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(generate, "_generate_batch", always_oom)
+    monkeypatch.setattr("diffusers.DiffusionPipeline.enable_model_cpu_offload", lambda self: None)
+    result = cli("txt2img", "a", "--model", tiny_model, *FAST)
+    assert result.exit_code == 1 and "out of GPU memory even with" in result.stderr
+    assert not Path("outputs").exists() or not any(Path("outputs").iterdir())
+
+
+def test_non_utf8_prompt_is_a_usage_error(tiny_model, tmp_path):
+    argv = [sys.executable.encode(), b"-m", b"diffcli", b"txt2img", b"caf\xe9", b"--model", str(tiny_model).encode()]
+    result = subprocess.run(argv, capture_output=True, cwd=tmp_path)
+    assert result.returncode == 2 and b"PROMPT is not valid UTF-8" in result.stderr
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_keeps_finished_images_and_leaves_no_partial_file(tiny_model, tmp_path, signum, code):
+    args = [sys.executable, "-m", "diffcli", "txt2img", "a", "--model", str(tiny_model), "-N", "200", "--seed", "1",
+            "--steps", "4", "-o", "sig-{seed}.png", "--quiet"]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline().strip()
+    assert first == "sig-1.png"
+    time.sleep(0.3)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name != ".diffcli-home")
+    assert not [n for n in written if n.endswith(".part") or n.startswith(".sig")]
+    assert set(written) == {first, *out.split()} and 1 <= len(written) < 200
+    assert all(read_metadata(tmp_path / name)["prompt"] == "a" for name in written)
+    assert "Traceback" not in err
+
+
+FLAGS = ["--cfg", "--steps", "--seed", "--width", "--height", "-N", "--batch-size", "--scheduler", "--device", "--dtype",
+         "-o", "--model", "--negative", "--overwrite", "--json", "--bogus"]
+VALUES = ["", "-1", "0", "1", "2", "3.5", "nan", "inf", "abc", "64", "99999999999999999999", "cuda:7", "fp16", "euler",
+          "x.gif", "{nope}.png", "DPM++ 2M", "\x00", "é", "a/b", "./no.safetensors"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(FLAGS + VALUES), max_size=8))
+def test_fuzzed_arguments_never_traceback(cli, tiny_model, args):
+    result = cli("txt2img", "a cat", "--model", str(tiny_model), "--steps", "1", "--width", "16", "--height", "16",
+                 "-o", "fuzz-{seed}.png", "--overwrite", *args)
+    assert result.exit_code in (0, 1, 2), result
+    assert "Traceback" not in result.stderr and "error: unexpected " not in result.stderr, result.stderr
+    assert not list(Path().glob("*.part")) and not list(Path().glob(".*.part"))
