@@ -52,6 +52,7 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing f
 JsonOut = Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout instead of paths.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")]
 SafetyChecker = Annotated[bool, typer.Option("--safety-checker", help="Run the model's safety checker (off by default).")]
+Optimize = Annotated[bool, typer.Option("--optimize/--no-optimize", help="CUDA fast path: compiled U-Net and VAE with CUDA graphs.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle-based weights (.ckpt/.bin); unsafe for untrusted files.")]
 
 
@@ -123,11 +124,45 @@ def txt2img(
     quiet: Quiet = False,
     safety_checker: SafetyChecker = False,
     allow_pickle: AllowPickle = False,
+    optimize: Optimize = True,
 ) -> None:
     """Generate images from a text prompt."""
     job = Job("txt2img", prompt, negative, cfg, steps, seed, width, height, num_images, batch_size, scheduler,
-              model, model_config, device, dtype, out, overwrite, safety_checker, allow_pickle)
+              model, model_config, device, dtype, out, overwrite, safety_checker, allow_pickle, optimize)
     run_jobs([job], as_json, quiet)
+
+
+@app.command()
+def bench(
+    arch: Annotated[str, typer.Option("--arch", help="sd15, sd21, sdxl (random weights, no download) or all.")] = "sd15",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Benchmark this model instead of an --arch.")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    steps: Annotated[int, typer.Option("--steps", min=3, help="Steps per image.")] = 30,
+    cfg: Annotated[float, typer.Option("--cfg", help="Guidance scale (>1 runs the U-Net on a batch of 2).")] = 7.5,
+    size: Annotated[Optional[int], typer.Option("--size", help="Image side in pixels (default: native).")] = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma list for the images/s figures.")] = "1,4,8",
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats; medians are reported.")] = 3,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="'plain': also run plain diffusers eager, same process.")] = None,
+    optimize: Optimize = True,
+    as_json: JsonOut = False,
+) -> None:
+    """Measure load time, first-image latency, ms per step, end-to-end time, images/s and peak memory."""
+    from diffcli.bench import ARCHITECTURES, format_table, run_bench
+    from diffcli.errors import UsageError
+
+    if compare not in (None, "plain"):
+        raise UsageError(f"--compare must be 'plain', got {compare!r}")
+    archs = list(ARCHITECTURES) if arch == "all" else [arch]
+    if not model and any(a not in ARCHITECTURES for a in archs):
+        raise UsageError(f"--arch must be one of {', '.join(ARCHITECTURES)} or all, got {arch!r}")
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",")]
+    except ValueError:
+        raise UsageError(f"--batch-sizes must be a comma list of integers, got {batch_sizes!r}") from None
+    for name in [None] if model else archs:
+        report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, compare == "plain", optimize)
+        print(json.dumps(report, sort_keys=True) if as_json else format_table(report), flush=True)
 
 
 @app.command()

@@ -86,7 +86,7 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     started = time.perf_counter()
-    pipe = load_pipeline(plan.spec, job.task, device, dtype, job.safety_checker, job.allow_pickle)
+    pipe = load_pipeline(plan.spec, job.task, device, dtype, job.safety_checker, job.allow_pickle, job.optimize)
     pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, plan.scheduler)
     load_s = time.perf_counter() - started
     steps = job.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
@@ -106,6 +106,7 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
         "device": device,
         "generator_device": "cpu",
         "dtype": str(dtype).removeprefix("torch."),
+        "optimizations": pipe.diffcli_optimizations,
         "versions": versions(),
         **{k: v for k, v in job.extra.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }

@@ -37,6 +37,7 @@ class Job:
     overwrite: bool = False
     safety_checker: bool = False
     allow_pickle: bool = False
+    optimize: bool = True  # the CUDA fast path (compile, CUDA graphs); off with --no-optimize
     extra: dict = field(default_factory=dict)  # task-specific settings (strength, mask, ...)
 
     def settings(self) -> dict:

@@ -153,19 +153,36 @@ def default_steps(scheduler) -> int:
 _CACHE: dict[tuple, dict] = {}  # (model, device, dtype, safety checker) -> {task: pipeline}
 
 
-def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False, allow_pickle: bool = False):
+def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False,
+                  allow_pickle: bool = False, optimize: bool = True):
     """Load a model once per process; other tasks of the same model share its components."""
-    loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker), {})
+    loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker, optimize), {})
     if task not in loaded:
         import diffusers
 
         cls = getattr(diffusers, pipeline_class_name(spec, task))
         base = next(iter(loaded.values()), None)
-        pipe = cls.from_pipe(base) if base is not None else _load_weights(cls, spec, dtype, safety_checker, allow_pickle).to(device)
+        if base is not None:
+            pipe = cls.from_pipe(base)
+            pipe.diffcli_optimizations = base.diffcli_optimizations
+        else:
+            pipe = _load_weights(cls, spec, dtype, safety_checker, allow_pickle).to(device)
+            pipe.diffcli_optimizations = _speed_up(pipe, device, optimize)
         pipe.set_progress_bar_config(disable=True)
         pipe.diffcli_scheduler = pipe.scheduler  # each job builds its scheduler afresh from this one
         loaded[task] = pipe
     return loaded[task]
+
+
+def _speed_up(pipe, device: str, optimize: bool) -> list[str]:
+    """The CUDA fast path (unless disabled) or CPU thread settings."""
+    from diffcli import speed
+
+    if device.startswith("cuda") and optimize:
+        return speed.optimize_cuda(pipe)
+    if device == "cpu":
+        return [f"cpu threads {speed.configure_cpu_threads()}"]
+    return []
 
 
 def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickle: bool):

@@ -1,0 +1,182 @@
+"""`diffcli bench`: speed and memory of full-size architectures (random weights) or a given model.
+
+Random weights cost exactly what real weights cost, so SD1.5, SD2.1 and SDXL are built from the
+configs shipped in diffcli/configs with no download. Plain diffusers eager ("plain") and diffcli's
+path ("diffcli") run with the same settings in the same process, plain first, so ratios are fair.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).parent / "configs"
+ARCHITECTURES = {  # name -> (config folder, pipeline class, native size)
+    "sd15": ("sd15", "StableDiffusionPipeline", 512),
+    "sd21": ("sd2-v", "StableDiffusionPipeline", 768),
+    "sdxl": ("sdxl", "StableDiffusionXLPipeline", 1024),
+}
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+
+
+def random_pipeline(arch: str, device: str, dtype):
+    """A full-size pipeline of `arch` with random weights, built on `device` from shipped configs."""
+    import diffusers
+    import torch
+    import transformers
+
+    from diffcli import checkpoints
+
+    folder, class_name, _ = ARCHITECTURES[arch]
+    root = CONFIGS / folder
+    index = diffusers.DiffusionPipeline.load_config(root)
+    components = {}
+    torch.manual_seed(0)
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        library, cls_name = value
+        if name.startswith("tokenizer"):
+            continue
+        if name == "scheduler":
+            components[name] = getattr(diffusers, cls_name).from_config(diffusers.DiffusionPipeline.load_config(root / name))
+        elif library == "transformers":
+            config = transformers.AutoConfig.from_pretrained(root / name)
+            with torch.device(device):
+                components[name] = getattr(transformers, cls_name)._from_config(config, torch_dtype=dtype)
+        else:
+            cls = getattr(diffusers, cls_name)
+            with torch.device(device):
+                components[name] = cls.from_config(cls.load_config(root / name)).to(dtype)
+    components.update(checkpoints.packaged_tokenizers(folder))
+    pipeline_cls = getattr(diffusers, class_name)
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if arch != "sdxl" else {}
+    return pipeline_cls(**components, **extra)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _time_call(pipe, device: str, **kwargs) -> float:
+    """Seconds for one pipeline call, synchronised."""
+    _sync(device)
+    start = time.perf_counter()
+    pipe(**kwargs)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: list[int], repeats: int) -> dict:
+    """First-image latency, steady ms per step, end-to-end s per image, images/s per batch size, peak memory."""
+    import torch
+
+    base = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size)
+    result = {}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    result["first_image_s"] = round(_time_call(pipe, device, **base), 3)
+    stamps: list[float] = []
+
+    def on_step(pipeline, step, timestep, tensors):
+        _sync(device)
+        stamps.append(time.perf_counter())
+        return tensors
+
+    per_step = []
+    for _ in range(repeats):
+        stamps.clear()
+        pipe(**base, output_type="latent", callback_on_step_end=on_step)
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])][2:]  # skip the first steps (warm caches)
+        per_step.append(statistics.median(gaps) * 1000)
+    result["ms_per_step"] = round(statistics.median(per_step), 2)
+    end_to_end = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            image = pipe(**base).images[0]
+            image.save(Path(folder) / f"{i}.png")
+            end_to_end.append(time.perf_counter() - start)
+    result["s_per_image_end_to_end"] = round(statistics.median(end_to_end), 3)
+    if device.startswith("cuda"):
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    throughput = {}
+    for batch in batch_sizes:
+        kwargs = dict(base, prompt=[PROMPT] * batch, output_type="latent")
+        _time_call(pipe, device, **kwargs)  # warm-up: a new shape may compile
+        seconds = statistics.median(_time_call(pipe, device, **kwargs) for _ in range(repeats))
+        throughput[str(batch)] = round(batch / seconds, 3)
+    result["images_per_s_latents"] = throughput
+    return result
+
+
+def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,
+              size: int | None, batch_sizes: list[int], repeats: int, compare_plain: bool, optimize: bool) -> dict:
+    """Benchmark one architecture or model: plain diffusers first (if asked), then diffcli's path."""
+    import torch
+
+    from diffcli.models import resolve_model
+    from diffcli.pipeline import _load_weights, _speed_up, pipeline_class_name, resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype_name, device)
+    start = time.perf_counter()
+    if model:
+        import diffusers
+
+        spec = resolve_model(model)
+        pipe = _load_weights(getattr(diffusers, pipeline_class_name(spec, "txt2img")), spec, dtype, False, False).to(device)
+        size = size or spec.sample_size or 512
+        label = spec.name
+    else:
+        pipe = random_pipeline(arch, device, dtype).to(device)
+        size = size or ARCHITECTURES[arch][2]
+        label = f"{arch} (random weights)"
+    _sync(device)
+    report = {"model": label, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
+              "size": size, "steps": steps, "cfg": cfg, "load_s": round(time.perf_counter() - start, 3),
+              "torch": torch.__version__}
+    pipe.set_progress_bar_config(disable=True)
+    if compare_plain:
+        report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+    report["optimizations"] = _speed_up(pipe, device, optimize)
+    report["diffcli"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+    if compare_plain:
+        report["speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["diffcli"]["ms_per_step"], 2)
+        report["speedup_end_to_end"] = round(
+            report["plain"]["s_per_image_end_to_end"] / report["diffcli"]["s_per_image_end_to_end"], 2
+        )
+    return report
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"
+
+
+def format_table(report: dict) -> str:
+    """A short human table of one report."""
+    rows = [f"{report['model']} on {report['device']} ({report['dtype']}, {report['size']}px, {report['steps']} steps, "
+            f"cfg {report['cfg']:g}); load {report['load_s']} s"]
+    header = f"{'path':8} {'first image s':>13} {'ms/step':>9} {'s/image e2e':>12} {'peak GiB':>9}  images/s by batch"
+    rows.append(header)
+    for path in ("plain", "diffcli"):
+        if path in report:
+            r = report[path]
+            rows.append(f"{path:8} {r['first_image_s']:>13} {r['ms_per_step']:>9} {r['s_per_image_end_to_end']:>12} "
+                        f"{r.get('peak_memory_gib', '-'):>9}  {r['images_per_s_latents']}")
+    if "speedup_ms_per_step" in report:
+        rows.append(f"speed-up vs plain: {report['speedup_ms_per_step']}x per step, {report['speedup_end_to_end']}x end to end")
+    rows.append(f"optimizations: {', '.join(report['optimizations']) or 'none'}")
+    return "\n".join(rows)

@@ -1,0 +1,48 @@
+"""`diffcli bench` runs and reports every figure (timings themselves are not asserted)."""
+
+import json
+
+import pytest
+
+
+def test_bench_reports_plain_and_diffcli(cli, tiny_model):
+    result = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1,2",
+                 "--repeats", "1", "--compare", "plain", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    for path in ("plain", "diffcli"):
+        assert set(report[path]) >= {"first_image_s", "ms_per_step", "s_per_image_end_to_end", "images_per_s_latents"}
+        assert set(report[path]["images_per_s_latents"]) == {"1", "2"}
+    assert report["speedup_ms_per_step"] > 0 and report["optimizations"][0].startswith("cpu threads")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--arch", "sd9"], "--arch must be one of"),
+    (["--compare", "a1111"], "--compare must be 'plain'"),
+    (["--batch-sizes", "1,x"], "--batch-sizes must be a comma list"),
+])
+def test_bench_usage_errors(cli, args, message):
+    result = cli("bench", *args)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+@pytest.mark.gpu
+def test_fast_path_matches_plain_on_cuda(tiny_model):
+    """The compiled fp16 path gives nearly the same image as plain eager for the same seed (PSNR)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from diffcli.speed import optimize_cuda
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, torch_dtype=torch.float16).to("cuda")
+    kwargs = dict(prompt="a cat", num_inference_steps=4, output_type="np")
+    plain = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    optimize_cuda(pipe)
+    fast = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    mse = float(np.mean((plain - fast) ** 2))
+    psnr = 10 * np.log10(1 / max(mse, 1e-12))
+    print(f"fast path PSNR vs plain: {psnr:.1f} dB")
+    assert psnr > 30
