@@ -191,8 +191,10 @@ def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickl
     if not safety_checker and family_group(spec.family) == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
