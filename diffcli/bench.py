@@ -118,12 +118,13 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
 
 
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,
-              size: int | None, batch_sizes: list[int], repeats: int, compare_plain: bool, optimize: bool) -> dict:
+              size: int | None, batch_sizes: list[int], repeats: int, compare_plain: bool, optimize: bool,
+              low_vram: bool = False) -> dict:
     """Benchmark one architecture or model: plain diffusers first (if asked), then diffcli's path."""
     import torch
 
     from diffcli.models import resolve_model
-    from diffcli.pipeline import _load_weights, _speed_up, pipeline_class_name, resolve_device, resolve_dtype
+    from diffcli.pipeline import _load_weights, _place, pipeline_class_name, resolve_device, resolve_dtype
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype_name, device)
@@ -132,13 +133,14 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
         import diffusers
 
         spec = resolve_model(model)
-        pipe = _load_weights(getattr(diffusers, pipeline_class_name(spec, "txt2img")), spec, dtype, False, False).to(device)
+        pipe = _load_weights(getattr(diffusers, pipeline_class_name(spec, "txt2img")), spec, dtype, False, False)
         size = size or spec.sample_size or 512
         label = spec.name
     else:
-        pipe = random_pipeline(arch, device, dtype).to(device)
+        pipe = random_pipeline(arch, device, dtype)
         size = size or ARCHITECTURES[arch][2]
         label = f"{arch} (random weights)"
+    plain_optimizations = _place(pipe, device, optimize=False, low_vram=low_vram)
     _sync(device)
     report = {"model": label, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "size": size, "steps": steps, "cfg": cfg, "load_s": round(time.perf_counter() - start, 3),
@@ -146,7 +148,7 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     pipe.set_progress_bar_config(disable=True)
     if compare_plain:
         report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
-    report["optimizations"] = _speed_up(pipe, device, optimize)
+    report["optimizations"] = plain_optimizations if low_vram else _place(pipe, device, optimize, low_vram=False)
     report["diffcli"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
     if compare_plain:
         report["speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["diffcli"]["ms_per_step"], 2)

@@ -53,6 +53,10 @@ JsonOut = Annotated[bool, typer.Option("--json", help="One JSON object per image
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")]
 SafetyChecker = Annotated[bool, typer.Option("--safety-checker", help="Run the model's safety checker (off by default).")]
 Optimize = Annotated[bool, typer.Option("--optimize/--no-optimize", help="CUDA fast path: compiled U-Net and VAE with CUDA graphs.")]
+LowVram = Annotated[
+    Optional[bool],
+    typer.Option("--low-vram/--no-low-vram", help="Attention slicing, VAE tiling, CPU offload (default: automatic on small GPUs)."),
+]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle-based weights (.ckpt/.bin); unsafe for untrusted files.")]
 
 
@@ -125,10 +129,11 @@ def txt2img(
     safety_checker: SafetyChecker = False,
     allow_pickle: AllowPickle = False,
     optimize: Optimize = True,
+    low_vram: LowVram = None,
 ) -> None:
     """Generate images from a text prompt."""
     job = Job("txt2img", prompt, negative, cfg, steps, seed, width, height, num_images, batch_size, scheduler,
-              model, model_config, device, dtype, out, overwrite, safety_checker, allow_pickle, optimize)
+              model, model_config, device, dtype, out, overwrite, safety_checker, allow_pickle, optimize, low_vram)
     run_jobs([job], as_json, quiet)
 
 
@@ -145,6 +150,7 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats; medians are reported.")] = 3,
     compare: Annotated[Optional[str], typer.Option("--compare", help="'plain': also run plain diffusers eager, same process.")] = None,
     optimize: Optimize = True,
+    low_vram: Annotated[bool, typer.Option("--low-vram", help="Measure the memory-saving path instead.")] = False,
     as_json: JsonOut = False,
 ) -> None:
     """Measure load time, first-image latency, ms per step, end-to-end time, images/s and peak memory."""
@@ -161,7 +167,7 @@ def bench(
     except ValueError:
         raise UsageError(f"--batch-sizes must be a comma list of integers, got {batch_sizes!r}") from None
     for name in [None] if model else archs:
-        report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, compare == "plain", optimize)
+        report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, compare == "plain", optimize, low_vram)
         print(json.dumps(report, sort_keys=True) if as_json else format_table(report), flush=True)
 
 

@@ -38,6 +38,7 @@ class Job:
     safety_checker: bool = False
     allow_pickle: bool = False
     optimize: bool = True  # the CUDA fast path (compile, CUDA graphs); off with --no-optimize
+    low_vram: bool | None = None  # None: on automatically when the GPU is small for the model
     extra: dict = field(default_factory=dict)  # task-specific settings (strength, mask, ...)
 
     def settings(self) -> dict:

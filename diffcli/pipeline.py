@@ -150,13 +150,16 @@ def default_steps(scheduler) -> int:
     return CLASS_STEPS.get(type(scheduler).__name__, 30)
 
 
-_CACHE: dict[tuple, dict] = {}  # (model, device, dtype, safety checker) -> {task: pipeline}
+_CACHE: dict[tuple, dict] = {}  # (model, device, dtype, loading options) -> {task: pipeline}
+LOW_VRAM_GIB = {"sdxl": 12.0}  # GPUs with less memory than this get --low-vram automatically
+LOW_VRAM_DEFAULT_GIB = 6.0
 
 
 def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False,
-                  allow_pickle: bool = False, optimize: bool = True):
+                  allow_pickle: bool = False, optimize: bool = True, low_vram: bool | None = None):
     """Load a model once per process; other tasks of the same model share its components."""
-    loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker, optimize), {})
+    low_vram = needs_low_vram(spec, device) if low_vram is None else low_vram
+    loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker, allow_pickle, optimize, low_vram), {})
     if task not in loaded:
         import diffusers
 
@@ -166,18 +169,35 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
             pipe = cls.from_pipe(base)
             pipe.diffcli_optimizations = base.diffcli_optimizations
         else:
-            pipe = _load_weights(cls, spec, dtype, safety_checker, allow_pickle).to(device)
-            pipe.diffcli_optimizations = _speed_up(pipe, device, optimize)
+            pipe = _load_weights(cls, spec, dtype, safety_checker, allow_pickle)
+            pipe.diffcli_optimizations = _place(pipe, device, optimize, low_vram)
         pipe.set_progress_bar_config(disable=True)
         pipe.diffcli_scheduler = pipe.scheduler  # each job builds its scheduler afresh from this one
         loaded[task] = pipe
     return loaded[task]
 
 
-def _speed_up(pipe, device: str, optimize: bool) -> list[str]:
-    """The CUDA fast path (unless disabled) or CPU thread settings."""
+def needs_low_vram(spec: ModelSpec, device: str) -> bool:
+    """Whether a CUDA device is too small for the model at full speed."""
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return total_gib < LOW_VRAM_GIB.get(spec.family, LOW_VRAM_DEFAULT_GIB)
+
+
+def _place(pipe, device: str, optimize: bool, low_vram: bool) -> list[str]:
+    """Move to the device with the memory savers (--low-vram), the CUDA fast path, or CPU thread settings."""
     from diffcli import speed
 
+    if low_vram and device.startswith("cuda"):
+        pipe.enable_attention_slicing()
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
+        pipe.enable_model_cpu_offload(device=device)
+        return ["attention slicing", "VAE slicing and tiling", "model CPU offload"]
+    pipe.to(device)
     if device.startswith("cuda") and optimize:
         return speed.optimize_cuda(pipe)
     if device == "cpu":

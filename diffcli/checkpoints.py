@@ -1,0 +1,214 @@
+"""Single-file checkpoints (A1111/CompVis layout): read the header, name the family, load offline.
+
+Only the safetensors header is read to classify a file, so validation costs milliseconds and no
+torch import. Loading goes through diffusers' `from_single_file` with a diffusers config folder
+shipped in `diffcli/configs/<name>/` and tokenizers built from one packaged copy of CLIP's BPE
+vocabulary, so no file is fetched from the Hub.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffcli.errors import ModelError
+
+CONFIGS = Path(__file__).parent / "configs"
+CLIP_BPE = CONFIGS / "clip-bpe"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+UNET = "model.diffusion_model."
+CONV_IN = UNET + "input_blocks.0.0.weight"
+CROSS_ATTN_K = re.compile(re.escape(UNET) + r".*\.attn2\.to_k\.weight$")
+TEXT_ENCODERS = {  # family -> (text encoder key prefix, the UNet's cross-attention width)
+    "sdxl": ("conditioner.embedders.1.model.", 2048),  # CLIP ViT-L (embedders.0) + OpenCLIP bigG
+    "sdxl-refiner": ("conditioner.embedders.0.model.", 1280),  # OpenCLIP bigG alone
+    "sd2": ("cond_stage_model.model.", 1024),  # OpenCLIP ViT-H
+    "sd1": ("cond_stage_model.transformer.", 768),  # OpenAI CLIP ViT-L
+}
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a single-file checkpoint is, read from its header alone."""
+
+    path: str
+    family: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner"
+    inpaint: bool  # a 9-channel inpainting UNet
+    prediction_type: str  # "epsilon" | "v_prediction"
+    prediction_guessed: bool  # True when neither metadata nor a marker key said which
+    config_dir: str  # the packaged diffusers config folder for this family
+
+
+def refuse_pickle(path: str | Path, allow_pickle: bool) -> None:
+    """Refuse pickle checkpoints (.ckpt/.pt/.pth/.bin), which can run code when loaded."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelError(
+            f"--model {str(path)!r} is a pickle checkpoint, which can run code when loaded",
+            "convert it to .safetensors, or pass --allow-pickle if you trust its source",
+        )
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), checked."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(max(8, len(LFS_POINTER)))
+        if size == 0:
+            raise ModelError(f"{path} is empty", "was the download interrupted?")
+        if head.startswith(LFS_POINTER):
+            raise ModelError(f"{path} is a git-lfs pointer, not the weights", "run `git lfs pull` in its repository")
+        if head.startswith(b"PK\x03\x04"):
+            raise ModelError(f"{path} is a PyTorch zip (pickle) checkpoint, not safetensors", "rename it to .ckpt")
+        if size < 8:
+            raise ModelError(f"{path} is not a safetensors file: only {size} bytes")
+        (length,) = struct.unpack("<Q", head[:8])
+        if length > MAX_HEADER or not head[8:9] == b"{":
+            raise ModelError(f"{path} is not a safetensors file (no JSON header at its start)")
+        if 8 + length > size:
+            raise ModelError(f"{path} is truncated: its header needs {8 + length} bytes, the file has {size}")
+        handle.seek(8)
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path} is not a safetensors file (bad JSON header: {exc})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a safetensors file (header is not a JSON object)")
+    end = max((t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise ModelError(
+            f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}",
+            "download it again",
+        )
+    return header
+
+
+def _pickle_shapes(path: Path) -> dict:
+    """Tensor shapes of an allowed pickle checkpoint, in the safetensors header's shape."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read"
+        raise ModelError(f"{path} cannot be read as a PyTorch checkpoint: {exc}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return {k: {"shape": list(v.shape)} for k, v in state.items() if hasattr(v, "shape")}
+
+
+def _not_a_pipeline(path: Path, keys: list[str]) -> ModelError:
+    """Explain what a file without a Stable Diffusion UNet probably is instead."""
+    if any("lora" in k for k in keys):
+        what = "a LoRA"
+    elif any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        what = "a VAE alone"
+    elif any(k.startswith(("down_blocks.", "unet.", "text_model.")) for k in keys):
+        what = "a diffusers-format component"
+    else:
+        what = f"unknown (first keys: {', '.join(sorted(keys)[:3]) or 'none'})"
+    return ModelError(
+        f"--model {str(path)!r} is not a full Stable Diffusion checkpoint: no {UNET}* keys; it looks like {what}",
+        "diffcli loads original-layout SD1/SD2/SDXL checkpoints holding UNet, VAE and text encoder",
+    )
+
+
+def _prediction_type(family: str, inpaint: bool, header: dict) -> tuple[str, bool]:
+    """v_prediction or epsilon from metadata or marker keys; else the family's usual (guessed)."""
+    meta = header.get("__metadata__") or {}
+    stated = str(meta.get("modelspec.prediction_type", "")).lower()
+    if stated in ("v", "v_prediction", "epsilon"):
+        return ("epsilon" if stated == "epsilon" else "v_prediction"), False
+    if "ss_v_parameterization" in meta:  # kohya sd-scripts training metadata
+        return ("v_prediction" if meta["ss_v_parameterization"] == "True" else "epsilon"), False
+    if "v_pred" in header:  # ComfyUI's marker key in v-prediction SDXL checkpoints
+        return "v_prediction", False
+    # No weight tells 512-epsilon from 768-v: SD 2.x defaults to 768-v like diffusers, inpainting to epsilon.
+    return ("v_prediction" if family == "sd2" and not inpaint else "epsilon"), True
+
+
+def _config_name(family: str, inpaint: bool, prediction_type: str) -> str:
+    """The packaged config folder for a family and variant."""
+    base = {"sd1": "sd15", "sd2": "sd2-v" if prediction_type == "v_prediction" else "sd2"}.get(family, family)
+    return f"{base.removesuffix('-v')}-inpaint" if inpaint else base
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Family, inpainting, prediction type and config folder of a single-file checkpoint."""
+    path = Path(path)
+    pickled = path.suffix.lower() in PICKLE_SUFFIXES
+    header = _pickle_shapes(path) if pickled else read_safetensors_header(path)
+    keys = [k for k in header if k != "__metadata__"]
+    if not any(k.startswith(UNET) for k in keys):
+        raise _not_a_pipeline(path, keys)
+    family = next((f for f, (prefix, _) in TEXT_ENCODERS.items() if any(k.startswith(prefix) for k in keys)), None)
+    if family is None:
+        expected = ", ".join(f"{prefix}* ({f})" for f, (prefix, _) in TEXT_ENCODERS.items())
+        raise ModelError(f"--model {str(path)!r} has a UNet but no text encoder weights", f"expected one of {expected}")
+    if not any(k.startswith(VAE_PREFIXES) for k in keys):
+        raise ModelError(f"--model {str(path)!r} has no VAE weights (first_stage_model.*)", "use a full checkpoint")
+    context = next((header[k]["shape"][1] for k in keys if CROSS_ATTN_K.match(k)), None)
+    if context != TEXT_ENCODERS[family][1]:
+        raise ModelError(
+            f"--model {str(path)!r}: {family} text encoder but UNet cross-attention width {context}, "
+            f"expected {TEXT_ENCODERS[family][1]}",
+            "pass --model-config with a diffusers folder describing this architecture",
+        )
+    in_channels = header[CONV_IN]["shape"][1] if CONV_IN in header else 4
+    if in_channels not in (4, 9):
+        raise ModelError(
+            f"--model {str(path)!r}: the UNet takes {in_channels} input channels",
+            "diffcli supports 4 (text-to-image) and 9 (inpainting); pass --model-config for others",
+        )
+    inpaint = in_channels == 9
+    prediction_type, guessed = _prediction_type(family, inpaint, header)
+    config_dir = CONFIGS / _config_name(family, inpaint, prediction_type)
+    if not config_dir.is_dir():
+        raise ModelError(f"--model {str(path)!r}: no packaged config for a {family} {'inpainting ' * inpaint}model",
+                         "pass --model-config with a diffusers folder describing this architecture")
+    return CheckpointInfo(str(path), family, inpaint, prediction_type, guessed, str(config_dir))
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[bytes, bytes]:
+    """CLIP's vocab.json and merges.txt, decompressed from the package."""
+    return tuple(gzip.decompress((CLIP_BPE / f"{name}.gz").read_bytes()) for name in ("vocab.json", "merges.txt"))
+
+
+def packaged_tokenizers(folder: str | Path) -> dict:
+    """CLIPTokenizers for each tokenizer* component of a config folder that carries no vocabulary."""
+    from transformers import CLIPTokenizer
+
+    folder = CONFIGS / folder  # a name under configs/, or any absolute path
+    index = json.loads((folder / "model_index.json").read_text())
+    tokenizers = {}
+    for name, value in index.items():
+        if not name.startswith("tokenizer") or value[0] is None or (folder / name / "vocab.json").is_file():
+            continue
+        with tempfile.TemporaryDirectory(prefix="diffcli-clip-") as tmp:
+            for filename, data in zip(("vocab.json", "merges.txt"), _clip_bpe()):
+                (Path(tmp) / filename).write_bytes(data)
+            config = folder / name / "tokenizer_config.json"
+            (Path(tmp) / "tokenizer_config.json").write_bytes(config.read_bytes() if config.is_file() else b"{}")
+            tokenizers[name] = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+    return tokenizers
+
+
+def single_file_kwargs(info: CheckpointInfo, model_config: str | None = None) -> dict:
+    """Keyword arguments for `Pipeline.from_single_file` that need no network."""
+    folder = Path(model_config) if model_config else Path(info.config_dir)
+    kwargs = {"config": str(folder), "local_files_only": True, **packaged_tokenizers(folder.resolve())}
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if not model_config and scheduler.get("prediction_type", "epsilon") != info.prediction_type:
+        import diffusers
+
+        scheduler_cls = getattr(diffusers, scheduler["_class_name"])
+        kwargs["scheduler"] = scheduler_cls.from_config(scheduler, prediction_type=info.prediction_type)
+    return kwargs
