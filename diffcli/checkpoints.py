@@ -140,12 +140,8 @@ def _config_name(family: str, inpaint: bool, prediction_type: str) -> str:
     return f"{base.removesuffix('-v')}-inpaint" if inpaint else base
 
 
-def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Family, inpainting, prediction type and config folder of a single-file checkpoint."""
-    path = Path(path)
-    pickled = path.suffix.lower() in PICKLE_SUFFIXES
-    header = _pickle_shapes(path) if pickled else read_safetensors_header(path)
-    keys = [k for k in header if k != "__metadata__"]
+def _family(path: Path, keys: list[str]) -> str:
+    """sd1/sd2/sdxl/sdxl-refiner from which text encoder the file holds; refuse incomplete files."""
     if not any(k.startswith(UNET) for k in keys):
         raise _not_a_pipeline(path, keys)
     family = next((f for f, (prefix, _) in TEXT_ENCODERS.items() if any(k.startswith(prefix) for k in keys)), None)
@@ -154,26 +150,42 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         raise ModelError(f"--model {str(path)!r} has a UNet but no text encoder weights", f"expected one of {expected}")
     if not any(k.startswith(VAE_PREFIXES) for k in keys):
         raise ModelError(f"--model {str(path)!r} has no VAE weights (first_stage_model.*)", "use a full checkpoint")
-    context = next((header[k]["shape"][1] for k in keys if CROSS_ATTN_K.match(k)), None)
+    return family
+
+
+def _packaged_config(path: Path, family: str, header: dict, in_channels: int, prediction_type: str) -> Path:
+    """The shipped config folder, after checking the UNet has that family's standard shapes."""
+    hint = "pass --model-config with a diffusers folder describing this architecture"
+    context = next((t["shape"][1] for k, t in header.items() if CROSS_ATTN_K.match(k)), None)
     if context != TEXT_ENCODERS[family][1]:
-        raise ModelError(
-            f"--model {str(path)!r}: {family} text encoder but UNet cross-attention width {context}, "
-            f"expected {TEXT_ENCODERS[family][1]}",
-            "pass --model-config with a diffusers folder describing this architecture",
-        )
-    in_channels = header[CONV_IN]["shape"][1] if CONV_IN in header else 4
+        raise ModelError(f"--model {str(path)!r}: {family} text encoder but UNet cross-attention width {context}, "
+                         f"expected {TEXT_ENCODERS[family][1]}", hint)
     if in_channels not in (4, 9):
-        raise ModelError(
-            f"--model {str(path)!r}: the UNet takes {in_channels} input channels",
-            "diffcli supports 4 (text-to-image) and 9 (inpainting); pass --model-config for others",
-        )
-    inpaint = in_channels == 9
-    prediction_type, guessed = _prediction_type(family, inpaint, header)
-    config_dir = CONFIGS / _config_name(family, inpaint, prediction_type)
+        raise ModelError(f"--model {str(path)!r}: the UNet takes {in_channels} input channels, "
+                         "diffcli ships configs for 4 (text-to-image) and 9 (inpainting)", hint)
+    config_dir = CONFIGS / _config_name(family, in_channels == 9, prediction_type)
     if not config_dir.is_dir():
-        raise ModelError(f"--model {str(path)!r}: no packaged config for a {family} {'inpainting ' * inpaint}model",
-                         "pass --model-config with a diffusers folder describing this architecture")
-    return CheckpointInfo(str(path), family, inpaint, prediction_type, guessed, str(config_dir))
+        raise ModelError(f"--model {str(path)!r}: no packaged config for a {family} {in_channels}-channel UNet", hint)
+    return config_dir
+
+
+def inspect_checkpoint(path: str | Path, model_config: str | None = None) -> CheckpointInfo:
+    """Family, inpainting, prediction type and config folder of a single-file checkpoint.
+
+    With `model_config` (--model-config) that folder describes the architecture, so shapes go unchecked.
+    """
+    path = Path(path)
+    header = _pickle_shapes(path) if path.suffix.lower() in PICKLE_SUFFIXES else read_safetensors_header(path)
+    family = _family(path, [k for k in header if k != "__metadata__"])
+    in_channels = header[CONV_IN]["shape"][1] if CONV_IN in header else 4
+    prediction_type, guessed = _prediction_type(family, in_channels == 9, header)
+    if model_config is None:
+        config_dir = _packaged_config(path, family, header, in_channels, prediction_type)
+    elif (Path(model_config) / "model_index.json").is_file():
+        config_dir = Path(model_config)
+    else:
+        raise ModelError(f"--model-config {model_config!r} is not a diffusers folder (no model_index.json)")
+    return CheckpointInfo(str(path), family, in_channels == 9, prediction_type, guessed, str(config_dir))
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,7 +202,8 @@ def packaged_tokenizers(folder: str | Path) -> dict:
     index = json.loads((folder / "model_index.json").read_text())
     tokenizers = {}
     for name, value in index.items():
-        if not name.startswith("tokenizer") or value[0] is None or (folder / name / "vocab.json").is_file():
+        own_vocabulary = any((folder / name / f).is_file() for f in ("vocab.json", "tokenizer.json"))
+        if not name.startswith("tokenizer") or value[0] is None or own_vocabulary:
             continue
         with tempfile.TemporaryDirectory(prefix="diffcli-clip-") as tmp:
             for filename, data in zip(("vocab.json", "merges.txt"), _clip_bpe()):
@@ -203,10 +216,11 @@ def packaged_tokenizers(folder: str | Path) -> dict:
 
 def single_file_kwargs(info: CheckpointInfo, model_config: str | None = None) -> dict:
     """Keyword arguments for `Pipeline.from_single_file` that need no network."""
-    folder = Path(model_config) if model_config else Path(info.config_dir)
+    folder = Path(model_config or info.config_dir)
     kwargs = {"config": str(folder), "local_files_only": True, **packaged_tokenizers(folder.resolve())}
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    if not model_config and scheduler.get("prediction_type", "epsilon") != info.prediction_type:
+    packaged = not model_config and folder.parent == CONFIGS  # a user's folder decides its own scheduler
+    if packaged and scheduler.get("prediction_type", "epsilon") != info.prediction_type:
         import diffusers
 
         scheduler_cls = getattr(diffusers, scheduler["_class_name"])

@@ -31,6 +31,7 @@ class ModelSpec:
     sample_size: int | None = None  # native image side in pixels, when known
     size_multiple: int = 8  # the VAE's downsampling factor: sizes must be multiples of it
     config_dir: str | None = None  # diffusers config folder for single files
+    model_config: str | None = None  # the user's --model-config folder, if any
     defaults: dict = field(default_factory=dict, compare=False, hash=False)  # bundled recommendations
 
 
@@ -132,7 +133,7 @@ def _from_single_file(path: Path, name: str, model_config: str | None, allow_pic
     from diffcli import checkpoints
 
     checkpoints.refuse_pickle(path, allow_pickle)
-    info = checkpoints.inspect_checkpoint(path)
+    info = checkpoints.inspect_checkpoint(path, model_config)
     config_dir = Path(model_config) if model_config else Path(info.config_dir)
     if model_config and not (config_dir / "model_index.json").is_file():
         raise ModelError(f"--model-config {model_config!r} is not a diffusers folder (no model_index.json)")
@@ -147,6 +148,7 @@ def _from_single_file(path: Path, name: str, model_config: str | None, allow_pic
         sample_size=spec.sample_size,
         size_multiple=spec.size_multiple,
         config_dir=str(config_dir),
+        model_config=model_config,
     )
 
 

@@ -221,8 +221,8 @@ def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickl
             if spec.source == "single_file":
                 from diffcli import checkpoints
 
-                info = checkpoints.inspect_checkpoint(spec.location)
-                extra = checkpoints.single_file_kwargs(info, spec.config_dir if spec.config_dir != info.config_dir else None)
+                info = checkpoints.inspect_checkpoint(spec.location, spec.model_config)
+                extra = checkpoints.single_file_kwargs(info, spec.model_config)
                 pipe = cls.from_single_file(spec.location, **extra, **kwargs)
             else:
                 pipe = cls.from_pretrained(spec.location, use_safetensors=None if allow_pickle else True, **kwargs)

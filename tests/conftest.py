@@ -1,7 +1,8 @@
 """Tiny real Stable Diffusion components, built once per session and saved the ways users have models.
 
 - `tiny_model`: a local diffusers folder (save_pretrained)
-- `tiny_hub`: the same model in a temporary Hugging Face cache under the repo id `diffcli-test/tiny-sd`
+- `tiny_checkpoint`: the same weights as one original-layout .safetensors file
+- `hf_cache`: the same model in a temporary Hugging Face cache under the repo id `diffcli-test/tiny-sd`
 No test touches the network: HF_HUB_OFFLINE is set for the whole session.
 """
 
@@ -90,6 +91,16 @@ def tiny_model(tmp_path_factory) -> Path:
     folder = root / "tiny-sd"
     build_tiny_pipeline(root).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
+    """The tiny model as one original-layout (A1111/CompVis) .safetensors file."""
+    from diffusers import StableDiffusionPipeline
+    from ldm_format import save_original_checkpoint
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    return save_original_checkpoint(pipe, tmp_path_factory.mktemp("single") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="session")

@@ -140,6 +140,20 @@ def test_non_finite_latents_fail_without_saving(tiny_model):
     assert not Path("nan.png").exists()
 
 
+def test_single_file_checkpoint_matches_the_folder(cli, tiny_model, tiny_checkpoint):
+    common = ("txt2img", "a cat", "--seed", "5", *FAST)
+    single = cli(*common, "--model", tiny_checkpoint, "--model-config", tiny_model, "-o", "single.png", "--json")
+    folder = cli(*common, "--model", tiny_model, "-o", "folder.png")
+    assert single.exit_code == folder.exit_code == 0, single.stderr
+    assert single.json_lines()[0]["model"] == str(tiny_checkpoint)
+    assert np.array_equal(pixels("single.png"), pixels("folder.png"))
+
+
+def test_non_standard_single_file_needs_model_config(cli, tiny_checkpoint):
+    result = cli("txt2img", "a cat", "--model", tiny_checkpoint, *FAST)
+    assert result.exit_code == 2 and "tiny.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_hub_id_from_prefilled_cache_offline(hf_cache, tmp_path):
     result = run_subprocess("txt2img", "a cat", "--model", HUB_REPO, "--seed", "1", "--steps", "2", "-o", "hub.png",
                             env={"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
