@@ -41,7 +41,7 @@ def random_pipeline(arch: str, device: str, dtype):
         if name.startswith("tokenizer"):
             continue
         if name == "scheduler":
-            components[name] = getattr(diffusers, cls_name).from_config(diffusers.DiffusionPipeline.load_config(root / name))
+            components[name] = getattr(diffusers, cls_name).from_pretrained(root / name)
         elif library == "transformers":
             config = transformers.AutoConfig.from_pretrained(root / name)
             with torch.device(device):
