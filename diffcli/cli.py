@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from contextvars import ContextVar
 from typing import Annotated, Optional
 
 import typer
@@ -17,6 +18,7 @@ from typer.exceptions import TyperException
 from diffcli import __version__
 from diffcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, DiffcliError, Interrupted
 from diffcli.options import Job
+from diffcli.sweep import Values, parse_cfg, parse_scheduler, parse_seed, parse_steps
 
 app = typer.Typer(
     name="diffcli",
@@ -26,6 +28,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 STATE = {"debug": False}
+# Set by batch mode: run_jobs then only collects the Jobs a command built (see batch.jobs_from_command).
+COLLECTING: ContextVar[list | None] = ContextVar("COLLECTING", default=None)
 
 # Options shared by every generating command (txt2img, img2img, inpaint, upscale, ...).
 Negative = Annotated[str, typer.Option("--negative", "-n", help="What the image should not show.")]
@@ -58,6 +62,20 @@ LowVram = Annotated[
     typer.Option("--low-vram/--no-low-vram", help="Attention slicing, VAE tiling, CPU offload (default: automatic on small GPUs)."),
 ]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle-based weights (.ckpt/.bin); unsafe for untrusted files.")]
+# Sweepable forms of --cfg/--steps/--seed/--scheduler: a comma list runs every combination (sweep.py).
+CfgList = Annotated[Optional[Values], typer.Option("--cfg", parser=parse_cfg, metavar="CFG[,CFG...]", help="Guidance scale (default 7.5, or the model's recommendation); a comma list sweeps.")]
+StepsList = Annotated[Optional[Values], typer.Option("--steps", parser=parse_steps, metavar="N[,N...]", help="Denoising steps (default suits the scheduler); a comma list sweeps.")]
+SeedList = Annotated[Optional[Values], typer.Option("--seed", parser=parse_seed, metavar="S[,S...]", help="Seed of image 1; image i uses seed+i. Default: random, always reported. A comma list sweeps.")]
+SchedulerList = Annotated[Optional[Values], typer.Option("--scheduler", parser=parse_scheduler, metavar="NAME[,NAME...]", help="Sampler by name, A1111 names too (see `diffcli schedulers`); a comma list sweeps.")]
+Grid = Annotated[bool, typer.Option("--grid", help="Also write an X/Y contact sheet of a sweep, with axis labels.")]
+Weighting = Annotated[bool, typer.Option("--weighting/--no-weighting", help="A1111 attention syntax: (word), ((word)), [word], (word:1.3); \\( is a literal bracket.")]
+ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", min=1, max=12, help="Skip the last CLIP layers, counted as in A1111 (1 = none, 2 = penultimate).")]
+VariationSeed = Annotated[Optional[int], typer.Option("--variation-seed", min=0, help="Seed of the noise to vary toward (image i uses variation seed + i).")]
+VariationStrength = Annotated[Optional[float], typer.Option("--variation-strength", min=0.0, max=1.0, help="0 = the seed's image, 1 = the variation seed's; needs --variation-seed.")]
+Lora = Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, folder or Hub id, with an optional :SCALE (default 1); repeatable.")]
+LoraDir = Annotated[Optional[str], typer.Option("--lora-dir", envvar="DIFFCLI_LORA_DIR", help="Folder for the prompt's <lora:name:weight> tags.")]
+Embedding = Annotated[Optional[list[str]], typer.Option("--embedding", help="Textual-inversion file, with an optional :TOKEN (default: file name); repeatable.")]
+EmbeddingDir = Annotated[Optional[str], typer.Option("--embedding-dir", envvar="DIFFCLI_EMBEDDING_DIR", help="Folder of embeddings, used when their file name appears in the prompt.")]
 
 
 def _version(value: bool) -> None:
@@ -81,11 +99,17 @@ def say(message: str, quiet: bool) -> None:
         print(message, file=sys.stderr)
 
 
-def run_jobs(jobs: list[Job], as_json: bool, quiet: bool) -> None:
-    """Plan every job first (so bad input fails before any model loads), then run them."""
-    from diffcli.generate import plan_job, run_plan
+def run_jobs(jobs: list[Job], as_json: bool, quiet: bool) -> list[dict] | None:
+    """Plan every job first (so bad input fails before any model loads), then run them; returns the image records."""
+    if (collected := COLLECTING.get()) is not None:  # a batch line: hand the jobs over, run nothing
+        collected.extend(jobs)
+        return
+    if len(jobs) == 1 and jobs[0].out == "-":
+        return _run_to_stdout(jobs[0], as_json, quiet)
+    from diffcli.generate import plan_jobs, run_plan
 
-    plans = [plan_job(job) for job in jobs]
+    plans = plan_jobs(jobs)
+    records: list[dict] = []
     for plan in plans:
         spec = plan.spec
         if spec.source == "bundled" and not plan.job.model:
@@ -101,23 +125,51 @@ def run_jobs(jobs: list[Job], as_json: bool, quiet: bool) -> None:
                 say(f"device {record['device']}, dtype {record['dtype']}, scheduler {record['scheduler']}, "
                     f"steps {record['steps']}, cfg {record['cfg']:g}", quiet)
                 first = False
+            records.append(record)
             print(json.dumps(record, sort_keys=True) if as_json else record["path"], flush=True)
 
         run_plan(plan, on_image, progress=not quiet and sys.stderr.isatty(), notify=lambda m: say(m, quiet))
+    return records
+
+
+def _run_to_stdout(job: Job, as_json: bool, quiet: bool) -> None:
+    """`-o -`: make the one image in a temporary folder, then write its PNG bytes to stdout."""
+    import contextlib
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from diffcli.errors import UsageError
+
+    if job.num_images != 1:
+        raise UsageError(f"--out - writes one image to stdout, got --num-images {job.num_images}", "use a folder or a template")
+    if as_json:
+        raise UsageError("--out - and --json both want stdout", "drop one of them")
+    if sys.stdout.isatty():
+        raise UsageError("--out - would write PNG bytes to the terminal", "redirect stdout: > image.png, or | another program")
+    with tempfile.TemporaryDirectory(prefix="diffcli-stdout-") as folder:
+        job.out = str(Path(folder) / "image.png")
+        path = io.StringIO()
+        with contextlib.redirect_stdout(path):
+            run_jobs([job], False, quiet)
+        data = Path(path.getvalue().strip()).read_bytes()
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 @app.command()
 def txt2img(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     negative: Negative = "",
-    cfg: Cfg = None,
-    steps: Steps = None,
-    seed: Seed = None,
+    cfg: CfgList = None,
+    steps: StepsList = None,
+    seed: SeedList = None,
     width: Width = None,
     height: Height = None,
     num_images: NumImages = 1,
     batch_size: BatchSize = 1,
-    scheduler: Scheduler = None,
+    scheduler: SchedulerList = None,
     model: Model = None,
     model_config: ModelConfig = None,
     device: Device = "auto",
@@ -130,11 +182,32 @@ def txt2img(
     allow_pickle: AllowPickle = False,
     optimize: Optimize = True,
     low_vram: LowVram = None,
+    weighting: Weighting = True,
+    clip_skip: ClipSkip = None,
+    variation_seed: VariationSeed = None,
+    variation_strength: VariationStrength = None,
+    lora: Lora = None,
+    lora_dir: LoraDir = None,
+    embedding: Embedding = None,
+    embedding_dir: EmbeddingDir = None,
+    grid: Grid = False,
 ) -> None:
-    """Generate images from a text prompt."""
-    job = Job("txt2img", prompt, negative, cfg, steps, seed, width, height, num_images, batch_size, scheduler,
+    """Generate images from a text prompt; comma lists in --cfg/--steps/--seed/--scheduler sweep."""
+    from diffcli.noise import variation_settings
+    from diffcli.sweep import expand, write_grid
+
+    job = Job("txt2img", prompt, negative, None, None, None, width, height, num_images, batch_size, None,
               model, model_config, device, dtype, out, overwrite, safety_checker, allow_pickle, optimize, low_vram)
-    run_jobs([job], as_json, quiet)
+    job.extra.update(weighting=weighting, **variation_settings(variation_seed, variation_strength))
+    job.extra.update({k: v for k, v in (("clip_skip", clip_skip), ("lora_specs", lora), ("lora_dir", lora_dir),
+                                        ("embedding_specs", embedding), ("embedding_dir", embedding_dir)) if v})
+    jobs = expand(job, cfg=cfg, steps=steps, seed=seed, scheduler=scheduler)
+    if len(jobs) > 1:
+        say(f"sweep: {len(jobs)} combinations", quiet)
+    records = run_jobs(jobs, as_json, quiet)
+    if grid and records:
+        sheet = write_grid(records, overwrite)
+        print(json.dumps(sheet, sort_keys=True) if as_json else sheet["grid"], flush=True)
 
 
 @app.command()
@@ -169,6 +242,54 @@ def bench(
     for name in [None] if model else archs:
         report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, compare == "plain", optimize, low_vram)
         print(json.dumps(report, sort_keys=True) if as_json else format_table(report), flush=True)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def batch(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="Jobs: prompts (.txt, one per line), JSON Lines (.jsonl) or CSV (.csv); - reads stdin.")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="text | jsonl | csv (default: from the extension; stdin: sniffed).")] = None,
+    command: Annotated[str, typer.Option("--command", help="Command of lines that name none (a line may say \"command\": ...).")] = "txt2img",
+    wildcards: Annotated[Optional[str], typer.Option("--wildcards", help="Folder of NAME.txt files for __NAME__ in prompts.")] = None,
+    random: Annotated[Optional[int], typer.Option("--random", help="Draw N prompts from each {a|b} template instead of all combinations.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded jobs (seeds, paths, ids) as JSON lines; load no model.")] = False,
+    manifest: Annotated[Optional[str], typer.Option("--manifest", help="Record of finished images (default: diffcli-manifest.jsonl in the output folder).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Make every image again, even those the manifest records.")] = False,
+    processes: Annotated[int, typer.Option("--processes", help="Local processes (one per GPU); same as accelerate launch.")] = 1,
+    negative: Negative = "",
+    cfg: Cfg = None,
+    steps: Steps = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Base seed: a job without a seed gets base + images before it. Default: recorded in the manifest.")] = None,
+    width: Width = None,
+    height: Height = None,
+    num_images: NumImages = 1,
+    batch_size: BatchSize = 1,
+    scheduler: Scheduler = None,
+    model: Model = None,
+    model_config: ModelConfig = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", envvar="DIFFCLI_OUTPUT", help="Folder or template; default outputs/{job:05d}-{seed}-{slug}.png.")] = None,
+    overwrite: Overwrite = False,
+    as_json: JsonOut = False,
+    quiet: Quiet = False,
+    safety_checker: SafetyChecker = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Run many jobs from a file or stdin: resumable, and shardable over processes and GPUs.
+
+    Options after FILE that batch does not know (e.g. --strength for img2img lines) are passed to each line's command.
+    """
+    from diffcli.batch import BatchOptions, children_argv, run_batch
+
+    given = {name: ctx.params[name] for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    per_job = ("negative", "cfg", "steps", "width", "height", "num_images", "batch_size", "scheduler", "model",
+               "model_config", "device", "dtype", "overwrite", "safety_checker", "allow_pickle")
+    options = BatchOptions(file, fmt, command, {k: v for k, v in given.items() if k in per_job}, list(ctx.args), seed, out,
+                           manifest, wildcards, random, dry_run, force, processes, as_json, quiet)
+    code = run_batch(options, lambda base, source: children_argv(ctx, base, source))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

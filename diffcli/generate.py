@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from diffcli import __version__, output
-from diffcli.errors import RuntimeFailure
+from diffcli import __version__, adapters, output
+from diffcli.errors import RuntimeFailure, UsageError
 from diffcli.models import ModelSpec, resolve_model
 from diffcli.options import Job, check_size_multiple, draw_seed, validate
 from diffcli.pipeline import CLASS_LABELS, SCHEDULERS, normalize_scheduler_name
@@ -33,9 +33,10 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_job(job: Job) -> Plan:
+def plan_job(job: Job, index_offset: int = 0) -> Plan:
     """Validate a job and resolve model, size, seeds and output paths; loads no weights."""
     validate(job)
+    adapters.resolve(job)  # LoRA and embedding files checked now, loaded in run_plan
     if job.scheduler is not None:
         job.scheduler = normalize_scheduler_name(job.scheduler)
     spec = resolve_model(job.model, job.model_config, job.allow_pickle)
@@ -57,8 +58,22 @@ def plan_job(job: Job) -> Plan:
         "width": width,
         "height": height,
     }
-    paths = output.plan_paths(job.out, seeds, fields, job.overwrite)
+    paths = output.plan_paths(job.out, seeds, fields, job.overwrite, index_offset)
     return Plan(job, spec, seeds, paths, width, height, cfg, scheduler)
+
+
+def plan_jobs(jobs: list[Job]) -> list[Plan]:
+    """Plan several jobs of one run (a sweep): {index} names continue across them and no two images share a path."""
+    plans, seen = [], {}
+    for job in jobs:
+        plan = plan_job(job, sum(len(p.seeds) for p in plans))
+        for path in plan.paths:
+            if path in seen:
+                raise UsageError(f"--out {job.out or output.DEFAULT_DIR!r} gives several images the name {path}",
+                                 "use a folder, or a template with {index}, or with {cfg}, {steps}, {seed} or {scheduler} for a sweep")
+            seen[path] = True
+        plans.append(plan)
+    return plans
 
 
 def default_cache_dir() -> Path:
@@ -88,6 +103,7 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
     started = time.perf_counter()
     pipe = load_pipeline(plan.spec, job.task, device, dtype, job.safety_checker, job.allow_pickle, job.optimize, job.low_vram)
     pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, plan.scheduler)
+    adapters.activate(pipe, job)  # exactly this job's LoRAs on, at their scales
     load_s = time.perf_counter() - started
     steps = job.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
     common = {
@@ -120,6 +136,8 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
         for offset, (image, seed) in enumerate(zip(images, seeds)):
             index = start + offset
             meta = dict(common, seed=seed, index=index, warnings=plan.warnings + warnings)
+            if job.extra.get("variation_seed") is not None:  # image i varies toward variation_seed + i
+                meta["variation_seed"] = job.extra["variation_seed"] + index
             path = plan.paths[index]
             began = time.perf_counter()
             output.write_atomic(path, output.encode_image(image, path, meta), job.overwrite)
@@ -183,6 +201,8 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
     import numpy as np
     import torch
 
+    from diffcli import noise, prompts
+
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     last = {}
     bar = _progress_bar(steps) if progress else None
@@ -198,12 +218,15 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
     kwargs = dict(job.extra.get("pipeline_kwargs", {}))
     if job.task not in TASKS_SIZED_BY_IMAGE:
         kwargs.update(width=plan.width, height=plan.height)
+    kwargs.update(prompts.pipeline_inputs(pipe, job, len(seeds)))  # A1111 weighting, no 77-token limit
+    if job.extra.get("variation_seed") is not None:  # image i: seed+i noise slerped toward variation_seed+i
+        variation_seeds = [job.extra["variation_seed"] + seed - plan.seeds[0] for seed in seeds]
+        kwargs["latents"] = noise.variation_latents(pipe, generators, variation_seeds, job.extra["variation_strength"],
+                                                    plan.width, plan.height, pipe.unet.dtype)
     try:
         if bar is not None:
             bar.start()
         result = pipe(
-            prompt=[job.prompt] * len(seeds),
-            negative_prompt=[job.negative] * len(seeds) if job.negative else None,
             num_inference_steps=steps,
             guidance_scale=plan.cfg,
             generator=generators,

@@ -32,7 +32,7 @@ def next_index(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def plan_paths(out: str | None, seeds: list[int], fields: dict, overwrite: bool) -> list[Path]:
+def plan_paths(out: str | None, seeds: list[int], fields: dict, overwrite: bool, index_offset: int = 0) -> list[Path]:
     """Every output path of a job, decided (and checked for clashes) before any compute.
 
     `out` is a file (`car.png`; several images become `car-1.png`, `car-2.png`...), a folder
@@ -50,7 +50,7 @@ def plan_paths(out: str | None, seeds: list[int], fields: dict, overwrite: bool)
         template = str(stem.with_name(f"{stem.stem}-{{number}}{stem.suffix}"))
     _check_template(template)
     folder = Path(_render(template, dict(fields, index=0, seed=seeds[0], number=1))).parent
-    start = next_index(folder) if "{index" in template else 0
+    start = next_index(folder) + index_offset if "{index" in template else 0  # offset: earlier jobs of the same run
     paths = [Path(_render(template, dict(fields, index=start + i, seed=s, number=i + 1))) for i, s in enumerate(seeds)]
     _check_paths(paths, overwrite)
     return paths
@@ -110,6 +110,9 @@ def a1111_parameters(meta: dict) -> str:
         "Size": f"{meta['width']}x{meta['height']}",
         "Model hash": meta.get("model_hash"),
         "Model": meta["model"],
+        "Variation seed": meta.get("variation_seed"),
+        "Variation seed strength": meta.get("variation_strength"),
+        "Clip skip": meta.get("clip_skip"),
         "Version": f"diffcli {meta['versions']['diffcli']}",
     }
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v not in (None, "")))

@@ -52,7 +52,9 @@ def test_malicious_pickle_never_runs(cli, pickled_model, allow):
 def test_out_of_memory_ladder_recovers_and_records_it(cli, tiny_model, monkeypatch):
     import torch
 
-    from diffcli import generate
+    from diffcli import generate, pipeline
+
+    monkeypatch.setattr(pipeline, "_CACHE", {})  # the remedies stay on the pipeline: keep it out of other tests
 
     real, calls = generate._generate_batch, []
 
@@ -72,7 +74,9 @@ def test_out_of_memory_ladder_recovers_and_records_it(cli, tiny_model, monkeypat
 def test_out_of_memory_everywhere_is_a_clear_failure(cli, tiny_model, monkeypatch):
     import torch
 
-    from diffcli import generate
+    from diffcli import generate, pipeline
+
+    monkeypatch.setattr(pipeline, "_CACHE", {})
 
     def always_oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

@@ -1,0 +1,175 @@
+"""LoRA and textual-inversion embeddings: resolve them at plan time (no weights), attach them per job.
+
+`--lora PATH_OR_ID[:SCALE]` (repeatable) and A1111's in-prompt `<lora:name:0.8>` (looked up in
+--lora-dir) load through diffusers' `load_lora_weights` (peft backend); `--embedding PATH[:TOKEN]`
+and the files of --embedding-dir whose name appears in the prompt load through
+`load_textual_inversion`. Only .safetensors files unless --allow-pickle. The pipeline is cached per
+process, so each job switches exactly its own LoRAs on (and all others off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from diffcli.errors import UsageError
+from diffcli.models import HUB_ID, PICKLE_SUFFIXES
+from diffcli.prompts import extra_networks
+
+SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+
+
+def split_scale(text: str, flag: str, default: float = 1.0) -> tuple[str, float]:
+    """'file.safetensors:0.7' -> ('file.safetensors', 0.7); a suffix that is no number is part of the name."""
+    name, sep, tail = text.rpartition(":")
+    if not sep or not name or "/" in tail or "\\" in tail:
+        return text, default
+    try:
+        return name, float(tail)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: scale {tail!r} is not a number") from None
+
+
+def _source(text: str, flag: str, allow_pickle: bool) -> str:
+    """A local file (checked, safetensors unless allowed) or a Hub id."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors" and not allow_pickle:
+            raise UsageError(f"{flag} {text!r} is a pickle file, which can run code when loaded",
+                             "convert it to .safetensors, or pass --allow-pickle if you trust its source")
+        return str(path)
+    if path.is_dir():
+        return str(path)
+    if HUB_ID.match(text) and not text.lower().endswith(SUFFIXES):
+        return text
+    raise UsageError(f"{flag} {text!r}: no such file or folder")
+
+
+def _in_dir(folder: str | None, name: str, flag: str, what: str) -> Path:
+    """`name` (with or without suffix) inside the folder given by flag."""
+    if not folder:
+        raise UsageError(f"{what} in the prompt needs {flag} (the folder holding {name}.safetensors)")
+    for suffix in ("",) + SUFFIXES:
+        candidate = Path(folder).expanduser() / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"{what} in the prompt: no {name}.safetensors in {flag} {folder}")
+
+
+def resolve(job) -> None:
+    """Check and resolve the job's LoRAs and embeddings into job.extra; raises UsageError, loads nothing."""
+    extra = job.extra
+    loras = []
+    for spec in extra.get("lora_specs") or ():
+        source, scale = split_scale(spec, "--lora")
+        loras.append((_source(source, "--lora", job.allow_pickle), scale))
+    lora_dir = extra.get("lora_dir") or os.environ.get("DIFFCLI_LORA_DIR")
+    for kind, name, weight in extra_networks(job.prompt) + extra_networks(job.negative):
+        if kind == "hypernet":
+            raise UsageError(f"<hypernet:{name}> in the prompt: hypernetworks are not supported")
+        try:
+            scale = float(weight) if weight not in (None, "") else 1.0
+        except ValueError:
+            raise UsageError(f"<{kind}:{name}:{weight}> in the prompt: weight {weight!r} is not a number") from None
+        loras.append((_source(str(_in_dir(lora_dir, name, "--lora-dir", f"<{kind}:{name}>")), "--lora-dir", job.allow_pickle), scale))
+    embeddings = []
+    for spec in extra.get("embedding_specs") or ():
+        source, _, token = spec.rpartition(":")
+        if not source or Path(spec).expanduser().is_file():
+            source, token = spec, ""
+        path = Path(_source(source, "--embedding", job.allow_pickle))
+        if not path.is_file():
+            raise UsageError(f"--embedding {spec!r}: no such file")
+        embeddings.append((str(path), token or path.stem))
+    embedding_dir = extra.get("embedding_dir") or os.environ.get("DIFFCLI_EMBEDDING_DIR")
+    if embedding_dir:
+        folder = Path(embedding_dir).expanduser()
+        if not folder.is_dir():
+            raise UsageError(f"--embedding-dir {embedding_dir!r} is not a folder")
+        text = f"{job.prompt}\n{job.negative}"
+        for path in sorted(folder.iterdir()):
+            used = re.search(rf"(?<![\w-]){re.escape(path.stem)}(?![\w-])", text)
+            if path.suffix.lower() in SUFFIXES and used and path.stem not in {t for _, t in embeddings}:
+                embeddings.append((str(_source(str(path), "--embedding-dir", job.allow_pickle)), path.stem))
+    extra["loras"] = loras
+    extra["embeddings"] = embeddings
+    if loras:  # a scalar for the image metadata (lists stay out of it)
+        extra["lora"] = ", ".join(f"{Path(s).stem if Path(s).exists() else s}:{w:g}" for s, w in loras)
+    if embeddings:
+        extra["embedding"] = ", ".join(token for _, token in embeddings)
+
+
+def _adapter_name(source: str) -> str:
+    return "diffcli_" + hashlib.sha1(source.encode()).hexdigest()[:12]
+
+
+def activate(pipe, job) -> None:
+    """Load what the job needs (once per process) and switch exactly its LoRAs on, at their scales."""
+    for path, token in job.extra.get("embeddings") or ():
+        _load_embedding(pipe, path, token)
+    loras = job.extra.get("loras") or []
+    loaded = getattr(pipe.unet, "diffcli_loras", set())  # on the U-Net: pipelines of other tasks share it
+    if not loras and not loaded:
+        return
+    names, weights = [], []
+    for source, scale in loras:
+        name = _adapter_name(source)
+        if name not in loaded:
+            _load_lora(pipe, source, name, job.allow_pickle)
+            loaded.add(name)
+        if name not in names:
+            names.append(name)
+            weights.append(scale)
+        else:
+            weights[names.index(name)] += scale
+    pipe.unet.diffcli_loras = loaded
+    if names:
+        pipe.enable_lora()
+        pipe.set_adapters(names, weights)
+    else:
+        pipe.disable_lora()
+
+
+def _load_lora(pipe, source: str, name: str, allow_pickle: bool) -> None:
+    try:
+        import peft  # noqa: F401  (diffusers' LoRA loading needs the peft backend)
+    except ImportError:
+        raise UsageError("--lora needs the peft package", "pip install peft") from None
+    try:
+        if Path(source).is_file():
+            if source.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                pipe.load_lora_weights(load_file(source), adapter_name=name)
+            else:
+                pipe.load_lora_weights(str(Path(source).parent), weight_name=Path(source).name, adapter_name=name)
+        else:
+            pipe.load_lora_weights(source, adapter_name=name, use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--lora {source!r} cannot be loaded into this model: {first}") from exc
+
+
+def _load_embedding(pipe, path: str, token: str) -> None:
+    """One embedding file; SDXL files carry clip_l and clip_g tensors, one per text encoder."""
+    if token in pipe.tokenizer.get_vocab():
+        return
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        if "clip_l" in state and "clip_g" in state:
+            pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(state, token=token)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--embedding {path!r} cannot be loaded into this model: {first}") from exc

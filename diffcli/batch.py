@@ -1,0 +1,754 @@
+"""Batch mode: many jobs from a file or stdin, resumable through a manifest, sharded over processes.
+
+The way a batch travels (each step finishes for ALL jobs before the next starts):
+```
+file | stdin ──> entries    (one dict per line: text, JSON Lines or CSV; line numbers kept)
+          ──> templates  ({a|b} and __wildcard__ expanded by dynamicprompts, one entry per prompt)
+          ──> jobs       (each entry parsed by ITS command's own Typer options -> Job: no second parser)
+          ──> plans      (generate.plan_job: validation, model spec, size; stable seeds and paths)
+          ──> ids        (hash of every resolved setting that changes the pixels, per image)
+          ──> manifest   (skip images already recorded; shard the rest: job i goes to rank i % world)
+          ──> run        (generate.run_plan per job; each saved image appended to the manifest)
+```
+Stability is what makes reruns resume instead of redo: a job without a seed gets `base + n`, n being
+the number of images before it in the batch, base being --seed or the base seed recorded in the
+manifest on the first run; paths come from `{job}` (position in the batch), never "next free index".
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from diffcli.errors import EXIT_INTERRUPTED, Interrupted, UsageError
+from diffcli.options import Job, draw_seed
+
+FORMATS = {".txt": "text", ".prompts": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
+TASKS = ("txt2img", "img2img", "inpaint", "outpaint", "upscale")  # commands a batch line may name (once they exist)
+BATCH_TEMPLATE = "{job:05d}-{seed}-{slug}.png"  # stable across reruns, unlike {index} ("next free number")
+MANIFEST_NAME = "diffcli-manifest.jsonl"
+PER_RUN_KEYS = {"as_json", "json", "quiet", "help", "grid"}  # whole-run switches, not settings of one job
+MAX_EXPANSION = 100_000  # one template line may not make more jobs than this (typo guard)
+# Job fields that do not change the pixels (or are covered separately), left out of the image id.
+NOT_IN_ID = {"seed", "out", "overwrite", "num_images", "batch_size", "device", "allow_pickle", "optimize",
+             "low_vram", "model", "extra"}
+TEMPLATE_MARK = re.compile(r"\{[^{}]*\|[^{}]*\}|__[\w./*-]+__")
+WILDCARD = re.compile(r"__([\w./*-]+)__")
+BATCH_FIELDS = re.compile(r"\{(job|line|index)(![rsa])?(:[^{}]*)?\}")
+
+
+@dataclass
+class Entry:
+    """One job as read from the file: its line number and its raw key/value settings."""
+
+    line: int
+    values: dict
+
+
+@dataclass
+class BatchJob:
+    """A job of the batch with its plan, its place in the batch and the stable id of each image."""
+
+    number: int  # position in the expanded batch (0-based): the {job} field and the shard key
+    line: int  # line of the jobs file it came from (1-based)
+    plan: object  # generate.Plan
+    ids: list[str] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # indices of the images still to make
+
+    @property
+    def where(self) -> str:
+        return f"line {self.line}"
+
+
+@dataclass
+class BatchOptions:
+    """The batch command line: where the jobs come from and how to run them."""
+
+    source: str  # path or "-"
+    fmt: str | None = None
+    command: str = "txt2img"
+    defaults: dict = field(default_factory=dict)  # per-job options given on the batch command line
+    extra_args: list[str] = field(default_factory=list)  # task options batch does not declare itself
+    seed: int | None = None  # base seed
+    out: str | None = None
+    manifest: str | None = None
+    wildcards: str | None = None
+    random: int | None = None
+    dry_run: bool = False
+    force: bool = False
+    processes: int = 1
+    as_json: bool = False
+    quiet: bool = False
+
+
+# ---------------------------------------------------------------- reading entries
+
+
+def read_source(source: str) -> str:
+    """The jobs file's text (or stdin's)."""
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UsageError(f"jobs file {source!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"jobs file {source!r} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read jobs file {source!r}: {exc.strerror or exc}") from None
+
+
+def detect_format(source: str, fmt: str | None, text: str) -> str:
+    """--format, else the extension, else (stdin or unknown extension) JSON Lines if it starts with '{'."""
+    if fmt:
+        if fmt not in ("text", "jsonl", "csv"):
+            raise UsageError(f"--format must be text, jsonl or csv, got {fmt!r}")
+        return fmt
+    by_suffix = FORMATS.get(Path(source).suffix.lower()) if source != "-" else None
+    if by_suffix:
+        return by_suffix
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
+    return "jsonl" if first.startswith("{") else "text"
+
+
+def parse_entries(text: str, fmt: str) -> list[Entry]:
+    """One Entry per job line; blank lines and '#' comments are skipped (CSV: blank rows)."""
+    entries = []
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames:
+            return []
+        for row in reader:
+            if None in row:
+                raise UsageError(f"line {reader.line_num}: more cells than header columns ({len(reader.fieldnames)})")
+            values = {key.strip(): value for key, value in row.items() if key and value not in (None, "")}
+            if values:
+                entries.append(Entry(reader.line_num, values))
+        return entries
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if fmt == "text":
+            entries.append(Entry(number, {"prompt": line}))
+            continue
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"line {number}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"line {number}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(values).__name__}")
+        entries.append(Entry(number, values))
+    return entries
+
+
+# ---------------------------------------------------------------- templates
+
+
+def expand_templates(entries: list[Entry], wildcards: str | None, random: int | None, base_seed: int) -> list[Entry]:
+    """Expand `{a|b}` and `__name__` in prompts with dynamicprompts: all combinations, or `random` draws.
+
+    Prompts without such marks pass through untouched (dynamicprompts would eat '#' and '%' in them).
+    Random draws are seeded from the base seed and the line, so a rerun draws the same prompts.
+    """
+    if wildcards is not None and not Path(wildcards).is_dir():
+        raise UsageError(f"--wildcards {wildcards!r} is not a folder")
+    out = []
+    manager = None
+    for entry in entries:
+        prompt = entry.values.get("prompt")
+        if not isinstance(prompt, str) or not TEMPLATE_MARK.search(prompt):
+            out.append(entry)
+            continue
+        if manager is None:
+            from dynamicprompts.wildcards import WildcardManager
+
+            manager = WildcardManager(Path(wildcards) if wildcards else None)
+        for name in WILDCARD.findall(prompt):
+            if wildcards is None:
+                raise UsageError(f"line {entry.line}: __{name}__ needs --wildcards DIR (a folder of NAME.txt files)")
+            if not manager.get_all_values(name):
+                raise UsageError(f"line {entry.line}: wildcard __{name}__ not found in {wildcards}",
+                                 f"expected {Path(wildcards) / name}.txt with one value per line")
+        prompts = _generate(manager, prompt, random, base_seed + entry.line, entry.line)
+        out.extend(Entry(entry.line, dict(entry.values, prompt=text)) for text in prompts)
+    return out
+
+
+def _generate(manager, prompt: str, random: int | None, seed: int, line: int) -> list[str]:
+    """dynamicprompts' combinatorial (default) or seeded random generator, errors made one line."""
+    from dynamicprompts.generators import CombinatorialPromptGenerator, RandomPromptGenerator
+
+    try:
+        if random:
+            return [str(p) for p in RandomPromptGenerator(manager, seed=seed).generate(prompt, random)]
+        prompts = [str(p) for p in CombinatorialPromptGenerator(manager).generate(prompt, max_prompts=MAX_EXPANSION + 1)]
+    except Exception as exc:  # pyparsing and dynamicprompts raise many types; all mean a bad template
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"line {line}: cannot read the prompt template: {first}") from None
+    if len(prompts) > MAX_EXPANSION:
+        raise UsageError(f"line {line}: the template makes more than {MAX_EXPANSION} prompts", "use --random N to draw N of them")
+    return prompts
+
+
+# ---------------------------------------------------------------- entries -> jobs (through each command's own options)
+
+
+def command_group():
+    """The click group behind the Typer app (built once: it is the same for every line)."""
+    import typer.main
+
+    from diffcli.cli import app
+
+    return typer.main.get_command(app)
+
+
+def job_keys(command) -> dict[str, object]:
+    """Every key a batch line may use for this command -> its click parameter."""
+    keys = {}
+    for param in command.params:
+        if param.name in PER_RUN_KEYS:
+            continue
+        keys[param.name] = param
+        keys[param.name.replace("_", "-")] = param
+        for opt in param.opts:
+            if opt.startswith("--"):
+                keys[opt[2:]] = param
+                keys[opt[2:].replace("-", "_")] = param
+    return keys
+
+
+def to_argv(command, values: dict, where: str) -> list[str]:
+    """Parameter values -> the command-line tokens that would set them (booleans as flags)."""
+    options, arguments = [], []
+    for param in command.params:
+        if param.name not in values or values[param.name] is None:
+            continue
+        value = values[param.name]
+        if param.param_type_name == "argument":
+            arguments.extend(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            continue
+        long = next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
+        if getattr(param, "is_flag", False) and not getattr(param, "count", False):
+            on = _boolean(value, long, where)
+            if on:
+                options.append(long)
+            elif param.secondary_opts:
+                options.append(param.secondary_opts[0])
+            continue
+        items = value if isinstance(value, (list, tuple)) and param.multiple else [value]
+        if isinstance(value, (list, tuple, dict)) and not param.multiple:
+            raise UsageError(f"{where}: {long} takes one value, got {json.dumps(value)}")
+        for item in items:
+            text = json.dumps(item) if isinstance(item, bool) else str(item)
+            options.append(f"{long}={text}" if long.startswith("--") else long)
+            if not long.startswith("--"):
+                options.append(text)
+    return options + (["--", *arguments] if arguments else [])
+
+
+def _boolean(value, flag: str, where: str) -> bool:
+    """JSON booleans, and CSV/text spellings of them."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise UsageError(f"{where}: {flag} must be true or false, got {value!r}")
+
+
+def jobs_from_command(group, name: str, tokens: list[str], where: str) -> list[Job]:
+    """Parse tokens with the command's own options and run its body with run_jobs collecting the Jobs."""
+    from typer.exceptions import TyperException
+
+    from diffcli.cli import COLLECTING
+    from diffcli.errors import DiffcliError
+
+    command = group.commands[name]
+    collected: list[Job] = []
+    token = COLLECTING.set(collected)
+    try:
+        ctx = command.make_context(name, list(tokens))
+        with ctx:
+            command.invoke(ctx)
+    except TyperException as exc:
+        raise UsageError(f"{where}: {exc.format_message()}") from None
+    except DiffcliError as exc:
+        raise type(exc)(f"{where}: {exc.message}", exc.hint) from None
+    finally:
+        COLLECTING.reset(token)
+    return collected
+
+
+def build_jobs(entries: list[Entry], options: BatchOptions) -> list[tuple[Entry, Job]]:
+    """Each entry through its command's parser; batch-line options are defaults a line overrides."""
+    group = command_group()
+    available = [name for name in TASKS if name in group.commands]
+    result = []
+    for entry in entries:
+        where = f"line {entry.line}"
+        values = dict(entry.values)
+        name = values.pop("command", None) or values.pop("task", None) or options.command
+        if name not in available:
+            raise UsageError(f"{where}: command {name!r} cannot run in a batch", f"available: {', '.join(available)}")
+        command = group.commands[name]
+        keys = job_keys(command)
+        merged = {key: value for key, value in options.defaults.items() if key in {p.name for p in command.params}}
+        for key, value in values.items():
+            param = keys.get(str(key))
+            if param is None:
+                close = difflib.get_close_matches(str(key), [k for k in keys if "-" not in k], n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"keys for {name}: {', '.join(sorted(p for p in keys if '-' not in p))}"
+                raise UsageError(f"{where}: unknown key {key!r}", hint)
+            merged[param.name] = value
+        if merged.get("out") == "-":
+            raise UsageError(f"{where}: out '-' (stdout) is for single txt2img runs, not batches")
+        jobs = jobs_from_command(group, name, [*options.extra_args, *to_argv(command, merged, where)], where)
+        for job in jobs:
+            if "out" not in merged:
+                job.out = None  # the batch decides (its --out, else $DIFFCLI_OUTPUT, else outputs/)
+            result.append((entry, job))
+    return result
+
+
+# ---------------------------------------------------------------- seeds, paths, plans, ids
+
+
+def batch_out(out: str | None) -> str:
+    """The batch-level --out as a template (a file name would give every job the same name)."""
+    out = out or os.environ.get("DIFFCLI_OUTPUT") or "outputs"
+    if "{" in out:
+        return out
+    if out.endswith(("/", os.sep)) or Path(out).is_dir() or not Path(out).suffix:
+        return str(Path(out) / BATCH_TEMPLATE)
+    raise UsageError(f"batch --out {out!r} names one file, but a batch makes many",
+                     "give a folder, or a template such as 'runs/{job:05d}-{seed}.png'")
+
+
+def job_out(out: str, number: int, line: int) -> str:
+    """A job's --out with the batch fields {job}, {line} and {index} (= {job}) filled in."""
+    if "{" not in out and (out.endswith(("/", os.sep)) or Path(out).is_dir() or not Path(out).suffix):
+        out = str(Path(out) / BATCH_TEMPLATE)
+
+    def fill(match: re.Match) -> str:
+        value = line if match.group(1) == "line" else number
+        try:
+            return format(value, (match.group(3) or ":")[1:])
+        except ValueError as exc:
+            raise UsageError(f"--out {out!r}: {exc}") from None
+
+    return BATCH_FIELDS.sub(fill, out)
+
+
+def output_folder(template: str) -> Path:
+    """The fixed folder part of a template: where the manifest lives by default."""
+    head = template.split("{", 1)[0]
+    return Path(head) if head.endswith(("/", os.sep)) else Path(head).parent
+
+
+def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list[BatchJob]:
+    """Seeds `base + images before`, stable paths, plans (no weights) and ids; clashes are errors."""
+    from diffcli.generate import plan_job
+
+    batch, owners, position = [], {}, 0
+    for number, (entry, job) in enumerate(pairs):
+        where = f"line {entry.line}"
+        if job.seed is None:
+            job.seed = base_seed + position
+        position += job.num_images
+        job.out = job_out(job.out or out, number, entry.line)
+        wanted = job.overwrite
+        try:
+            plan = plan_job(replace(job, overwrite=True))  # existing files are judged below, with the manifest
+        except UsageError as exc:
+            raise type(exc)(f"{where}: {exc.message}", exc.hint) from None
+        plan.job.overwrite = wanted
+        for path in plan.paths:
+            if path in owners:
+                raise UsageError(f"{where}: writes {path}, as line {owners[path]} does",
+                                 "put {job} or {seed} in --out so every image has its own name")
+            owners[path] = entry.line
+        batch.append(BatchJob(number, entry.line, plan, [image_id(plan, seed) for seed in plan.seeds]))
+    return batch
+
+
+def image_id(plan, seed: int) -> str:
+    """Stable id of one image: a hash of every resolved setting that changes its pixels."""
+    job, spec = plan.job, plan.spec
+    settings = {key: value for key, value in job.settings().items() if key not in NOT_IN_ID}
+    settings.update(
+        seed=seed,
+        model=spec.name if spec.source in ("bundled", "hub") else str(Path(spec.location).resolve()),
+        width=plan.width, height=plan.height, cfg=plan.cfg, scheduler=plan.scheduler,
+        steps=job.steps or spec.defaults.get("steps"),
+        extra=_stable(job.extra),
+    )
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stable(value):
+    """JSON-able form of task settings; input files count by their content, not their name."""
+    if isinstance(value, dict):
+        return {str(k): _stable(v) for k, v in value.items() if k != "pipeline_kwargs"}
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    if isinstance(value, str) and len(value) < 4096 and os.path.isfile(value):
+        return "sha256:" + hashlib.sha256(Path(value).read_bytes()).hexdigest()
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    return type(value).__name__
+
+
+# ---------------------------------------------------------------- manifest
+
+
+class Manifest:
+    """JSON Lines of finished images; appends are one O_APPEND write each, so ranks never collide."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def records(self) -> list[dict]:
+        """Every readable record (a line cut short by a crash is skipped)."""
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    def finished(self) -> dict[str, dict]:
+        return {r["id"]: r for r in self.records() if "id" in r and "path" in r}
+
+    def base_seed(self) -> int | None:
+        return next((r["base_seed"] for r in self.records() if isinstance(r.get("base_seed"), int)), None)
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def resolve_base_seed(options: BatchOptions, manifest: Manifest) -> tuple[int, str]:
+    """--seed, else the one recorded by the first run, else a fresh draw (recorded once jobs are valid)."""
+    recorded = manifest.base_seed()
+    if options.seed is not None:
+        return options.seed, "--seed"
+    if recorded is not None:
+        return recorded, f"recorded in {manifest.path}"
+    return draw_seed(), "drawn at random"
+
+
+def record_base_seed(manifest: Manifest, base: int) -> None:
+    """The first real run writes its base seed, so that reruns without --seed resolve to the same jobs."""
+    if manifest.base_seed() is None:
+        manifest.append({"base_seed": base, "time": _now()})
+
+
+def mark_finished(batch: list[BatchJob], manifest: Manifest, force: bool, notify) -> None:
+    """Decide each image's fate: done (in the manifest, file present), adopted, or to make."""
+    from diffcli.output import read_metadata
+
+    finished = {} if force else manifest.finished()
+    ours = {r["path"] for r in manifest.finished().values()}
+    for item in batch:
+        plan = item.plan
+        for index, (seed, path, image) in enumerate(zip(plan.seeds, plan.paths, item.ids)):
+            if image in finished and path.is_file():
+                continue
+            if path.exists() and not plan.job.overwrite:
+                if force and str(path) in ours:
+                    plan.job.overwrite = True  # --force remakes our own earlier output
+                elif not force and _same_image(read_metadata_safe(read_metadata, path), plan, seed):
+                    manifest.append(_record(item, image, path, seed, adopted=True))  # saved, then stopped before recording
+                    notify(f"{path}: already made by an interrupted run; recorded it")
+                    continue
+                else:
+                    raise UsageError(f"{item.where}: {path} already exists and is not in the manifest {manifest.path}",
+                                     "pass --overwrite to replace it, or choose another --out")
+            item.pending.append(index)
+
+
+def read_metadata_safe(reader, path: Path) -> dict:
+    try:
+        return reader(path)
+    except Exception:  # not an image of ours, or unreadable: then it is not the same image
+        return {}
+
+
+def _same_image(meta: dict, plan, seed: int) -> bool:
+    job = plan.job
+    return bool(meta) and (meta.get("seed"), meta.get("prompt"), meta.get("negative"), meta.get("width"), meta.get("height"),
+                           meta.get("cfg"), meta.get("task", job.task)) == (seed, job.prompt, job.negative, plan.width,
+                                                                             plan.height, plan.cfg, job.task)
+
+
+def _record(item: BatchJob, image: str, path: Path, seed: int, adopted: bool = False, rank: int = 0) -> dict:
+    record = {"id": image, "path": str(path), "seed": seed, "job": item.number, "line": item.line,
+              "prompt": item.plan.job.prompt, "time": _now(), "rank": rank}
+    return dict(record, adopted=True) if adopted else record
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Ranks:
+    """Where this process stands in a launch: rank, world size, local rank (for cuda:N)."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    state: object = None
+
+    def broadcast(self, value):
+        """Rank 0's value on every rank (the base seed), over the process group."""
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def ranks_from_env() -> Ranks:
+    """PartialState when launched by accelerate/torchrun/--processes (WORLD_SIZE > 1), else one rank.
+
+    Without CUDA, PartialState(cpu=True) is what makes the processes form a gloo group.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks()
+    import warnings
+
+    import torch
+    from accelerate import PartialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # accelerate's OMP_NUM_THREADS notice
+        state = PartialState(cpu=not torch.cuda.is_available())
+    return Ranks(state.process_index, state.num_processes, state.local_process_index, state)
+
+
+def spawn(processes: int, argv: list[str], quiet: bool) -> int:
+    """Start `processes` local ranks of `diffcli batch` (env:// rendezvous, as torchrun would) and wait."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = str(max(1, (os.cpu_count() or 1) // processes))
+    children = []
+    for rank in range(processes):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                   LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.setdefault("OMP_NUM_THREADS", threads)
+        env["DIFFCLI_BATCH_SPAWNED"] = "1"  # the parent already printed the summary
+        # A session of their own: a terminal's Ctrl-C reaches only us, and we pass it on once.
+        children.append(subprocess.Popen([sys.executable, "-m", "diffcli", "batch", *argv], env=env, start_new_session=True))
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = [code for code in codes if code != 0]
+    if not failed:
+        return 0
+    return EXIT_INTERRUPTED if EXIT_INTERRUPTED in failed else failed[0] if failed[0] > 0 else 1
+
+
+# ---------------------------------------------------------------- the run
+
+
+class StopOnSignal:
+    """First Ctrl-C: finish the current image, record it, then stop (exit 130). Second: abandon it."""
+
+    def __init__(self, notify):
+        self.notify = notify
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.notify("interrupt: finishing the current image (Ctrl-C again to abandon it)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def prepare(options: BatchOptions, ranks: Ranks) -> tuple[list[BatchJob], Manifest, int, str]:
+    """Everything up to the plans and ids, identical on every rank; loads no weights."""
+    text = read_source(options.source)
+    fmt = detect_format(options.source, options.fmt, text)
+    entries = parse_entries(text, fmt)
+    if not entries:
+        raise UsageError(f"jobs file {options.source!r} has no jobs", "one prompt per line, or JSON Lines, or CSV with a header")
+    out = batch_out(options.out)
+    manifest = Manifest(Path(options.manifest) if options.manifest else output_folder(out) / MANIFEST_NAME)
+    base, how = resolve_base_seed(options, manifest) if ranks.rank == 0 else (None, "")
+    base = ranks.broadcast(base)  # every rank must derive the same seeds, hence the same ids
+    entries = expand_templates(entries, options.wildcards, options.random, base)
+    batch = plan_batch(build_jobs(entries, options), base, out)
+    return batch, manifest, base, how
+
+
+def run_batch(options: BatchOptions, argv_for_children) -> int:
+    """The batch command: validate every job, then (dry run | spawn ranks | run this rank's share)."""
+    say = (lambda message: None) if options.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    if options.processes < 1:
+        raise UsageError(f"--processes must be at least 1, got {options.processes}")
+    if options.random is not None and options.random < 1:
+        raise UsageError(f"--random must be at least 1, got {options.random}")
+    if options.processes > 1 and options.source == "-":
+        options.source = _stdin_to_file(options)
+    ranks = Ranks() if options.dry_run or options.processes > 1 else ranks_from_env()
+    try:
+        batch, manifest, base, how = prepare(options, ranks)  # every job is valid from here on
+        if options.dry_run:
+            _mark_dry(batch, manifest, options.force)
+        else:
+            if ranks.rank == 0:
+                record_base_seed(manifest, base)
+            mark_finished(batch, manifest, options.force, say)
+        images = sum(len(item.ids) for item in batch)
+        todo = sum(len(item.pending) for item in batch)
+        if ranks.rank == 0 and not os.environ.get("DIFFCLI_BATCH_SPAWNED"):
+            say(f"batch: {len(batch)} job(s), {images} image(s); base seed {base} ({how}); "
+                f"{images - todo} already made (manifest {manifest.path}), {todo} to make")
+        if options.dry_run:
+            for item in batch:
+                print(json.dumps(dry_record(item), sort_keys=True), flush=True)
+            return 0
+        if options.processes > 1:
+            if todo == 0:
+                return 0
+            return spawn(options.processes, argv_for_children(base, options.source), options.quiet)
+        return run_share(batch, manifest, ranks, options, say)
+    finally:
+        ranks.close()
+
+
+def _mark_dry(batch: list[BatchJob], manifest: Manifest, force: bool) -> None:
+    finished = {} if force else manifest.finished()
+    for item in batch:
+        item.pending = [i for i, (image, path) in enumerate(zip(item.ids, item.plan.paths)) if not (image in finished and path.is_file())]
+
+
+def dry_record(item: BatchJob) -> dict:
+    """What --dry-run prints per job: enough to see every seed, path and id before any compute."""
+    plan, job = item.plan, item.plan.job
+    return {"job": item.number, "line": item.line, "command": job.task, "prompt": job.prompt, "negative": job.negative,
+            "seeds": plan.seeds, "paths": [str(p) for p in plan.paths], "ids": item.ids,
+            "done": [i not in item.pending for i in range(len(item.ids))], "model": plan.spec.name,
+            "width": plan.width, "height": plan.height, "steps": job.steps, "cfg": plan.cfg,
+            "scheduler": plan.scheduler, **({"extra": _stable(job.extra)} if job.extra else {})}
+
+
+def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: BatchOptions, say) -> int:
+    """Run this rank's jobs (i % world == rank), recording each saved image; Ctrl-C stops cleanly."""
+    from diffcli.generate import run_plan
+
+    mine = [item for item in batch if item.number % ranks.world == ranks.rank and item.pending]
+    if ranks.world > 1:
+        say(f"rank {ranks.rank}/{ranks.world}: {sum(len(i.pending) for i in mine)} image(s) to make")
+        _own_device(mine, ranks)
+    made = 0
+    with StopOnSignal(say) as stop:
+        for item in mine:
+            if stop.requested:
+                break
+            plan = item.plan
+            by_seed = {seed: (index, item.ids[index]) for index, seed in enumerate(plan.seeds)}
+            part = replace(plan, seeds=[plan.seeds[i] for i in item.pending], paths=[plan.paths[i] for i in item.pending])
+
+            def on_image(record: dict, item=item, by_seed=by_seed) -> None:
+                nonlocal made
+                index, image = by_seed[record["seed"]]
+                manifest.append(_record(item, image, Path(record["path"]), record["seed"], rank=ranks.rank))
+                made += 1
+                record = dict(record, id=image, job=item.number, line=item.line, index=index)
+                print(json.dumps(record, sort_keys=True) if options.as_json else record["path"], flush=True)
+                if stop.requested:
+                    raise Interrupted(f"interrupted: {made} image(s) made and recorded in {manifest.path}; "
+                                      "run the same command again to make the rest")
+
+            run_plan(part, on_image, progress=not options.quiet and sys.stderr.isatty(), notify=say)
+    if stop.requested:
+        raise Interrupted(f"interrupted: {made} image(s) made and recorded in {manifest.path}; "
+                          "run the same command again to make the rest")
+    say(f"batch: made {made} image(s)" + (f" on rank {ranks.rank}" if ranks.world > 1 else ""))
+    return 0
+
+
+def _own_device(items: list[BatchJob], ranks: Ranks) -> None:
+    """Each rank on its own GPU (cuda:local_rank) unless a job names a device index itself."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    for item in items:
+        if item.plan.job.device in ("auto", "cuda"):
+            item.plan.job.device = f"cuda:{ranks.local % torch.cuda.device_count()}"
+
+
+def _stdin_to_file(options: BatchOptions) -> str:
+    """Child processes cannot share our stdin: keep its jobs in a file beside the manifest."""
+    text = sys.stdin.read()
+    fmt = detect_format("-", options.fmt, text)
+    options.fmt = fmt
+    folder = Path(options.manifest).parent if options.manifest else output_folder(batch_out(options.out))
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = {"text": "txt", "jsonl": "jsonl", "csv": "csv"}[fmt]
+    path = folder / f"diffcli-stdin-jobs.{suffix}"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def children_argv(ctx, base: int, source: str) -> list[str]:
+    """The batch command line again for --processes ranks: same options, the resolved base seed, one process."""
+    params = {name: value for name, value in ctx.params.items() if name not in ("file", "processes")}
+    params["seed"] = base
+    return [*to_argv(ctx.command, params, "batch"), *ctx.args, "--", source]

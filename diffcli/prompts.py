@@ -1,0 +1,222 @@
+"""A1111 prompt syntax and prompt encoding: attention weights and prompts longer than 77 tokens.
+
+Semantics follow AUTOMATIC1111's stable-diffusion-webui (prompt_parser.parse_prompt_attention and
+sd_hijack_clip): `(x)` multiplies the weight of x by 1.1, `[x]` divides it by 1.1, `(x:1.3)` multiplies
+it by 1.3, brackets nest, `\\(` is a literal bracket; a stray `)` or `]` stays in the text and an
+unclosed `(` or `[` weights the rest of the prompt. `BREAK` starts a new chunk. Tokens are cut into
+chunks of 75 (+BOS/EOS = 77), each encoded by CLIP on its own and concatenated; weighted hidden states
+are rescaled so each chunk keeps its original mean. A plain prompt of up to 75 tokens encodes exactly
+as diffusers' own `encode_prompt` does.
+"""
+
+from __future__ import annotations
+
+import re
+
+EMPHASIS = 1.1  # A1111: ( ) multiplies by 1.1, [ ] divides by 1.1
+CHUNK = 75  # tokens per chunk, before BOS and EOS
+COMMA_BACKTRACK = 20  # a chunk that fills up within 20 tokens after a comma moves the words after it to the next chunk
+BREAK = -1.0  # weight marking a BREAK between fragments
+
+_TOKEN = re.compile(
+    r"""\\[\\()\[\]]            # escaped bracket or backslash
+      | \( | \[                 # openings
+      | :\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)   # explicit weight closing a round bracket
+      | \) | \]                 # closings
+      | [^\\()\[\]:]+           # plain text
+      | [\\:]                   # a lone backslash or colon is text
+    """,
+    re.X,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.I)
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """Split an A1111-syntax prompt into (text, weight) fragments, merging neighbours of equal weight."""
+    parts: list[list] = []
+    rounds: list[int] = []
+    squares: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for part in parts[start:]:
+            if part[1] != BREAK:
+                part[1] *= factor
+
+    for match in _TOKEN.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if len(piece) == 2 and piece[0] == "\\":
+            parts.append([piece[1], 1.0])
+        elif piece == "(":
+            rounds.append(len(parts))
+        elif piece == "[":
+            squares.append(len(parts))
+        elif weight is not None and rounds:
+            scale(rounds.pop(), float(weight))
+        elif piece == ")" and rounds:
+            scale(rounds.pop(), EMPHASIS)
+        elif piece == "]" and squares:
+            scale(squares.pop(), 1 / EMPHASIS)
+        elif weight is not None:  # `:1.2)` with no open bracket: literal text
+            parts.append([piece, 1.0])
+        else:
+            for i, chunk in enumerate(_BREAK.split(piece)):
+                if i:
+                    parts.append(["BREAK", BREAK])
+                parts.append([chunk, 1.0])
+    for start in rounds:  # unclosed openings weight the rest, as in A1111
+        scale(start, EMPHASIS)
+    for start in squares:
+        scale(start, 1 / EMPHASIS)
+    merged: list[list] = []
+    for text_part, weight in parts:
+        if not text_part and weight != BREAK:
+            continue
+        if merged and merged[-1][1] == weight and weight != BREAK:
+            merged[-1][0] += text_part
+        else:
+            merged.append([text_part, weight])
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def strip_extra_networks(text: str) -> str:
+    """The prompt without A1111 `<lora:name:weight>` tags (they select adapters, see adapters.py)."""
+    return _EXTRA_NETWORK.sub("", text)
+
+
+def extra_networks(text: str) -> list[tuple[str, str, str | None]]:
+    """(kind, name, weight text) for every `<lora:name:weight>` tag in the prompt."""
+    return [(m.group(1).lower(), m.group(2).strip(), m.group(3)) for m in _EXTRA_NETWORK.finditer(text)]
+
+
+def chunk_tokens(fragments: list[tuple[list[int], float]], comma: int | None) -> list[tuple[list[int], list[float]]]:
+    """Cut weighted token ids into chunks of at most 75, preferring to break after a nearby comma (A1111)."""
+    chunks: list[tuple[list[int], list[float]]] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def flush() -> None:
+        nonlocal tokens, weights, last_comma
+        chunks.append((tokens, weights))
+        tokens, weights, last_comma = [], [], -1
+
+    for ids, weight in fragments:
+        if weight == BREAK:
+            flush()
+            continue
+        for token in ids:
+            if token == comma:
+                last_comma = len(tokens)
+            elif len(tokens) == CHUNK and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                moved = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                flush()
+                tokens, weights = list(moved[0]), list(moved[1])
+            if len(tokens) == CHUNK:
+                flush()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks:
+        flush()
+    return chunks
+
+
+def tokenize(pipe, tokenizer, text: str, weighting: bool) -> list[tuple[list[int], list[float]]]:
+    """Prompt text -> chunks of (token ids, weights), without BOS/EOS or padding."""
+    text = strip_extra_networks(text)
+    fragments = parse_weights(text) if weighting else [(text, 1.0)]
+    convert = getattr(pipe, "maybe_convert_prompt", None)  # expands multi-vector textual-inversion tokens
+    texts = [convert(t, tokenizer) if convert and w != BREAK else t for t, w in fragments]
+    ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    comma = tokenizer.get_vocab().get(",</w>")
+    return chunk_tokens([(i, w) for i, (_, w) in zip(ids, fragments)], comma)
+
+
+def _padded(tokenizer, chunk: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+    """BOS + tokens + EOS + padding to 77, as diffusers' tokenizer call lays a single chunk out."""
+    tokens, weights = chunk
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fill = CHUNK - len(tokens)
+    return ([tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [pad] * fill, [1.0, *weights, 1.0] + [1.0] * fill)
+
+
+def _hidden(encoder, ids, clip_skip: int, xl: bool):
+    """Hidden states as diffusers' pipelines take them; clip_skip counts as in A1111 (1 = last layer)."""
+    out = encoder(ids, output_hidden_states=True)
+    if xl:  # SDXL uses the penultimate layer without the final norm; clip skip goes further back
+        return out.hidden_states[-(clip_skip + 1)], out[0]
+    if clip_skip <= 1:
+        return out[0], None
+    norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 5 dropped the text_model wrapper
+    return norm(out.hidden_states[-clip_skip]), None
+
+
+def encode(pipe, prompts: list[str], weighting: bool = True, clip_skip: int = 1):
+    """Encode prompts with A1111 weighting and chunking; returns (embeds, pooled or None), one row each.
+
+    All prompts are padded with empty chunks to the longest one's chunk count.
+    """
+    import torch
+
+    pairs = [(getattr(pipe, f"tokenizer{n}", None), getattr(pipe, f"text_encoder{n}", None)) for n in ("", "_2")]
+    pairs = [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
+    xl = hasattr(pipe, "text_encoder_2")
+    device = pipe._execution_device
+    per_prompt = [tokenize(pipe, pairs[0][0], p, weighting) for p in prompts]
+    count = max(len(c) for c in per_prompt)
+    embeds, pooled = [], []
+    with torch.no_grad():
+        for chunks in per_prompt:
+            chunks = chunks + [([], [])] * (count - len(chunks))
+            hidden, first_pooled = [], None
+            weights = None
+            for tokenizer, encoder in pairs:
+                laid_out = [_padded(tokenizer, c) for c in chunks]
+                ids = torch.tensor([ids for ids, _ in laid_out], device=device)
+                weights = torch.tensor([w for _, w in laid_out], device=device)
+                states, pool = _hidden(encoder, ids, clip_skip, xl)
+                hidden.append(states)
+                if pool is not None and pool.ndim == 2:  # the projected text embeds of XL's second encoder
+                    first_pooled = pool[:1]
+            z = torch.cat(hidden, dim=-1)  # (chunks, 77, dim) with the XL encoders side by side
+            if weighting and bool((weights != 1).any()):
+                z = _apply_weights(z, weights.to(z.dtype))
+            embeds.append(z.reshape(1, -1, z.shape[-1]))
+            pooled.append(first_pooled)
+    return torch.cat(embeds), (torch.cat(pooled) if xl else None)
+
+
+def _apply_weights(z, weights):
+    """Scale each token's hidden state by its weight, then restore each chunk's mean (A1111).
+
+    A chunk whose mean is ~0 (relative to its magnitude) before or after keeps its scale: the ratio would be noise.
+    """
+    import torch
+
+    means = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights.unsqueeze(-1)
+    new = z.mean(dim=(1, 2), keepdim=True)
+    scale = 1e-3 * z.abs().mean(dim=(1, 2), keepdim=True)
+    meaningful = (new.abs() > scale) & (means.abs() > scale)
+    return z * torch.where(meaningful, means / torch.where(meaningful, new, torch.ones_like(new)), torch.ones_like(new))
+
+
+def pipeline_inputs(pipe, job, count: int) -> dict:
+    """The prompt arguments of a pipeline call: embeddings when the pipeline takes them, else the strings."""
+    import inspect
+
+    import torch
+
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    if "prompt_embeds" not in inspect.signature(pipe.__call__).parameters or not any(encoders):
+        return {"prompt": [job.prompt] * count, "negative_prompt": [job.negative] * count if job.negative else None}
+    embeds, pooled = encode(pipe, [job.prompt, job.negative], job.extra.get("weighting", True), job.extra.get("clip_skip") or 1)
+    inputs = {"prompt_embeds": embeds[:1].repeat(count, 1, 1), "negative_prompt_embeds": embeds[1:].repeat(count, 1, 1)}
+    if pooled is not None:
+        inputs.update(pooled_prompt_embeds=pooled[:1].repeat(count, 1), negative_pooled_prompt_embeds=pooled[1:].repeat(count, 1))
+        if not job.negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # as diffusers does
+            inputs["negative_prompt_embeds"] = torch.zeros_like(inputs["prompt_embeds"])
+            inputs["negative_pooled_prompt_embeds"] = torch.zeros_like(inputs["pooled_prompt_embeds"])
+    return inputs

@@ -1,0 +1,1 @@
+"""Synthetic shapes world, training, judge and evaluation of the bundled tiny-shapes model."""

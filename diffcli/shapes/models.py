@@ -1,0 +1,59 @@
+"""Configs and builders of the tiny networks; `smoke` shrinks them so CPU tests run in seconds."""
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+# SD 1.x training noise schedule; the sampler saved with the model is built from it.
+NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+             prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+# Low-res noise augmentation schedule of the SD x4 upscaler.
+LOW_RES_NOISE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+UPSCALE_SCALING = 0.08333  # StableDiffusionUpscalePipeline forces this vae scaling factor
+
+
+def vae(smoke=False, blocks=4) -> AutoencoderKL:
+    """AutoencoderKL with 2**(blocks-1) downsampling and 4 latent channels like SD."""
+    chans = {4: (16, 32, 64, 64), 3: (16, 32, 64)}[blocks] if not smoke else (8,) * blocks
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=chans, layers_per_block=1,
+                         latent_channels=4, norm_num_groups=8 if smoke else 16, sample_size=128)
+
+
+def text_encoder(vocab_size, smoke=False, hidden=256, layers=4) -> CLIPTextModel:
+    """Tiny causal CLIP text transformer over our BPE vocabulary (77 positions like SD)."""
+    hidden, layers = (16, 1) if smoke else (hidden, layers)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, projection_dim=hidden))
+
+
+def unet(cross_dim, smoke=False) -> UNet2DConditionModel:
+    """Text-conditioned UNet on 16x16x4 latents; capacity and attention at 8x8 and 4x4 (CPU speed target)."""
+    chans = (16, 32, 32) if smoke else (32, 96, 192)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=chans, layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+        cross_attention_dim=cross_dim, attention_head_dim=2 if smoke else 6, norm_num_groups=8 if smoke else 32)
+
+
+def upscale_unet(cross_dim, smoke=False) -> UNet2DConditionModel:
+    """x4 upscaler UNet: 4 latent + 3 low-res image channels in, noise level as class label (SD x4 layout)."""
+    chans = (16, 16, 32) if smoke else (32, 64, 128)
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=7, out_channels=4, block_out_channels=chans, layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
+        attention_head_dim=2 if smoke else 4, num_class_embeds=1000, norm_num_groups=8 if smoke else 32)
+
+
+def n_params(m: torch.nn.Module) -> int:
+    """Parameter count."""
+    return sum(p.numel() for p in m.parameters())
+
+
+def noise_scheduler() -> DDPMScheduler:
+    """The training noise schedule."""
+    return DDPMScheduler(**{k: v for k, v in NOISE.items() if k not in ("set_alpha_to_one", "steps_offset")})

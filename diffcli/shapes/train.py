@@ -1,0 +1,345 @@
+"""Train the bundled tiny-shapes model: `python -m diffcli.shapes.train --out DIR --seed S --minutes M`."""
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffcli.shapes import models, world
+from diffcli.shapes.tokenizer import build_tokenizer
+
+BASE, UPSCALER = "tiny-shapes", "tiny-shapes-x4"
+DEFAULTS = {"description": "Tiny text-to-image model of coloured shapes trained by diffcli (docs/bundled-model.md)",
+            "steps": 8, "cfg": 4.0, "scheduler": "dpm++2m", "width": 128, "height": 128}
+
+
+@dataclass
+class Run:
+    """One invocation's settings; defaults are what the H100 run used."""
+
+    out: Path
+    seed: int = 0
+    minutes: float = 9.0
+    stage: str = "all"
+    resume: Path | None = None
+    smoke: bool = False  # tiny networks, CPU friendly, for tests
+    max_steps: int = 10**9
+    batch: int = 512  # launch-bound on an H100: bigger batches are nearly free
+    lr: float = 8e-4
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    pool: int = 100_000  # scenes drawn once; jitter makes them distinct
+    caption_dropout: float = 0.1  # empty captions for classifier-free guidance
+    ema: float = 0.995
+
+
+def device() -> torch.device:
+    """CUDA when present."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(dev):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+class Pool:
+    """Scenes, their captions' token ids, rendered on the device per batch."""
+
+    def __init__(self, n, seed, tokenizer, dev):
+        rng = random.Random(seed)
+        scenes = [world.sample_scene(rng, rng.random() < 0.5) for _ in range(n)]
+        captions = [world.caption(rng, s) for s in scenes]
+        self.t = world.to_tensors(scenes, dev)
+        self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.to(dev)
+        self.empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids.to(dev)
+        self.n, self.gen = n, torch.Generator(dev).manual_seed(seed)
+
+    def batch(self, b, dropout=0.0):
+        """Images in [-1, 1] and caption ids, a fraction `dropout` of captions emptied."""
+        idx = torch.randint(0, self.n, (b,), device=self.ids.device, generator=self.gen)
+        ids = self.ids[idx]
+        drop = torch.rand(b, device=ids.device, generator=self.gen) < dropout
+        ids = torch.where(drop[:, None], self.empty, ids)
+        return world.render({k: v[idx] for k, v in self.t.items()}) * 2 - 1, ids
+
+
+class Logger:
+    """Losses and minutes of one stage, written as JSON after every report."""
+
+    def __init__(self, run: Run, stage: str, **info):
+        self.path, self.t0 = run.out / f"log_{stage}.json", time.time()
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        cfg = {k: str(v) for k, v in asdict(run).items()}
+        self.data = {"stage": stage, "device": gpu, "run": cfg, **info, "losses": []}
+
+    def log(self, step, loss, **extra):
+        """Record [step, loss, minutes] and rewrite the file."""
+        self.data["losses"].append([step, round(loss, 5), round((time.time() - self.t0) / 60, 3)])
+        self.data.update(extra)
+        self.path.write_text(json.dumps(self.data, indent=1))
+        print(f"{self.data['stage']} step {step} loss {loss:.4f} {self.data['losses'][-1][2]:.2f} min", flush=True)
+
+
+def loop(step_fn, deadline, run, logger, params, every=50):
+    """Call `step_fn` until the deadline or max_steps, logging the mean loss; leaves the EMA in `params`."""
+    ema = [p.detach().clone() for p in params]
+    step, acc = 0, []
+    while time.time() < deadline and step < run.max_steps:
+        acc.append(step_fn(step))
+        step += 1
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(run.ema, (1 + step) / (10 + step)))
+        if step % every == 0 or step == run.max_steps:
+            logger.log(step, torch.stack(acc).mean().item())
+            acc = []
+    if acc:
+        logger.log(step, torch.stack(acc).mean().item())
+    logger.data["steps"] = step
+    with torch.no_grad():
+        torch._foreach_copy_(params, ema)
+
+
+def optimizer(params, lr, dev):
+    """AdamW, fused on CUDA, with a short warm-up."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=dev.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    return opt, sched
+
+
+def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
+    """Train an AutoencoderKL on rendered scenes (MSE + small KL); set its latent scaling factor.
+
+    `decoder_only` fine-tunes the decoder of a resumed VAE (L1 + MSE), keeping its latent space and scale.
+    """
+    from diffusers import AutoencoderKL
+
+    dev = device()
+    torch.manual_seed(run.seed)
+    src = run.resume / name / "vae" if run.resume else None
+    vae = AutoencoderKL.from_pretrained(src, dtype=torch.float32) if src else models.vae(run.smoke, blocks)
+    vae.to(dev).train()
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    pool = Pool(min(run.pool, 20_000), run.seed + 1, _tokenizer(run), dev)
+    opt, sched = optimizer(params, run.vae_lr, dev)
+    logger = Logger(run, f"vae_{name}", params=models.n_params(vae))
+
+    def step(i):
+        x, _ = pool.batch(run.vae_batch)
+        with autocast(dev):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec.float(), x)
+        loss = loss + (F.l1_loss(rec.float(), x) if decoder_only else 1e-5 * post.kl().mean() / x[0].numel())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.detach()
+
+    loop(step, deadline, run, logger, params)
+    vae.eval()
+    with torch.no_grad():
+        z = vae.encode(pool.batch(8 if run.smoke else 128)[0]).latent_dist.sample()
+        x, _ = pool.batch(8 if run.smoke else 64)
+        logger.data["recon_mse"] = F.mse_loss(vae(x).sample, x).item()
+    std = z.std().item()
+    if name == UPSCALER and not decoder_only:  # the upscale pipeline insists on 0.08333: rescale latents instead
+        _rescale_latents(vae, 1 / (models.UPSCALE_SCALING * std))
+        vae.register_to_config(scaling_factor=models.UPSCALE_SCALING)
+    elif not decoder_only:
+        vae.register_to_config(scaling_factor=round(1 / std, 5))
+    logger.log(logger.data["steps"], logger.data["losses"][-1][1] if logger.data["losses"] else math.nan,
+               latent_std=std, scaling_factor=vae.config.scaling_factor)
+    vae.half().save_pretrained(run.out / name / "vae", safe_serialization=True)
+    return vae
+
+
+def _rescale_latents(vae, k):
+    """Multiply the latent space by k exactly: mean and std out of quant_conv, 1/k into post_quant_conv."""
+    with torch.no_grad():
+        q, pq = vae.quant_conv, vae.post_quant_conv
+        q.weight[:4] *= k
+        q.bias[:4] *= k
+        q.bias[4:] += 2 * math.log(k)
+        pq.weight *= 1 / k
+
+
+def _save(pipe, path: Path):
+    """Save fp16 safetensors; the text encoder's config says float32 so a plain from_pretrained matches diffusers."""
+    pipe.to(torch.float16).save_pretrained(path, safe_serialization=True)
+    cfg = path / "text_encoder" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
+
+
+def _tokenizer(run: Run):
+    """Build the grammar tokenizer into the base model folder and load it as a CLIPTokenizer."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(build_tokenizer(run.out / BASE / "tokenizer"))
+
+
+def _load_vae(run: Run, name, dev):
+    """The frozen VAE of this run's output folder, else of the resumed one."""
+    from diffusers import AutoencoderKL
+
+    path = run.out / name / "vae"
+    path = path if path.exists() else run.resume / name / "vae"
+    return AutoencoderKL.from_pretrained(path, dtype=torch.float32).to(dev).eval().requires_grad_(False)
+
+
+def _diffusion_loss(pred, noise, t, sched):
+    """Epsilon MSE with min-SNR-5 weighting (Hang et al. 2023)."""
+    snr = sched.alphas_cumprod.to(t.device)[t] / (1 - sched.alphas_cumprod.to(t.device)[t])
+    w = snr.clamp(max=5.0) / snr
+    return (w * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+def train_unet(run: Run, deadline):
+    """Train the text encoder and UNet jointly on frozen-VAE latents; save the whole SD pipeline."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    dev = device()
+    torch.manual_seed(run.seed)
+    tok = _tokenizer(run)
+    vae = _load_vae(run, BASE, dev)
+    if run.resume:
+        te = CLIPTextModel.from_pretrained(run.resume / BASE / "text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(run.resume / BASE / "unet", dtype=torch.float32)
+    else:
+        te = models.text_encoder(len(tok), run.smoke)
+        unet = models.unet(te.config.hidden_size, run.smoke)
+    te.to(dev).train()
+    unet.to(dev).train()
+    sched = models.noise_scheduler()
+    pool = Pool(run.pool, run.seed + 2, tok, dev)
+    params = list(te.parameters()) + list(unet.parameters())
+    opt, lr_sched = optimizer(params, run.lr, dev)
+    logger = Logger(run, "unet", params_unet=models.n_params(unet), params_text=models.n_params(te), batch=run.batch)
+    sf = vae.config.scaling_factor
+
+    def step(i):
+        x, ids = pool.batch(run.batch, run.caption_dropout)
+        with torch.no_grad(), autocast(dev):
+            lat = vae.encode(x).latent_dist.sample().float() * sf
+        noise = torch.randn_like(lat)
+        t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), device=dev)
+        with autocast(dev):
+            pred = unet(sched.add_noise(lat, noise, t), t, te(ids)[0]).sample
+        loss = _diffusion_loss(pred, noise, t, sched)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        return loss.detach()
+
+    loop(step, deadline, run, logger, params)
+    sampler = DPMSolverMultistepScheduler.from_config(models.NOISE)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(), scheduler=sampler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    _save(pipe, run.out / BASE)
+    (run.out / BASE / "diffcli.json").write_text(json.dumps(DEFAULTS, indent=1))
+
+
+def train_upscaler(run: Run, deadline):
+    """Train the x4 upscaler (own 4x VAE, tiny text encoder, 7-channel UNet with noise-level classes)."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    dev = device()
+    torch.manual_seed(run.seed)
+    tok = _tokenizer(run)
+    if run.resume:
+        te = CLIPTextModel.from_pretrained(run.resume / UPSCALER / "text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(run.resume / UPSCALER / "unet", dtype=torch.float32)
+    else:
+        start = time.time()
+        train_vae(run, start + 0.25 * (deadline - start), blocks=3, name=UPSCALER)
+        te = models.text_encoder(len(tok), run.smoke, hidden=64, layers=2)
+        unet = models.upscale_unet(te.config.hidden_size, run.smoke)
+    vae = _load_vae(run, UPSCALER, dev)
+    te.to(dev).train()
+    unet.to(dev).train()
+    sched, low_sched = models.noise_scheduler(), DDPMScheduler(**models.LOW_RES_NOISE)
+    pool = Pool(run.pool // 4, run.seed + 3, tok, dev)
+    params = list(te.parameters()) + list(unet.parameters())
+    opt, lr_sched = optimizer(params, run.lr, dev)
+    logger = Logger(run, "upscaler", params_unet=models.n_params(unet), params_text=models.n_params(te))
+    batch = max(2, run.batch // 4)
+
+    def step(i):
+        x, ids = pool.batch(batch, run.caption_dropout)
+        low = F.interpolate(x, scale_factor=0.25, mode="area")
+        level = torch.randint(0, 351, (batch,), device=dev)
+        low = low_sched.add_noise(low, torch.randn_like(low), level)
+        with torch.no_grad(), autocast(dev):
+            lat = vae.encode(x).latent_dist.sample().float() * vae.config.scaling_factor
+        noise = torch.randn_like(lat)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=dev)
+        with autocast(dev):
+            inp = torch.cat([sched.add_noise(lat, noise, t), low], dim=1)
+            pred = unet(inp, t, te(ids)[0], class_labels=level).sample
+        loss = _diffusion_loss(pred, noise, t, sched)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        return loss.detach()
+
+    loop(step, deadline, run, logger, params)
+    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(),
+                                          low_res_scheduler=low_sched,
+                                          scheduler=DPMSolverMultistepScheduler.from_config(models.NOISE),
+                                          max_noise_level=350)
+    _save(pipe, run.out / UPSCALER)
+    build_tokenizer(run.out / UPSCALER / "tokenizer")
+    defaults = {**DEFAULTS, "description": "x4 upscaler for tiny-shapes: 32x32 -> 128x128", "steps": 20,
+                "cfg": 1.0, "noise_level": 20}
+    (run.out / UPSCALER / "diffcli.json").write_text(json.dumps(defaults, indent=1))
+
+
+def main(argv=None):
+    """Parse arguments and run the stage(s) inside the time budget."""
+    ap = argparse.ArgumentParser(prog="python -m diffcli.shapes.train", description=__doc__)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget, saving included")
+    ap.add_argument("--resume", type=Path)
+    ap.add_argument("--stage", choices=["vae", "unet", "upscaler", "all", "decoder"], default="all",
+                    help="decoder: fine-tune the decoder of --resume's VAE only")
+    ap.add_argument("--smoke", action="store_true", help="tiny networks and batches (tests)")
+    ap.add_argument("--max-steps", type=int, default=10**9)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--pool", type=int, default=100_000)
+    a = ap.parse_args(argv)
+    run = Run(a.out, a.seed, a.minutes, a.stage, a.resume, a.smoke, a.max_steps, a.batch, a.lr, pool=a.pool)
+    if run.smoke:
+        run.batch, run.vae_batch, run.pool = 4, 2, 64
+    run.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    end = start + 60 * run.minutes - (5 if run.smoke else 25)  # leave time to save
+    if run.stage in ("vae", "all"):
+        train_vae(run, start + (end - start) * (0.2 if run.stage == "all" else 1))
+    if run.stage == "decoder":
+        train_vae(run, end, decoder_only=True)
+    if run.stage in ("unet", "all"):
+        train_unet(run, time.time() + (end - time.time()) * (0.75 if run.stage == "all" else 1))
+    if run.stage in ("upscaler", "all"):
+        train_upscaler(run, end)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Time one 128x128 image of the bundled tiny-shapes model on 2 CPU threads at its diffcli.json defaults.
+
+Usage: python scripts/bench_bundled_cpu.py [--runs 5] [--threads 2] [--steps N]
+Prints a JSON line with the median pipeline seconds (model loading excluded).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from diffcli.shapes.evaluate import defaults, load
+
+MODEL = Path(__file__).resolve().parents[1] / "diffcli" / "bundled" / "tiny-shapes"
+
+
+def main():
+    """Load once, warm up, then time `runs` generations."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    d = defaults(MODEL)
+    steps = a.steps or d["steps"]
+    pipe = load(MODEL, d["scheduler"], "cpu")
+    run = lambda seed: pipe("a small yellow triangle to the left of a big purple cross on white",  # noqa: E731
+                            num_inference_steps=steps, guidance_scale=d["cfg"], height=d["height"], width=d["width"],
+                            generator=torch.Generator("cpu").manual_seed(seed))
+    run(0)
+    times = []
+    for seed in range(a.runs):
+        t0 = time.perf_counter()
+        run(seed)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"model": MODEL.name, "threads": a.threads, "steps": steps, "cfg": d["cfg"],
+                      "scheduler": d["scheduler"], "median_s": round(statistics.median(times), 3),
+                      "runs_s": [round(t, 3) for t in times]}))
+
+
+if __name__ == "__main__":
+    main()

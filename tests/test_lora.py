@@ -1,0 +1,102 @@
+"""LoRA (--lora, <lora:name:w> with --lora-dir) and textual-inversion embeddings, on tiny real components."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffcli.output import read_metadata
+
+FAST = ("--steps", "2", "--quiet", "--seed", "3")
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model, tmp_path_factory) -> Path:
+    """A peft LoRA for the tiny U-Net and text encoder, saved as diffusers' save_lora_weights writes it."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("loras")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
+                                              weight_name="shiny.safetensors")
+    return folder / "shiny.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding(tmp_path_factory) -> Path:
+    """An A1111-style textual-inversion file: two vectors under `emb_params`."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    torch.manual_seed(1)
+    save_file({"emb_params": torch.randn(2, 32)}, folder / "mystyle.safetensors")
+    return folder / "mystyle.safetensors"
+
+
+def test_lora_changes_the_image_scale_zero_does_not_and_it_switches_off(cli, tiny_model, tiny_lora):
+    base = ("a cat", "--model", tiny_model, *FAST)
+    assert cli("txt2img", *base, "-o", "plain.png").exit_code == 0
+    with_lora = cli("txt2img", *base, "--lora", tiny_lora, "-o", "lora.png")
+    assert with_lora.exit_code == 0, with_lora.stderr
+    assert cli("txt2img", *base, "--lora", f"{tiny_lora}:0", "-o", "zero.png").exit_code == 0
+    assert cli("txt2img", *base, "-o", "after.png").exit_code == 0
+    assert np.abs(pixels("lora.png") - pixels("plain.png")).max() > 0
+    assert np.abs(pixels("zero.png") - pixels("plain.png")).max() <= 1
+    assert np.array_equal(pixels("after.png"), pixels("plain.png"))  # the next job runs without it
+    assert read_metadata("lora.png")["lora"] == "shiny:1"
+
+
+def test_prompt_tag_with_lora_dir_equals_the_flag(cli, tiny_model, tiny_lora):
+    tag = cli("txt2img", "a cat <lora:shiny:0.7>", "--model", tiny_model, "--lora-dir", tiny_lora.parent, *FAST, "-o", "tag.png")
+    flag = cli("txt2img", "a cat", "--model", tiny_model, "--lora", f"{tiny_lora}:0.7", *FAST, "-o", "flag.png")
+    assert tag.exit_code == flag.exit_code == 0, tag.stderr
+    assert np.abs(pixels("tag.png") - pixels("flag.png")).max() <= 1
+    assert read_metadata("tag.png")["prompt"] == "a cat <lora:shiny:0.7>"  # kept in the metadata, as A1111 does
+
+
+def test_embedding_token_changes_the_image(cli, tiny_model, tiny_embedding):
+    base = ("--model", tiny_model, *FAST)
+    assert cli("txt2img", "a mystyle cat", *base, "-o", "without.png").exit_code == 0
+    flag = cli("txt2img", "a mystyle cat", *base, "--embedding", tiny_embedding, "-o", "flag.png")
+    folder = cli("txt2img", "a mystyle cat", *base, "--embedding-dir", tiny_embedding.parent, "-o", "dir.png")
+    assert flag.exit_code == folder.exit_code == 0, flag.stderr
+    assert np.abs(pixels("flag.png") - pixels("without.png")).max() > 0
+    assert np.array_equal(pixels("flag.png"), pixels("dir.png"))
+    assert read_metadata("flag.png")["embedding"] == "mystyle"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lora", "missing.safetensors"], "--lora 'missing.safetensors': no such file or folder"),
+        (["--lora", "x.ckpt"], "is a pickle file"),
+        (["--lora", "{lora}:abc"], "scale 'abc' is not a number"),
+        (["--embedding", "nope.safetensors"], "--embedding 'nope.safetensors': no such file or folder"),
+        (["--prompt-tag", "<lora:shiny:1>"], "<lora:shiny> in the prompt needs --lora-dir"),
+        (["--prompt-tag", "<lora:other:1>", "--lora-dir", "{dir}"], "no other.safetensors in --lora-dir"),
+    ],
+)
+def test_adapter_errors_exit_2_before_loading(cli, tiny_model, tiny_lora, args, message):
+    Path("x.ckpt").write_bytes(b"not really")
+    prompt = "a cat"
+    if args[0] == "--prompt-tag":
+        prompt, args = f"a cat {args[1]}", args[2:]
+    args = [a.format(lora=tiny_lora, dir=tiny_lora.parent) for a in args]
+    result = cli("txt2img", prompt, "--model", tiny_model, *FAST, *args)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not Path("outputs").exists()

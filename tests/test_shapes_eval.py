@@ -1,0 +1,26 @@
+"""Small CPU evaluation of the bundled tiny-shapes model against regression floors.
+
+Measured on 100 held-out one-object prompts (docs/bundled-model.md): background 0.99, colour 0.99, position 1.0,
+size 0.98, shape 0.77, all-right 0.75. Floors sit about 0.15 below (24 prompts are noisy); the issue's targets
+(0.95 per attribute, 0.97 all-right) are not reached yet, see the doc.
+"""
+
+from pathlib import Path
+
+import pytest
+
+MODEL = Path(__file__).resolve().parents[1] / "diffcli" / "bundled" / "tiny-shapes"
+FLOORS = {"background": 0.85, "colour": 0.85, "position": 0.85, "size": 0.8, "shape": 0.55, "exact": 0.5}
+
+
+@pytest.mark.skipif(not (MODEL / "unet").exists(), reason="bundled model absent")
+def test_bundled_model_one_object_prompts():
+    import torch
+
+    from diffcli.shapes.evaluate import evaluate
+
+    torch.set_num_threads(2)
+    res = evaluate(MODEL, n=24, seed=0, device="cpu", two_object=False, batch_size=24)
+    acc = res["accuracy"]
+    low = {k: acc[f"one.{k}"] for k, floor in FLOORS.items() if acc[f"one.{k}"] < floor}
+    assert not low, (low, acc)
