@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from contextvars import ContextVar
 from typing import Annotated, Optional
 
@@ -16,7 +17,7 @@ import typer
 from typer.exceptions import TyperException
 
 from diffcli import __version__
-from diffcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, DiffcliError, Interrupted
+from diffcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, DiffcliError, Interrupted, UsageError
 from diffcli.options import Job
 from diffcli.sweep import Values, parse_cfg, parse_scheduler, parse_seed, parse_steps
 
@@ -137,9 +138,6 @@ def _run_to_stdout(job: Job, as_json: bool, quiet: bool) -> None:
     import contextlib
     import io
     import tempfile
-    from pathlib import Path
-
-    from diffcli.errors import UsageError
 
     if job.num_images != 1:
         raise UsageError(f"--out - writes one image to stdout, got --num-images {job.num_images}", "use a folder or a template")
@@ -290,6 +288,28 @@ def batch(
     code = run_batch(options, lambda base, source: children_argv(ctx, base, source))
     if code:
         raise typer.Exit(code)
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="A tiny-shapes style model (bundled name or folder).")] = "tiny-shapes",
+    n: Annotated[int, typer.Option("--n", min=2, help="Held-out prompts (half one-object, half two-object).")] = 200,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the prompt draw and the images.")] = 0,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    scheduler: Scheduler = None,
+    device: Device = "auto",
+) -> None:
+    """Measure prompt adherence of the shapes model: per-attribute accuracy from a pixel judge (JSON)."""
+    from diffcli.models import resolve_model
+    from diffcli.pipeline import normalize_scheduler_name, resolve_device
+    from diffcli.shapes.evaluate import evaluate as run_eval
+
+    spec = resolve_model(model)
+    if not (Path(spec.location) / "diffcli.json").is_file():
+        raise UsageError(f"--model {model!r} is not a shapes model (no diffcli.json)", "eval judges tiny-shapes models only")
+    name = normalize_scheduler_name(scheduler) if scheduler else None
+    print(json.dumps(run_eval(spec.location, n, seed, steps, cfg, name, resolve_device(device)), sort_keys=True))
 
 
 @app.command()

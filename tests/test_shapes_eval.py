@@ -24,3 +24,18 @@ def test_bundled_model_one_object_prompts():
     acc = res["accuracy"]
     low = {k: acc[f"one.{k}"] for k, floor in FLOORS.items() if acc[f"one.{k}"] < floor}
     assert not low, (low, acc)
+
+
+@pytest.mark.skipif(not (MODEL / "unet").exists(), reason="bundled model absent")
+def test_eval_command_reports_accuracy_json(cli):
+    import json
+
+    result = cli("eval", "--n", "4", "--device", "cpu", "--steps", "4")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == 4 and {"one.exact", "two.exact", "two.relation"} <= set(report["accuracy"])
+
+
+def test_eval_refuses_models_without_a_judge(cli, tiny_model):
+    result = cli("eval", "--model", tiny_model, "--n", "2")
+    assert result.exit_code == 2 and "not a shapes model" in result.stderr
