@@ -8,6 +8,7 @@ No test touches the network: HF_HUB_OFFLINE is set for the whole session.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="diffcli-hf-empty-")  # never the user's cache
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("DIFFCLI_MODEL", None)
 os.environ.pop("DIFFCLI_OUTPUT", None)
