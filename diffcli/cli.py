@@ -208,6 +208,117 @@ def txt2img(
         print(json.dumps(sheet, sort_keys=True) if as_json else sheet["grid"], flush=True)
 
 
+Input = Annotated[str, typer.Argument(help="Input image (PNG, JPEG, WebP...; EXIF orientation applied).")]
+Strength = Annotated[float, typer.Option("--strength", help="How much to change the input: 0 keeps it, 1 ignores it.")]
+
+
+def _job(task: str, prompt: str, common: dict) -> Job:
+    """A Job from the options every image-to-image command shares."""
+    weighting = common.pop("weighting")
+    job = Job(task, prompt, **common)
+    job.extra["weighting"] = weighting
+    return job
+
+
+def _run_task(job: Job, as_json: bool, quiet: bool) -> None:
+    if "resized" in job.extra:
+        say(job.extra["resized"], quiet)
+    run_jobs([job], as_json, quiet)
+
+
+@app.command()
+def img2img(
+    input: Input,
+    prompt: Annotated[str, typer.Argument(help="What the result should show.")],
+    strength: Strength = 0.75,
+    resize: Annotated[str, typer.Option("--resize", help="With --width/--height: fit (pad), crop or stretch.")] = "fit",
+    negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None, width: Width = None,
+    height: Height = None, num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
+    model: Model = None, model_config: ModelConfig = None, device: Device = "auto", dtype: Dtype = "auto",
+    out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
+    safety_checker: SafetyChecker = False, allow_pickle: AllowPickle = False, optimize: Optimize = True,
+    low_vram: LowVram = None, weighting: Weighting = True,
+) -> None:
+    """Change an image following a prompt (size kept, rounded to the model's multiple)."""
+    from diffcli import tasks
+
+    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "strength", "resize", "as_json", "quiet", "tasks")}
+    _run_task(tasks.img2img(_job("img2img", prompt, common), input, strength, resize), as_json, quiet)
+
+
+@app.command()
+def inpaint(
+    input: Input,
+    prompt: Annotated[str, typer.Argument(help="What to paint into the masked area.")],
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask image: white = repaint, black = keep.")] = None,
+    mask_blur: Annotated[int, typer.Option("--mask-blur", help="Feather the mask edge by PX pixels.")] = 4,
+    invert_mask: Annotated[bool, typer.Option("--invert-mask", help="Repaint the black part instead.")] = False,
+    mask_from_alpha: Annotated[bool, typer.Option("--mask-from-alpha", help="Repaint the input's transparent pixels.")] = False,
+    masked_only: Annotated[bool, typer.Option("--masked-only", help="Inpaint a crop around the mask at full resolution, paste back.")] = False,
+    padding: Annotated[int, typer.Option("--padding", help="Pixels around the mask in the --masked-only crop.")] = 32,
+    resize_mask: Annotated[bool, typer.Option("--resize-mask", help="Stretch a mask whose size differs from the image.")] = False,
+    strength: Strength = 1.0,
+    negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None, width: Width = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
+    model: Model = None, model_config: ModelConfig = None, device: Device = "auto", dtype: Dtype = "auto",
+    out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
+    safety_checker: SafetyChecker = False, allow_pickle: AllowPickle = False, optimize: Optimize = True,
+    low_vram: LowVram = None, weighting: Weighting = True,
+) -> None:
+    """Repaint the white area of a mask; pixels outside the (blurred) mask stay exactly as they were."""
+    from diffcli import tasks
+
+    settings = ("input", "prompt", "mask", "mask_blur", "invert_mask", "mask_from_alpha", "masked_only", "padding",
+                "resize_mask", "strength", "as_json", "quiet", "tasks", "settings")
+    common = {k: v for k, v in locals().items() if k not in settings}
+    job = tasks.inpaint(_job("inpaint", prompt, common), input, mask, mask_blur, invert_mask, mask_from_alpha,
+                        masked_only, padding, strength, resize_mask)
+    _run_task(job, as_json, quiet)
+
+
+@app.command()
+def outpaint(
+    input: Input,
+    prompt: Annotated[str, typer.Argument(help="What the new area should show.")],
+    extend: Annotated[str, typer.Option("--extend", help="Pixels to add: left=128,right=128,top=0,bottom=64 or all=64.")] = "all=64",
+    feather: Annotated[int, typer.Option("--feather", help="Width of the soft seam into the original, in pixels.")] = 8,
+    strength: Strength = 1.0,
+    negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
+    model: Model = None, model_config: ModelConfig = None, device: Device = "auto", dtype: Dtype = "auto",
+    out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
+    safety_checker: SafetyChecker = False, allow_pickle: AllowPickle = False, optimize: Optimize = True,
+    low_vram: LowVram = None, weighting: Weighting = True,
+) -> None:
+    """Extend the canvas and paint the new area; the original pixels are kept."""
+    from diffcli import tasks
+
+    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "extend", "feather", "strength", "as_json", "quiet", "tasks")}
+    _run_task(tasks.outpaint(_job("inpaint", prompt, common), input, extend, feather, strength), as_json, quiet)
+
+
+@app.command()
+def upscale(
+    input: Input,
+    prompt: Annotated[str, typer.Argument(help="Optional description of the image.")] = "",
+    scale: Annotated[int, typer.Option("--scale", help="Upscaling factor (4 with the x4 upscaler).")] = 4,
+    noise_level: Annotated[int, typer.Option("--noise-level", help="Noise added to the input (0-350): more invents more detail.")] = 20,
+    tile: Annotated[int, typer.Option("--tile", help="Process the input in tiles of SIZE pixels (0: whole image).")] = 0,
+    tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Input pixels shared by neighbouring tiles.")] = 16,
+    negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="DIFFCLI_UPSCALE_MODEL", help="An SD x4 upscaler (default: bundled tiny-shapes-x4).")] = None,
+    device: Device = "auto", dtype: Dtype = "auto",
+    out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
+    allow_pickle: AllowPickle = False, optimize: Optimize = True, low_vram: LowVram = None, weighting: Weighting = True,
+) -> None:
+    """Upscale an image x4 with an SD x4 upscaler, optionally in overlapping tiles to bound memory."""
+    from diffcli import tasks
+
+    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "scale", "noise_level", "tile", "tile_overlap", "as_json", "quiet", "tasks")}
+    _run_task(tasks.upscale(_job("upscale", prompt, common), input, scale, noise_level, tile, tile_overlap), as_json, quiet)
+
+
 @app.command()
 def bench(
     arch: Annotated[str, typer.Option("--arch", help="sd15, sd21, sdxl (random weights, no download) or all.")] = "sd15",

@@ -106,6 +106,10 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
     adapters.activate(pipe, job)  # exactly this job's LoRAs on, at their scales
     load_s = time.perf_counter() - started
     steps = job.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
+    if "strength" in job.extra:
+        from diffcli.tasks import check_strength
+
+        check_strength(job.extra["strength"], steps)
     common = {
         "task": job.task,
         "prompt": job.prompt,
@@ -201,7 +205,9 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
     import numpy as np
     import torch
 
-    from diffcli import noise, prompts
+    import inspect
+
+    from diffcli import noise, prompts, tiles
 
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     last = {}
@@ -218,26 +224,35 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
     kwargs = dict(job.extra.get("pipeline_kwargs", {}))
     if job.task not in TASKS_SIZED_BY_IMAGE:
         kwargs.update(width=plan.width, height=plan.height)
-    kwargs.update(prompts.pipeline_inputs(pipe, job, len(seeds)))  # A1111 weighting, no 77-token limit
     if job.extra.get("variation_seed") is not None:  # image i: seed+i noise slerped toward variation_seed+i
         variation_seeds = [job.extra["variation_seed"] + seed - plan.seeds[0] for seed in seeds]
         kwargs["latents"] = noise.variation_latents(pipe, generators, variation_seeds, job.extra["variation_strength"],
                                                     plan.width, plan.height, pipe.unet.dtype)
+    def call(call_kwargs: dict, call_generators: list):
+        call_kwargs = dict(call_kwargs, **prompts.pipeline_inputs(pipe, job, len(call_generators)))
+        if job.task == "upscale":  # the upscale pipeline does not repeat its image for a batch of prompts
+            call_kwargs["image"] = [call_kwargs["image"]] * len(call_generators)
+        if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+            call_kwargs["callback_on_step_end"] = on_step_end
+        else:  # older pipelines (upscalers) only have the per-step `callback`
+            call_kwargs.update(callback=lambda i, t, latents: on_step_end(pipe, i, t, {"latents": latents}), callback_steps=1)
+        return pipe(num_inference_steps=steps, guidance_scale=plan.cfg, generator=call_generators, output_type="np",
+                    **call_kwargs).images
+
     try:
         if bar is not None:
             bar.start()
-        result = pipe(
-            num_inference_steps=steps,
-            guidance_scale=plan.cfg,
-            generator=generators,
-            output_type="np",
-            callback_on_step_end=on_step_end,
-            **kwargs,
-        )
+        if job.extra.get("tile"):  # same seed in every tile; overlaps blended
+            images = np.stack([
+                tiles.upscale_tiled(kwargs["image"], job.extra["tile"], job.extra["tile_overlap"], job.extra["scale"],
+                                    lambda crop, seed=seed: call(dict(kwargs, image=crop), [torch.Generator("cpu").manual_seed(seed)])[0])
+                for seed in seeds
+            ])
+        else:
+            images = call(kwargs, generators)
     finally:
         if bar is not None:
             bar.stop()
-    images = result.images
     warnings = []
     if not np.isfinite(images).all():
         latents = last.get("latents")
@@ -250,7 +265,8 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
         warnings.append("vae decode retried in fp32 after non-finite pixels")
         if not np.isfinite(images).all():
             raise RuntimeFailure("the VAE produced NaN/Inf pixels even in fp32; no image was saved")
-    return [_to_pil(image) for image in images], warnings
+    postprocess = job.extra.get("postprocess") or (lambda image: image)  # e.g. inpaint's exact paste-back
+    return [postprocess(_to_pil(image)) for image in images], warnings
 
 
 def _decode_fp32(pipe, latents):

@@ -96,6 +96,21 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint_model(tmp_path_factory) -> Path:
+    """A dedicated inpainting model: the tiny components with a 9-channel U-Net (latents, mask, masked image)."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("inpaint")
+    base = build_tiny_pipeline(root)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(base.unet.config, in_channels=9)
+    pipe = StableDiffusionInpaintPipeline(**dict(base.components, unet=unet))
+    pipe.save_pretrained(root / "tiny-inpaint")
+    return root / "tiny-inpaint"
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
     """The tiny model as one original-layout (A1111/CompVis) .safetensors file."""
     from diffusers import StableDiffusionPipeline

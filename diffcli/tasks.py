@@ -1,0 +1,152 @@
+"""Turn img2img / inpaint / outpaint / upscale inputs into Jobs: images read and checked before any weights load."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from diffcli import images
+from diffcli.errors import UsageError
+from diffcli.models import ModelSpec, resolve_model
+from diffcli.options import Job
+
+DEFAULT_UPSCALER = "tiny-shapes-x4"  # bundled; $DIFFCLI_UPSCALE_MODEL or --model overrides
+UPSCALER_FAMILY = "sd-x4-upscaler"
+
+
+def check_strength(strength: float, steps: int | None) -> None:
+    """Strength in [0, 1], and at least one denoising step once multiplied by --steps."""
+    if not 0.0 <= strength <= 1.0:
+        raise UsageError(f"--strength must be between 0 and 1, got {strength:g}")
+    if steps is not None and int(steps * strength) < 1:
+        raise UsageError(f"--strength {strength:g} x --steps {steps} is less than one denoising step",
+                         f"raise --strength or --steps (at least {int(1 / strength) + 1 if strength else 'any'} steps)")
+
+
+def _spec(job: Job) -> ModelSpec:
+    return resolve_model(job.model, job.model_config, job.allow_pickle)
+
+
+def img2img(job: Job, input_path: str, strength: float, resize: str) -> Job:
+    """Image-to-image: the input is kept at its size (rounded to the model's multiple) or resized to --width/--height."""
+    check_strength(strength, job.steps)
+    spec = _spec(job)
+    image = images.load_image(input_path)
+    fitted = images.fit_to_multiple(image, job.width, job.height, spec.size_multiple, resize)
+    _note_resize(job, image.size, fitted.size)
+    job.width, job.height = fitted.size
+    job.extra.update(input=input_path, strength=strength, pipeline_kwargs={"image": fitted, "strength": strength})
+    return job
+
+
+def inpaint(job: Job, input_path: str, mask_path: str | None, mask_blur: int, invert: bool, from_alpha: bool,
+            masked_only: bool, padding: int, strength: float, resize_mask: bool) -> Job:
+    """Repaint the white part of the mask; everything outside the blurred mask stays identical to the input."""
+    check_strength(strength, job.steps)
+    if mask_blur < 0 or padding < 0:
+        raise UsageError(f"--mask-blur and --padding must be >= 0, got {mask_blur} and {padding}")
+    if bool(mask_path) == from_alpha:
+        raise UsageError("give exactly one of --mask FILE or --mask-from-alpha")
+    spec = _spec(job)
+    image = images.load_image(input_path)
+    mask = images.mask_from_alpha(input_path, invert) if from_alpha else images.load_mask(mask_path, image.size, resize_mask, invert)
+    job.extra.update(input=input_path, mask=mask_path or "alpha", mask_blur=mask_blur, invert_mask=invert,
+                     masked_only=masked_only, padding=padding, strength=strength)
+    return _inpaint_area(job, spec, image, mask, mask_blur, masked_only, padding, strength)
+
+
+def _inpaint_area(job: Job, spec: ModelSpec, image, mask, blur: int, masked_only: bool, padding: int, strength: float) -> Job:
+    """Set up the pipeline inputs and the paste-back that keeps unmasked pixels exact."""
+    if mask.getbbox() is None:
+        raise UsageError("the mask is empty: nothing to repaint", "white marks the area to repaint (--invert-mask flips it)")
+    soft = images.blur_mask(mask, blur)
+    region = image
+    box = (0, 0) + image.size
+    if masked_only:
+        left, top, right, bottom = mask.getbbox()
+        box = (max(0, left - padding), max(0, top - padding), min(image.size[0], right + padding), min(image.size[1], bottom + padding))
+        region = image.crop(box)
+    native = job.width or spec.sample_size or 512
+    side = max(region.size)
+    scale = native / side if masked_only else 1.0
+    target = images.fit_to_multiple(region, round(region.size[0] * scale), round(region.size[1] * scale), spec.size_multiple, "stretch").size
+    if not masked_only:
+        _note_resize(job, image.size, target)
+    job.width, job.height = target
+
+    def paste_back(generated):
+        canvas = image.copy()
+        canvas.paste(generated.resize((box[2] - box[0], box[3] - box[1])), box[:2])
+        return images.composite(image, canvas, soft)
+
+    job.extra.update(
+        postprocess=paste_back,
+        pipeline_kwargs={"image": region.resize(target), "mask_image": soft.crop(box).resize(target), "strength": strength},
+    )
+    return job
+
+
+def parse_extend(text: str) -> dict[str, int]:
+    """'left=128,right=128,top=0,bottom=64' or 'all=64' -> pixels per side."""
+    sides = dict.fromkeys(("left", "right", "top", "bottom"), 0)
+    for part in filter(None, text.replace(" ", "").split(",")):
+        match = re.fullmatch(r"(left|right|top|bottom|all)=(\d+)", part)
+        if not match:
+            raise UsageError(f"--extend {text!r}: expected side=pixels with side left, right, top, bottom or all, got {part!r}")
+        side, pixels = match.group(1), int(match.group(2))
+        for name in sides if side == "all" else [side]:
+            sides[name] = pixels
+    if not any(sides.values()):
+        raise UsageError(f"--extend {text!r} adds nothing", "e.g. --extend left=128 or --extend all=64")
+    return sides
+
+
+def outpaint(job: Job, input_path: str, extend: str, feather: int, strength: float) -> Job:
+    """Pad the canvas (edge pixels stretched outward), mask the new area with a feathered seam, inpaint it."""
+    import numpy as np
+    from PIL import Image
+
+    check_strength(strength, job.steps)
+    sides = parse_extend(extend)
+    spec = _spec(job)
+    image = images.load_image(input_path)
+    width, height = image.size[0] + sides["left"] + sides["right"], image.size[1] + sides["top"] + sides["bottom"]
+    sides["right"] += -width % spec.size_multiple  # round the canvas up to the model's multiple
+    sides["bottom"] += -height % spec.size_multiple
+    pad = ((sides["top"], sides["bottom"]), (sides["left"], sides["right"]), (0, 0))
+    canvas = Image.fromarray(np.pad(np.asarray(image), pad, mode="edge"))
+    hard = np.pad(np.zeros(image.size[::-1], dtype=np.uint8), pad[:2], constant_values=255)
+    seam = np.asarray(images.blur_mask(Image.fromarray(hard), feather))
+    mask = Image.fromarray(np.maximum(hard, np.minimum(255, seam.astype(np.int32) * 2).astype(np.uint8)))
+    job.extra.update(input=input_path, outpaint=extend, feather=feather, strength=strength)
+    return _inpaint_area(job, spec, canvas, mask, 0, False, 0, strength)
+
+
+def upscale(job: Job, input_path: str, scale: int, noise_level: int, tile: int, tile_overlap: int) -> Job:
+    """x4 upscaling with the SD x4 upscaler layout, optionally in overlapping tiles."""
+    job.model = job.model or os.environ.get("DIFFCLI_UPSCALE_MODEL") or DEFAULT_UPSCALER
+    spec = _spec(job)
+    if spec.family != UPSCALER_FAMILY:
+        raise UsageError(f"--model {spec.name!r} is a {spec.family} model, not an x4 upscaler",
+                         f"use {DEFAULT_UPSCALER} or an SD x4 upscaler (StableDiffusionUpscalePipeline)")
+    if scale != 4:
+        raise UsageError(f"--scale must be 4 for the x4 upscaler, got {scale}")
+    if not 0 <= noise_level <= 350:
+        raise UsageError(f"--noise-level must be between 0 and 350, got {noise_level}")
+    if tile < 0 or tile % 8:
+        raise UsageError(f"--tile must be 0 (off) or a positive multiple of 8, got {tile}")
+    if tile and not 0 <= tile_overlap < tile // 2:
+        raise UsageError(f"--tile-overlap must be between 0 and half the tile ({tile // 2}), got {tile_overlap}")
+    image = images.load_image(input_path)
+    fitted = images.fit_to_multiple(image, None, None, 8, "stretch")
+    _note_resize(job, image.size, fitted.size)
+    job.width, job.height = fitted.size[0] * scale, fitted.size[1] * scale
+    job.extra.update(input=input_path, scale=scale, noise_level=noise_level, tile=tile, tile_overlap=tile_overlap,
+                     pipeline_kwargs={"image": fitted, "noise_level": noise_level})
+    return job
+
+
+def _note_resize(job: Job, before: tuple[int, int], after: tuple[int, int]) -> None:
+    """Record (and later report) that the input size changed."""
+    if before != after:
+        job.extra["resized"] = f"input resized from {before[0]}x{before[1]} to {after[0]}x{after[1]}"
