@@ -126,3 +126,25 @@ def test_fuzzed_arguments_never_traceback(cli, tiny_model, args):
     assert result.exit_code in (0, 1, 2), result
     assert "Traceback" not in result.stderr and "error: unexpected " not in result.stderr, result.stderr
     assert not list(Path().glob("*.part")) and not list(Path().glob(".*.part"))
+
+
+def _png_header_then(data: bytes) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + data
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300).map(lambda b: b if len(b) % 2 else _png_header_then(b)), st.sampled_from(["image", "mask", "jobs"]))
+def test_fuzzed_files_never_traceback(cli, tiny_model, data, role):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "red").save("good.png")
+    Path("fuzz.bin").write_bytes(data)
+    if role == "image":
+        result = cli("img2img", "fuzz.bin", "a cat", "--model", tiny_model, "--steps", "2", "-o", "f.png", "--overwrite")
+    elif role == "mask":
+        result = cli("inpaint", "good.png", "a cat", "--mask", "fuzz.bin", "--model", tiny_model, "--steps", "2", "-o", "f.png", "--overwrite")
+    else:
+        result = cli("batch", "fuzz.bin", "--model", tiny_model, "--steps", "1", "--width", "16", "--height", "16", "-o", "fb/", "--dry-run")
+    assert result.exit_code in (0, 1, 2), result
+    assert "Traceback" not in result.stderr and "error: unexpected " not in result.stderr, result.stderr
+    assert not [p for p in Path().rglob("*") if p.name.endswith(".part")]
