@@ -31,23 +31,12 @@ HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TEXT_HIDDEN = 32
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
 def write_tiny_tokenizer(folder: Path) -> int:
     """A character-level CLIP BPE tokenizer (every byte, alone and word-final); returns vocab size."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
+    symbols = sorted(ByteLevel.alphabet())  # the byte -> printable table CLIP shares with GPT-2
     vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")

@@ -204,6 +204,16 @@ def _diffusion_loss(pred, noise, t, sched):
     return (w * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
+
+def _optimize(loss, opt, params, lr_sched):
+    """One clipped optimiser and schedule step; returns the detached loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    lr_sched.step()
+    return loss.detach()
+
 def train_unet(run: Run, deadline):
     """Train the text encoder and UNet jointly on frozen-VAE latents; save the whole SD pipeline."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -236,13 +246,7 @@ def train_unet(run: Run, deadline):
         t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), device=dev)
         with autocast(dev):
             pred = unet(sched.add_noise(lat, noise, t), t, te(ids)[0]).sample
-        loss = _diffusion_loss(pred, noise, t, sched)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
-        return loss.detach()
+        return _optimize(_diffusion_loss(pred, noise, t, sched), opt, params, lr_sched)
 
     loop(step, deadline, run, logger, params)
     sampler = DPMSolverMultistepScheduler.from_config(models.NOISE)
@@ -290,13 +294,7 @@ def train_upscaler(run: Run, deadline):
         with autocast(dev):
             inp = torch.cat([sched.add_noise(lat, noise, t), low], dim=1)
             pred = unet(inp, t, te(ids)[0], class_labels=level).sample
-        loss = _diffusion_loss(pred, noise, t, sched)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
-        return loss.detach()
+        return _optimize(_diffusion_loss(pred, noise, t, sched), opt, params, lr_sched)
 
     loop(step, deadline, run, logger, params)
     pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(),
