@@ -1,5 +1,6 @@
 """Failures a user can cause or meet: one line, a documented exit code, nothing lost."""
 
+import json
 import os
 import pickle
 import shutil
@@ -148,3 +149,36 @@ def test_fuzzed_files_never_traceback(cli, tiny_model, data, role):
     assert result.exit_code in (0, 1, 2), result
     assert "Traceback" not in result.stderr and "error: unexpected " not in result.stderr, result.stderr
     assert not [p for p in Path().rglob("*") if p.name.endswith(".part")]
+
+
+def test_folder_with_missing_component_or_wrong_architecture(cli, tiny_model, tmp_path):
+    broken = tmp_path / "no-unet"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "unet")
+    missing = cli("txt2img", "a", "--model", broken, *FAST)
+    assert missing.exit_code == 2 and "unet/config.json is missing" in missing.stderr
+    wrong = tmp_path / "wrong-arch"
+    shutil.copytree(tiny_model, wrong)
+    config = json.loads((wrong / "unet" / "config.json").read_text())
+    (wrong / "unet" / "config.json").write_text(json.dumps(dict(config, block_out_channels=[16, 32])))
+    result = cli("txt2img", "a", "--model", wrong, *FAST)
+    assert result.exit_code == 2 and "cannot load model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_non_finite_pixels_retry_the_vae_in_fp32_and_record_it(cli, tiny_model, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    real_decode, calls = AutoencoderKL.decode, []
+
+    def nan_once(self, *args, **kwargs):
+        calls.append(1)
+        out = real_decode(self, *args, **kwargs)
+        if len(calls) == 1:
+            (out[0] if isinstance(out, tuple) else out.sample).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(AutoencoderKL, "decode", nan_once)
+    result = cli("txt2img", "a", "--model", tiny_model, "-o", "retry.png", "--seed", "1", "--steps", "2")
+    assert result.exit_code == 0, result.stderr
+    assert read_metadata("retry.png")["warnings"] == ["vae decode retried in fp32 after non-finite pixels"]
+    assert len(calls) == 2
