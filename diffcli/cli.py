@@ -68,6 +68,10 @@ CfgList = Annotated[Optional[Values], typer.Option("--cfg", parser=parse_cfg, me
 StepsList = Annotated[Optional[Values], typer.Option("--steps", parser=parse_steps, metavar="N[,N...]", help="Denoising steps (default suits the scheduler); a comma list sweeps.")]
 SeedList = Annotated[Optional[Values], typer.Option("--seed", parser=parse_seed, metavar="S[,S...]", help="Seed of image 1; image i uses seed+i. Default: random, always reported. A comma list sweeps.")]
 SchedulerList = Annotated[Optional[Values], typer.Option("--scheduler", parser=parse_scheduler, metavar="NAME[,NAME...]", help="Sampler by name, A1111 names too (see `diffcli schedulers`); a comma list sweeps.")]
+Hires = Annotated[Optional[float], typer.Option("--hires", help="Hires fix: upscale the first pass by SCALE and refine it with img2img.")]
+HiresSteps = Annotated[Optional[int], typer.Option("--hires-steps", min=1, help="Steps of the hires pass (default: --steps).")]
+HiresStrength = Annotated[float, typer.Option("--hires-strength", help="Denoising strength of the hires pass (0..1).")]
+HiresUpscaler = Annotated[str, typer.Option("--hires-upscaler", help="latent (upscale the latents) or lanczos (upscale the pixels).")]
 Grid = Annotated[bool, typer.Option("--grid", help="Also write an X/Y contact sheet of a sweep, with axis labels.")]
 Weighting = Annotated[bool, typer.Option("--weighting/--no-weighting", help="A1111 attention syntax: (word), ((word)), [word], (word:1.3); \\( is a literal bracket.")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", min=1, max=12, help="Skip the last CLIP layers, counted as in A1111 (1 = none, 2 = penultimate).")]
@@ -189,14 +193,20 @@ def txt2img(
     embedding: Embedding = None,
     embedding_dir: EmbeddingDir = None,
     grid: Grid = False,
+    hires: Hires = None,
+    hires_steps: HiresSteps = None,
+    hires_strength: HiresStrength = 0.7,
+    hires_upscaler: HiresUpscaler = "latent",
 ) -> None:
     """Generate images from a text prompt; comma lists in --cfg/--steps/--seed/--scheduler sweep."""
+    from diffcli.hires import hires_settings
     from diffcli.noise import variation_settings
     from diffcli.sweep import expand, write_grid
 
     job = Job("txt2img", prompt, negative, None, None, None, width, height, num_images, batch_size, None,
               model, model_config, device, dtype, out, overwrite, safety_checker, allow_pickle, optimize, low_vram)
-    job.extra.update(weighting=weighting, **variation_settings(variation_seed, variation_strength))
+    job.extra.update(weighting=weighting, **variation_settings(variation_seed, variation_strength),
+                     **hires_settings(hires, hires_steps, hires_strength, hires_upscaler))
     job.extra.update({k: v for k, v in (("clip_skip", clip_skip), ("lora_specs", lora), ("lora_dir", lora_dir),
                                         ("embedding_specs", embedding), ("embedding_dir", embedding_dir)) if v})
     jobs = expand(job, cfg=cfg, steps=steps, seed=seed, scheduler=scheduler)

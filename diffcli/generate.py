@@ -265,6 +265,12 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
         warnings.append("vae decode retried in fp32 after non-finite pixels")
         if not np.isfinite(images).all():
             raise RuntimeFailure("the VAE produced NaN/Inf pixels even in fp32; no image was saved")
+    if job.extra.get("hires_scale"):
+        from diffcli import hires
+
+        images = hires.refine(pipe, job, plan, seeds, steps, last["latents"], images)
+        if not np.isfinite(images).all():
+            raise RuntimeFailure("the hires pass produced NaN/Inf values; no image was saved", "try --dtype fp32 or bf16")
     postprocess = job.extra.get("postprocess") or (lambda image: image)  # e.g. inpaint's exact paste-back
     return [postprocess(_to_pil(image)) for image in images], warnings
 

@@ -113,6 +113,10 @@ def a1111_parameters(meta: dict) -> str:
         "Variation seed": meta.get("variation_seed"),
         "Variation seed strength": meta.get("variation_strength"),
         "Clip skip": meta.get("clip_skip"),
+        "Denoising strength": meta.get("hires_strength", meta.get("strength")),
+        "Hires upscale": meta.get("hires_scale"),
+        "Hires steps": meta.get("hires_steps"),
+        "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}.get(meta.get("hires_upscaler")),
         "Version": f"diffcli {meta['versions']['diffcli']}",
     }
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v not in (None, "")))

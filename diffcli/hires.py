@@ -1,0 +1,55 @@
+"""Hires fix (A1111's enable_hr): generate, upscale (latents or pixels), refine with img2img on the same components."""
+
+from __future__ import annotations
+
+from diffcli.errors import UsageError
+
+UPSCALERS = ("latent", "lanczos")
+
+
+def hires_settings(scale: float | None, steps: int | None, strength: float, upscaler: str) -> dict:
+    """Job.extra entries for --hires and its companions, validated."""
+    if scale is None:
+        if steps is not None:
+            raise UsageError("--hires-steps needs --hires SCALE")
+        return {}
+    if not 1.0 < scale <= 4.0:
+        raise UsageError(f"--hires must be between 1 (exclusive) and 4, got {scale:g}")
+    if not 0.0 < strength <= 1.0:
+        raise UsageError(f"--hires-strength must be between 0 (exclusive) and 1, got {strength:g}")
+    if upscaler not in UPSCALERS:
+        raise UsageError(f"--hires-upscaler must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
+    if steps is not None and int(steps * strength) < 1:
+        raise UsageError(f"--hires-strength {strength:g} x --hires-steps {steps} is less than one denoising step")
+    return {"hires_scale": scale, "hires_steps": steps, "hires_strength": strength, "hires_upscaler": upscaler}
+
+
+def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
+    """The second pass's size: the first pass's times `scale`, rounded down to the model's multiple."""
+    return int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple
+
+
+def refine(pipe, job, plan, seeds: list[int], steps: int, latents, images):
+    """Upscale the first pass and run img2img over it at the larger size; returns float images (N, H, W, 3)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from diffcli import prompts
+    from diffcli.pipeline import build_scheduler, load_pipeline
+
+    extra = job.extra
+    width, height = target_size(plan.width, plan.height, extra["hires_scale"], plan.spec.size_multiple)
+    img2img = load_pipeline(plan.spec, "img2img", str(pipe.device), pipe.unet.dtype, job.safety_checker,
+                            job.allow_pickle, job.optimize, job.low_vram)
+    img2img.scheduler = build_scheduler(img2img.diffcli_scheduler, plan.scheduler)
+    if extra["hires_upscaler"] == "latent":
+        factor = plan.spec.size_multiple
+        image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
+    else:
+        image = [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype("uint8")).resize((width, height), Image.LANCZOS)
+                 for a in images]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    return img2img(image=image, strength=extra["hires_strength"], num_inference_steps=extra["hires_steps"] or steps,
+                   guidance_scale=plan.cfg, generator=generators, output_type="np",
+                   **prompts.pipeline_inputs(img2img, job, len(seeds))).images
