@@ -311,22 +311,23 @@ def outpaint(
 def upscale(
     input: Input,
     prompt: Annotated[str, typer.Argument(help="Optional description of the image.")] = "",
-    scale: Annotated[int, typer.Option("--scale", help="Upscaling factor (4 with the x4 upscaler).")] = 4,
+    scale: Annotated[int, typer.Option("--scale", help="Upscaling factor: 4 with --method x4, 2 with --method latent.")] = 4,
+    method: Annotated[str, typer.Option("--method", help="x4 (SD x4 upscaler) or latent (SD x2 latent upscaler).")] = "x4",
     noise_level: Annotated[int, typer.Option("--noise-level", help="Noise added to the input (0-350): more invents more detail.")] = 20,
     tile: Annotated[int, typer.Option("--tile", help="Process the input in tiles of SIZE pixels (0: whole image).")] = 0,
     tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Input pixels shared by neighbouring tiles.")] = 16,
     negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None,
     num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="DIFFCLI_UPSCALE_MODEL", help="An SD x4 upscaler (default: bundled tiny-shapes-x4).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="DIFFCLI_UPSCALE_MODEL", help="An SD x4 upscaler (default: bundled tiny-shapes-x4) or, with --method latent, an SD x2 latent upscaler.")] = None,
     device: Device = "auto", dtype: Dtype = "auto",
     out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
     allow_pickle: AllowPickle = False, optimize: Optimize = True, low_vram: LowVram = None, weighting: Weighting = True,
 ) -> None:
-    """Upscale an image x4 with an SD x4 upscaler, optionally in overlapping tiles to bound memory."""
+    """Upscale an image x4 (SD x4 upscaler) or x2 (latent upscaler), optionally in overlapping tiles."""
     from diffcli import tasks
 
-    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "scale", "noise_level", "tile", "tile_overlap", "as_json", "quiet", "tasks")}
-    _run_task(tasks.upscale(_job("upscale", prompt, common), input, scale, noise_level, tile, tile_overlap), as_json, quiet)
+    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "scale", "method", "noise_level", "tile", "tile_overlap", "as_json", "quiet", "tasks")}
+    _run_task(tasks.upscale(_job("upscale", prompt, common), input, scale, method, noise_level, tile, tile_overlap), as_json, quiet)
 
 
 @app.command()

@@ -229,7 +229,11 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
         kwargs["latents"] = noise.variation_latents(pipe, generators, variation_seeds, job.extra["variation_strength"],
                                                     plan.width, plan.height, pipe.unet.dtype)
     def call(call_kwargs: dict, call_generators: list):
-        call_kwargs = dict(call_kwargs, **prompts.pipeline_inputs(pipe, job, len(call_generators)))
+        if job.extra.get("method") == "latent":  # its text encoding (hidden states + pooled) is its own
+            call_kwargs = dict(call_kwargs, prompt=[job.prompt] * len(call_generators),
+                               negative_prompt=[job.negative] * len(call_generators) if job.negative else None)
+        else:
+            call_kwargs = dict(call_kwargs, **prompts.pipeline_inputs(pipe, job, len(call_generators)))
         if job.task == "upscale":  # the upscale pipeline does not repeat its image for a batch of prompts
             call_kwargs["image"] = [call_kwargs["image"]] * len(call_generators)
         if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:

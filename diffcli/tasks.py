@@ -11,7 +11,6 @@ from diffcli.models import ModelSpec, resolve_model
 from diffcli.options import Job
 
 DEFAULT_UPSCALER = "tiny-shapes-x4"  # bundled; $DIFFCLI_UPSCALE_MODEL or --model overrides
-UPSCALER_FAMILY = "sd-x4-upscaler"
 
 
 def check_strength(strength: float, steps: int | None) -> None:
@@ -122,15 +121,24 @@ def outpaint(job: Job, input_path: str, extend: str, feather: int, strength: flo
     return _inpaint_area(job, spec, canvas, mask, 0, False, 0, strength)
 
 
-def upscale(job: Job, input_path: str, scale: int, noise_level: int, tile: int, tile_overlap: int) -> Job:
-    """x4 upscaling with the SD x4 upscaler layout, optionally in overlapping tiles."""
-    job.model = job.model or os.environ.get("DIFFCLI_UPSCALE_MODEL") or DEFAULT_UPSCALER
+UPSCALERS = {"x4": ("sd-x4-upscaler", 4), "latent": ("sd-latent-upscaler", 2)}  # --method -> (family, scale)
+
+
+def upscale(job: Job, input_path: str, scale: int, method: str, noise_level: int, tile: int, tile_overlap: int) -> Job:
+    """x4 (SD x4 upscaler layout, --noise-level) or x2 latent upscaling, optionally in overlapping tiles."""
+    if method not in UPSCALERS:
+        raise UsageError(f"--method must be one of {', '.join(UPSCALERS)}, got {method!r}")
+    family, factor = UPSCALERS[method]
+    if scale != factor:
+        raise UsageError(f"--scale must be {factor} with --method {method}, got {scale}")
+    if method == "x4":
+        job.model = job.model or os.environ.get("DIFFCLI_UPSCALE_MODEL") or DEFAULT_UPSCALER
+    elif not job.model:
+        raise UsageError("--method latent needs --model (an SD x2 latent upscaler, e.g. stabilityai/sd-x2-latent-upscaler)")
     spec = _spec(job)
-    if spec.family != UPSCALER_FAMILY:
-        raise UsageError(f"--model {spec.name!r} is a {spec.family} model, not an x4 upscaler",
-                         f"use {DEFAULT_UPSCALER} or an SD x4 upscaler (StableDiffusionUpscalePipeline)")
-    if scale != 4:
-        raise UsageError(f"--scale must be 4 for the x4 upscaler, got {scale}")
+    if spec.family != family:
+        raise UsageError(f"--model {spec.name!r} is a {spec.family} model, not an {method} upscaler",
+                         f"use {DEFAULT_UPSCALER} or an SD x4 upscaler" if method == "x4" else "use an SD x2 latent upscaler")
     if not 0 <= noise_level <= 350:
         raise UsageError(f"--noise-level must be between 0 and 350, got {noise_level}")
     if tile < 0 or tile % 8:
@@ -141,8 +149,9 @@ def upscale(job: Job, input_path: str, scale: int, noise_level: int, tile: int, 
     fitted = images.fit_to_multiple(image, None, None, 8, "stretch")
     _note_resize(job, image.size, fitted.size)
     job.width, job.height = fitted.size[0] * scale, fitted.size[1] * scale
-    job.extra.update(input=input_path, scale=scale, noise_level=noise_level, tile=tile, tile_overlap=tile_overlap,
-                     pipeline_kwargs={"image": fitted, "noise_level": noise_level})
+    pipeline_kwargs = {"image": fitted, "noise_level": noise_level} if method == "x4" else {"image": fitted}
+    job.extra.update(input=input_path, scale=scale, method=method, tile=tile, tile_overlap=tile_overlap,
+                     pipeline_kwargs=pipeline_kwargs, **({"noise_level": noise_level} if method == "x4" else {}))
     return job
 
 

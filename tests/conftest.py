@@ -100,6 +100,36 @@ def tiny_inpaint_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_latent_upscaler(tmp_path_factory) -> Path:
+    """An SD x2 latent upscaler layout: K-block U-Net on 4 latent + 4 low-res latent channels, Fourier time embedding."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("latent-upscaler")
+    vocab_size = write_tiny_tokenizer(root / "tokenizer-src")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        act_fn="gelu", attention_head_dim=8, norm_num_groups=None, block_out_channels=[32, 32, 64, 64],
+        time_cond_proj_dim=160, conv_in_kernel=1, conv_out_kernel=1, cross_attention_dim=TEXT_HIDDEN, in_channels=8,
+        out_channels=5, mid_block_type=None, only_cross_attention=False, resnet_time_scale_shift="scale_shift",
+        time_embedding_type="fourier", timestep_post_act="gelu", sample_size=16,
+        down_block_types=("KDownBlock2D",) + ("KCrossAttnDownBlock2D",) * 3, up_block_types=("KCrossAttnUpBlock2D",) * 3 + ("KUpBlock2D",),
+    )
+    vae = AutoencoderKL(block_out_channels=[16, 16, 32, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_size=TEXT_HIDDEN,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size, hidden_act="quick_gelu",
+    ))
+    pipe = StableDiffusionLatentUpscalePipeline(vae=vae, text_encoder=text_encoder, unet=unet,
+                                                tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer-src"),
+                                                scheduler=EulerDiscreteScheduler(prediction_type="sample"))
+    pipe.save_pretrained(root / "tiny-latent-x2")
+    return root / "tiny-latent-x2"
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
     """The tiny model as one original-layout (A1111/CompVis) .safetensors file."""
     from diffusers import StableDiffusionPipeline

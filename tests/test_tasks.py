@@ -114,6 +114,18 @@ def test_upscale_x4_whole_and_tiled(cli, tmp_path):
     assert read_metadata("t.png")["tile"] == 32
 
 
+def test_upscale_latent_x2(cli, tiny_latent_upscaler, tmp_path):
+    Image.new("RGB", (128, 128), (200, 40, 40)).save(tmp_path / "in.png")
+    result = cli("upscale", tmp_path / "in.png", "a red square", "--method", "latent", "--scale", "2",
+                 "--model", tiny_latent_upscaler, "-o", "x2.png", "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert Image.open("x2.png").size == (256, 256) and result.json_lines()[0]["method"] == "latent"
+    no_model = cli("upscale", tmp_path / "in.png", "--method", "latent", "--scale", "2")
+    assert no_model.exit_code == 2 and "--method latent needs --model" in no_model.stderr
+    wrong_scale = cli("upscale", tmp_path / "in.png", "--method", "latent", "--model", tiny_latent_upscaler)
+    assert wrong_scale.exit_code == 2 and "--scale must be 2 with --method latent, got 4" in wrong_scale.stderr
+
+
 def test_upscale_errors(cli, tiny_model, photo):
     wrong_model = cli("upscale", photo, "--model", tiny_model)
     assert wrong_model.exit_code == 2 and "not an x4 upscaler" in wrong_model.stderr
