@@ -75,6 +75,40 @@ def build_tiny_pipeline(root: Path):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def build_tiny_sdxl(root: Path):
+    """Tiny SDXL components (two text encoders, text_time embedding), as diffusers' own tests build them."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab = write_tiny_tokenizer(root / "tokenizer-src")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=72, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    config = CLIPTextConfig(bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_size=32,
+                            intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab,
+                            max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+    config_2 = CLIPTextConfig(**{**config.to_dict(), "hidden_size": 40})  # diffusers tells the encoders apart by width
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer-src")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config_2),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """The tiny SDXL pipeline saved as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("sdxl")
+    build_tiny_sdxl(root).save_pretrained(root / "tiny-sdxl")
+    return root / "tiny-sdxl"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny pipeline saved as a local diffusers folder."""
