@@ -9,8 +9,8 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -348,7 +348,6 @@ def bench(
 ) -> None:
     """Measure load time, first-image latency, ms per step, end-to-end time, images/s and peak memory."""
     from diffcli.bench import ARCHITECTURES, format_table, run_bench
-    from diffcli.errors import UsageError
 
     if compare not in (None, "plain"):
         raise UsageError(f"--compare must be 'plain', got {compare!r}")
