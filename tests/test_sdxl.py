@@ -1,9 +1,6 @@
 """SDXL through txt2img on tiny real components: two text encoders, pooled embeds, weighting, clip skip."""
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 from PIL import Image
 
 from diffcli.output import read_metadata
