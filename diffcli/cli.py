@@ -231,8 +231,9 @@ def _job(task: str, prompt: str, common: dict) -> Job:
 
 
 def _run_task(job: Job, as_json: bool, quiet: bool) -> None:
-    if "resized" in job.extra:
-        say(job.extra["resized"], quiet)
+    for note in ("resized", "tiling"):  # size and tiling decisions the user did not spell out
+        if note in job.extra:
+            say(job.extra[note], quiet)
     run_jobs([job], as_json, quiet)
 
 
@@ -314,8 +315,8 @@ def upscale(
     scale: Annotated[int, typer.Option("--scale", help="Upscaling factor: 4 with --method x4, 2 with --method latent.")] = 4,
     method: Annotated[str, typer.Option("--method", help="x4 (SD x4 upscaler) or latent (SD x2 latent upscaler).")] = "x4",
     noise_level: Annotated[int, typer.Option("--noise-level", help="Noise added to the input (0-350): more invents more detail.")] = 20,
-    tile: Annotated[int, typer.Option("--tile", help="Process the input in tiles of SIZE pixels (0: whole image).")] = 0,
-    tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Input pixels shared by neighbouring tiles.")] = 16,
+    tile: Annotated[Optional[int], typer.Option("--tile", help="Process the input in tiles of SIZE pixels; 0: whole image. Default: 256 (x4) or 512 (latent) when the input is larger.")] = None,
+    tile_overlap: Annotated[Optional[int], typer.Option("--tile-overlap", help="Input pixels shared by neighbouring tiles (default: an eighth of --tile).")] = None,
     negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None,
     num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="DIFFCLI_UPSCALE_MODEL", help="An SD x4 upscaler (default: bundled tiny-shapes-x4) or, with --method latent, an SD x2 latent upscaler.")] = None,

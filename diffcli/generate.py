@@ -18,6 +18,22 @@ from diffcli.pipeline import CLASS_LABELS, SCHEDULERS, normalize_scheduler_name
 TASKS_SIZED_BY_IMAGE = ("img2img", "upscale")  # their pipelines take the size from the input image
 
 
+@dataclass(frozen=True)
+class CallStyle:
+    """How a diffusers pipeline class takes the per-call inputs run_plan passes (the upscalers differ)."""
+
+    prompt_embeds: bool = True  # our (weighted) embeddings; False: plain strings, the pipeline encodes them itself
+    repeat_image: bool = False  # one input image per generator: the pipeline does not repeat it for a prompt batch
+    step_end_callback: bool = True  # callback_on_step_end; False: the older per-step `callback(i, t, latents)`
+
+
+CALL_STYLES = {  # by pipeline class name; others get CallStyle()
+    "StableDiffusionUpscalePipeline": CallStyle(repeat_image=True, step_end_callback=False),
+    # its text encoding (last hidden states + pooled) is its own, so it gets the prompt strings
+    "StableDiffusionLatentUpscalePipeline": CallStyle(prompt_embeds=False, repeat_image=True, step_end_callback=False),
+}
+
+
 @dataclass
 class Plan:
     """A job with every default resolved and every output path decided, before any weights load."""
@@ -205,8 +221,6 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
     import numpy as np
     import torch
 
-    import inspect
-
     from diffcli import noise, prompts, tiles
 
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -228,17 +242,19 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
         variation_seeds = [job.extra["variation_seed"] + seed - plan.seeds[0] for seed in seeds]
         kwargs["latents"] = noise.variation_latents(pipe, generators, variation_seeds, job.extra["variation_strength"],
                                                     plan.width, plan.height, pipe.unet.dtype)
+    style = CALL_STYLES.get(type(pipe).__name__, CallStyle())
+
     def call(call_kwargs: dict, call_generators: list):
-        if job.extra.get("method") == "latent":  # its text encoding (hidden states + pooled) is its own
-            call_kwargs = dict(call_kwargs, prompt=[job.prompt] * len(call_generators),
-                               negative_prompt=[job.negative] * len(call_generators) if job.negative else None)
+        count = len(call_generators)
+        if style.prompt_embeds:
+            call_kwargs = dict(call_kwargs, **prompts.pipeline_inputs(pipe, job, count))
         else:
-            call_kwargs = dict(call_kwargs, **prompts.pipeline_inputs(pipe, job, len(call_generators)))
-        if job.task == "upscale":  # the upscale pipeline does not repeat its image for a batch of prompts
-            call_kwargs["image"] = [call_kwargs["image"]] * len(call_generators)
-        if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+            call_kwargs = dict(call_kwargs, prompt=[job.prompt] * count, negative_prompt=[job.negative] * count if job.negative else None)
+        if style.repeat_image:
+            call_kwargs["image"] = [call_kwargs["image"]] * count
+        if style.step_end_callback:
             call_kwargs["callback_on_step_end"] = on_step_end
-        else:  # older pipelines (upscalers) only have the per-step `callback`
+        else:
             call_kwargs.update(callback=lambda i, t, latents: on_step_end(pipe, i, t, {"latents": latents}), callback_steps=1)
         return pipe(num_inference_steps=steps, guidance_scale=plan.cfg, generator=call_generators, output_type="np",
                     **call_kwargs).images
@@ -246,10 +262,10 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
     try:
         if bar is not None:
             bar.start()
-        if job.extra.get("tile"):  # same seed in every tile; overlaps blended
+        if job.extra.get("tile"):  # each tile gets its region of the untiled call's noise; overlaps blended
             images = np.stack([
-                tiles.upscale_tiled(kwargs["image"], job.extra["tile"], job.extra["tile_overlap"], job.extra["scale"],
-                                    lambda crop, seed=seed: call(dict(kwargs, image=crop), [torch.Generator("cpu").manual_seed(seed)])[0])
+                tiles.upscale_with_tiles(pipe, kwargs["image"], seed, job.extra["tile"], job.extra["tile_overlap"], job.extra["scale"],
+                                         lambda extra, generator: call(dict(kwargs, **extra), [generator])[0])
                 for seed in seeds
             ])
         else:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from diffcli import images
 from diffcli.errors import UsageError
-from diffcli.models import ModelSpec, resolve_model
-from diffcli.options import Job
+from diffcli.models import ModelSpec, read_json, resolve_model
+from diffcli.options import MAX_SIDE, Job, validate
 
 DEFAULT_UPSCALER = "tiny-shapes-x4"  # bundled; $DIFFCLI_UPSCALE_MODEL or --model overrides
 
@@ -18,11 +19,13 @@ def check_strength(strength: float, steps: int | None) -> None:
     if not 0.0 <= strength <= 1.0:
         raise UsageError(f"--strength must be between 0 and 1, got {strength:g}")
     if steps is not None and int(steps * strength) < 1:
-        raise UsageError(f"--strength {strength:g} x --steps {steps} is less than one denoising step",
-                         f"raise --strength or --steps (at least {int(1 / strength) + 1 if strength else 'any'} steps)")
+        hint = f"raise --strength or --steps (at least {int(1 / strength) + 1} steps)" if strength else "--strength 0 would return the input unchanged"
+        raise UsageError(f"--strength {strength:g} x --steps {steps} is less than one denoising step", hint)
 
 
 def _spec(job: Job) -> ModelSpec:
+    """Check the job's own settings (so a bad --width fails before the input is resized), then resolve the model."""
+    validate(job)
     return resolve_model(job.model, job.model_config, job.allow_pickle)
 
 
@@ -58,6 +61,9 @@ def _inpaint_area(job: Job, spec: ModelSpec, image, mask, blur: int, masked_only
     """Set up the pipeline inputs and the paste-back that keeps unmasked pixels exact."""
     if mask.getbbox() is None:
         raise UsageError("the mask is empty: nothing to repaint", "white marks the area to repaint (--invert-mask flips it)")
+    if job.width and not masked_only:
+        raise UsageError(f"--width {job.width} sets the crop size of --masked-only; inpaint otherwise keeps the input's size",
+                         "drop --width, or add --masked-only")
     soft = images.blur_mask(mask, blur)
     region = image
     box = (0, 0) + image.size
@@ -106,25 +112,43 @@ def outpaint(job: Job, input_path: str, extend: str, feather: int, strength: flo
     from PIL import Image
 
     check_strength(strength, job.steps)
+    if feather < 0:
+        raise UsageError(f"--feather must be >= 0, got {feather}")
     sides = parse_extend(extend)
     spec = _spec(job)
     image = images.load_image(input_path)
     width, height = image.size[0] + sides["left"] + sides["right"], image.size[1] + sides["top"] + sides["bottom"]
     sides["right"] += -width % spec.size_multiple  # round the canvas up to the model's multiple
     sides["bottom"] += -height % spec.size_multiple
+    if -width % spec.size_multiple or -height % spec.size_multiple:
+        job.extra["resized"] = (f"canvas {width}x{height} rounded up to {width + -width % spec.size_multiple}x"
+                                f"{height + -height % spec.size_multiple} (a multiple of {spec.size_multiple}) on the right and bottom")
     pad = ((sides["top"], sides["bottom"]), (sides["left"], sides["right"]), (0, 0))
     canvas = Image.fromarray(np.pad(np.asarray(image), pad, mode="edge"))
-    hard = np.pad(np.zeros(image.size[::-1], dtype=np.uint8), pad[:2], constant_values=255)
-    seam = np.asarray(images.blur_mask(Image.fromarray(hard), feather))
-    mask = Image.fromarray(np.maximum(hard, np.minimum(255, seam.astype(np.int32) * 2).astype(np.uint8)))
+    # The seam: a linear ramp from the new area `feather` pixels into the original; pixels further in are kept exactly.
+    ys, xs = np.mgrid[0:image.size[1], 0:image.size[0]]
+    edges = {"left": xs, "right": image.size[0] - 1 - xs, "top": ys, "bottom": image.size[1] - 1 - ys}
+    depth = np.min([edges[side] for side in edges if sides[side]], axis=0)  # distance from the nearest new edge
+    seam = np.clip((feather - depth) / (feather + 1), 0, 1)
+    mask = Image.fromarray(np.pad((seam * 255).round().astype(np.uint8), pad[:2], constant_values=255))
     job.extra.update(input=input_path, outpaint=extend, feather=feather, strength=strength)
     return _inpaint_area(job, spec, canvas, mask, 0, False, 0, strength)
 
 
 UPSCALERS = {"x4": ("sd-x4-upscaler", 4), "latent": ("sd-latent-upscaler", 2)}  # --method -> (family, scale)
+# Inputs with a longer side above this (input pixels) are tiled unless --tile says otherwise: the VAE decode at the
+# output size is the memory peak (a 512 px input is 2048 px out of the x4 upscaler).
+AUTO_TILE = {"x4": 256, "latent": 512}
 
 
-def upscale(job: Job, input_path: str, scale: int, method: str, noise_level: int, tile: int, tile_overlap: int) -> Job:
+def max_noise_level(spec: ModelSpec) -> int:
+    """The upscaler's max_noise_level (model_index.json), 350 as the SD x4 upscaler when unknown."""
+    index = Path(spec.config_dir or spec.location) / "model_index.json"
+    return int(read_json(index).get("max_noise_level", 350)) if index.is_file() else 350
+
+
+def upscale(job: Job, input_path: str, scale: int, method: str, noise_level: int, tile: int | None,
+            tile_overlap: int | None) -> Job:
     """x4 (SD x4 upscaler layout, --noise-level) or x2 latent upscaling, optionally in overlapping tiles."""
     if method not in UPSCALERS:
         raise UsageError(f"--method must be one of {', '.join(UPSCALERS)}, got {method!r}")
@@ -139,16 +163,26 @@ def upscale(job: Job, input_path: str, scale: int, method: str, noise_level: int
     if spec.family != family:
         raise UsageError(f"--model {spec.name!r} is a {spec.family} model, not an {method} upscaler",
                          f"use {DEFAULT_UPSCALER} or an SD x4 upscaler" if method == "x4" else "use an SD x2 latent upscaler")
-    if not 0 <= noise_level <= 350:
-        raise UsageError(f"--noise-level must be between 0 and 350, got {noise_level}")
-    if tile < 0 or tile % 8:
+    top = max_noise_level(spec)
+    if method == "x4" and not 0 <= noise_level <= top:
+        raise UsageError(f"--noise-level must be between 0 and {top} for this model, got {noise_level}")
+    if tile is not None and (tile < 0 or tile % 8):
         raise UsageError(f"--tile must be 0 (off) or a positive multiple of 8, got {tile}")
-    if tile and not 0 <= tile_overlap < tile // 2:
-        raise UsageError(f"--tile-overlap must be between 0 and half the tile ({tile // 2}), got {tile_overlap}")
     image = images.load_image(input_path)
     fitted = images.fit_to_multiple(image, None, None, 8, "stretch")
     _note_resize(job, image.size, fitted.size)
+    if tile is None:  # automatic: whole image when small, bounded tiles when large
+        tile = AUTO_TILE[method] if max(fitted.size) > AUTO_TILE[method] else 0
+        if tile:
+            job.extra["tiling"] = (f"input {fitted.size[0]}x{fitted.size[1]} is larger than {tile} px: upscaling in "
+                                   f"{tile} px tiles (--tile 0 turns tiling off)")
+    tile_overlap = tile // 8 if tile_overlap is None else tile_overlap
+    if tile and not 0 <= tile_overlap < tile // 2:
+        raise UsageError(f"--tile-overlap must be between 0 and half the tile ({tile // 2}), got {tile_overlap}")
     job.width, job.height = fitted.size[0] * scale, fitted.size[1] * scale
+    if max(job.width, job.height) > MAX_SIDE:
+        raise UsageError(f"INPUT {input_path} is {fitted.size[0]}x{fitted.size[1]}: x{scale} would be {job.width}x{job.height}, "
+                         f"over the {MAX_SIDE} px limit", "downscale the input first")
     pipeline_kwargs = {"image": fitted, "noise_level": noise_level} if method == "x4" else {"image": fitted}
     job.extra.update(input=input_path, scale=scale, method=method, tile=tile, tile_overlap=tile_overlap,
                      pipeline_kwargs=pipeline_kwargs, **({"noise_level": noise_level} if method == "x4" else {}))

@@ -164,6 +164,39 @@ def tiny_latent_upscaler(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_x4_upscaler(tmp_path_factory) -> Path:
+    """An SD x4 upscaler layout: 7-channel U-Net (4 latent + 3 noised low-res RGB) with a noise-level class embedding,
+    a VAE decoding x4 (3 blocks, scaling 0.08333), a DDPM low_res_scheduler and max_noise_level 350, as the real one."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("x4-upscaler")
+    vocab_size = write_tiny_tokenizer(root / "tokenizer-src")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=7, out_channels=4, num_class_embeds=1000,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN, norm_num_groups=8, attention_head_dim=4,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8, 16, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, scaling_factor=0.08333)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_size=TEXT_HIDDEN,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=77,
+    ))
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer-src"), unet=unet,
+        low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        safety_checker=None, watermarker=None, feature_extractor=None, max_noise_level=350,
+    )
+    pipe.save_pretrained(root / "tiny-x4")
+    return root / "tiny-x4"
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
     """The tiny model as one original-layout (A1111/CompVis) .safetensors file."""
     from diffusers import StableDiffusionPipeline

@@ -88,3 +88,51 @@ def _png_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_palette_transparency_and_la_are_composited_on_white(tmp_path):
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([255, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "p.png", transparency=0)
+    Image.new("LA", (4, 4), (0, 0)).save(tmp_path / "la.png")
+    for name in ("p.png", "la.png"):
+        assert images.load_image(str(tmp_path / name)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_cmyk_jpeg_and_truncated_jpeg(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    assert images.load_image(str(tmp_path / "c.jpg")).getpixel((4, 4))[0] > 200  # red stays red
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "full.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
+    with pytest.raises(UsageError, match="cut.jpg: broken image data"):
+        images.load_image(str(tmp_path / "cut.jpg"))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "I;16", "1"])
+def test_masks_of_any_mode_become_l(tmp_path, mode):
+    if mode == "I;16":
+        Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "m.png")
+    else:
+        Image.new("L", (8, 8), 255).convert(mode).save(tmp_path / "m.png")
+    mask = images.load_mask(str(tmp_path / "m.png"), (8, 8), resize=False, invert=False)
+    assert mask.mode == "L" and mask.getpixel((0, 0)) == 255
+
+
+def test_mask_from_alpha_keeps_the_alpha_the_rgb_path_drops(tmp_path):
+    rgba = Image.new("RGBA", (4, 2), (9, 9, 9, 255))
+    rgba.putpixel((0, 0), (9, 9, 9, 0))
+    rgba.save(tmp_path / "a.png")
+    mask = images.mask_from_alpha(str(tmp_path / "a.png"), invert=False)
+    assert (mask.getpixel((0, 0)), mask.getpixel((1, 0))) == (255, 0)
+    assert images.mask_from_alpha(str(tmp_path / "a.png"), invert=True).getpixel((0, 0)) == 0
+    with pytest.raises(UsageError, match="has no transparency"):
+        Image.new("RGB", (4, 2)).save(tmp_path / "opaque.png")
+        images.mask_from_alpha(str(tmp_path / "opaque.png"), invert=False)
+
+
+def test_pixel_cap_is_checked_from_the_header_before_decoding(tmp_path, monkeypatch):
+    Image.new("L", (200, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)  # 40,000 px is over twice the cap: Pillow's bomb error
+    with pytest.raises(UsageError, match="big.png: image too large \\(over 10,000 pixels\\)"):
+        images.load_image(str(tmp_path / "big.png"))

@@ -1,0 +1,120 @@
+"""upscale through the CLI: the SD x4 layout (tiny 7-channel model), the x2 latent layout, tiles and their noise."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from task_inputs import FAST, pixels, write_photo
+
+from diffcli import tasks, tiles
+from diffcli.output import read_metadata
+
+BUNDLED_X4 = Path(__file__).resolve().parents[1] / "diffcli" / "bundled" / "tiny-shapes-x4"
+
+
+def smooth(folder: Path, size=(32, 32)) -> Path:
+    """A smooth gradient: the kind of input an upscaler is for."""
+    x = np.linspace(0, 255, size[0])[None, :, None]
+    y = np.linspace(0, 255, size[1])[:, None, None]
+    Image.fromarray(np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=2).astype(np.uint8)).save(folder / "in.png")
+    return folder / "in.png"
+
+
+def test_upscale_x4_batch_records_noise_level(cli, tiny_x4_upscaler, tmp_path):
+    result = cli("upscale", smooth(tmp_path, (24, 16)), "a gradient", "--model", tiny_x4_upscaler, "-N", "2", "--batch-size", "2",
+                 "--noise-level", "30", "-o", "u-{seed}.png", "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    records = result.json_lines()
+    assert [r["seed"] for r in records] == [3, 4] and all(Image.open(r["path"]).size == (96, 64) for r in records)
+    assert (records[0]["model_family"], records[0]["noise_level"], records[0]["tile"]) == ("sd-x4-upscaler", 30, 0)
+    assert pixels("u-3.png").tolist() != pixels("u-4.png").tolist()
+
+
+def test_one_tile_covering_the_image_reproduces_the_untiled_result_exactly(cli, tiny_x4_upscaler, tmp_path):
+    """The tile path draws the untiled call's noise (low-res noise, then latents) from the seed and slices it."""
+    image = smooth(tmp_path)
+    assert cli("upscale", image, "--model", tiny_x4_upscaler, "--tile", "0", "-o", "whole.png", *FAST).exit_code == 0
+    assert cli("upscale", image, "--model", tiny_x4_upscaler, "--tile", "32", "-o", "one.png", *FAST).exit_code == 0
+    assert np.array_equal(pixels("whole.png"), pixels("one.png"))
+
+
+def test_tiled_result_matches_the_untiled_one_closely(cli, tiny_x4_upscaler, tmp_path):
+    """Measure: mean absolute difference (0..255) of tiled vs untiled, same seed, against the difference two seeds
+    make untiled. Each tile uses its region of the untiled noise, so only the context a tile sees differs (on this
+    random tiny model about 6 vs 39; one seed per tile, the old way, gave 36: as far off as another seed)."""
+    image = smooth(tmp_path)
+    for seed, tile, name in ((3, 0, "whole.png"), (3, 24, "tiled.png"), (4, 0, "other.png")):
+        result = cli("upscale", image, "--model", tiny_x4_upscaler, "--tile", tile, "--tile-overlap", "8", "--seed", seed,
+                     "--steps", "2", "-o", name, "--quiet")
+        assert result.exit_code == 0, result.stderr
+    tiled = np.abs(pixels("tiled.png") - pixels("whole.png")).mean()
+    seeds = np.abs(pixels("other.png") - pixels("whole.png")).mean()
+    assert tiled < 0.25 * seeds, (tiled, seeds)
+    assert (read_metadata("tiled.png")["tile"], read_metadata("tiled.png")["tile_overlap"]) == (24, 8)
+
+
+def test_large_inputs_are_tiled_automatically_and_said_so(cli, tiny_x4_upscaler, tmp_path, monkeypatch):
+    monkeypatch.setitem(tasks.AUTO_TILE, "x4", 16)
+    result = cli("upscale", smooth(tmp_path), "--model", tiny_x4_upscaler, "-o", "a.png", "--steps", "2", "--seed", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "input 32x32 is larger than 16 px: upscaling in 16 px tiles (--tile 0 turns tiling off)" in result.stderr
+    assert (result.json_lines()[0]["tile"], result.json_lines()[0]["tile_overlap"]) == (16, 2)  # overlap: tile / 8
+
+
+@pytest.mark.skipif(not BUNDLED_X4.exists(), reason="bundled upscaler absent")
+def test_upscale_defaults_to_the_bundled_x4_model(cli, tmp_path):
+    Image.new("RGB", (16, 16), (30, 60, 200)).save(tmp_path / "small.png")
+    result = cli("upscale", tmp_path / "small.png", "-o", "b.png", "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert Image.open("b.png").size == (64, 64) and result.json_lines()[0]["model"] == "tiny-shapes-x4"
+
+
+def test_upscale_latent_x2_whole_and_tiled(cli, tiny_latent_upscaler, tmp_path):
+    Image.new("RGB", (128, 128), (200, 40, 40)).save(tmp_path / "in.png")
+    result = cli("upscale", tmp_path / "in.png", "a red square", "--method", "latent", "--scale", "2",
+                 "--model", tiny_latent_upscaler, "-o", "x2.png", "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert Image.open("x2.png").size == (256, 256) and result.json_lines()[0]["method"] == "latent"
+    tiled = cli("upscale", tmp_path / "in.png", "a red square", "--method", "latent", "--scale", "2", "--tile", "96",
+                "--tile-overlap", "32", "--model", tiny_latent_upscaler, "-o", "t.png", *FAST)
+    assert tiled.exit_code == 0, tiled.stderr
+    assert Image.open("t.png").size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "{sd}"], "is a sd1 model, not an x4 upscaler"),
+        (["--model", "{x4}", "--tile", "30"], "--tile must be 0 (off) or a positive multiple of 8, got 30"),
+        (["--model", "{x4}", "--tile", "16", "--tile-overlap", "8"], "--tile-overlap must be between 0 and half the tile (8), got 8"),
+        (["--model", "{x4}", "--noise-level", "351"], "--noise-level must be between 0 and 350 for this model, got 351"),
+        (["--model", "{x4}", "--scale", "2"], "--scale must be 4 with --method x4, got 2"),
+        (["--model", "{x4}", "--method", "bicubic"], "--method must be one of x4, latent, got 'bicubic'"),
+        (["--method", "latent", "--scale", "2"], "--method latent needs --model"),
+        (["--method", "latent", "--model", "{x4}"], "--scale must be 2 with --method latent, got 4"),
+        (["--method", "latent", "--scale", "2", "--model", "{x4}"], "not an latent upscaler"),
+    ],
+)
+def test_upscale_usage_errors(cli, tiny_model, tiny_x4_upscaler, tmp_path, args, message):
+    args = [a.format(sd=tiny_model, x4=tiny_x4_upscaler) for a in args]
+    result = cli("upscale", write_photo(tmp_path), *args)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_upscale_refuses_outputs_over_the_size_limit(cli, tiny_x4_upscaler, tmp_path):
+    Image.new("RGB", (2056, 8)).save(tmp_path / "wide.png")
+    result = cli("upscale", tmp_path / "wide.png", "--model", tiny_x4_upscaler)
+    assert result.exit_code == 2 and "x4 would be 8224x32, over the 8192 px limit" in result.stderr
+
+
+def test_tiles_blend_to_the_untiled_result_for_a_local_operator():
+    """The tiling and seam blending are exact for an operator without context (nearest-neighbour x4)."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), np.uint8))
+
+    def nearest(crop, box=None):
+        return np.asarray(crop.resize((crop.size[0] * 4, crop.size[1] * 4), Image.NEAREST), dtype=np.float64)
+
+    assert np.allclose(tiles.upscale_tiled(image, 24, 8, 4, nearest), nearest(image))
+    assert tiles.tile_starts(56, 24, 8) == [0, 16, 32] and tiles.tile_starts(20, 24, 8) == [0]
+    assert tiles.tile_starts(128, 96, 20, align=8) == [0, 32]  # latent tiles start on the VAE's 8 px grid
