@@ -243,11 +243,14 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
         kwargs["latents"] = noise.variation_latents(pipe, generators, variation_seeds, job.extra["variation_strength"],
                                                     plan.width, plan.height, pipe.unet.dtype)
     style = CALL_STYLES.get(type(pipe).__name__, CallStyle())
+    encoded: dict[int, dict] = {}  # prompt inputs by batch size: tiles and retries reuse them
 
     def call(call_kwargs: dict, call_generators: list):
         count = len(call_generators)
         if style.prompt_embeds:
-            call_kwargs = dict(call_kwargs, **prompts.pipeline_inputs(pipe, job, count))
+            if count not in encoded:
+                encoded[count] = prompts.pipeline_inputs(pipe, job, count)
+            call_kwargs = dict(call_kwargs, **encoded[count])
         else:
             call_kwargs = dict(call_kwargs, prompt=[job.prompt] * count, negative_prompt=[job.negative] * count if job.negative else None)
         if style.repeat_image:
@@ -292,7 +295,7 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
         if not np.isfinite(images).all():
             raise RuntimeFailure("the hires pass produced NaN/Inf values; no image was saved", "try --dtype fp32 or bf16")
     postprocess = job.extra.get("postprocess") or (lambda image: image)  # e.g. inpaint's exact paste-back
-    return [postprocess(_to_pil(image)) for image in images], warnings
+    return [postprocess(to_pil(image)) for image in images], warnings
 
 
 def _decode_fp32(pipe, latents):
@@ -310,7 +313,7 @@ def _decode_fp32(pipe, latents):
     return pipe.image_processor.postprocess(decoded, output_type="np")
 
 
-def _to_pil(array):
+def to_pil(array):
     """float [0,1] HxWxC -> 8-bit PIL image."""
     import numpy as np
     from PIL import Image

@@ -31,24 +31,24 @@ def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[i
 
 def refine(pipe, job, plan, seeds: list[int], steps: int, latents, images):
     """Upscale the first pass and run img2img over it at the larger size; returns float images (N, H, W, 3)."""
-    import numpy as np
     import torch
     from PIL import Image
 
     from diffcli import prompts
-    from diffcli.pipeline import build_scheduler, load_pipeline
+    from diffcli.generate import to_pil
+    from diffcli.pipeline import build_scheduler, load_pipeline, resolve_device, resolve_dtype
 
     extra = job.extra
     width, height = target_size(plan.width, plan.height, extra["hires_scale"], plan.spec.size_multiple)
-    img2img = load_pipeline(plan.spec, "img2img", str(pipe.device), pipe.unet.dtype, job.safety_checker,
+    device = resolve_device(job.device)  # the same key run_plan loaded with, so the components are shared, not reloaded
+    img2img = load_pipeline(plan.spec, "img2img", device, resolve_dtype(job.dtype, device), job.safety_checker,
                             job.allow_pickle, job.optimize, job.low_vram)
     img2img.scheduler = build_scheduler(img2img.diffcli_scheduler, plan.scheduler)
     if extra["hires_upscaler"] == "latent":
         factor = plan.spec.size_multiple
         image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
     else:
-        image = [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype("uint8")).resize((width, height), Image.LANCZOS)
-                 for a in images]
+        image = [to_pil(array).resize((width, height), Image.LANCZOS) for array in images]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     return img2img(image=image, strength=extra["hires_strength"], num_inference_steps=extra["hires_steps"] or steps,
                    guidance_scale=plan.cfg, generator=generators, output_type="np",
