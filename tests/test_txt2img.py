@@ -179,6 +179,13 @@ def test_help_imports_no_heavy_library():
     assert result.returncode == 0, result.stderr
 
 
+def test_speed_and_memory_switches_are_accepted_on_the_cpu(cli, tiny_model):
+    """--no-optimize and --low-vram only change CUDA runs; on the CPU they must still parse and run."""
+    result = cli("txt2img", "a", "--model", tiny_model, "--no-optimize", "--low-vram", "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert result.json_lines()[0]["optimizations"][0].startswith("cpu threads")
+
+
 def test_schedulers_and_info_commands(cli):
     listing = cli("schedulers")
     assert listing.exit_code == 0 and "dpm++2m-karras" in listing.stdout and "Euler a" in listing.stdout
