@@ -71,7 +71,10 @@ SchedulerList = Annotated[Optional[Values], typer.Option("--scheduler", parser=p
 Hires = Annotated[Optional[float], typer.Option("--hires", help="Hires fix: upscale the first pass by SCALE and refine it with img2img.")]
 HiresSteps = Annotated[Optional[int], typer.Option("--hires-steps", min=1, help="Steps of the hires pass (default: --steps).")]
 HiresStrength = Annotated[float, typer.Option("--hires-strength", help="Denoising strength of the hires pass (0..1).")]
-HiresUpscaler = Annotated[str, typer.Option("--hires-upscaler", help="latent (upscale the latents) or lanczos (upscale the pixels).")]
+HiresUpscaler = Annotated[str, typer.Option("--hires-upscaler", help="latent (upscale the latents), lanczos (the pixels) or x4 (an SD x4 upscaler model).")]
+HiresUpscalerModel = Annotated[Optional[str], typer.Option("--hires-upscaler-model", help="SD x4 upscaler for --hires-upscaler x4 (default: $DIFFCLI_UPSCALE_MODEL, else bundled tiny-shapes-x4).")]
+Refiner = Annotated[Optional[str], typer.Option("--refiner", help="SDXL refiner (bundled name, Hub id, folder or file) that finishes the base model's image.")]
+RefinerStart = Annotated[float, typer.Option("--refiner-start", help="Fraction of the steps the base model runs before the refiner takes over.")]
 Grid = Annotated[bool, typer.Option("--grid", help="Also write an X/Y contact sheet of a sweep, with axis labels.")]
 Weighting = Annotated[bool, typer.Option("--weighting/--no-weighting", help="A1111 attention syntax: (word), ((word)), [word], (word:1.3); \\( is a literal bracket.")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", min=1, max=12, help="Skip the last CLIP layers, counted as in A1111 (1 = none, 2 = penultimate).")]
@@ -197,24 +200,40 @@ def txt2img(
     hires_steps: HiresSteps = None,
     hires_strength: HiresStrength = 0.7,
     hires_upscaler: HiresUpscaler = "latent",
+    hires_upscaler_model: HiresUpscalerModel = None,
+    refiner: Refiner = None,
+    refiner_start: RefinerStart = 0.8,
 ) -> None:
     """Generate images from a text prompt; comma lists in --cfg/--steps/--seed/--scheduler sweep."""
     from diffcli.hires import hires_settings
     from diffcli.noise import variation_settings
-    from diffcli.sweep import expand, write_grid
+    from diffcli.refiner import refiner_settings
 
     job = Job("txt2img", prompt, negative, None, None, None, width, height, num_images, batch_size, None,
               model, model_config, device, dtype, out, overwrite, safety_checker, allow_pickle, optimize, low_vram)
     job.extra.update(weighting=weighting, **variation_settings(variation_seed, variation_strength),
-                     **hires_settings(hires, hires_steps, hires_strength, hires_upscaler))
+                     **hires_settings(hires, hires_steps, hires_strength, hires_upscaler, hires_upscaler_model),
+                     **refiner_settings(refiner, refiner_start))
     job.extra.update({k: v for k, v in (("clip_skip", clip_skip), ("lora_specs", lora), ("lora_dir", lora_dir),
                                         ("embedding_specs", embedding), ("embedding_dir", embedding_dir)) if v})
-    jobs = expand(job, cfg=cfg, steps=steps, seed=seed, scheduler=scheduler)
+    _sweep(job, {"cfg": cfg, "steps": steps, "seed": seed, "scheduler": scheduler}, grid, as_json, quiet)
+
+
+def _sweep(job: Job, swept: dict, grid: bool, as_json: bool, quiet: bool) -> None:
+    """Run one job per combination of the comma-list values, then the --grid contact sheet if asked."""
+    from diffcli.sweep import expand, write_grid
+
+    jobs = expand(job, **swept)
     if len(jobs) > 1:
         say(f"sweep: {len(jobs)} combinations", quiet)
+    if "strength" in job.extra:  # strength x steps is checked per combination before any model loads
+        from diffcli.tasks import check_strength
+
+        for each in jobs:
+            check_strength(job.extra["strength"], each.steps)
     records = run_jobs(jobs, as_json, quiet)
     if grid and records:
-        sheet = write_grid(records, overwrite)
+        sheet = write_grid(records, job.overwrite)
         print(json.dumps(sheet, sort_keys=True) if as_json else sheet["grid"], flush=True)
 
 
@@ -222,19 +241,23 @@ Input = Annotated[str, typer.Argument(help="Input image (PNG, JPEG, WebP...; EXI
 Strength = Annotated[float, typer.Option("--strength", help="How much to change the input: 0 keeps it, 1 ignores it.")]
 
 
-def _job(task: str, prompt: str, common: dict) -> Job:
-    """A Job from the options every image-to-image command shares."""
+SWEPT = ("cfg", "steps", "seed", "scheduler")
+
+
+def _job(task: str, prompt: str, common: dict) -> tuple[Job, dict]:
+    """A Job from the options every image-to-image command shares, and the swept (comma-list) values apart."""
     weighting = common.pop("weighting")
+    swept = {name: common.pop(name) for name in SWEPT}
     job = Job(task, prompt, **common)
     job.extra["weighting"] = weighting
-    return job
+    return job, swept
 
 
-def _run_task(job: Job, as_json: bool, quiet: bool) -> None:
+def _run_task(job: Job, swept: dict, grid: bool, as_json: bool, quiet: bool) -> None:
     for note in ("resized", "tiling"):  # size and tiling decisions the user did not spell out
         if note in job.extra:
             say(job.extra[note], quiet)
-    run_jobs([job], as_json, quiet)
+    _sweep(job, swept, grid, as_json, quiet)
 
 
 @app.command()
@@ -243,8 +266,8 @@ def img2img(
     prompt: Annotated[str, typer.Argument(help="What the result should show.")],
     strength: Strength = 0.75,
     resize: Annotated[str, typer.Option("--resize", help="With --width/--height: fit (pad), crop or stretch.")] = "fit",
-    negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None, width: Width = None,
-    height: Height = None, num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
+    negative: Negative = "", cfg: CfgList = None, steps: StepsList = None, seed: SeedList = None, width: Width = None,
+    height: Height = None, num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: SchedulerList = None, grid: Grid = False,
     model: Model = None, model_config: ModelConfig = None, device: Device = "auto", dtype: Dtype = "auto",
     out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
     safety_checker: SafetyChecker = False, allow_pickle: AllowPickle = False, optimize: Optimize = True,
@@ -253,8 +276,9 @@ def img2img(
     """Change an image following a prompt (size kept, rounded to the model's multiple)."""
     from diffcli import tasks
 
-    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "strength", "resize", "as_json", "quiet", "tasks")}
-    _run_task(tasks.img2img(_job("img2img", prompt, common), input, strength, resize), as_json, quiet)
+    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "strength", "resize", "grid", "as_json", "quiet", "tasks")}
+    job, swept = _job("img2img", prompt, common)
+    _run_task(tasks.img2img(job, input, strength, resize), swept, grid, as_json, quiet)
 
 
 @app.command()
@@ -269,8 +293,8 @@ def inpaint(
     padding: Annotated[int, typer.Option("--padding", help="Pixels around the mask in the --masked-only crop.")] = 32,
     resize_mask: Annotated[bool, typer.Option("--resize-mask", help="Stretch a mask whose size differs from the image.")] = False,
     strength: Strength = 1.0,
-    negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None, width: Width = None,
-    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
+    negative: Negative = "", cfg: CfgList = None, steps: StepsList = None, seed: SeedList = None, width: Width = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: SchedulerList = None, grid: Grid = False,
     model: Model = None, model_config: ModelConfig = None, device: Device = "auto", dtype: Dtype = "auto",
     out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
     safety_checker: SafetyChecker = False, allow_pickle: AllowPickle = False, optimize: Optimize = True,
@@ -280,11 +304,11 @@ def inpaint(
     from diffcli import tasks
 
     settings = ("input", "prompt", "mask", "mask_blur", "invert_mask", "mask_from_alpha", "masked_only", "padding",
-                "resize_mask", "strength", "as_json", "quiet", "tasks", "settings")
+                "resize_mask", "strength", "grid", "as_json", "quiet", "tasks", "settings")
     common = {k: v for k, v in locals().items() if k not in settings}
-    job = tasks.inpaint(_job("inpaint", prompt, common), input, mask, mask_blur, invert_mask, mask_from_alpha,
-                        masked_only, padding, strength, resize_mask)
-    _run_task(job, as_json, quiet)
+    job, swept = _job("inpaint", prompt, common)
+    job = tasks.inpaint(job, input, mask, mask_blur, invert_mask, mask_from_alpha, masked_only, padding, strength, resize_mask)
+    _run_task(job, swept, grid, as_json, quiet)
 
 
 @app.command()
@@ -294,8 +318,8 @@ def outpaint(
     extend: Annotated[str, typer.Option("--extend", help="Pixels to add: left=128,right=128,top=0,bottom=64 or all=64.")] = "all=64",
     feather: Annotated[int, typer.Option("--feather", help="Width of the soft seam into the original, in pixels.")] = 8,
     strength: Strength = 1.0,
-    negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None,
-    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
+    negative: Negative = "", cfg: CfgList = None, steps: StepsList = None, seed: SeedList = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: SchedulerList = None, grid: Grid = False,
     model: Model = None, model_config: ModelConfig = None, device: Device = "auto", dtype: Dtype = "auto",
     out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
     safety_checker: SafetyChecker = False, allow_pickle: AllowPickle = False, optimize: Optimize = True,
@@ -304,8 +328,9 @@ def outpaint(
     """Extend the canvas and paint the new area; the original pixels are kept."""
     from diffcli import tasks
 
-    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "extend", "feather", "strength", "as_json", "quiet", "tasks")}
-    _run_task(tasks.outpaint(_job("inpaint", prompt, common), input, extend, feather, strength), as_json, quiet)
+    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "extend", "feather", "strength", "grid", "as_json", "quiet", "tasks")}
+    job, swept = _job("inpaint", prompt, common)
+    _run_task(tasks.outpaint(job, input, extend, feather, strength), swept, grid, as_json, quiet)
 
 
 @app.command()
@@ -317,8 +342,8 @@ def upscale(
     noise_level: Annotated[int, typer.Option("--noise-level", help="Noise added to the input (0-350): more invents more detail.")] = 20,
     tile: Annotated[Optional[int], typer.Option("--tile", help="Process the input in tiles of SIZE pixels; 0: whole image. Default: 256 (x4) or 512 (latent) when the input is larger.")] = None,
     tile_overlap: Annotated[Optional[int], typer.Option("--tile-overlap", help="Input pixels shared by neighbouring tiles (default: an eighth of --tile).")] = None,
-    negative: Negative = "", cfg: Cfg = None, steps: Steps = None, seed: Seed = None,
-    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: Scheduler = None,
+    negative: Negative = "", cfg: CfgList = None, steps: StepsList = None, seed: SeedList = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, scheduler: SchedulerList = None, grid: Grid = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="DIFFCLI_UPSCALE_MODEL", help="An SD x4 upscaler (default: bundled tiny-shapes-x4) or, with --method latent, an SD x2 latent upscaler.")] = None,
     device: Device = "auto", dtype: Dtype = "auto",
     out: Out = None, overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False,
@@ -327,8 +352,9 @@ def upscale(
     """Upscale an image x4 (SD x4 upscaler) or x2 (latent upscaler), optionally in overlapping tiles."""
     from diffcli import tasks
 
-    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "scale", "method", "noise_level", "tile", "tile_overlap", "as_json", "quiet", "tasks")}
-    _run_task(tasks.upscale(_job("upscale", prompt, common), input, scale, method, noise_level, tile, tile_overlap), as_json, quiet)
+    common = {k: v for k, v in locals().items() if k not in ("input", "prompt", "scale", "method", "noise_level", "tile", "tile_overlap", "grid", "as_json", "quiet", "tasks")}
+    job, swept = _job("upscale", prompt, common)
+    _run_task(tasks.upscale(job, input, scale, method, noise_level, tile, tile_overlap), swept, grid, as_json, quiet)
 
 
 @app.command()

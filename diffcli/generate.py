@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from diffcli import __version__, adapters, output
+from diffcli import __version__, adapters, hires, output, refiner
 from diffcli.errors import RuntimeFailure, UsageError
 from diffcli.models import ModelSpec, resolve_model
 from diffcli.options import Job, check_size_multiple, draw_seed, validate
@@ -56,6 +56,10 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     if job.scheduler is not None:
         job.scheduler = normalize_scheduler_name(job.scheduler)
     spec = resolve_model(job.model, job.model_config, job.allow_pickle)
+    if job.extra.get("refiner"):
+        refiner.check(job, spec)
+    if job.extra.get("hires_upscaler") == "x4":
+        hires.check_upscaler(job)
     defaults = spec.defaults
     width = job.width or defaults.get("width") or spec.sample_size or 512
     height = job.height or defaults.get("height") or spec.sample_size or 512
@@ -126,6 +130,8 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
         from diffcli.tasks import check_strength
 
         check_strength(job.extra["strength"], steps)
+    if job.extra.get("refiner"):
+        refiner.check_steps(steps, job.extra["refiner_start"])
     common = {
         "task": job.task,
         "prompt": job.prompt,
@@ -245,7 +251,7 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
     style = CALL_STYLES.get(type(pipe).__name__, CallStyle())
     encoded: dict[int, dict] = {}  # prompt inputs by batch size: tiles and retries reuse them
 
-    def call(call_kwargs: dict, call_generators: list):
+    def call(call_kwargs: dict, call_generators: list, output_type: str = "np"):
         count = len(call_generators)
         if style.prompt_embeds:
             if count not in encoded:
@@ -259,7 +265,7 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
             call_kwargs["callback_on_step_end"] = on_step_end
         else:
             call_kwargs.update(callback=lambda i, t, latents: on_step_end(pipe, i, t, {"latents": latents}), callback_steps=1)
-        return pipe(num_inference_steps=steps, guidance_scale=plan.cfg, generator=call_generators, output_type="np",
+        return pipe(num_inference_steps=steps, guidance_scale=plan.cfg, generator=call_generators, output_type=output_type,
                     **call_kwargs).images
 
     try:
@@ -271,6 +277,9 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
                                          lambda extra, generator: call(dict(kwargs, **extra), [generator])[0])
                 for seed in seeds
             ])
+        elif job.extra.get("refiner"):  # the base stops at --refiner-start, the refiner finishes from its latents
+            latents = call(dict(kwargs, denoising_end=job.extra["refiner_start"]), generators, output_type="latent")
+            images = refiner.refine(job, plan, latents, generators, steps, on_step_end)
         else:
             images = call(kwargs, generators)
     finally:
@@ -289,8 +298,6 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
         if not np.isfinite(images).all():
             raise RuntimeFailure("the VAE produced NaN/Inf pixels even in fp32; no image was saved")
     if job.extra.get("hires_scale"):
-        from diffcli import hires
-
         images = hires.refine(pipe, job, plan, seeds, steps, last["latents"], images)
         if not np.isfinite(images).all():
             raise RuntimeFailure("the hires pass produced NaN/Inf values; no image was saved", "try --dtype fp32 or bf16")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 from diffcli.errors import UsageError
 
-UPSCALERS = ("latent", "lanczos")
+UPSCALERS = ("latent", "lanczos", "x4")  # x4: an SD x4 upscaler model, then Lanczos down to the target size
 
 
-def hires_settings(scale: float | None, steps: int | None, strength: float, upscaler: str) -> dict:
+def hires_settings(scale: float | None, steps: int | None, strength: float, upscaler: str,
+                   upscaler_model: str | None = None) -> dict:
     """Job.extra entries for --hires and its companions, validated."""
     if scale is None:
         if steps is not None:
             raise UsageError("--hires-steps needs --hires SCALE")
+        if upscaler_model is not None:
+            raise UsageError("--hires-upscaler-model needs --hires SCALE --hires-upscaler x4")
         return {}
     if not 1.0 < scale <= 4.0:
         raise UsageError(f"--hires must be between 1 (exclusive) and 4, got {scale:g}")
@@ -21,7 +26,23 @@ def hires_settings(scale: float | None, steps: int | None, strength: float, upsc
         raise UsageError(f"--hires-upscaler must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
     if steps is not None and int(steps * strength) < 1:
         raise UsageError(f"--hires-strength {strength:g} x --hires-steps {steps} is less than one denoising step")
-    return {"hires_scale": scale, "hires_steps": steps, "hires_strength": strength, "hires_upscaler": upscaler}
+    settings = {"hires_scale": scale, "hires_steps": steps, "hires_strength": strength, "hires_upscaler": upscaler}
+    if upscaler == "x4":
+        from diffcli.tasks import DEFAULT_UPSCALER
+
+        settings["hires_upscaler_model"] = upscaler_model or os.environ.get("DIFFCLI_UPSCALE_MODEL") or DEFAULT_UPSCALER
+    elif upscaler_model is not None:
+        raise UsageError(f"--hires-upscaler-model needs --hires-upscaler x4, not {upscaler}")
+    return settings
+
+
+def check_upscaler(job) -> None:
+    """The x4 upscaler model must exist and be one (checked before any weights load)."""
+    from diffcli.models import resolve_model
+
+    spec = resolve_model(job.extra["hires_upscaler_model"], None, job.allow_pickle)
+    if spec.family != "sd-x4-upscaler":
+        raise UsageError(f"--hires-upscaler-model {spec.name!r} is a {spec.family} model, not an SD x4 upscaler")
 
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
@@ -47,9 +68,45 @@ def refine(pipe, job, plan, seeds: list[int], steps: int, latents, images):
     if extra["hires_upscaler"] == "latent":
         factor = plan.spec.size_multiple
         image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
+    elif extra["hires_upscaler"] == "x4":
+        image = [upscaled.resize((width, height), Image.LANCZOS) for upscaled in _x4(job, images, seeds, device)]
     else:
         image = [to_pil(array).resize((width, height), Image.LANCZOS) for array in images]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     return img2img(image=image, strength=extra["hires_strength"], num_inference_steps=extra["hires_steps"] or steps,
                    guidance_scale=plan.cfg, generator=generators, output_type="np",
                    **prompts.pipeline_inputs(img2img, job, len(seeds))).images
+
+
+def _x4(job, images, seeds: list[int], device: str) -> list:
+    """Upscale each first-pass image x4 with the SD x4 upscaler at its own defaults, in tiles when large."""
+    import torch
+
+    from diffcli import prompts, tiles
+    from diffcli.generate import to_pil
+    from diffcli.models import resolve_model
+    from diffcli.pipeline import build_scheduler, default_steps, load_pipeline, resolve_dtype
+    from diffcli.tasks import AUTO_TILE
+
+    spec = resolve_model(job.extra["hires_upscaler_model"], None, job.allow_pickle)
+    pipe = load_pipeline(spec, "upscale", device, resolve_dtype(job.dtype, device), False, job.allow_pickle,
+                         job.optimize, job.low_vram)
+    pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, spec.defaults.get("scheduler"))
+    defaults = spec.defaults
+    settings = dict(num_inference_steps=defaults.get("steps") or default_steps(pipe.scheduler),
+                    guidance_scale=defaults.get("cfg", 7.5), noise_level=defaults.get("noise_level", 20),
+                    output_type="np", **prompts.pipeline_inputs(pipe, job, 1))
+
+    def call(extra: dict, generator):
+        return pipe(generator=[generator], **settings, **extra).images[0]
+
+    upscaled = []
+    for array, seed in zip(images, seeds):
+        low = to_pil(array)
+        tile = AUTO_TILE["x4"]
+        if max(low.size) > tile:
+            result = tiles.upscale_with_tiles(pipe, low, seed, tile, tile // 8, 4, call)
+        else:
+            result = call({"image": low}, torch.Generator("cpu").manual_seed(seed))
+        upscaled.append(to_pil(result))
+    return upscaled

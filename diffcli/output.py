@@ -116,7 +116,9 @@ def a1111_parameters(meta: dict) -> str:
         "Denoising strength": meta.get("hires_strength", meta.get("strength")),
         "Hires upscale": meta.get("hires_scale"),
         "Hires steps": meta.get("hires_steps"),
-        "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}.get(meta.get("hires_upscaler")),
+        "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos", "x4": "SD x4"}.get(meta.get("hires_upscaler")),
+        "Refiner": meta.get("refiner"),
+        "Refiner switch at": meta.get("refiner_start"),
         "Version": f"diffcli {meta['versions']['diffcli']}",
     }
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v not in (None, "")))

@@ -66,6 +66,8 @@ PIPELINES = {
     ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
     ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
     ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("sdxl-refiner", "img2img"): "StableDiffusionXLImg2ImgPipeline",  # the refiner has only the second text encoder
+    ("sdxl-refiner", "inpaint"): "StableDiffusionXLInpaintPipeline",
     ("sd-x4-upscaler", "upscale"): "StableDiffusionUpscalePipeline",
     ("sd-latent-upscaler", "upscale"): "StableDiffusionLatentUpscalePipeline",
 }
@@ -151,7 +153,7 @@ def default_steps(scheduler) -> int:
 
 
 _CACHE: dict[tuple, dict] = {}  # (model, device, dtype, loading options) -> {task: pipeline}
-LOW_VRAM_GIB = {"sdxl": 12.0}  # GPUs with less memory than this get --low-vram automatically
+LOW_VRAM_GIB = {"sdxl": 12.0, "sdxl-refiner": 12.0}  # GPUs with less memory than this get --low-vram automatically
 LOW_VRAM_DEFAULT_GIB = 6.0
 
 

@@ -1,7 +1,10 @@
-"""SDXL through txt2img on tiny real components: two text encoders, pooled embeds, weighting, clip skip."""
+"""SDXL on tiny real components: two text encoders, pooled embeds, weighting, clip skip; img2img, inpaint,
+outpaint; the refiner."""
 
 import numpy as np
-from PIL import Image
+import pytest
+from PIL import Image, ImageFilter
+from task_inputs import write_mask, write_photo
 
 from diffcli.output import read_metadata
 
@@ -39,3 +42,70 @@ def test_sdxl_txt2img_weighting_long_prompts_and_clip_skip(cli, tiny_sdxl):
     for a, b in (("weighted", "literal"), ("weighted", "skip"), ("red", "blue")):
         assert np.abs(pixels(f"{a}.png") - pixels(f"{b}.png")).max() > 0, (a, b)
     assert read_metadata("skip.png")["clip_skip"] == 2
+
+
+def test_sdxl_img2img_inpaint_and_outpaint(cli, tiny_sdxl, tmp_path):
+    photo, mask = write_photo(tmp_path, (64, 48)), write_mask(tmp_path, (64, 48))
+    base = ("--model", tiny_sdxl, *FAST)
+    result = cli("img2img", photo, "a dog", *base, "--strength", "0.6", "-o", "i2i.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json_lines()[0]["model_family"] == "sdxl" and Image.open("i2i.png").size == (64, 48)
+    assert np.abs(pixels("i2i.png") - pixels(photo)).mean() > 1
+    assert cli("inpaint", photo, "a dog", "--mask", mask, "--mask-blur", "2", *base, "-o", "inp.png").exit_code == 0
+    keep = np.asarray(Image.open(mask).filter(ImageFilter.GaussianBlur(2))) == 0
+    assert np.array_equal(pixels("inp.png")[keep], pixels(photo)[keep])
+    assert not np.array_equal(pixels("inp.png")[~keep], pixels(photo)[~keep])
+    assert cli("outpaint", photo, "a dog", "--extend", "right=16", "--feather", "2", *base, "-o", "out.png").exit_code == 0
+    assert np.array_equal(pixels("out.png")[:, :62], pixels(photo)[:, :62])  # the original up to the seam
+
+
+def test_refiner_finishes_the_base_latents_as_diffusers_ensemble_does(cli, tiny_sdxl, tiny_sdxl_refiner):
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    result = cli("txt2img", "a cat", "--model", tiny_sdxl, "--refiner", tiny_sdxl_refiner, "--refiner-start", "0.6",
+                 "--steps", "5", "--seed", "1", "--quiet", "--no-weighting", "-o", "refined.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    record = result.json_lines()[0]
+    assert (record["refiner"], record["refiner_start"]) == (str(tiny_sdxl_refiner), 0.6)
+    assert f"Refiner: {tiny_sdxl_refiner}, Refiner switch at: 0.6" in Image.open("refined.png").info["parameters"]
+
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)  # the same ensemble written with plain diffusers
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_refiner)
+    generators = [torch.Generator("cpu").manual_seed(1)]
+    common = {"num_inference_steps": 5, "guidance_scale": 7.5, "generator": generators}
+    latents = base("a cat", denoising_end=0.6, output_type="latent", **common).images
+    expected = refiner("a cat", image=latents, denoising_start=0.6, output_type="np", **common).images[0]
+    assert np.abs(pixels("refined.png") - np.round(expected * 255)).max() <= 1
+
+    assert cli("txt2img", "a cat", "--model", tiny_sdxl, "--steps", "5", "--seed", "1", "--quiet", "-o", "plain.png").exit_code == 0
+    assert np.abs(pixels("refined.png") - pixels("plain.png")).max() > 0
+
+
+def test_refiner_model_runs_img2img_but_not_txt2img(cli, tiny_sdxl_refiner, tmp_path):
+    photo = write_photo(tmp_path, (64, 64))
+    result = cli("img2img", photo, "a dog", "--model", tiny_sdxl_refiner, *FAST, "-o", "r.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json_lines()[0]["model_family"] == "sdxl-refiner"
+    result = cli("txt2img", "a dog", "--model", tiny_sdxl_refiner, *FAST)
+    assert result.exit_code == 2 and "txt2img does not work with" in result.stderr and "sdxl-refiner model" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--refiner-start", "1"], "--refiner-start must be between 0 and 1 (exclusive), got 1"),
+        (["--hires", "2"], "--refiner and --hires cannot be combined yet"),
+        (["--steps", "1"], "leaves one of the two models no step"),
+    ],
+)
+def test_refiner_usage_errors(cli, tiny_sdxl, tiny_sdxl_refiner, args, message):
+    result = cli("txt2img", "a cat", "--model", tiny_sdxl, "--refiner", tiny_sdxl_refiner, "--quiet", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_refiner_needs_sdxl_on_both_sides(cli, tiny_model, tiny_sdxl, tiny_sdxl_refiner):
+    result = cli("txt2img", "a cat", "--model", tiny_model, "--refiner", tiny_sdxl_refiner)
+    assert result.exit_code == 2 and "--refiner needs an SDXL base model" in result.stderr
+    result = cli("txt2img", "a cat", "--model", tiny_sdxl, "--refiner", tiny_model)
+    assert result.exit_code == 2 and "is a sd1 model, not an SDXL refiner" in result.stderr

@@ -60,3 +60,28 @@ def test_bad_sweeps_fail_before_any_image(cli, tiny_model, args, message):
         cli("txt2img", "a", "--model", tiny_model, *args)
     assert result.exit_code == 2 and message in result.stderr, result.stderr
     assert not Path("outputs").exists() and not Path("one.png").exists()
+
+
+def test_image_commands_sweep_and_grid(cli, tiny_model, tmp_path):
+    from task_inputs import write_mask, write_photo
+
+    photo, mask = write_photo(tmp_path, (64, 64)), write_mask(tmp_path, (64, 64))
+    result = cli("img2img", photo, "a cat", "--model", tiny_model, "--steps", "2,4", "--seed", "5", "--strength", "0.5",
+                 "-o", "i2i/{steps}.png", "--grid", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    *images, sheet = result.json_lines()
+    assert [(r["task"], r["steps"], r["strength"]) for r in images] == [("img2img", 2, 0.5), ("img2img", 4, 0.5)]
+    assert (sheet["x"], sheet["columns"]) == ("steps", ["steps 2", "steps 4"]) and Path(sheet["grid"]).is_file()
+    result = cli("inpaint", photo, "a cat", "--mask", mask, "--model", tiny_model, "--steps", "2", "--cfg", "3,6",
+                 "--seed", "1,2", "-o", "inp/{cfg}-{seed}.png", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.split() == ["inp/3-1.png", "inp/3-2.png", "inp/6-1.png", "inp/6-2.png"]
+
+
+def test_image_sweep_checks_strength_for_every_step_count_first(cli, tiny_model, tmp_path):
+    from task_inputs import write_photo
+
+    result = cli("img2img", write_photo(tmp_path), "a cat", "--model", tiny_model, "--steps", "10,2", "--strength", "0.3",
+                 "-o", "s/{steps}.png")
+    assert result.exit_code == 2 and "--strength 0.3 x --steps 2 is less than one denoising step" in result.stderr
+    assert not Path("s").exists()
