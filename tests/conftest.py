@@ -101,6 +101,31 @@ def build_tiny_sdxl(root: Path):
                                      scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
 
 
+def build_tiny_sd2(root: Path):
+    """A tiny SD2-layout model: 1024-wide text encoder (how SD2 is told apart), linear projections, v-prediction."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    base = build_tiny_pipeline(root)
+    vocab = base.tokenizer.vocab_size
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel.from_config(base.unet.config, cross_attention_dim=1024, use_linear_projection=True)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_size=1024, intermediate_size=64,
+        num_attention_heads=16, num_hidden_layers=1, vocab_size=vocab, max_position_embeddings=77, hidden_act="gelu"))
+    scheduler = DDIMScheduler.from_config(base.scheduler.config, prediction_type="v_prediction")
+    return StableDiffusionPipeline(**dict(base.components, unet=unet, text_encoder=text_encoder, scheduler=scheduler))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory) -> Path:
+    """The tiny SD2 v-prediction model saved as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("sd2")
+    build_tiny_sd2(root).save_pretrained(root / "tiny-sd2")
+    return root / "tiny-sd2"
+
+
 def build_tiny_sdxl_refiner(root: Path):
     """A tiny SDXL refiner: only the second text encoder, aesthetic-score conditioning (5 time ids)."""
     import torch
