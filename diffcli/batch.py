@@ -8,7 +8,8 @@ file | stdin ──> entries    (one dict per line: text, JSON Lines or CSV; lin
           ──> plans      (generate.plan_job: validation, model spec, size; stable seeds and paths)
           ──> ids        (hash of every resolved setting that changes the pixels, per image)
           ──> manifest   (skip images already recorded; shard the rest: job i goes to rank i % world)
-          ──> run        (generate.run_plan per job; each saved image appended to the manifest)
+          ──> run        (generate.run_plans per group of jobs that can share pipeline calls;
+                          each saved image appended to the manifest)
 ```
 Stability is what makes reruns resume instead of redo: a job without a seed gets `base + n`, n being
 the number of images before it in the batch, base being --seed or the base seed recorded in the
@@ -689,7 +690,7 @@ def dry_record(item: BatchJob) -> dict:
 
 def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: BatchOptions, say) -> int:
     """Run this rank's jobs (i % world == rank), recording each saved image; Ctrl-C stops cleanly."""
-    from diffcli.generate import run_plan
+    from diffcli.generate import run_plans
 
     mine = [item for item in batch if item.number % ranks.world == ranks.rank and item.pending]
     if ranks.world > 1:
@@ -697,16 +698,17 @@ def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: 
         _own_device(mine, ranks)
     made = 0
     with StopOnSignal(say) as stop:
-        for item in mine:
+        for group in share_calls(mine):
             if stop.requested:
                 break
-            plan = item.plan
-            by_seed = {seed: (index, item.ids[index]) for index, seed in enumerate(plan.seeds)}
-            part = replace(plan, seeds=[plan.seeds[i] for i in item.pending], paths=[plan.paths[i] for i in item.pending])
+            parts = [replace(item.plan, seeds=[item.plan.seeds[i] for i in item.pending],
+                             paths=[item.plan.paths[i] for i in item.pending]) for item in group]
+            by_path = {item.plan.paths[i]: (item, i) for item in group for i in item.pending}
 
-            def on_image(record: dict, item=item, by_seed=by_seed) -> None:
+            def on_image(record: dict, by_path=by_path) -> None:
                 nonlocal made
-                index, image = by_seed[record["seed"]]
+                item, index = by_path[Path(record["path"])]
+                image = item.ids[index]
                 manifest.append(_record(item, image, Path(record["path"]), record["seed"], rank=ranks.rank))
                 made += 1
                 record = dict(record, id=image, job=item.number, line=item.line, index=index)
@@ -715,12 +717,24 @@ def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: 
                     raise Interrupted(f"interrupted: {made} image(s) made and recorded in {manifest.path}; "
                                       "run the same command again to make the rest")
 
-            run_plan(part, on_image, progress=not options.quiet and sys.stderr.isatty(), notify=say)
+            run_plans(parts, on_image, progress=not options.quiet and sys.stderr.isatty(), notify=say)
     if stop.requested:
         raise Interrupted(f"interrupted: {made} image(s) made and recorded in {manifest.path}; "
                           "run the same command again to make the rest")
     say(f"batch: made {made} image(s)" + (f" on rank {ranks.rank}" if ranks.world > 1 else ""))
     return 0
+
+
+def share_calls(items: list[BatchJob]) -> list[list[BatchJob]]:
+    """Jobs whose images can share pipeline calls (same settings but prompt and seed), grouped in order of
+    first appearance; every other job alone."""
+    from diffcli.generate import shared_call_key
+
+    groups: dict = {}
+    for item in items:
+        key = shared_call_key(item.plan)
+        groups.setdefault(key if key is not None else id(item), []).append(item)
+    return list(groups.values())
 
 
 def _own_device(items: list[BatchJob], ranks: Ranks) -> None:

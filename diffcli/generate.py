@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -115,8 +116,35 @@ def versions() -> dict:
 def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = False, step_hook=None,
              notify: Callable[[str], None] = lambda message: None) -> None:
     """Load the model, generate every image in batches, save each as soon as its batch is done."""
+    run_plans([plan], on_image, progress, step_hook, notify)
+
+
+# Settings a job brings that its own pipeline calls need (input images, second passes, per-job noise): such a
+# job's images never share a call with another job's.
+OWN_CALLS = ("pipeline_kwargs", "postprocess", "tile", "hires_scale", "refiner", "variation_seed")
+
+
+def shared_call_key(plan: Plan):
+    """Plans with equal keys differ only in prompt, negative prompt, seeds and paths, so their images can share
+    pipeline calls; None for a plan whose settings need calls of its own, or that asked for one image per call."""
+    job = plan.job
+    if job.batch_size == 1 or any(job.extra.get(name) is not None for name in OWN_CALLS):
+        return None
+    settings = {k: v for k, v in job.settings().items() if k not in ("prompt", "negative", "seed", "num_images", "out", "overwrite")}
+    return plan.spec, plan.width, plan.height, plan.cfg, plan.scheduler, json.dumps(settings, sort_keys=True, default=str)
+
+
+def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: bool = False, step_hook=None,
+              notify: Callable[[str], None] = lambda message: None) -> None:
+    """Generate the images of plans that share a shared_call_key (or of one plan), --batch-size images per call.
+
+    Images of different plans share a call only when their prompts encode to the same length, so each image
+    is the one its plan alone would make (up to batching noise).
+    """
+    from diffcli import prompts
     from diffcli.pipeline import build_scheduler, default_steps, load_pipeline, resolve_device, resolve_dtype
 
+    plan = plans[0]
     job = plan.job
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
@@ -134,8 +162,6 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
         refiner.check_steps(steps, job.extra["refiner_start"])
     common = {
         "task": job.task,
-        "prompt": job.prompt,
-        "negative": job.negative,
         "steps": steps,
         "cfg": plan.cfg,
         "width": plan.width,
@@ -152,24 +178,43 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
         "versions": versions(),
         **{k: v for k, v in job.extra.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
-    for start in range(0, len(plan.seeds), job.batch_size):
-        seeds = plan.seeds[start : start + job.batch_size]
+    images = [(each, index) for each in plans for index in range(len(each.seeds))]
+    if len(plans) > 1:  # same-length prompts together, in order of first appearance
+        lengths = {id(each): prompts.chunk_count(pipe, each.job) for each in plans}
+        order = list(dict.fromkeys(lengths.values()))
+        images.sort(key=lambda item: order.index(lengths[id(item[0])]))
+    calls = [images[i : i + job.batch_size] for i in range(0, len(images), job.batch_size)]
+    if len(plans) > 1:
+        calls = [part for group in calls for part in _split_by(group, lambda item: lengths[id(item[0])])]
+    for call in calls:
         began = time.perf_counter()
-        images, warnings = _with_oom_ladder(
-            pipe, seeds, lambda part: _generate_batch(pipe, job, plan, part, steps, progress, step_hook), notify
+        pixels, warnings = _with_oom_ladder(
+            pipe, [(each.seeds[index], each.job) for each, index in call],
+            lambda part: _generate_batch(pipe, plan, part, steps, progress, step_hook), notify
         )
-        generate_s = (time.perf_counter() - began) / len(seeds)
-        for offset, (image, seed) in enumerate(zip(images, seeds)):
-            index = start + offset
-            meta = dict(common, seed=seed, index=index, warnings=plan.warnings + warnings)
+        generate_s = (time.perf_counter() - began) / len(call)
+        for image, (each, index) in zip(pixels, call):
+            meta = dict(common, prompt=each.job.prompt, negative=each.job.negative, seed=each.seeds[index], index=index,
+                        warnings=each.warnings + warnings)
             if job.extra.get("variation_seed") is not None:  # image i varies toward variation_seed + i
                 meta["variation_seed"] = job.extra["variation_seed"] + index
-            path = plan.paths[index]
+            path = each.paths[index]
             began = time.perf_counter()
             output.write_atomic(path, output.encode_image(image, path, meta), job.overwrite)
             timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3), "save_s": round(time.perf_counter() - began, 3)}
             on_image(dict(meta, path=str(path), timings=timings))
-        load_s = 0.0
+            load_s = 0.0
+
+
+def _split_by(items: list, key) -> list[list]:
+    """Consecutive runs of items with equal key."""
+    runs: list[list] = []
+    for item in items:
+        if runs and key(runs[-1][-1]) == key(item):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def output_hash(spec: ModelSpec) -> str:
@@ -187,8 +232,8 @@ _HASHES: dict[ModelSpec, str] = {}
 OOM_LADDER = ("attention slicing", "VAE tiling", "one image per call", "model CPU offload")
 
 
-def _with_oom_ladder(pipe, seeds: list[int], generate_batch, notify):
-    """Run a batch; on CUDA out-of-memory free memory and retry with the next, cheaper setting."""
+def _with_oom_ladder(pipe, items: list, generate_batch, notify):
+    """Run a batch of (seed, job) items; on CUDA out-of-memory free memory and retry with the next, cheaper setting."""
     import gc
 
     import torch
@@ -197,10 +242,10 @@ def _with_oom_ladder(pipe, seeds: list[int], generate_batch, notify):
     while True:
         try:
             if "one image per call" in applied:
-                parts = [generate_batch([seed]) for seed in seeds]
+                parts = [generate_batch([item]) for item in items]
                 images, warnings = [image for part in parts for image in part[0]], parts[0][1]
             else:
-                images, warnings = generate_batch(seeds)
+                images, warnings = generate_batch(items)
             return images, warnings + [f"out of memory: retried with {step}" for step in applied]
         except torch.cuda.OutOfMemoryError:
             gc.collect()
@@ -222,13 +267,16 @@ def _with_oom_ladder(pipe, seeds: list[int], generate_batch, notify):
                 pipe.enable_model_cpu_offload()
 
 
-def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, progress: bool, step_hook):
-    """One pipeline call for `seeds` (one CPU generator each), with a non-finite check and fp32 VAE retry."""
+def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, progress: bool, step_hook):
+    """One pipeline call for `items` (seed, job of its prompt), one CPU generator each, with a non-finite check
+    and fp32 VAE retry."""
     import numpy as np
     import torch
 
     from diffcli import noise, prompts, tiles
 
+    job = plan.job
+    seeds, prompt_jobs = [seed for seed, _ in items], [each for _, each in items]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     last = {}
     bar = _progress_bar(steps) if progress else None
@@ -253,12 +301,14 @@ def _generate_batch(pipe, job: Job, plan: Plan, seeds: list[int], steps: int, pr
 
     def call(call_kwargs: dict, call_generators: list, output_type: str = "np"):
         count = len(call_generators)
+        call_jobs = prompt_jobs if count == len(prompt_jobs) else [job] * count  # tiles: one image of one job
         if style.prompt_embeds:
             if count not in encoded:
-                encoded[count] = prompts.pipeline_inputs(pipe, job, count)
+                encoded[count] = prompts.pipeline_inputs(pipe, call_jobs)
             call_kwargs = dict(call_kwargs, **encoded[count])
         else:
-            call_kwargs = dict(call_kwargs, prompt=[job.prompt] * count, negative_prompt=[job.negative] * count if job.negative else None)
+            negatives = [each.negative for each in call_jobs]
+            call_kwargs = dict(call_kwargs, prompt=[each.prompt for each in call_jobs], negative_prompt=negatives if any(negatives) else None)
         if style.repeat_image:
             call_kwargs["image"] = [call_kwargs["image"]] * count
         if style.step_end_callback:

@@ -75,7 +75,7 @@ def refine(pipe, job, plan, seeds: list[int], steps: int, latents, images):
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     return img2img(image=image, strength=extra["hires_strength"], num_inference_steps=extra["hires_steps"] or steps,
                    guidance_scale=plan.cfg, generator=generators, output_type="np",
-                   **prompts.pipeline_inputs(img2img, job, len(seeds))).images
+                   **prompts.pipeline_inputs(img2img, [job] * len(seeds))).images
 
 
 def _x4(job, images, seeds: list[int], device: str) -> list:
@@ -95,7 +95,7 @@ def _x4(job, images, seeds: list[int], device: str) -> list:
     defaults = spec.defaults
     settings = dict(num_inference_steps=defaults.get("steps") or default_steps(pipe.scheduler),
                     guidance_scale=defaults.get("cfg", 7.5), noise_level=defaults.get("noise_level", 20),
-                    output_type="np", **prompts.pipeline_inputs(pipe, job, 1))
+                    output_type="np", **prompts.pipeline_inputs(pipe, [job]))
 
     def call(extra: dict, generator):
         return pipe(generator=[generator], **settings, **extra).images[0]

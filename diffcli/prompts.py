@@ -203,20 +203,34 @@ def _apply_weights(z, weights):
     return z * torch.where(meaningful, means / torch.where(meaningful, new, torch.ones_like(new)), torch.ones_like(new))
 
 
-def pipeline_inputs(pipe, job, count: int) -> dict:
-    """The prompt arguments of a pipeline call: embeddings when the pipeline takes them, else the strings."""
+def chunk_count(pipe, job) -> int:
+    """How many 75-token chunks the job's prompt and negative prompt encode to (the longer of the two)."""
+    tokenizer = pipe.tokenizer if getattr(pipe, "text_encoder", None) is not None else pipe.tokenizer_2
+    weighting = job.extra.get("weighting", True)
+    return max(len(tokenize(pipe, tokenizer, text, weighting)) for text in (job.prompt, job.negative))
+
+
+def pipeline_inputs(pipe, jobs: list) -> dict:
+    """The prompt arguments of a pipeline call, one row per image from that image's job (weighting and clip
+    skip from the first): embeddings when the pipeline takes them, else the strings."""
     import inspect
 
     import torch
 
     encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    negatives = [job.negative for job in jobs]
     if "prompt_embeds" not in inspect.signature(pipe.__call__).parameters or not any(encoders):
-        return {"prompt": [job.prompt] * count, "negative_prompt": [job.negative] * count if job.negative else None}
-    embeds, pooled = encode(pipe, [job.prompt, job.negative], job.extra.get("weighting", True), job.extra.get("clip_skip") or 1)
-    inputs = {"prompt_embeds": embeds[:1].repeat(count, 1, 1), "negative_prompt_embeds": embeds[1:].repeat(count, 1, 1)}
+        return {"prompt": [job.prompt for job in jobs], "negative_prompt": negatives if any(negatives) else None}
+    texts = list(dict.fromkeys(text for job in jobs for text in (job.prompt, job.negative)))  # each text encoded once
+    embeds, pooled = encode(pipe, texts, jobs[0].extra.get("weighting", True), jobs[0].extra.get("clip_skip") or 1)
+    rows = {text: i for i, text in enumerate(texts)}
+    positive, negative = [rows[job.prompt] for job in jobs], [rows[job.negative] for job in jobs]
+    inputs = {"prompt_embeds": embeds[positive], "negative_prompt_embeds": embeds[negative]}
     if pooled is not None:
-        inputs.update(pooled_prompt_embeds=pooled[:1].repeat(count, 1), negative_pooled_prompt_embeds=pooled[1:].repeat(count, 1))
-        if not job.negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # as diffusers does
-            inputs["negative_prompt_embeds"] = torch.zeros_like(inputs["prompt_embeds"])
-            inputs["negative_pooled_prompt_embeds"] = torch.zeros_like(inputs["pooled_prompt_embeds"])
+        inputs.update(pooled_prompt_embeds=pooled[positive], negative_pooled_prompt_embeds=pooled[negative])
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # an empty negative is zeros, as diffusers does
+            empty = torch.tensor([not text for text in negatives], device=embeds.device)
+            for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+                shape = (-1,) + (1,) * (inputs[key].ndim - 1)
+                inputs[key] = torch.where(empty.view(shape), torch.zeros_like(inputs[key]), inputs[key])
     return inputs

@@ -53,4 +53,4 @@ def refine(job, plan, latents, generators, steps: int, on_step_end):
     pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, plan.scheduler)
     return pipe(image=latents, denoising_start=job.extra["refiner_start"], num_inference_steps=steps,
                 guidance_scale=plan.cfg, generator=generators, output_type="np", callback_on_step_end=on_step_end,
-                **prompts.pipeline_inputs(pipe, job, len(generators))).images
+                **prompts.pipeline_inputs(pipe, [job] * len(generators))).images

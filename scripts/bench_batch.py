@@ -1,10 +1,11 @@
-"""Batch throughput for 1 vs N processes: `diffcli batch --processes N` on a fixed job list.
+"""Batch throughput for 1 vs N processes and batch sizes: `diffcli batch --processes N --batch-size B` on a fixed job list.
 
-Usage: python scripts/bench_batch.py [--model PATH] [--jobs 16] [--steps 10] [--repeats 3] [--processes 1,2]
+Usage: python scripts/bench_batch.py [--model PATH] [--jobs 16] [--steps 10] [--repeats 3] [--processes 1,2] [--batch-sizes 1]
 Without --model it builds the tiny test model (tests/conftest.py) in a temporary folder. Reports, per
 process count, the median over repeats of: wall time of the whole command (process start, model
 load, generation, saving) and images/s from it; and images/s of generation alone (the slowest rank's
-summed generate+save seconds). Each repeat starts from an empty output folder with the same seeds; repeats of the counts are interleaved.
+summed generate+save seconds). Each repeat starts from an empty output folder with the same seeds; repeats of the
+configurations are interleaved. With --batch-sizes 1,4 the different prompts' jobs share pipeline calls of 4 images.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def tiny_model(folder: Path) -> Path:
     return folder / "tiny-sd"
 
 
-def run_once(model: str, jobs: Path, out: Path, processes: int, steps: int) -> dict:
-    command = [sys.executable, "-m", "diffcli", "batch", str(jobs), "--model", model, "--steps", str(steps),
-               "--seed", "0", "--json", "--quiet", "-o", f"{out}/", "--processes", str(processes)]
+def run_once(model: str, jobs: Path, out: Path, processes: int, batch_size: int, steps: int) -> dict:
+    command = [sys.executable, "-m", "diffcli", "batch", str(jobs), "--model", model, "--steps", str(steps), "--seed", "0",
+               "--json", "--quiet", "-o", f"{out}/", "--processes", str(processes), "--batch-size", str(batch_size)]
     began = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - began
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--processes", default="1,2")
+    parser.add_argument("--batch-sizes", default="1")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="diffcli-bench-batch-") as tmp:
         folder = Path(tmp)
@@ -66,17 +68,17 @@ def main() -> None:
         jobs.write_text("".join(f"a shape number {i}\n" for i in range(args.jobs)))
         print(f"# diffcli batch: {args.jobs} jobs x 1 image, {args.steps} steps, model {Path(model).name}, "
               f"{os.cpu_count()} CPU cores, median of {args.repeats}")
-        print(f"{'processes':>9} {'wall s':>8} {'images/s':>9} {'gen-only images/s':>18}")
-        counts = [int(n) for n in args.processes.split(",")]
-        results = {n: [] for n in counts}
-        for repeat in range(args.repeats):  # interleaved, so a busy moment of the machine hits every count alike
-            for n in counts:
-                results[n].append(run_once(model, jobs, folder / f"out-{n}-{repeat}", n, args.steps))
-        for processes, runs in results.items():
+        print(f"{'processes':>9} {'batch':>5} {'wall s':>8} {'images/s':>9} {'gen-only images/s':>18}")
+        configs = [(int(n), int(b)) for n in args.processes.split(",") for b in args.batch_sizes.split(",")]
+        results = {config: [] for config in configs}
+        for repeat in range(args.repeats):  # interleaved, so a busy moment of the machine hits every config alike
+            for n, b in configs:
+                results[n, b].append(run_once(model, jobs, folder / f"out-{n}-{b}-{repeat}", n, b, args.steps))
+        for (processes, batch_size), runs in results.items():
             assert all(r["images"] == args.jobs for r in runs)
             wall = statistics.median(r["wall_s"] for r in runs)
             busy = statistics.median(r["busy_s"] for r in runs)
-            print(f"{processes:>9} {wall:>8.2f} {args.jobs / wall:>9.3f} {args.jobs / busy:>18.3f}", flush=True)
+            print(f"{processes:>9} {batch_size:>5} {wall:>8.2f} {args.jobs / wall:>9.3f} {args.jobs / busy:>18.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -182,3 +182,40 @@ def test_two_processes_share_the_jobs_exactly_once(cli, tiny_model, tmp_path):
     assert len(images("out")) == 5 and "rank 1/2" in result.stderr
     rerun = cli("batch", "p.txt", "--model", tiny_model, "-o", "out/", "--dry-run", *FAST)
     assert all(r["done"] == [True] for r in rerun.json_lines())  # same base seed (recorded), same ids
+
+
+def test_jobs_with_the_same_settings_share_pipeline_calls(cli, tiny_model, monkeypatch):
+    """--batch-size N batches images of different jobs (prompts) together; each image is the one it would be alone."""
+    import numpy as np
+
+    from diffcli import generate
+
+    calls = []
+    real = generate._generate_batch
+
+    def spy(pipe, plan, items, *args):
+        calls.append([each.prompt for _, each in items])
+        return real(pipe, plan, items, *args)
+
+    monkeypatch.setattr(generate, "_generate_batch", spy)
+    Path("j.jsonl").write_text(
+        '{"prompt": "a red car"}\n'
+        '{"prompt": "a blue boat", "negative": "fog"}\n'
+        '{"prompt": "a cat", "cfg": 3}\n'  # other settings: calls of its own
+        '{"prompt": "' + "a very long prompt, " * 20 + '"}\n'  # two 75-token chunks: not mixed with one-chunk prompts
+        '{"prompt": "a green tree", "num-images": 2}\n'
+    )
+    result = cli("batch", "j.jsonl", "--model", tiny_model, "--seed", "1", "--batch-size", "4", "-o", "together", "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.stderr
+    long = "a very long prompt, " * 20
+    assert calls == [["a red car", "a blue boat", "a green tree", "a green tree"], [long], ["a cat"]]
+    records = result.json_lines()
+    assert [(r["job"], r["seed"], r["negative"]) for r in records[:4]] == [(0, 1, ""), (1, 2, "fog"), (4, 5, ""), (4, 6, "")]
+
+    calls.clear()
+    alone = cli("batch", "j.jsonl", "--model", tiny_model, "--seed", "1", "-o", "alone", "--json", "-q", *FAST)
+    assert alone.exit_code == 0 and len(calls) == 6
+    for record in records:
+        twin = Path("alone") / Path(record["path"]).name
+        difference = np.abs(np.asarray(Image.open(record["path"]), dtype=int) - np.asarray(Image.open(twin), dtype=int))
+        assert difference.max() <= 2, record["path"]
