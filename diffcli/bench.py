@@ -117,9 +117,37 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
     return result
 
 
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio in dB of two float images in [0, 1]."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return float("inf") if mse == 0 else round(10 * np.log10(1.0 / mse), 2)
+
+
+def measure_deep_cache(pipe, device: str, size: int, steps: int, cfg: float, repeats: int, interval: int) -> dict:
+    """The eager path with DeepCache every `interval` steps: its timings, and the PSNR of a seeded image against
+    the same image without the cache."""
+    import torch
+
+    from diffcli import speed
+
+    def image():
+        generator = torch.Generator("cpu").manual_seed(0)
+        return pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
+                    generator=generator, output_type="np").images[0]
+
+    reference = image()
+    with speed.deep_cache(pipe, interval):
+        result = measure(pipe, device, size, steps, cfg, [1], repeats)
+        result["psnr_vs_uncached_db"] = psnr(image(), reference)
+    result["interval"] = interval
+    return result
+
+
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,
               size: int | None, batch_sizes: list[int], repeats: int, compare_plain: bool, optimize: bool,
-              low_vram: bool = False) -> dict:
+              low_vram: bool = False, deep_cache: int | None = None) -> dict:
     """Benchmark one architecture or model: plain diffusers first (if asked), then diffcli's path."""
     import torch
 
@@ -148,6 +176,11 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     pipe.set_progress_bar_config(disable=True)
     if compare_plain:
         report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+    if deep_cache:  # DeepCache hooks the eager U-Net's blocks: measure it before anything is compiled
+        if "plain" not in report:
+            report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+        report["deep_cache"] = measure_deep_cache(pipe, device, size, steps, cfg, repeats, deep_cache)
+        report["deep_cache_speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["deep_cache"]["ms_per_step"], 2)
     report["optimizations"] = plain_optimizations if low_vram else _place(pipe, device, optimize, low_vram=False)
     report["diffcli"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
     if compare_plain:
@@ -174,12 +207,16 @@ def format_table(report: dict) -> str:
             f"cfg {report['cfg']:g}); load {report['load_s']} s"]
     header = f"{'path':8} {'first image s':>13} {'ms/step':>9} {'s/image e2e':>12} {'peak GiB':>9}  images/s by batch"
     rows.append(header)
-    for path in ("plain", "diffcli"):
+    for path in ("plain", "deep_cache", "diffcli"):
         if path in report:
             r = report[path]
             rows.append(f"{path:8} {r['first_image_s']:>13} {r['ms_per_step']:>9} {r['s_per_image_end_to_end']:>12} "
                         f"{r.get('peak_memory_gib', '-'):>9}  {r['images_per_s_latents']}")
     if "speedup_ms_per_step" in report:
         rows.append(f"speed-up vs plain: {report['speedup_ms_per_step']}x per step, {report['speedup_end_to_end']}x end to end")
+    if "deep_cache" in report:
+        cache = report["deep_cache"]
+        rows.append(f"deep_cache: every {cache['interval']} steps on the eager U-Net, {report['deep_cache_speedup_ms_per_step']}x "
+                    f"per step vs plain, PSNR {cache['psnr_vs_uncached_db']} dB vs the same seed uncached")
     rows.append(f"optimizations: {', '.join(report['optimizations']) or 'none'}")
     return "\n".join(rows)

@@ -74,6 +74,7 @@ HiresStrength = Annotated[float, typer.Option("--hires-strength", help="Denoisin
 HiresUpscaler = Annotated[str, typer.Option("--hires-upscaler", help="latent (upscale the latents), lanczos (the pixels) or x4 (an SD x4 upscaler model).")]
 HiresUpscalerModel = Annotated[Optional[str], typer.Option("--hires-upscaler-model", help="SD x4 upscaler for --hires-upscaler x4 (default: $DIFFCLI_UPSCALE_MODEL, else bundled tiny-shapes-x4).")]
 Refiner = Annotated[Optional[str], typer.Option("--refiner", help="SDXL refiner (bundled name, Hub id, folder or file) that finishes the base model's image.")]
+DeepCache = Annotated[Optional[int], typer.Option("--deep-cache", min=2, help="DeepCache: run the whole U-Net every N steps, reuse its deep features between (faster, slightly different; U-Net not compiled).")]
 RefinerStart = Annotated[float, typer.Option("--refiner-start", help="Fraction of the steps the base model runs before the refiner takes over.")]
 Grid = Annotated[bool, typer.Option("--grid", help="Also write an X/Y contact sheet of a sweep, with axis labels.")]
 Weighting = Annotated[bool, typer.Option("--weighting/--no-weighting", help="A1111 attention syntax: (word), ((word)), [word], (word:1.3); \\( is a literal bracket.")]
@@ -203,6 +204,7 @@ def txt2img(
     hires_upscaler_model: HiresUpscalerModel = None,
     refiner: Refiner = None,
     refiner_start: RefinerStart = 0.8,
+    deep_cache: DeepCache = None,
 ) -> None:
     """Generate images from a text prompt; comma lists in --cfg/--steps/--seed/--scheduler sweep."""
     from diffcli.hires import hires_settings
@@ -215,7 +217,10 @@ def txt2img(
                      **hires_settings(hires, hires_steps, hires_strength, hires_upscaler, hires_upscaler_model),
                      **refiner_settings(refiner, refiner_start))
     job.extra.update({k: v for k, v in (("clip_skip", clip_skip), ("lora_specs", lora), ("lora_dir", lora_dir),
-                                        ("embedding_specs", embedding), ("embedding_dir", embedding_dir)) if v})
+                                        ("embedding_specs", embedding), ("embedding_dir", embedding_dir),
+                                        ("deep_cache", deep_cache)) if v})
+    if deep_cache:  # its hooks on the U-Net's blocks and a compiled U-Net exclude each other
+        job.optimize = False
     _sweep(job, {"cfg": cfg, "steps": steps, "seed": seed, "scheduler": scheduler}, grid, as_json, quiet)
 
 
@@ -371,6 +376,7 @@ def bench(
     compare: Annotated[Optional[str], typer.Option("--compare", help="'plain': also run plain diffusers eager, same process.")] = None,
     optimize: Optimize = True,
     low_vram: Annotated[bool, typer.Option("--low-vram", help="Measure the memory-saving path instead.")] = False,
+    deep_cache: Annotated[Optional[int], typer.Option("--deep-cache", min=2, help="Also measure DeepCache every N steps: speed-up and PSNR vs uncached.")] = None,
     as_json: JsonOut = False,
 ) -> None:
     """Measure load time, first-image latency, ms per step, end-to-end time, images/s and peak memory."""
@@ -386,7 +392,7 @@ def bench(
     except ValueError:
         raise UsageError(f"--batch-sizes must be a comma list of integers, got {batch_sizes!r}") from None
     for name in [None] if model else archs:
-        report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, compare == "plain", optimize, low_vram)
+        report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, compare == "plain", optimize, low_vram, deep_cache)
         print(json.dumps(report, sort_keys=True) if as_json else format_table(report), flush=True)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from diffcli import __version__, adapters, hires, output, refiner
+from diffcli import __version__, adapters, hires, output, refiner, speed
 from diffcli.errors import RuntimeFailure, UsageError
 from diffcli.models import ModelSpec, resolve_model
 from diffcli.options import Job, check_size_multiple, draw_seed, validate
@@ -318,20 +318,23 @@ def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, 
         return pipe(num_inference_steps=steps, guidance_scale=plan.cfg, generator=call_generators, output_type=output_type,
                     **call_kwargs).images
 
-    try:
-        if bar is not None:
-            bar.start()
+    def first_pass():
         if job.extra.get("tile"):  # each tile gets its region of the untiled call's noise; overlaps blended
-            images = np.stack([
+            return np.stack([
                 tiles.upscale_with_tiles(pipe, kwargs["image"], seed, job.extra["tile"], job.extra["tile_overlap"], job.extra["scale"],
                                          lambda extra, generator: call(dict(kwargs, **extra), [generator])[0])
                 for seed in seeds
             ])
-        elif job.extra.get("refiner"):  # the base stops at --refiner-start, the refiner finishes from its latents
+        if job.extra.get("refiner"):  # the base stops at --refiner-start, the refiner finishes from its latents
             latents = call(dict(kwargs, denoising_end=job.extra["refiner_start"]), generators, output_type="latent")
-            images = refiner.refine(job, plan, latents, generators, steps, on_step_end)
-        else:
-            images = call(kwargs, generators)
+            return refiner.refine(job, plan, latents, generators, steps, on_step_end)
+        return call(kwargs, generators)
+
+    try:
+        if bar is not None:
+            bar.start()
+        with speed.deep_cache(pipe, job.extra.get("deep_cache")):
+            images = first_pass()
     finally:
         if bar is not None:
             bar.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -47,3 +48,27 @@ def configure_cpu_threads() -> int:
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cores)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def deep_cache(pipe, interval: int | None):
+    """DeepCache (Ma et al. 2023) during the block: every `interval`-th step runs the whole U-Net, the steps
+    between reuse its cached deep features and run only the outermost blocks. None or 1: no caching."""
+    if not interval or interval < 2:
+        yield
+        return
+    from DeepCache import DeepCacheSDHelper
+
+    before = {module: vars(module).get("forward") for module in pipe.unet.modules()}  # e.g. accelerate's offload hooks
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    try:
+        yield
+    finally:
+        helper.disable()  # leaves the original bound methods as instance attributes: put back exactly what was there
+        for module, forward in before.items():
+            if forward is None:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = forward

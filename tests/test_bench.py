@@ -46,3 +46,13 @@ def test_fast_path_matches_plain_on_cuda(tiny_model):
     psnr = 10 * np.log10(1 / max(mse, 1e-12))
     print(f"fast path PSNR vs plain: {psnr:.1f} dB")
     assert psnr > 30
+
+
+def test_bench_reports_deep_cache_speed_and_psnr(cli, tiny_model):
+    result = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "4", "--batch-sizes", "1",
+                 "--repeats", "1", "--deep-cache", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    cache = report["deep_cache"]
+    assert cache["interval"] == 2 and 0 < cache["psnr_vs_uncached_db"] < float("inf")  # it changed the image
+    assert report["deep_cache_speedup_ms_per_step"] > 0 and "plain" in report

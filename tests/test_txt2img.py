@@ -203,3 +203,26 @@ def test_cuda_fp16_matches_cpu_seed(cli, tiny_model):
     assert gpu.exit_code == cpu.exit_code == 0, gpu.stderr
     assert gpu.json_lines()[0]["dtype"] == "float16"
     assert np.abs(pixels("gpu.png") - pixels("cpu.png")).mean() < 8  # same noise from the CPU generator
+
+
+def test_deep_cache_reuses_features_between_full_steps_only(cli, tiny_model):
+    """Step 1 always runs the whole U-Net, so one step is identical; later cached steps change the image."""
+    import numpy as np
+    from PIL import Image
+
+    from diffcli.output import read_metadata
+
+    def run(name, *args):
+        result = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "2", "--quiet", "-o", name, *args)
+        assert result.exit_code == 0, result.stderr
+        return np.asarray(Image.open(name), dtype=int)
+
+    assert np.array_equal(run("one.png", "--steps", "1"), run("one-cached.png", "--steps", "1", "--deep-cache", "3"))
+    assert np.abs(run("four.png", "--steps", "4") - run("four-cached.png", "--steps", "4", "--deep-cache", "3")).max() > 0
+    assert read_metadata("four-cached.png")["deep_cache"] == 3
+
+    from diffcli import pipeline  # the hooks are gone after the run: the cached pipeline is plain again
+
+    for loaded in pipeline._CACHE.values():
+        for pipe in loaded.values():
+            assert "forward" not in vars(pipe.unet.mid_block)
