@@ -178,14 +178,11 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: boo
         "versions": versions(),
         **{k: v for k, v in job.extra.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
-    images = [(each, index) for each in plans for index in range(len(each.seeds))]
-    if len(plans) > 1:  # same-length prompts together, in order of first appearance
-        lengths = {id(each): prompts.chunk_count(pipe, each.job) for each in plans}
-        order = list(dict.fromkeys(lengths.values()))
-        images.sort(key=lambda item: order.index(lengths[id(item[0])]))
-    calls = [images[i : i + job.batch_size] for i in range(0, len(images), job.batch_size)]
-    if len(plans) > 1:
-        calls = [part for group in calls for part in _split_by(group, lambda item: lengths[id(item[0])])]
+    groups: dict[int, list] = {}  # images by prompt length in chunks (one group for one plan), first-appearance order
+    for each in plans:
+        length = prompts.chunk_count(pipe, each.job) if len(plans) > 1 else 0
+        groups.setdefault(length, []).extend((each, index) for index in range(len(each.seeds)))
+    calls = [group[i : i + job.batch_size] for group in groups.values() for i in range(0, len(group), job.batch_size)]
     for call in calls:
         began = time.perf_counter()
         pixels, warnings = _with_oom_ladder(
@@ -204,17 +201,6 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: boo
             timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3), "save_s": round(time.perf_counter() - began, 3)}
             on_image(dict(meta, path=str(path), timings=timings))
             load_s = 0.0
-
-
-def _split_by(items: list, key) -> list[list]:
-    """Consecutive runs of items with equal key."""
-    runs: list[list] = []
-    for item in items:
-        if runs and key(runs[-1][-1]) == key(item):
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
 
 
 def output_hash(spec: ModelSpec) -> str:
