@@ -228,6 +228,10 @@ def _sweep(job: Job, swept: dict, grid: bool, as_json: bool, quiet: bool) -> Non
     """Run one job per combination of the comma-list values, then the --grid contact sheet if asked."""
     from diffcli.sweep import expand, write_grid
 
+    if job.seed is None and not swept.get("seed") and COLLECTING.get() is None:
+        from diffcli.options import draw_seed
+
+        job.seed = draw_seed()  # one random seed for every combination, so the cells differ only in what is swept
     jobs = expand(job, **swept)
     if len(jobs) > 1:
         say(f"sweep: {len(jobs)} combinations", quiet)

@@ -65,8 +65,9 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     width = job.width or defaults.get("width") or spec.sample_size or 512
     height = job.height or defaults.get("height") or spec.sample_size or 512
     check_size_multiple(width, height, spec.size_multiple)
-    seed = job.seed if job.seed is not None else draw_seed()
-    seeds = [seed + i for i in range(job.num_images)]
+    if job.seed is None:
+        job.seed = draw_seed()
+    seeds = [job.seed + i for i in range(job.num_images)]
     cfg = job.cfg if job.cfg is not None else defaults.get("cfg", 7.5)
     scheduler = job.scheduler or defaults.get("scheduler")
     fields = {
@@ -194,7 +195,7 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: boo
             meta = dict(common, prompt=each.job.prompt, negative=each.job.negative, seed=each.seeds[index], index=index,
                         warnings=each.warnings + warnings)
             if job.extra.get("variation_seed") is not None:  # image i varies toward variation_seed + i
-                meta["variation_seed"] = job.extra["variation_seed"] + index
+                meta["variation_seed"] = job.extra["variation_seed"] + meta["seed"] - job.seed
             path = each.paths[index]
             began = time.perf_counter()
             output.write_atomic(path, output.encode_image(image, path, meta), job.overwrite)
@@ -279,7 +280,7 @@ def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, 
     if job.task not in TASKS_SIZED_BY_IMAGE:
         kwargs.update(width=plan.width, height=plan.height)
     if job.extra.get("variation_seed") is not None:  # image i: seed+i noise slerped toward variation_seed+i
-        variation_seeds = [job.extra["variation_seed"] + seed - plan.seeds[0] for seed in seeds]
+        variation_seeds = [job.extra["variation_seed"] + seed - job.seed for seed in seeds]
         kwargs["latents"] = noise.variation_latents(pipe, generators, variation_seeds, job.extra["variation_strength"],
                                                     plan.width, plan.height, pipe.unet.dtype)
     style = CALL_STYLES.get(type(pipe).__name__, CallStyle())

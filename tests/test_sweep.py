@@ -85,3 +85,9 @@ def test_image_sweep_checks_strength_for_every_step_count_first(cli, tiny_model,
                  "-o", "s/{steps}.png")
     assert result.exit_code == 2 and "--strength 0.3 x --steps 2 is less than one denoising step" in result.stderr
     assert not Path("s").exists()
+
+
+def test_sweep_without_seed_uses_one_random_seed_for_every_cell(cli, tiny_model):
+    result = cli("txt2img", "a", "--model", tiny_model, "--steps", "1", "--cfg", "3,5,7", "-o", "r/{cfg}.png", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert len({record["seed"] for record in result.json_lines()}) == 1
