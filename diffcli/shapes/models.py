@@ -7,6 +7,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 # SD 1.x training noise schedule; the sampler saved with the model is built from it.
 NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
              prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+# The x4 upscaler's schedule: zero terminal SNR (Lin et al. 2023), so the t=999 it trains on is the pure noise the
+# pipeline starts from (with NOISE, x_999 keeps 0.068 of the latents and an epsilon model learns to copy the scene's
+# colours from that leak instead of the low-res image: sampled colours come out wrong), hence v-prediction (epsilon
+# is undefined at zero SNR) and trailing timesteps so sampling starts at t=999.
+UPSCALE_NOISE = dict(NOISE, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
 # Low-res noise augmentation schedule of the SD x4 upscaler.
 LOW_RES_NOISE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
 UPSCALE_SCALING = 0.08333  # StableDiffusionUpscalePipeline forces this vae scaling factor
@@ -54,6 +59,6 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def noise_scheduler() -> DDPMScheduler:
-    """The training noise schedule."""
-    return DDPMScheduler(**{k: v for k, v in NOISE.items() if k not in ("set_alpha_to_one", "steps_offset")})
+def noise_scheduler(config: dict = NOISE) -> DDPMScheduler:
+    """The training noise schedule (NOISE for the base model, UPSCALE_NOISE for the x4 upscaler)."""
+    return DDPMScheduler(**{k: v for k, v in config.items() if k not in ("set_alpha_to_one", "steps_offset")})

@@ -197,11 +197,15 @@ def _load_vae(run: Run, name, dev):
     return AutoencoderKL.from_pretrained(path, dtype=torch.float32).to(dev).eval().requires_grad_(False)
 
 
-def _diffusion_loss(pred, noise, t, sched):
-    """Epsilon MSE with min-SNR-5 weighting (Hang et al. 2023)."""
+def _diffusion_loss(pred, noise, t, sched, latents=None):
+    """Epsilon MSE with min-SNR-5 weighting (Hang et al. 2023); for v-prediction, v MSE weighted so the x0 error
+    counts clamp(SNR, 1, 5) times (at low SNR min-SNR would weight x0 by SNR, ~0 near pure noise)."""
     snr = sched.alphas_cumprod.to(t.device)[t] / (1 - sched.alphas_cumprod.to(t.device)[t])
-    w = snr.clamp(max=5.0) / snr
-    return (w * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    if sched.config.prediction_type == "v_prediction":
+        target, w = sched.get_velocity(latents, noise, t), snr.clamp(1.0, 5.0) / (snr + 1)
+    else:
+        target, w = noise, snr.clamp(max=5.0) / snr
+    return (w * ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 
@@ -275,7 +279,7 @@ def train_upscaler(run: Run, deadline):
     vae = _load_vae(run, UPSCALER, dev)
     te.to(dev).train()
     unet.to(dev).train()
-    sched, low_sched = models.noise_scheduler(), DDPMScheduler(**models.LOW_RES_NOISE)
+    sched, low_sched = models.noise_scheduler(models.UPSCALE_NOISE), DDPMScheduler(**models.LOW_RES_NOISE)
     pool = Pool(run.pool // 4, run.seed + 3, tok, dev)
     params = list(te.parameters()) + list(unet.parameters())
     opt, lr_sched = optimizer(params, run.lr, dev)
@@ -294,12 +298,12 @@ def train_upscaler(run: Run, deadline):
         with autocast(dev):
             inp = torch.cat([sched.add_noise(lat, noise, t), low], dim=1)
             pred = unet(inp, t, te(ids)[0], class_labels=level).sample
-        return _optimize(_diffusion_loss(pred, noise, t, sched), opt, params, lr_sched)
+        return _optimize(_diffusion_loss(pred, noise, t, sched, lat), opt, params, lr_sched)
 
     loop(step, deadline, run, logger, params)
     pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(),
                                           low_res_scheduler=low_sched,
-                                          scheduler=DPMSolverMultistepScheduler.from_config(models.NOISE),
+                                          scheduler=DPMSolverMultistepScheduler.from_config(models.UPSCALE_NOISE),
                                           max_noise_level=350)
     _save(pipe, run.out / UPSCALER)
     build_tokenizer(run.out / UPSCALER / "tokenizer")
