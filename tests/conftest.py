@@ -127,29 +127,17 @@ def tiny_sd2(tmp_path_factory) -> Path:
 
 
 def build_tiny_sdxl_refiner(root: Path):
-    """A tiny SDXL refiner: only the second text encoder, aesthetic-score conditioning (5 time ids)."""
+    """A tiny SDXL refiner: the tiny SDXL's second text encoder alone, aesthetic-score conditioning (5 time ids)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
-    vocab = write_tiny_tokenizer(root / "tokenizer-src")
+    base = build_tiny_sdxl(root)
     torch.manual_seed(1)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=5 * 8 + 32, cross_attention_dim=40, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-    config = CLIPTextConfig(bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_size=40,
-                            intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab,
-                            max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+    unet = UNet2DConditionModel.from_config(base.unet.config, layers_per_block=1, transformer_layers_per_block=1,
+                                            cross_attention_dim=40, projection_class_embeddings_input_dim=5 * 8 + 32)
     return StableDiffusionXLImg2ImgPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=CLIPTextModelWithProjection(config),
-        tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer-src"), unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"), requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False)
+        vae=base.vae, text_encoder=None, tokenizer=None, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+        unet=unet, scheduler=base.scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
 
 
 @pytest.fixture(scope="session")
