@@ -12,7 +12,7 @@ file | stdin ──> entries    (one dict per line: text, JSON Lines or CSV; lin
                           each saved image appended to the manifest)
 ```
 Stability is what makes reruns resume instead of redo: a job without a seed gets `base + n`, n being
-the number of images before it in the batch, base being --seed or the base seed recorded in the
+the number of images before it in the batch (a line's sweep cells share one seed), base being --seed or the base seed recorded in the
 manifest on the first run; paths come from `{job}` (position in the batch), never "next free index".
 """
 
@@ -363,12 +363,15 @@ def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list
     """Seeds `base + images before`, stable paths, plans (no weights) and ids; clashes are errors."""
     from diffcli.generate import plan_job
 
-    batch, owners, position = [], {}, 0
+    batch, owners, position, line_seeds = [], {}, 0, {}
     for number, (entry, job) in enumerate(pairs):
         where = f"line {entry.line}"
-        if job.seed is None:
-            job.seed = base_seed + position
-        position += job.num_images
+        if job.seed is None:  # the cells of one line's sweep share a seed, as on the command line
+            first = id(entry) not in line_seeds
+            job.seed = line_seeds.setdefault(id(entry), base_seed + position)
+            position += job.num_images if first else 0
+        else:
+            position += job.num_images
         job.out = job_out(job.out or out, number, entry.line)
         wanted = job.overwrite
         try:
@@ -701,6 +704,10 @@ def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: 
         for group in share_calls(mine):
             if stop.requested:
                 break
+            for item in group:  # size and tiling decisions the line did not spell out
+                for note in ("resized", "tiling"):
+                    if note in item.plan.job.extra:
+                        say(f"{item.where}: {item.plan.job.extra[note]}")
             parts = [replace(item.plan, seeds=[item.plan.seeds[i] for i in item.pending],
                              paths=[item.plan.paths[i] for i in item.pending]) for item in group]
             by_path = {item.plan.paths[i]: (item, i) for item in group for i in item.pending}

@@ -219,3 +219,27 @@ def test_jobs_with_the_same_settings_share_pipeline_calls(cli, tiny_model, monke
         twin = Path("alone") / Path(record["path"]).name
         difference = np.abs(np.asarray(Image.open(record["path"]), dtype=int) - np.asarray(Image.open(twin), dtype=int))
         assert difference.max() <= 2, record["path"]
+
+
+def test_sweep_cells_of_a_line_share_its_seed(cli, tiny_model):
+    Path("s.jsonl").write_text('{"prompt": "a cat", "cfg": "3,5"}\n{"prompt": "a dog"}\n')
+    result = cli("batch", "s.jsonl", "--model", tiny_model, "--seed", "7", "--dry-run", "-o", "sw/")
+    assert result.exit_code == 0, result.stderr
+    got = [(r["prompt"], r["cfg"], r["seeds"]) for r in result.json_lines()]
+    assert got == [("a cat", 3.0, [7]), ("a cat", 5.0, [7]), ("a dog", 7.5, [8])]
+
+
+def test_image_task_lines_run_and_report_their_resizing(cli, tiny_model, tmp_path):
+    from task_inputs import write_mask, write_photo
+
+    photo, mask = write_photo(tmp_path, (61, 51)), write_mask(tmp_path, (61, 51))  # the tiny model's multiple is 2
+    Path("t.jsonl").write_text(
+        json.dumps({"command": "img2img", "input": str(photo), "prompt": "a cat", "strength": 0.5}) + "\n"
+        + json.dumps({"command": "inpaint", "input": str(photo), "mask": str(mask), "prompt": "a dog"}) + "\n"
+    )
+    result = cli("batch", "t.jsonl", "--model", tiny_model, "--seed", "3", "--steps", "4", "-o", "tasks/", "--json")
+    assert result.exit_code == 0, result.stderr
+    records = result.json_lines()
+    assert [(r["task"], r["line"], r["input"]) for r in records] == [("img2img", 1, str(photo)), ("inpaint", 2, str(photo))]
+    assert Image.open(records[0]["path"]).size == (60, 50) and Image.open(records[1]["path"]).size == (61, 51)
+    assert "line 1: input resized from 61x51 to 60x50" in result.stderr
