@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from diffcli.errors import UsageError
+from diffcli.errors import UsageError, first_line
 from diffcli.models import HUB_ID, PICKLE_SUFFIXES
 from diffcli.prompts import extra_networks
 
@@ -148,8 +148,7 @@ def _load_lora(pipe, source: str, name: str, allow_pickle: bool) -> None:
         else:
             pipe.load_lora_weights(source, adapter_name=name, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--lora {source!r} cannot be loaded into this model: {first}") from exc
+        raise UsageError(f"--lora {source!r} cannot be loaded into this model: {first_line(exc)}") from exc
 
 
 def _load_embedding(pipe, path: str, token: str) -> None:
@@ -171,5 +170,4 @@ def _load_embedding(pipe, path: str, token: str) -> None:
         else:
             pipe.load_textual_inversion(state, token=token)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--embedding {path!r} cannot be loaded into this model: {first}") from exc
+        raise UsageError(f"--embedding {path!r} cannot be loaded into this model: {first_line(exc)}") from exc

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from diffcli.errors import EXIT_INTERRUPTED, Interrupted, UsageError
+from diffcli.errors import EXIT_INTERRUPTED, Interrupted, UsageError, first_line
 from diffcli.options import Job, draw_seed
 
 FORMATS = {".txt": "text", ".prompts": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
@@ -195,8 +195,7 @@ def _generate(manager, prompt: str, random: int | None, seed: int, line: int) ->
             return [str(p) for p in RandomPromptGenerator(manager, seed=seed).generate(prompt, random)]
         prompts = [str(p) for p in CombinatorialPromptGenerator(manager).generate(prompt, max_prompts=MAX_EXPANSION + 1)]
     except Exception as exc:  # pyparsing and dynamicprompts raise many types; all mean a bad template
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"line {line}: cannot read the prompt template: {first}") from None
+        raise UsageError(f"line {line}: cannot read the prompt template: {first_line(exc)}") from None
     if len(prompts) > MAX_EXPANSION:
         raise UsageError(f"line {line}: the template makes more than {MAX_EXPANSION} prompts", "use --random N to draw N of them")
     return prompts

@@ -9,6 +9,12 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception as one line for our messages: its first line, or its type when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DiffcliError(Exception):
     """An expected failure: printed as one line on stderr, no traceback."""
 

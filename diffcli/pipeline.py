@@ -8,7 +8,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from diffcli.errors import ModelError, UsageError
+from diffcli.errors import ModelError, UsageError, first_line
 
 # Library chatter (deprecations, optional-backend notices) is not for our users; they may override.
 for _library in ("TRANSFORMERS", "DIFFUSERS"):
@@ -229,8 +229,7 @@ def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickl
             else:
                 pipe = cls.from_pretrained(spec.location, use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model {spec.name!r}: {first_line}") from exc
+        raise ModelError(f"cannot load model {spec.name!r}: {first_line(exc)}") from exc
     if safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise UsageError(f"--safety-checker: model {spec.name!r} has no safety checker")
     return pipe
