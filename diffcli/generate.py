@@ -48,6 +48,7 @@ class Plan:
     cfg: float
     scheduler: str | None  # table name, or None for the model's own scheduler
     warnings: list[str] = field(default_factory=list)
+    helpers: dict[str, ModelSpec] = field(default_factory=dict)  # second-pass models: "refiner", "hires_upscaler"
 
 
 def plan_job(job: Job, index_offset: int = 0) -> Plan:
@@ -57,10 +58,11 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     if job.scheduler is not None:
         job.scheduler = normalize_scheduler_name(job.scheduler)
     spec = resolve_model(job.model, job.model_config, job.allow_pickle)
+    helpers = {}  # resolved once here, loaded by the second pass
     if job.extra.get("refiner"):
-        refiner.check(job, spec)
+        helpers["refiner"] = refiner.check(job, spec)
     if job.extra.get("hires_upscaler") == "x4":
-        hires.check_upscaler(job)
+        helpers["hires_upscaler"] = hires.check_upscaler(job)
     defaults = spec.defaults
     width = job.width or defaults.get("width") or spec.sample_size or 512
     height = job.height or defaults.get("height") or spec.sample_size or 512
@@ -81,7 +83,7 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
         "height": height,
     }
     paths = output.plan_paths(job.out, seeds, fields, job.overwrite, index_offset)
-    return Plan(job, spec, seeds, paths, width, height, cfg, scheduler)
+    return Plan(job, spec, seeds, paths, width, height, cfg, scheduler, helpers=helpers)
 
 
 def plan_jobs(jobs: list[Job]) -> list[Plan]:
@@ -143,15 +145,14 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: boo
     is the one its plan alone would make (up to batching noise).
     """
     from diffcli import prompts
-    from diffcli.pipeline import build_scheduler, default_steps, load_pipeline, resolve_device, resolve_dtype
+    from diffcli.pipeline import default_steps, load_for_job, resolve_device, resolve_dtype
 
     plan = plans[0]
     job = plan.job
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     started = time.perf_counter()
-    pipe = load_pipeline(plan.spec, job.task, device, dtype, job.safety_checker, job.allow_pickle, job.optimize, job.low_vram)
-    pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, plan.scheduler)
+    pipe = load_for_job(plan.spec, job.task, job, plan.scheduler, job.safety_checker)
     adapters.activate(pipe, job)  # exactly this job's LoRAs on, at their scales
     load_s = time.perf_counter() - started
     steps = job.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)

@@ -36,13 +36,14 @@ def hires_settings(scale: float | None, steps: int | None, strength: float, upsc
     return settings
 
 
-def check_upscaler(job) -> None:
-    """The x4 upscaler model must exist and be one (checked before any weights load)."""
+def check_upscaler(job):
+    """The x4 upscaler model's spec; it must exist and be one (checked before any weights load)."""
     from diffcli.models import resolve_model
 
     spec = resolve_model(job.extra["hires_upscaler_model"], None, job.allow_pickle)
     if spec.family != "sd-x4-upscaler":
         raise UsageError(f"--hires-upscaler-model {spec.name!r} is a {spec.family} model, not an SD x4 upscaler")
+    return spec
 
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
@@ -57,19 +58,17 @@ def refine(pipe, job, plan, seeds: list[int], steps: int, latents, images):
 
     from diffcli import prompts
     from diffcli.generate import to_pil
-    from diffcli.pipeline import build_scheduler, load_pipeline, resolve_device, resolve_dtype
+    from diffcli.pipeline import load_for_job
 
     extra = job.extra
     width, height = target_size(plan.width, plan.height, extra["hires_scale"], plan.spec.size_multiple)
-    device = resolve_device(job.device)  # the same key run_plan loaded with, so the components are shared, not reloaded
-    img2img = load_pipeline(plan.spec, "img2img", device, resolve_dtype(job.dtype, device), job.safety_checker,
-                            job.allow_pickle, job.optimize, job.low_vram)
-    img2img.scheduler = build_scheduler(img2img.diffcli_scheduler, plan.scheduler)
+    img2img = load_for_job(plan.spec, "img2img", job, plan.scheduler, job.safety_checker)  # shares run_plan's components
     if extra["hires_upscaler"] == "latent":
         factor = plan.spec.size_multiple
         image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
     elif extra["hires_upscaler"] == "x4":
-        image = [upscaled.resize((width, height), Image.LANCZOS) for upscaled in _x4(job, images, seeds, device)]
+        upscaled = _x4(job, plan.helpers["hires_upscaler"], images, seeds)
+        image = [each.resize((width, height), Image.LANCZOS) for each in upscaled]
     else:
         image = [to_pil(array).resize((width, height), Image.LANCZOS) for array in images]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -78,21 +77,17 @@ def refine(pipe, job, plan, seeds: list[int], steps: int, latents, images):
                    **prompts.pipeline_inputs(img2img, [job] * len(seeds))).images
 
 
-def _x4(job, images, seeds: list[int], device: str) -> list:
-    """Upscale each first-pass image x4 with the SD x4 upscaler at its own defaults, in tiles when large."""
+def _x4(job, spec, images, seeds: list[int]) -> list:
+    """Upscale each first-pass image x4 with the SD x4 upscaler `spec` at its own defaults, in tiles when large."""
     import torch
 
     from diffcli import prompts, tiles
     from diffcli.generate import to_pil
-    from diffcli.models import resolve_model
-    from diffcli.pipeline import build_scheduler, default_steps, load_pipeline, resolve_dtype
+    from diffcli.pipeline import default_steps, load_for_job
     from diffcli.tasks import AUTO_TILE
 
-    spec = resolve_model(job.extra["hires_upscaler_model"], None, job.allow_pickle)
-    pipe = load_pipeline(spec, "upscale", device, resolve_dtype(job.dtype, device), False, job.allow_pickle,
-                         job.optimize, job.low_vram)
-    pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, spec.defaults.get("scheduler"))
     defaults = spec.defaults
+    pipe = load_for_job(spec, "upscale", job, defaults.get("scheduler"))
     settings = dict(num_inference_steps=defaults.get("steps") or default_steps(pipe.scheduler),
                     guidance_scale=defaults.get("cfg", 7.5), noise_level=defaults.get("noise_level", 20),
                     output_type="np", **prompts.pipeline_inputs(pipe, [job]))

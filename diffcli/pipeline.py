@@ -179,6 +179,16 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
     return loaded[task]
 
 
+def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_checker: bool = False):
+    """The cached pipeline of `spec` for `task` under the job's device, dtype and loading options (the key the job's
+    own model was loaded under, so shared components are not loaded again), with a fresh `scheduler`."""
+    device = resolve_device(job.device)
+    pipe = load_pipeline(spec, task, device, resolve_dtype(job.dtype, device), safety_checker, job.allow_pickle,
+                         job.optimize, job.low_vram)
+    pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, scheduler)
+    return pipe
+
+
 def needs_low_vram(spec: ModelSpec, device: str) -> bool:
     """Whether a CUDA device is too small for the model at full speed."""
     if not device.startswith("cuda"):

@@ -17,8 +17,8 @@ def refiner_settings(model: str | None, start: float) -> dict:
     return {"refiner": model, "refiner_start": start}
 
 
-def check(job, spec) -> None:
-    """Refuse a base or refiner that cannot take part, before any weights load."""
+def check(job, spec):
+    """The refiner's spec; a base or refiner that cannot take part is refused before any weights load."""
     from diffcli.models import resolve_model
 
     if job.task != "txt2img":
@@ -30,6 +30,7 @@ def check(job, spec) -> None:
     refiner = resolve_model(job.extra["refiner"], None, job.allow_pickle)
     if refiner.family not in REFINER_FAMILIES:
         raise UsageError(f"--refiner {refiner.name!r} is a {refiner.family} model, not an SDXL refiner or SDXL model")
+    return refiner
 
 
 def check_steps(steps: int, start: float) -> None:
@@ -43,14 +44,9 @@ def check_steps(steps: int, start: float) -> None:
 def refine(job, plan, latents, generators, steps: int, on_step_end):
     """Finish the base model's latents with the refiner from --refiner-start on; returns float images (N, H, W, 3)."""
     from diffcli import prompts
-    from diffcli.models import resolve_model
-    from diffcli.pipeline import build_scheduler, load_pipeline, resolve_device, resolve_dtype
+    from diffcli.pipeline import load_for_job
 
-    device = resolve_device(job.device)
-    spec = resolve_model(job.extra["refiner"], None, job.allow_pickle)
-    pipe = load_pipeline(spec, "img2img", device, resolve_dtype(job.dtype, device), False, job.allow_pickle,
-                         job.optimize, job.low_vram)
-    pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, plan.scheduler)
+    pipe = load_for_job(plan.helpers["refiner"], "img2img", job, plan.scheduler)
     return pipe(image=latents, denoising_start=job.extra["refiner_start"], num_inference_steps=steps,
                 guidance_scale=plan.cfg, generator=generators, output_type="np", callback_on_step_end=on_step_end,
                 **prompts.pipeline_inputs(pipe, [job] * len(generators))).images
