@@ -365,11 +365,11 @@ def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list
     batch, owners, position, line_seeds = [], {}, 0, {}
     for number, (entry, job) in enumerate(pairs):
         where = f"line {entry.line}"
-        if job.seed is None:  # the cells of one line's sweep share a seed, as on the command line
-            first = id(entry) not in line_seeds
-            job.seed = line_seeds.setdefault(id(entry), base_seed + position)
-            position += job.num_images if first else 0
+        if job.seed is None and id(entry) in line_seeds:  # the cells of one line's sweep share its seed, as on the command line
+            job.seed = line_seeds[id(entry)]
         else:
+            if job.seed is None:
+                job.seed = line_seeds[id(entry)] = base_seed + position
             position += job.num_images
         job.out = job_out(job.out or out, number, entry.line)
         wanted = job.overwrite
@@ -383,22 +383,23 @@ def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list
                 raise UsageError(f"{where}: writes {path}, as line {owners[path]} does",
                                  "put {job} or {seed} in --out so every image has its own name")
             owners[path] = entry.line
-        batch.append(BatchJob(number, entry.line, plan, [image_id(plan, seed) for seed in plan.seeds]))
+        batch.append(BatchJob(number, entry.line, plan, image_ids(plan)))
     return batch
 
 
-def image_id(plan, seed: int) -> str:
-    """Stable id of one image: a hash of every resolved setting that changes its pixels."""
+def image_ids(plan) -> list[str]:
+    """Stable id of each image of a plan: a hash of every resolved setting that changes its pixels, with its seed.
+    The settings (input files hashed by content) are read once per plan, not once per image."""
     job, spec = plan.job, plan.spec
     settings = {key: value for key, value in job.settings().items() if key not in NOT_IN_ID}
     settings.update(
-        seed=seed,
         model=spec.name if spec.source in ("bundled", "hub") else str(Path(spec.location).resolve()),
         width=plan.width, height=plan.height, cfg=plan.cfg, scheduler=plan.scheduler,
         steps=job.steps or spec.defaults.get("steps"),
         extra=_stable(job.extra),
     )
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return [hashlib.sha256(json.dumps(dict(settings, seed=seed), sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for seed in plan.seeds]
 
 
 def _stable(value):
