@@ -153,6 +153,12 @@ def _hidden(encoder, ids, clip_skip: int, xl: bool):
     return norm(out.hidden_states[-clip_skip]), None
 
 
+def text_encoders(pipe) -> list[tuple]:
+    """The pipeline's (tokenizer, text encoder) pairs that exist: one for SD, two for SDXL, the second alone for a refiner."""
+    pairs = [(getattr(pipe, f"tokenizer{n}", None), getattr(pipe, f"text_encoder{n}", None)) for n in ("", "_2")]
+    return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
+
+
 def encode(pipe, prompts: list[str], weighting: bool = True, clip_skip: int = 1):
     """Encode prompts with A1111 weighting and chunking; returns (embeds, pooled or None), one row each.
 
@@ -160,8 +166,7 @@ def encode(pipe, prompts: list[str], weighting: bool = True, clip_skip: int = 1)
     """
     import torch
 
-    pairs = [(getattr(pipe, f"tokenizer{n}", None), getattr(pipe, f"text_encoder{n}", None)) for n in ("", "_2")]
-    pairs = [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
+    pairs = text_encoders(pipe)
     xl = hasattr(pipe, "text_encoder_2")
     device = pipe._execution_device
     per_prompt = [tokenize(pipe, pairs[0][0], p, weighting) for p in prompts]
@@ -205,7 +210,7 @@ def _apply_weights(z, weights):
 
 def chunk_count(pipe, job) -> int:
     """How many 75-token chunks the job's prompt and negative prompt encode to (the longer of the two)."""
-    tokenizer = pipe.tokenizer if getattr(pipe, "text_encoder", None) is not None else pipe.tokenizer_2
+    tokenizer = text_encoders(pipe)[0][0]  # the one encode() chunks with
     weighting = job.extra.get("weighting", True)
     return max(len(tokenize(pipe, tokenizer, text, weighting)) for text in (job.prompt, job.negative))
 
@@ -217,9 +222,8 @@ def pipeline_inputs(pipe, jobs: list) -> dict:
 
     import torch
 
-    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
     negatives = [job.negative for job in jobs]
-    if "prompt_embeds" not in inspect.signature(pipe.__call__).parameters or not any(encoders):
+    if "prompt_embeds" not in inspect.signature(pipe.__call__).parameters or not text_encoders(pipe):
         return {"prompt": [job.prompt for job in jobs], "negative_prompt": negatives if any(negatives) else None}
     texts = list(dict.fromkeys(text for job in jobs for text in (job.prompt, job.negative)))  # each text encoded once
     embeds, pooled = encode(pipe, texts, jobs[0].extra.get("weighting", True), jobs[0].extra.get("clip_skip") or 1)
