@@ -108,8 +108,11 @@ def write_grid(records: list[dict], overwrite: bool = False) -> dict:
     x_key, y_keys, x_values, y_values = grid_layout(records)
     images = {(r[x_key] if x_key else None, tuple(r[k] for k in y_keys)): r["path"] for r in records}
     font = ImageFont.load_default(size=12)
-    cell_w = max(Image.open(r["path"]).width for r in records)
-    cell_h = max(Image.open(r["path"]).height for r in records)
+    sizes = []
+    for record in records:  # each header read once, each file closed
+        with Image.open(record["path"]) as image:
+            sizes.append(image.size)
+    cell_w, cell_h = max(w for w, _ in sizes), max(h for _, h in sizes)
     pad = 6
 
     def size(text: str) -> tuple[int, int]:
