@@ -199,9 +199,12 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: boo
                 meta["variation_seed"] = job.extra["variation_seed"] + meta["seed"] - job.seed
             path = each.paths[index]
             began = time.perf_counter()
-            output.write_atomic(path, output.encode_image(image, path, meta), job.overwrite)
-            timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3), "save_s": round(time.perf_counter() - began, 3)}
-            on_image(dict(meta, path=str(path), timings=timings))
+            data = output.encode_image(image, path, meta)
+            with output.signals_held():  # an image on disk is always also reported
+                output.write_atomic(path, data, job.overwrite)
+                timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3),
+                           "save_s": round(time.perf_counter() - began, 3)}
+                on_image(dict(meta, path=str(path), timings=timings))
             load_s = 0.0
 
 

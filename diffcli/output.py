@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import string
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -145,8 +147,30 @@ def encode_image(image, path: Path, meta: dict) -> bytes:
     return buffer.getvalue()
 
 
+@contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM until the block ends, so a file is written whole or not at all."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
-    """Write via a temp file in the same folder; never replace an existing file unless asked."""
+    """Write via a temp file in the same folder; never replace an existing file unless asked.
+
+    An interrupt during the write waits until it is done, so it never leaves a `.part` file behind.
+    """
+    with signals_held():
+        _write_atomic(path, data, overwrite)
+
+
+def _write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)

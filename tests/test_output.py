@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,21 @@ def test_failing_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeFailure, match="No space left on device"):
         output.write_atomic(tmp_path / "b.png", b"data", overwrite=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_right_after_the_temp_file_is_made_waits_for_the_write(tmp_path, monkeypatch):
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_ctrl_c(**kwargs):
+        made = real_mkstemp(**kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # without held signals this lands before the cleanup can see the file
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        output.write_atomic(tmp_path / "c.png", b"whole", overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.png"]
+    assert (tmp_path / "c.png").read_bytes() == b"whole"
 
 
 def test_png_metadata_round_trip(tmp_path):
