@@ -8,6 +8,7 @@ import re
 import signal
 import string
 import tempfile
+import threading
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -149,16 +150,28 @@ def encode_image(image, path: Path, meta: dict) -> bytes:
 
 @contextmanager
 def signals_held():
-    """Hold Ctrl-C and SIGTERM until the block ends, so a file is written whole or not at all."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+    """Defer Ctrl-C and SIGTERM until the block ends, then deliver the first one to its usual handler.
+
+    (Blocking signals with a thread mask would not do: the kernel hands a process signal to any thread that does not
+    block it, such as torch's workers, and Python then runs the handler in the main thread all the same.)
+    """
+    if threading.current_thread() is not threading.main_thread():  # Python runs handlers in the main thread only
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught = []
+    record = lambda signum, frame: caught.append((signum, frame))  # noqa: E731
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in caught[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler in (signal.SIG_DFL, None):
+                signal.raise_signal(signum)
 
 
 def write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
