@@ -95,10 +95,20 @@ def resolve(job) -> None:
                 embeddings.append((str(_source(str(path), "--embedding-dir", job.allow_pickle)), path.stem))
     extra["loras"] = loras
     extra["embeddings"] = embeddings
-    if loras:  # a scalar for the image metadata (lists stay out of it)
+    if loras:  # scalars for the image metadata (lists stay out of it)
         extra["lora"] = ", ".join(f"{Path(s).stem if Path(s).exists() else s}:{w:g}" for s, w in loras)
+        extra["lora_hashes"] = ", ".join(f"{Path(s).stem}: {short_hash(Path(s))}" for s, _ in loras if Path(s).is_file())
     if embeddings:
         extra["embedding"] = ", ".join(token for _, token in embeddings)
+        extra["embedding_hashes"] = ", ".join(f"{token}: {short_hash(Path(p), False)}" for p, token in embeddings)
+
+
+def short_hash(path: Path, tensors_only: bool = True) -> str:
+    """A1111's 12-digit hash of a LoRA (sha256 of a safetensors file's tensor bytes) or embedding (of the file)."""
+    from diffcli.generate import default_cache_dir
+    from diffcli.models import file_sha256
+
+    return file_sha256(path, default_cache_dir(), tensors_only and path.suffix.lower() == ".safetensors")[:12]
 
 
 def _adapter_name(source: str) -> str:

@@ -189,15 +189,23 @@ def _from_hub(repo_id: str) -> ModelSpec:
 
 
 def model_hash(spec: ModelSpec, cache_dir: Path) -> str:
-    """A1111-style short hash (sha256, 10 hex digits) of the weights, cached by size and mtime."""
+    """A1111-style short hash (sha256, 10 hex digits) of the weights."""
     target = Path(spec.location)
     if spec.source in ("folder", "bundled"):
         unet_files = sorted((target / "unet").glob("*.safetensors")) or sorted((target / "unet").glob("*.bin"))
         target = unet_files[0] if unet_files else target / "model_index.json"
     elif spec.source == "hub":
         return ""  # the Hub records the revision; hashing multi-GB cached blobs is not worth the wait
+    return file_sha256(target, cache_dir)[:10]
+
+
+def file_sha256(target: Path, cache_dir: Path, after_header: bool = False) -> str:
+    """sha256 hex digest of a file, cached in cache_dir/hashes.json by path, size and mtime.
+
+    `after_header` hashes a safetensors file's tensor bytes only (the "addnet" hash A1111 gives LoRAs).
+    """
     stat = target.stat()
-    key = f"{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = f"sha256{':tensors' if after_header else ''}:{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     cache_file = cache_dir / "hashes.json"
     try:
         cache = json.loads(cache_file.read_text())
@@ -206,9 +214,11 @@ def model_hash(spec: ModelSpec, cache_dir: Path) -> str:
     if key not in cache:
         digest = hashlib.sha256()
         with target.open("rb") as handle:
+            if after_header:
+                handle.seek(8 + int.from_bytes(handle.read(8), "little"))
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-        cache[key] = digest.hexdigest()[:10]
+        cache[key] = digest.hexdigest()
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")

@@ -122,6 +122,8 @@ def a1111_parameters(meta: dict) -> str:
         "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos", "x4": "SD x4"}.get(meta.get("hires_upscaler")),
         "Refiner": meta.get("refiner"),
         "Refiner switch at": meta.get("refiner_start"),
+        "Lora hashes": f'"{meta["lora_hashes"]}"' if meta.get("lora_hashes") else None,
+        "TI hashes": f'"{meta["embedding_hashes"]}"' if meta.get("embedding_hashes") else None,
         "Version": f"diffcli {meta['versions']['diffcli']}",
     }
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v not in (None, "")))

@@ -1,5 +1,6 @@
 """LoRA (--lora, <lora:name:w> with --lora-dir) and textual-inversion embeddings, on tiny real components."""
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,9 @@ def test_lora_changes_the_image_scale_zero_does_not_and_it_switches_off(cli, tin
     assert np.abs(pixels("zero.png") - pixels("plain.png")).max() <= 1
     assert np.array_equal(pixels("after.png"), pixels("plain.png"))  # the next job runs without it
     assert read_metadata("lora.png")["lora"] == "shiny:1"
+    data = tiny_lora.read_bytes()  # A1111 hashes a LoRA's tensor bytes, after the safetensors header
+    tensors_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    assert f'Lora hashes: "shiny: {tensors_hash}"' in Image.open("lora.png").text["parameters"]
 
 
 def test_prompt_tag_with_lora_dir_equals_the_flag(cli, tiny_model, tiny_lora):
@@ -78,6 +82,8 @@ def test_embedding_token_changes_the_image(cli, tiny_model, tiny_embedding):
     assert np.abs(pixels("flag.png") - pixels("without.png")).max() > 0
     assert np.array_equal(pixels("flag.png"), pixels("dir.png"))
     assert read_metadata("flag.png")["embedding"] == "mystyle"
+    file_hash = hashlib.sha256(tiny_embedding.read_bytes()).hexdigest()[:12]
+    assert f'TI hashes: "mystyle: {file_hash}"' in Image.open("dir.png").text["parameters"]
 
 
 @pytest.mark.parametrize(
