@@ -311,6 +311,9 @@ def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, 
 
     def first_pass():
         if job.extra.get("tile"):  # each tile gets its region of the untiled call's noise; overlaps blended
+            if bar is not None:  # one pipeline call per tile and image
+                count = tiles.tile_count(pipe, kwargs["image"].size, job.extra["tile"], job.extra["tile_overlap"])
+                bar.update(bar.task_ids[0], total=steps * count * len(seeds))
             return np.stack([
                 tiles.upscale_with_tiles(pipe, kwargs["image"], seed, job.extra["tile"], job.extra["tile_overlap"], job.extra["scale"],
                                          lambda extra, generator: call(dict(kwargs, **extra), [generator])[0])

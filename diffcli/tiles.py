@@ -56,6 +56,17 @@ def upscale_tiled(image, tile: int, overlap: int, scale: int, upscale_one, align
     return total / weight
 
 
+def _align(pipe) -> int:
+    """Tile origins lie on the coarsest noise grid the pipeline draws."""
+    return max(per for _, _, per in NOISE_DRAWS[type(pipe).__name__])
+
+
+def tile_count(pipe, size: tuple[int, int], tile: int, overlap: int) -> int:
+    """How many tiles (pipeline calls) `upscale_with_tiles` makes for an image of `size`."""
+    align = _align(pipe)
+    return len(tile_starts(size[0], tile, overlap, align)) * len(tile_starts(size[1], tile, overlap, align))
+
+
 def noise_fields(pipe, size: tuple[int, int], seed: int) -> dict:
     """The noise tensors an untiled call on an image of `size` with a CPU generator seeded `seed` draws, by name."""
     import torch
@@ -88,7 +99,7 @@ def upscale_with_tiles(pipe, image, seed: int, tile: int, overlap: int, scale: i
     import torch
 
     fields = noise_fields(pipe, image.size, seed)
-    align = max(per for _, per in fields.values())  # tile origins on the coarsest noise grid
+    align = _align(pipe)
 
     def one(crop, box):
         def region(name):

@@ -31,12 +31,13 @@ def test_upscale_x4_batch_records_noise_level(cli, tiny_x4_upscaler, tmp_path):
     assert pixels("u-3.png").tolist() != pixels("u-4.png").tolist()
 
 
-def test_one_tile_covering_the_image_reproduces_the_untiled_result_exactly(cli, tiny_x4_upscaler, tmp_path):
-    """The tile path draws the untiled call's noise (low-res noise, then latents) from the seed and slices it."""
+def test_one_tile_covering_the_image_reproduces_the_untiled_result(cli, tiny_x4_upscaler, tmp_path):
+    """The tile path draws the untiled call's noise (low-res noise, then latents) from the seed and slices it.
+    Equal with 2 threads; with OMP_NUM_THREADS=1 a few pixels differ by 1/255 (float rounding)."""
     image = smooth(tmp_path)
     assert cli("upscale", image, "--model", tiny_x4_upscaler, "--tile", "0", "-o", "whole.png", *FAST).exit_code == 0
     assert cli("upscale", image, "--model", tiny_x4_upscaler, "--tile", "32", "-o", "one.png", *FAST).exit_code == 0
-    assert np.array_equal(pixels("whole.png"), pixels("one.png"))
+    assert np.abs(pixels("whole.png") - pixels("one.png")).max() <= 1, np.abs(pixels("whole.png") - pixels("one.png")).max()
 
 
 def test_tiled_result_matches_the_untiled_one_closely(cli, tiny_x4_upscaler, tmp_path):
@@ -115,6 +116,13 @@ def test_tiles_blend_to_the_untiled_result_for_a_local_operator():
     def nearest(crop, box=None):
         return np.asarray(crop.resize((crop.size[0] * 4, crop.size[1] * 4), Image.NEAREST), dtype=np.float64)
 
-    assert np.allclose(tiles.upscale_tiled(image, 24, 8, 4, nearest), nearest(image))
+    boxes = []
+    blended = tiles.upscale_tiled(image, 24, 8, 4, lambda crop, box: boxes.append(box) or nearest(crop))
+    assert np.allclose(blended, nearest(image))
+
+    class StableDiffusionUpscalePipeline:  # tile_count reads only the pipeline's kind
+        pass
+
+    assert tiles.tile_count(StableDiffusionUpscalePipeline(), image.size, 24, 8) == len(boxes) == 6  # the progress total
     assert tiles.tile_starts(56, 24, 8) == [0, 16, 32] and tiles.tile_starts(20, 24, 8) == [0]
     assert tiles.tile_starts(128, 96, 20, align=8) == [0, 32]  # latent tiles start on the VAE's 8 px grid
