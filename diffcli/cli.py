@@ -458,16 +458,26 @@ def evaluate(
     scheduler: Scheduler = None,
     device: Device = "auto",
 ) -> None:
-    """Measure prompt adherence of the shapes model: per-attribute accuracy from a pixel judge (JSON)."""
+    """Measure prompt adherence of the shapes model: per-attribute accuracy from a pixel judge (JSON).
+
+    For an x4 upscaler (tiny-shapes-x4): PSNR of upscaled 32 px renders against the 128 px truth, bicubic alongside.
+    """
     from diffcli.models import resolve_model
     from diffcli.pipeline import normalize_scheduler_name, resolve_device
     from diffcli.shapes.evaluate import evaluate as run_eval
+    from diffcli.shapes.evaluate import evaluate_upscaler, is_upscaler
 
     spec = resolve_model(model)
     if not (Path(spec.location) / "diffcli.json").is_file():
         raise UsageError(f"--model {model!r} is not a shapes model (no diffcli.json)", "eval judges tiny-shapes models only")
     name = normalize_scheduler_name(scheduler) if scheduler else None
-    print(json.dumps(run_eval(spec.location, n, seed, steps, cfg, name, resolve_device(device)), sort_keys=True))
+    if is_upscaler(spec.location):
+        if cfg is not None:
+            raise UsageError("--cfg does not apply to an upscaler's eval", "it upscales without a prompt (cfg 1)")
+        report = evaluate_upscaler(spec.location, n, seed, steps, None, name, resolve_device(device))
+    else:
+        report = run_eval(spec.location, n, seed, steps, cfg, name, resolve_device(device))
+    print(json.dumps(report, sort_keys=True))
 
 
 @app.command()

@@ -32,3 +32,24 @@ def test_decoder_finetune_keeps_latent_scale(tmp_path):
                 "--resume", str(tmp_path / "a")])
     cfg = [json.loads((tmp_path / d / train.BASE / "vae" / "config.json").read_text()) for d in "ab"]
     assert cfg[0]["scaling_factor"] == cfg[1]["scaling_factor"]
+
+
+def test_resumed_training_keeps_the_models_own_tokenizer(tmp_path):
+    """Its text encoder learned those ids; a new BPE build may number tokens differently."""
+    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
+    train.main(["--out", str(tmp_path / "a"), *smoke])
+    for name in (train.BASE, train.UPSCALER):  # mark the first model's vocabulary: swap two ids in both files
+        folder = tmp_path / "a" / name / "tokenizer"
+        for path, key in ((folder / "vocab.json", ()), (folder / "tokenizer.json", ("model", "vocab"))):
+            data = json.loads(path.read_text())
+            vocab = data[key[0]][key[1]] if key else data
+            vocab["x</w>"], vocab["y</w>"] = vocab["y</w>"], vocab["x</w>"]
+            path.write_text(json.dumps(data))
+    for stage in ("unet", "upscaler"):
+        train.main(["--out", str(tmp_path / "b"), *smoke, "--stage", stage, "--resume", str(tmp_path / "a")])
+    from transformers import CLIPTokenizer
+
+    for name in (train.BASE, train.UPSCALER):
+        files = [json.loads((tmp_path / d / name / "tokenizer" / "vocab.json").read_text()) for d in "ab"]
+        loaded = [CLIPTokenizer.from_pretrained(tmp_path / d / name / "tokenizer").get_vocab() for d in "ab"]
+        assert files[0] == files[1] == loaded[0] == loaded[1], name

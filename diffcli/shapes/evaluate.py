@@ -1,6 +1,7 @@
 """Generate images for held-out captions with a model folder and score them with the judge.
 
-`python -m diffcli.shapes.evaluate --model DIR --n 200 --seed 0 [--steps --cfg --scheduler --device]`
+`python -m diffcli.shapes.evaluate --model DIR --n 200 --seed 0 [--steps --cfg --scheduler --device]`;
+an x4 upscaler folder is scored on upscaling 32 px renders instead (PSNR against the 128 px truth, and the judge).
 """
 
 import argparse
@@ -57,6 +58,12 @@ def load(model_dir, scheduler=None, device="cpu", dtype=torch.float32):
     return pipe.to(device)
 
 
+def is_upscaler(model_dir) -> bool:
+    """Whether the folder holds an x4 upscaler (StableDiffusionUpscalePipeline layout)."""
+    index = Path(model_dir) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionUpscalePipeline"
+
+
 def defaults(model_dir) -> dict:
     """The model folder's diffcli.json."""
     return json.loads((Path(model_dir) / "diffcli.json").read_text())
@@ -85,6 +92,48 @@ def evaluate(model_dir, n=200, seed=0, steps=None, cfg=None, scheduler=None, dev
             "device": str(device), "seconds": round(time.time() - t0, 1), "accuracy": res}
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
+    return float(10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-12)))
+
+
+def evaluate_upscaler(model_dir, n=32, seed=0, steps=None, noise_level=None, scheduler=None, device="cpu") -> dict:
+    """Upscale n held-out 32 px scenes x4 and compare with the true 128 px render: mean PSNR (bicubic alongside)
+    and the judge's accuracy on the upscaled images."""
+    import diffusers
+    from PIL import Image
+
+    d = defaults(model_dir)
+    steps, scheduler = steps or d["steps"], scheduler or d["scheduler"]
+    noise_level = d["noise_level"] if noise_level is None else noise_level
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(model_dir, dtype=dtype)
+    cls, extra = SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    scenes = [s for _, s in prompts(n, seed)]
+    truth = world.render(world.to_tensors(scenes)).permute(0, 2, 3, 1).numpy()  # n x 128 x 128 x 3 in [0, 1]
+    small = torch.nn.functional.interpolate(torch.from_numpy(truth).permute(0, 3, 1, 2), scale_factor=0.25, mode="area")
+    lows = [Image.fromarray(np.round(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for x in small]
+    t0 = time.time()
+    gens = [torch.Generator("cpu").manual_seed(seed * 100_000 + i) for i in range(n)]
+    images = pipe([""] * n, image=lows, num_inference_steps=steps, guidance_scale=1.0, noise_level=noise_level,
+                  generator=gens, output_type="np").images
+    seconds = time.time() - t0
+    bicubic = [np.asarray(low.resize((world.SIZE, world.SIZE), Image.BICUBIC), dtype=np.float32) / 255 for low in lows]
+    acc = defaultdict(list)
+    for s, img in zip(scenes, images):
+        kind = "one" if len(s.objects) == 1 else "two"
+        for k, v in judge.score(judge.analyze(np.round(img * 255)), judge.truth(s)).items():
+            acc[f"{kind}.{k}"].append(v)
+    return {"model": str(model_dir), "n": n, "seed": seed, "steps": steps, "noise_level": noise_level,
+            "scheduler": scheduler, "device": str(device), "seconds": round(seconds, 1),
+            "psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(images, truth)])), 2),
+            "bicubic_psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(bicubic, truth)])), 2),
+            "accuracy": {k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())}}
+
+
 def main(argv=None):
     """CLI: print the evaluation as JSON on stdout."""
     ap = argparse.ArgumentParser(prog="python -m diffcli.shapes.evaluate", description=__doc__)
@@ -96,7 +145,11 @@ def main(argv=None):
     ap.add_argument("--scheduler", choices=sorted(SCHEDULERS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--grid", action="store_true", help="also try a few steps/cfg/scheduler settings")
+    ap.add_argument("--noise-level", type=int, help="x4 upscaler models only")
     a = ap.parse_args(argv)
+    if is_upscaler(a.model):
+        print(json.dumps(evaluate_upscaler(a.model, a.n, a.seed, a.steps, a.noise_level, a.scheduler, a.device)))
+        return
     print(json.dumps(evaluate(a.model, a.n, a.seed, a.steps, a.cfg, a.scheduler, a.device)), flush=True)
     if a.grid:
         dtype = torch.float16 if a.device.startswith("cuda") else torch.float32

@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Run:
     pool: int = 100_000  # scenes drawn once; jitter makes them distinct
     caption_dropout: float = 0.1  # empty captions for classifier-free guidance
     ema: float = 0.995
+    edge_weight: float = 0.0  # decoder stage: extra loss weight on outline pixels
 
 
 def device() -> torch.device:
@@ -129,7 +131,7 @@ def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
-    pool = Pool(min(run.pool, 20_000), run.seed + 1, _tokenizer(run), dev)
+    pool = Pool(min(run.pool, 20_000), run.seed + 1, _tokenizer(run, name), dev)
     opt, sched = optimizer(params, run.vae_lr, dev)
     logger = Logger(run, f"vae_{name}", params=models.n_params(vae))
 
@@ -138,8 +140,12 @@ def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
         with autocast(dev):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec.float(), x)
-        loss = loss + (F.l1_loss(rec.float(), x) if decoder_only else 1e-5 * post.kl().mean() / x[0].numel())
+        if decoder_only:  # L1 + MSE, pixels near outlines weighted 1 + edge_weight (small shapes are mostly outline)
+            err = (rec.float() - x).abs()
+            w = 1 + run.edge_weight * outlines(x)
+            loss = (w * (err + err**2)).mean() / w.mean()
+        else:
+            loss = F.mse_loss(rec.float(), x) + 1e-5 * post.kl().mean() / x[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -164,6 +170,13 @@ def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
     return vae
 
 
+def outlines(x: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """1 where a (2r+1)-pixel window holds more than one colour (object outlines), else 0; shape N x 1 x H x W."""
+    k = 2 * radius + 1
+    spread = F.max_pool2d(x, k, 1, radius) + F.max_pool2d(-x, k, 1, radius)
+    return (spread.amax(dim=1, keepdim=True) > 0.1).float()
+
+
 def _rescale_latents(vae, k):
     """Multiply the latent space by k exactly: mean and std out of quant_conv, 1/k into post_quant_conv."""
     with torch.no_grad():
@@ -181,11 +194,19 @@ def _save(pipe, path: Path):
     cfg.write_text(cfg.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
 
 
-def _tokenizer(run: Run):
-    """Build the grammar tokenizer into the base model folder and load it as a CLIPTokenizer."""
+def _tokenizer(run: Run, name: str):
+    """The model's CLIPTokenizer: the resumed model's own (its text encoder learned those ids), else a new build.
+
+    A new build can number tokens differently from the last (the BPE trainer breaks ties in hash order), so a
+    resumed model never gets one.
+    """
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(build_tokenizer(run.out / BASE / "tokenizer"))
+    path = run.out / name / "tokenizer"
+    resumed = run.resume / name / "tokenizer" if run.resume else None
+    if resumed and resumed.is_dir() and not path.exists():  # vocab.json/merges.txt too: transformers 4 reads them
+        shutil.copytree(resumed, path)
+    return CLIPTokenizer.from_pretrained(path if (path / "vocab.json").is_file() else build_tokenizer(path))
 
 
 def _load_vae(run: Run, name, dev):
@@ -225,7 +246,7 @@ def train_unet(run: Run, deadline):
 
     dev = device()
     torch.manual_seed(run.seed)
-    tok = _tokenizer(run)
+    tok = _tokenizer(run, BASE)
     vae = _load_vae(run, BASE, dev)
     if run.resume:
         te = CLIPTextModel.from_pretrained(run.resume / BASE / "text_encoder", dtype=torch.float32)
@@ -267,7 +288,7 @@ def train_upscaler(run: Run, deadline):
 
     dev = device()
     torch.manual_seed(run.seed)
-    tok = _tokenizer(run)
+    tok = _tokenizer(run, UPSCALER)
     if run.resume:
         te = CLIPTextModel.from_pretrained(run.resume / UPSCALER / "text_encoder", dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(run.resume / UPSCALER / "unet", dtype=torch.float32)
@@ -306,8 +327,7 @@ def train_upscaler(run: Run, deadline):
                                           scheduler=DPMSolverMultistepScheduler.from_config(models.UPSCALE_NOISE),
                                           max_noise_level=350)
     _save(pipe, run.out / UPSCALER)
-    build_tokenizer(run.out / UPSCALER / "tokenizer")
-    defaults = {**DEFAULTS, "description": "x4 upscaler for tiny-shapes: 32x32 -> 128x128", "steps": 20,
+    defaults = {**DEFAULTS, "description": "x4 upscaler for tiny-shapes: 32x32 -> 128x128", "steps": 10,
                 "cfg": 1.0, "noise_level": 20}
     (run.out / UPSCALER / "diffcli.json").write_text(json.dumps(defaults, indent=1))
 
@@ -326,8 +346,12 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=8e-4)
     ap.add_argument("--pool", type=int, default=100_000)
+    ap.add_argument("--vae-batch", type=int, default=64)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--edge-weight", type=float, default=0.0, help="decoder stage: extra weight of outline pixels")
     a = ap.parse_args(argv)
-    run = Run(a.out, a.seed, a.minutes, a.stage, a.resume, a.smoke, a.max_steps, a.batch, a.lr, pool=a.pool)
+    run = Run(a.out, a.seed, a.minutes, a.stage, a.resume, a.smoke, a.max_steps, a.batch, a.lr, a.vae_batch, a.vae_lr,
+              pool=a.pool, edge_weight=a.edge_weight)
     if run.smoke:
         run.batch, run.vae_batch, run.pool = 4, 2, 64
     run.out.mkdir(parents=True, exist_ok=True)
