@@ -1,7 +1,7 @@
 """Small CPU evaluation of the bundled tiny-shapes model against regression floors.
 
 Measured on 100 held-out one-object prompts at the defaults (euler-a, 12 steps, cfg 4; docs/bundled-model.md):
-background 1.00, colour 1.00, position 1.00, size 0.99, shape 0.79, all-right 0.79. Floors sit about 0.15-0.3
+background 1.00, colour 1.00, position 1.00, size 0.98, shape 0.84, all-right 0.82. Floors sit about 0.15-0.3
 below (24 prompts are noisy); the issue's targets (0.95 per attribute, 0.97 all-right) are not reached yet, see
 the doc.
 """
