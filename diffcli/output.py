@@ -167,7 +167,7 @@ def signals_held():
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         for signum, frame in caught[:1]:
             handler = previous[signum]
             if callable(handler):

@@ -147,7 +147,10 @@ def main(argv=None):
     ap.add_argument("--grid", action="store_true", help="also try a few steps/cfg/scheduler settings")
     ap.add_argument("--noise-level", type=int, help="x4 upscaler models only")
     a = ap.parse_args(argv)
-    if is_upscaler(a.model):
+    upscaler = is_upscaler(a.model)
+    if (upscaler and (a.cfg is not None or a.grid)) or (not upscaler and a.noise_level is not None):
+        ap.error("--cfg and --grid are for text-to-image models, --noise-level for x4 upscalers")
+    if upscaler:
         print(json.dumps(evaluate_upscaler(a.model, a.n, a.seed, a.steps, a.noise_level, a.scheduler, a.device)))
         return
     print(json.dumps(evaluate(a.model, a.n, a.seed, a.steps, a.cfg, a.scheduler, a.device)), flush=True)
