@@ -28,8 +28,8 @@ def test_train_all_stages_smoke(tmp_path):
 
 def test_decoder_finetune_keeps_latent_scale(tmp_path):
     train.main(["--out", str(tmp_path / "a"), "--smoke", "--max-steps", "1", "--minutes", "1", "--stage", "vae"])
-    train.main(["--out", str(tmp_path / "b"), "--smoke", "--max-steps", "1", "--minutes", "1", "--stage", "decoder", "--edge-weight", "10",
-                "--resume", str(tmp_path / "a")])
+    train.main(["--out", str(tmp_path / "b"), "--smoke", "--max-steps", "1", "--minutes", "1", "--stage", "decoder",
+                "--edge-weight", "10", "--resume", str(tmp_path / "a")])
     cfg = [json.loads((tmp_path / d / train.BASE / "vae" / "config.json").read_text()) for d in "ab"]
     assert cfg[0]["scaling_factor"] == cfg[1]["scaling_factor"]
 

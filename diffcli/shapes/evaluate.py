@@ -46,11 +46,11 @@ def prompts(n: int, seed: int, two_object: bool = True):
     return out
 
 
-def load(model_dir, scheduler=None, device="cpu", dtype=torch.float32):
-    """Plain diffusers StableDiffusionPipeline.from_pretrained, with a named scheduler swapped in."""
+def load(model_dir, scheduler=None, device="cpu", dtype=torch.float32, pipeline="StableDiffusionPipeline"):
+    """Plain diffusers `pipeline`.from_pretrained, with a named scheduler swapped in."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
+    pipe = getattr(diffusers, pipeline).from_pretrained(model_dir, dtype=dtype)
     if scheduler:
         cls, extra = SCHEDULERS[scheduler]
         pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
@@ -84,34 +84,36 @@ def evaluate(model_dir, n=200, seed=0, steps=None, cfg=None, scheduler=None, dev
         images = pipe([t for t, _ in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
                       height=world.SIZE, width=world.SIZE, output_type="np").images
         for (_, s), img in zip(chunk, images):
-            kind = "one" if len(s.objects) == 1 else "two"
-            for k, v in judge.score(judge.analyze(np.round(img * 255)), judge.truth(s)).items():
-                acc[f"{kind}.{k}"].append(v)
-    res = {k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())}
+            _judge(acc, s, img)
+    res = _means(acc)
     return {"model": str(model_dir), "n": n, "seed": seed, "steps": steps, "cfg": cfg, "scheduler": scheduler,
             "device": str(device), "seconds": round(time.time() - t0, 1), "accuracy": res}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
-    return float(10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-12)))
+def _judge(acc: dict, scene, image: np.ndarray) -> None:
+    """Append the judge's per-attribute scores of one generated image (HxWx3 in [0, 1]) to `acc`."""
+    kind = "one" if len(scene.objects) == 1 else "two"
+    for k, v in judge.score(judge.analyze(np.round(image * 255)), judge.truth(scene)).items():
+        acc[f"{kind}.{k}"].append(v)
+
+
+def _means(acc: dict) -> dict:
+    """Mean of each attribute's scores."""
+    return {k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())}
 
 
 def evaluate_upscaler(model_dir, n=32, seed=0, steps=None, noise_level=None, scheduler=None, device="cpu") -> dict:
     """Upscale n held-out 32 px scenes x4 and compare with the true 128 px render: mean PSNR (bicubic alongside)
     and the judge's accuracy on the upscaled images."""
-    import diffusers
     from PIL import Image
+
+    from diffcli.bench import psnr
 
     d = defaults(model_dir)
     steps, scheduler = steps or d["steps"], scheduler or d["scheduler"]
     noise_level = d["noise_level"] if noise_level is None else noise_level
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(model_dir, dtype=dtype)
-    cls, extra = SCHEDULERS[scheduler]
-    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
+    pipe = load(model_dir, scheduler, device, dtype, "StableDiffusionUpscalePipeline")
     scenes = [s for _, s in prompts(n, seed)]
     truth = world.render(world.to_tensors(scenes)).permute(0, 2, 3, 1).numpy()  # n x 128 x 128 x 3 in [0, 1]
     small = torch.nn.functional.interpolate(torch.from_numpy(truth).permute(0, 3, 1, 2), scale_factor=0.25, mode="area")
@@ -124,14 +126,12 @@ def evaluate_upscaler(model_dir, n=32, seed=0, steps=None, noise_level=None, sch
     bicubic = [np.asarray(low.resize((world.SIZE, world.SIZE), Image.BICUBIC), dtype=np.float32) / 255 for low in lows]
     acc = defaultdict(list)
     for s, img in zip(scenes, images):
-        kind = "one" if len(s.objects) == 1 else "two"
-        for k, v in judge.score(judge.analyze(np.round(img * 255)), judge.truth(s)).items():
-            acc[f"{kind}.{k}"].append(v)
+        _judge(acc, s, img)
     return {"model": str(model_dir), "n": n, "seed": seed, "steps": steps, "noise_level": noise_level,
             "scheduler": scheduler, "device": str(device), "seconds": round(seconds, 1),
             "psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(images, truth)])), 2),
             "bicubic_psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(bicubic, truth)])), 2),
-            "accuracy": {k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())}}
+            "accuracy": _means(acc)}
 
 
 def main(argv=None):
