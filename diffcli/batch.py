@@ -694,6 +694,7 @@ def dry_record(item: BatchJob) -> dict:
 def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: BatchOptions, say) -> int:
     """Run this rank's jobs (i % world == rank), recording each saved image; Ctrl-C stops cleanly."""
     from diffcli.generate import run_plans
+    from diffcli.output import interrupt_pending
 
     mine = [item for item in batch if item.number % ranks.world == ranks.rank and item.pending]
     if ranks.world > 1:
@@ -720,7 +721,7 @@ def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: 
                 made += 1
                 record = dict(record, id=image, job=item.number, line=item.line, index=index)
                 print(json.dumps(record, sort_keys=True) if options.as_json else record["path"], flush=True)
-                if stop.requested:
+                if stop.requested or interrupt_pending():  # pending: Ctrl-C came while this image was written
                     raise Interrupted(f"interrupted: {made} image(s) made and recorded in {manifest.path}; "
                                       "run the same command again to make the rest")
 

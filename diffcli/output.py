@@ -150,6 +150,14 @@ def encode_image(image, path: Path, meta: dict) -> bytes:
     return buffer.getvalue()
 
 
+_held: list[list] = []  # signals caught by the signals_held blocks now open, innermost last
+
+
+def interrupt_pending() -> bool:
+    """Whether a signal arrived inside an open signals_held block (it is delivered when the block ends)."""
+    return any(_held)
+
+
 @contextmanager
 def signals_held():
     """Defer Ctrl-C and SIGTERM until the block ends, then deliver the first one to its usual handler.
@@ -163,9 +171,11 @@ def signals_held():
     caught = []
     record = lambda signum, frame: caught.append((signum, frame))  # noqa: E731
     previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _held.append(caught)
     try:
         yield
     finally:
+        _held.pop()
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         for signum, frame in caught[:1]:

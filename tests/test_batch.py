@@ -1,6 +1,7 @@
 """diffcli batch through the real CLI: formats, defaults, validation, templates, resume, signals, ranks."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -243,3 +244,19 @@ def test_image_task_lines_run_and_report_their_resizing(cli, tiny_model, tmp_pat
     assert [(r["task"], r["line"], r["input"]) for r in records] == [("img2img", 1, str(photo)), ("inpaint", 2, str(photo))]
     assert Image.open(records[0]["path"]).size == (60, 50) and Image.open(records[1]["path"]).size == (61, 51)
     assert "line 1: input resized from 61x51 to 60x50" in result.stderr
+
+
+def test_ctrl_c_while_an_image_is_written_stops_before_the_next_image(cli, tiny_model, tmp_path, monkeypatch):
+    from diffcli import output
+
+    real_write = output._write_atomic
+
+    def write_then_ctrl_c(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # held until the image is written and recorded
+        real_write(*args)
+
+    monkeypatch.setattr(output, "_write_atomic", write_then_ctrl_c)
+    Path("p.txt").write_text("a cat\n")
+    result = cli("batch", "p.txt", "--model", tiny_model, "--seed", "1", "-N", "3", *FAST)  # one job, three calls
+    assert result.exit_code == 130 and "interrupted: 1 image(s) made" in result.stderr
+    assert result.stdout.split() == ["outputs/00000-1-a-cat.png"] and len(images()) == 1 and len(manifest_ids()) == 1
