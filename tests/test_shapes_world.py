@@ -21,7 +21,21 @@ def test_judge_recovers_rendered_scenes():
             acc[f"{len(s.objects)}.{k}"].append(v)
     low = {k: np.mean(v) for k, v in acc.items() if np.mean(v) < 0.99}
     assert not low, low
-    assert len(acc) == 13
+    assert len(acc) == 14
+
+
+def test_relation_axis_separates_swapped_objects_from_a_wrong_axis():
+    scene = world.sample_scene(random.Random(3), True)
+    world.caption(random.Random(3), scene, full=True, train=False)
+    found = judge.analyze((world.render(world.to_tensors([scene]))[0].permute(1, 2, 0).numpy() * 255).round())
+    right = world.RELATIONS[scene.relation]
+    results = {}
+    for asked in world.RELATIONS:
+        res = judge.score(found, {**judge.truth(scene), "relation": asked})
+        results[asked] = (res["relation"], res["relation_axis"], res["exact"])
+    swapped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[right]
+    assert results.pop(right) == (True, True, True) and results.pop(swapped) == (False, True, False)
+    assert set(results.values()) == {(False, False, False)}
 
 
 def test_captions_name_what_they_say_and_keep_heldout_out():

@@ -69,6 +69,9 @@ def analyze(image) -> dict:
     return {"background": world.COLOUR_NAMES[bg], "objects": objects}
 
 
+AXES = dict.fromkeys(("left of", "right of"), ("left of", "right of")) | dict.fromkeys(("above", "below"), ("above", "below"))
+
+
 def relation_holds(a: dict, b: dict, relation: str) -> bool:
     """Whether object a stands in `relation` to object b, judged from centroids (dominant axis)."""
     dx, dy = b["x"] - a["x"], b["y"] - a["y"]
@@ -114,4 +117,6 @@ def score(found: dict, want: dict) -> dict:
         if "relation" in want:
             res["relation"] = any(relation_holds(p, q, want["relation"]) for p, q in pairs)
     res["exact"] = all(res.values())
+    if "relation" in want and len(want["objects"]) == 2:  # diagnostic, implied by relation: the axis, order aside
+        res["relation_axis"] = any(relation_holds(p, q, r) for p, q in pairs for r in AXES[want["relation"]])
     return res
