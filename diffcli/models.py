@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -153,8 +154,10 @@ def _from_single_file(path: Path, name: str, model_config: str | None, allow_pic
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _from_hub(repo_id: str) -> ModelSpec:
-    """A Hub repo id: fetch (or find in the HF cache) only the small config files."""
+    """A Hub repo id: fetch (or find in the HF cache) only the small config files; once per process, since each
+    fetch asks the Hub for the newest revision (a batch resolves its model for every line)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,

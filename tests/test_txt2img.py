@@ -161,6 +161,18 @@ def test_hub_id_from_prefilled_cache_offline(hf_cache, tmp_path):
     assert read_metadata(tmp_path / "hub.png")["model"] == HUB_REPO
 
 
+def test_hub_configs_are_fetched_once_per_process(tiny_model, monkeypatch):
+    import huggingface_hub
+
+    from diffcli.models import resolve_model
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: fetched.append(name) or str(tiny_model / name))
+    first, again = resolve_model("diffcli-test/fetch-once"), resolve_model("diffcli-test/fetch-once")
+    assert first == again and first.source == "hub" and first.location == "diffcli-test/fetch-once"
+    assert sorted(fetched) == ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"]
+
+
 def test_help_imports_no_heavy_library():
     code = (
         "import sys\n"
