@@ -69,7 +69,7 @@ def analyze(image) -> dict:
     return {"background": world.COLOUR_NAMES[bg], "objects": objects}
 
 
-AXES = dict.fromkeys(("left of", "right of"), ("left of", "right of")) | dict.fromkeys(("above", "below"), ("above", "below"))
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def relation_holds(a: dict, b: dict, relation: str) -> bool:
@@ -118,5 +118,6 @@ def score(found: dict, want: dict) -> dict:
             res["relation"] = any(relation_holds(p, q, want["relation"]) for p, q in pairs)
     res["exact"] = all(res.values())
     if "relation" in want and len(want["objects"]) == 2:  # diagnostic, implied by relation: the axis, order aside
-        res["relation_axis"] = any(relation_holds(p, q, r) for p, q in pairs for r in AXES[want["relation"]])
+        either = (want["relation"], OPPOSITE[want["relation"]])
+        res["relation_axis"] = any(relation_holds(p, q, r) for p, q in pairs for r in either)
     return res
