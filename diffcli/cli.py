@@ -465,13 +465,13 @@ def evaluate(
     from diffcli.models import resolve_model
     from diffcli.pipeline import normalize_scheduler_name, resolve_device
     from diffcli.shapes.evaluate import evaluate as run_eval
-    from diffcli.shapes.evaluate import evaluate_upscaler, is_upscaler
+    from diffcli.shapes.evaluate import evaluate_upscaler
 
     spec = resolve_model(model)
     if not (Path(spec.location) / "diffcli.json").is_file():
         raise UsageError(f"--model {model!r} is not a shapes model (no diffcli.json)", "eval judges tiny-shapes models only")
     name = normalize_scheduler_name(scheduler) if scheduler else None
-    if is_upscaler(spec.location):
+    if spec.family == "sd-x4-upscaler":
         if cfg is not None:
             raise UsageError("--cfg does not apply to an upscaler's eval", "it upscales without a prompt (cfg 1)")
         report = evaluate_upscaler(spec.location, n, seed, steps, None, name, resolve_device(device))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffcli.models import resolve_model
 from diffcli.shapes import judge, world
 
 SCHEDULERS = {  # diffcli name -> (diffusers class, extra config)
@@ -46,22 +47,17 @@ def prompts(n: int, seed: int, two_object: bool = True):
     return out
 
 
-def load(model_dir, scheduler=None, device="cpu", dtype=torch.float32, pipeline="StableDiffusionPipeline"):
-    """Plain diffusers `pipeline`.from_pretrained, with a named scheduler swapped in."""
+def load(model_dir, scheduler=None, device="cpu", pipeline="StableDiffusionPipeline"):
+    """Plain diffusers `pipeline`.from_pretrained (fp16 on CUDA, else fp32), with a named scheduler swapped in."""
     import diffusers
 
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     pipe = getattr(diffusers, pipeline).from_pretrained(model_dir, dtype=dtype)
     if scheduler:
         cls, extra = SCHEDULERS[scheduler]
         pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def is_upscaler(model_dir) -> bool:
-    """Whether the folder holds an x4 upscaler (StableDiffusionUpscalePipeline layout)."""
-    index = Path(model_dir) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionUpscalePipeline"
 
 
 def defaults(model_dir) -> dict:
@@ -74,8 +70,7 @@ def evaluate(model_dir, n=200, seed=0, steps=None, cfg=None, scheduler=None, dev
     """Generate n held-out prompts (seeds seed*100000+i) and return per-attribute accuracies and exact match."""
     d = defaults(model_dir)
     steps, cfg, scheduler = steps or d["steps"], cfg if cfg is not None else d["cfg"], scheduler or d["scheduler"]
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipe = pipe or load(model_dir, scheduler, device, dtype)
+    pipe = pipe or load(model_dir, scheduler, device)
     items = prompts(n, seed, two_object)
     acc, t0 = defaultdict(list), time.time()
     for start in range(0, n, batch_size):
@@ -112,8 +107,7 @@ def evaluate_upscaler(model_dir, n=32, seed=0, steps=None, noise_level=None, sch
     d = defaults(model_dir)
     steps, scheduler = steps or d["steps"], scheduler or d["scheduler"]
     noise_level = d["noise_level"] if noise_level is None else noise_level
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipe = load(model_dir, scheduler, device, dtype, "StableDiffusionUpscalePipeline")
+    pipe = load(model_dir, scheduler, device, "StableDiffusionUpscalePipeline")
     scenes = [s for _, s in prompts(n, seed)]
     truth = world.render(world.to_tensors(scenes)).permute(0, 2, 3, 1).numpy()  # n x 128 x 128 x 3 in [0, 1]
     small = torch.nn.functional.interpolate(torch.from_numpy(truth).permute(0, 3, 1, 2), scale_factor=0.25, mode="area")
@@ -147,7 +141,7 @@ def main(argv=None):
     ap.add_argument("--grid", action="store_true", help="also try a few steps/cfg/scheduler settings")
     ap.add_argument("--noise-level", type=int, help="x4 upscaler models only")
     a = ap.parse_args(argv)
-    upscaler = is_upscaler(a.model)
+    upscaler = resolve_model(a.model).family == "sd-x4-upscaler"
     if (upscaler and (a.cfg is not None or a.grid)) or (not upscaler and a.noise_level is not None):
         ap.error("--cfg and --grid are for text-to-image models, --noise-level for x4 upscalers")
     if upscaler:
@@ -155,9 +149,8 @@ def main(argv=None):
         return
     print(json.dumps(evaluate(a.model, a.n, a.seed, a.steps, a.cfg, a.scheduler, a.device)), flush=True)
     if a.grid:
-        dtype = torch.float16 if a.device.startswith("cuda") else torch.float32
         for sched, steps, cfg in GRID:
-            pipe = load(a.model, sched, a.device, dtype)
+            pipe = load(a.model, sched, a.device)
             print(json.dumps(evaluate(a.model, a.n, a.seed, steps, cfg, sched, a.device, pipe=pipe, batch_size=100)),
                   flush=True)
 
