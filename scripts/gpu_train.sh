@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Continue training the bundled tiny-shapes UNet + text encoder on the lent GPU (docs/bundled-model.md), evaluate it
-# on two seeds, and pack the new weights into $OUT in parts under the device tool's 16 MiB file limit.
+# Continue training the bundled tiny-shapes UNet + text encoder on the lent GPU (docs/bundled-model.md), converted to
+# the zero-terminal-SNR v-prediction schedule (--schedule epsilon keeps SD's); evaluate it on two seeds, run
+# scripts/relation_probe.py on it, and pack the new weights and sampler config into $OUT in parts under the device
+# tool's 16 MiB file limit.
 # Usage (device `run` with carry [".whl"]; make .whl with scripts/gpu_wheels.sh):
 #   bash scripts/gpu_train.sh MINUTES [more train flags, e.g. --lr 3e-4 --seed 5]
 # Back here: cat weights.tar.part-* | tar -C diffcli/bundled/tiny-shapes -xf -   (then diffcli eval on the CPU)
@@ -16,12 +18,13 @@ OUT="${OUT:-/tmp/diffcli-train-out}"
 run="${RUN_DIR:-/tmp/tiny-shapes-run}"
 mkdir -p "$OUT"
 python3 -m diffcli.shapes.train --out "$run" --resume diffcli/bundled --stage unet --seed 3 --batch 512 --lr 5e-4 \
-  --minutes "$minutes" "$@" > "$OUT/train.txt" 2>&1 || { tail -n 20 "$OUT/train.txt"; exit 1; }
+  --schedule zero-snr --minutes "$minutes" "$@" > "$OUT/train.txt" 2>&1 || { tail -n 20 "$OUT/train.txt"; exit 1; }
 grep "unet step" "$OUT/train.txt" | tail -n 3
 cp "$run/log_unet.json" "$OUT/"
 for seed in 0 1; do
   python3 -m diffcli.shapes.evaluate --model "$run/tiny-shapes" --n "${EVAL_N:-200}" --seed "$seed" 2>/dev/null \
     | tee "$OUT/eval-seed$seed.json"
 done
-tar -C "$run/tiny-shapes" -cf - unet text_encoder | split -b 15m - "$OUT/weights.tar.part-"
+python3 scripts/relation_probe.py "$run/tiny-shapes" 2>/dev/null | tee "$OUT/relation_probe.txt"
+tar -C "$run/tiny-shapes" -cf - unet text_encoder scheduler | split -b 15m - "$OUT/weights.tar.part-"
 ls -l "$OUT"

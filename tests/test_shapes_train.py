@@ -53,3 +53,21 @@ def test_resumed_training_keeps_the_models_own_tokenizer(tmp_path):
         files = [json.loads((tmp_path / d / name / "tokenizer" / "vocab.json").read_text()) for d in "ab"]
         loaded = [CLIPTokenizer.from_pretrained(tmp_path / d / name / "tokenizer").get_vocab() for d in "ab"]
         assert files[0] == files[1] == loaded[0] == loaded[1], name
+
+
+def test_zero_snr_schedule_converts_a_resumed_model_and_diffcli_runs_it(tmp_path, cli):
+    """`--schedule zero-snr` saves a v-prediction, zero-terminal-SNR sampler; diffcli generates with the model."""
+    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
+    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "vae"])
+    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
+    train.main(["--out", str(tmp_path / "b"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
+                "--schedule", "zero-snr"])
+    configs = [json.loads((tmp_path / d / train.BASE / "scheduler" / "scheduler_config.json").read_text())
+               for d in "ab"]
+    assert (configs[0]["prediction_type"], configs[0]["rescale_betas_zero_snr"]) == ("epsilon", False)
+    assert (configs[1]["prediction_type"], configs[1]["rescale_betas_zero_snr"], configs[1]["timestep_spacing"]) == \
+        ("v_prediction", True, "trailing")
+    result = cli("txt2img", "a red circle", "--model", tmp_path / "b" / train.BASE, "--steps", "2",
+                 "--scheduler", "euler-a", "-o", tmp_path / "out.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json_lines()[0]["path"] == str(tmp_path / "out.png") and (tmp_path / "out.png").stat().st_size > 0

@@ -4,14 +4,16 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-# SD 1.x training noise schedule; the sampler saved with the model is built from it.
+# SD 1.x training noise schedule (epsilon prediction). Its t=999 keeps 0.068 of the latents, and a model trained on it
+# reads the scene's layout from that trace; sampling starts from pure noise, where there is none, so the seed decides
+# which object goes where (docs/bundled-model.md, "What limits accuracy").
 NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
              prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-# The x4 upscaler's schedule: zero terminal SNR (Lin et al. 2023), so the t=999 it trains on is the pure noise the
-# pipeline starts from (with NOISE, x_999 keeps 0.068 of the latents and an epsilon model learns to copy the scene's
-# colours from that leak instead of the low-res image: sampled colours come out wrong), hence v-prediction (epsilon
-# is undefined at zero SNR) and trailing timesteps so sampling starts at t=999.
-UPSCALE_NOISE = dict(NOISE, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+# Zero terminal SNR (Lin et al. 2023): the t=999 trained on is the pure noise the pipeline starts from, so the model
+# must take the layout (base model) or the colours (x4 upscaler, which otherwise copies them from the trace instead of
+# the low-res image) from its conditioning; hence v-prediction (epsilon is undefined at zero SNR) and trailing
+# timesteps so sampling starts at t=999.
+ZERO_SNR_NOISE = dict(NOISE, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
 # Low-res noise augmentation schedule of the SD x4 upscaler.
 LOW_RES_NOISE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
 UPSCALE_SCALING = 0.08333  # StableDiffusionUpscalePipeline forces this vae scaling factor
@@ -60,5 +62,5 @@ def n_params(m: torch.nn.Module) -> int:
 
 
 def noise_scheduler(config: dict = NOISE) -> DDPMScheduler:
-    """The training noise schedule (NOISE for the base model, UPSCALE_NOISE for the x4 upscaler)."""
+    """A training noise schedule (NOISE or ZERO_SNR_NOISE) as a DDPMScheduler."""
     return DDPMScheduler(**{k: v for k, v in config.items() if k not in ("set_alpha_to_one", "steps_offset")})

@@ -39,6 +39,7 @@ class Run:
     caption_dropout: float = 0.1  # empty captions for classifier-free guidance
     ema: float = 0.995
     edge_weight: float = 0.0  # decoder stage: extra loss weight on outline pixels
+    schedule: str = "epsilon"  # base model: "epsilon" (SD 1.x, the bundled model's) or "zero-snr" (v-prediction)
 
 
 def device() -> torch.device:
@@ -256,7 +257,8 @@ def train_unet(run: Run, deadline):
         unet = models.unet(te.config.hidden_size, run.smoke)
     te.to(dev).train()
     unet.to(dev).train()
-    sched = models.noise_scheduler()
+    noise = models.ZERO_SNR_NOISE if run.schedule == "zero-snr" else models.NOISE
+    sched = models.noise_scheduler(noise)
     pool = Pool(run.pool, run.seed + 2, tok, dev)
     params = list(te.parameters()) + list(unet.parameters())
     opt, lr_sched = optimizer(params, run.lr, dev)
@@ -267,14 +269,14 @@ def train_unet(run: Run, deadline):
         x, ids = pool.batch(run.batch, run.caption_dropout)
         with torch.no_grad(), autocast(dev):
             lat = vae.encode(x).latent_dist.sample().float() * sf
-        noise = torch.randn_like(lat)
+        eps = torch.randn_like(lat)
         t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), device=dev)
         with autocast(dev):
-            pred = unet(sched.add_noise(lat, noise, t), t, te(ids)[0]).sample
-        return _optimize(_diffusion_loss(pred, noise, t, sched), opt, params, lr_sched)
+            pred = unet(sched.add_noise(lat, eps, t), t, te(ids)[0]).sample
+        return _optimize(_diffusion_loss(pred, eps, t, sched, lat), opt, params, lr_sched)
 
     loop(step, deadline, run, logger, params)
-    sampler = DPMSolverMultistepScheduler.from_config(models.NOISE)
+    sampler = DPMSolverMultistepScheduler.from_config(noise)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(), scheduler=sampler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     _save(pipe, run.out / BASE)
@@ -300,7 +302,7 @@ def train_upscaler(run: Run, deadline):
     vae = _load_vae(run, UPSCALER, dev)
     te.to(dev).train()
     unet.to(dev).train()
-    sched, low_sched = models.noise_scheduler(models.UPSCALE_NOISE), DDPMScheduler(**models.LOW_RES_NOISE)
+    sched, low_sched = models.noise_scheduler(models.ZERO_SNR_NOISE), DDPMScheduler(**models.LOW_RES_NOISE)
     pool = Pool(run.pool // 4, run.seed + 3, tok, dev)
     params = list(te.parameters()) + list(unet.parameters())
     opt, lr_sched = optimizer(params, run.lr, dev)
@@ -324,7 +326,7 @@ def train_upscaler(run: Run, deadline):
     loop(step, deadline, run, logger, params)
     pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(),
                                           low_res_scheduler=low_sched,
-                                          scheduler=DPMSolverMultistepScheduler.from_config(models.UPSCALE_NOISE),
+                                          scheduler=DPMSolverMultistepScheduler.from_config(models.ZERO_SNR_NOISE),
                                           max_noise_level=350)
     _save(pipe, run.out / UPSCALER)
     defaults = {**DEFAULTS, "description": "x4 upscaler for tiny-shapes: 32x32 -> 128x128", "steps": 10,
@@ -349,9 +351,12 @@ def main(argv=None):
     ap.add_argument("--vae-batch", type=int, default=64)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--edge-weight", type=float, default=0.0, help="decoder stage: extra weight of outline pixels")
+    ap.add_argument("--schedule", choices=["epsilon", "zero-snr"], default="epsilon",
+                    help="base model's noise schedule: SD 1.x with epsilon prediction, or zero terminal SNR with "
+                         "v-prediction (resuming an epsilon model converts it)")
     a = ap.parse_args(argv)
     run = Run(a.out, a.seed, a.minutes, a.stage, a.resume, a.smoke, a.max_steps, a.batch, a.lr, a.vae_batch, a.vae_lr,
-              pool=a.pool, edge_weight=a.edge_weight)
+              pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule)
     if run.smoke:
         run.batch, run.vae_batch, run.pool = 4, 2, 64
     run.out.mkdir(parents=True, exist_ok=True)
