@@ -257,8 +257,8 @@ def train_unet(run: Run, deadline):
         unet = models.unet(te.config.hidden_size, run.smoke)
     te.to(dev).train()
     unet.to(dev).train()
-    noise = models.ZERO_SNR_NOISE if run.schedule == "zero-snr" else models.NOISE
-    sched = models.noise_scheduler(noise)
+    schedule = models.ZERO_SNR_NOISE if run.schedule == "zero-snr" else models.NOISE
+    sched = models.noise_scheduler(schedule)
     pool = Pool(run.pool, run.seed + 2, tok, dev)
     params = list(te.parameters()) + list(unet.parameters())
     opt, lr_sched = optimizer(params, run.lr, dev)
@@ -276,7 +276,7 @@ def train_unet(run: Run, deadline):
         return _optimize(_diffusion_loss(pred, eps, t, sched, lat), opt, params, lr_sched)
 
     loop(step, deadline, run, logger, params)
-    sampler = DPMSolverMultistepScheduler.from_config(noise)
+    sampler = DPMSolverMultistepScheduler.from_config(schedule)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(), scheduler=sampler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     _save(pipe, run.out / BASE)
