@@ -1,10 +1,10 @@
 """Where does a two-object layout come from: the caption or the seed? (docs/bundled-model.md, "What limits accuracy")
 
-For 16 seeds, prints where the red object lands against the blue one (L/R/U/D, ? if the judge misses one) for six
-captions that differ only in relation and word order; then, for the first caption, the same with the starting noise
-carrying the trace (sqrt(alphas_cumprod[999]) of the latents) of a rendered scene with red left and with red right,
-as the model's training schedule does at t=999 (SD's keeps 0.068; a zero-terminal-SNR one none, so the two lines are
-the same). `python scripts/relation_probe.py [MODEL_DIR]`
+For 16 seeds, prints where the red object lands against the blue one (L/R/U/D, ? if the judge misses one or neither
+axis dominates) for six captions that differ only in relation and word order; then, for the first caption, the same
+with the starting noise carrying the trace (sqrt(alphas_cumprod[999]) of the latents) of a rendered scene with red
+left and with red right, as the model's training schedule does at t=999 (SD's keeps 0.068; a zero-terminal-SNR one
+none, so the two lines are the same). `python scripts/relation_probe.py [MODEL_DIR]`
 """
 
 import sys
@@ -19,15 +19,17 @@ CAPTIONS = ["a red circle left of a blue square on white", "a red circle right o
             "a red circle above a blue square on white", "a red circle below a blue square on white"]
 
 
+MARKS = {"left of": "L", "right of": "R", "above": "U", "below": "D"}
+
+
 def order(image) -> str:
-    """Where the red object sits relative to the blue one, along the dominant axis."""
+    """Where the red object sits relative to the blue one, by the judge's relation test."""
     found = judge.analyze(np.round(image * 255))["objects"]
     red = [o for o in found if o["colour"] == "red"]
     blue = [o for o in found if o["colour"] == "blue"]
     if not (red and blue):
         return "?"
-    dx, dy = red[0]["x"] - blue[0]["x"], red[0]["y"] - blue[0]["y"]
-    return ("L" if dx < 0 else "R") if abs(dx) > abs(dy) else ("U" if dy < 0 else "D")
+    return next((mark for rel, mark in MARKS.items() if judge.relation_holds(red[0], blue[0], rel)), "?")
 
 
 def traced_noise(pipe, red_x: float, seed: int) -> torch.Tensor:
