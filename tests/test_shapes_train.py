@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from diffcli.shapes import train
@@ -71,3 +72,29 @@ def test_zero_snr_schedule_converts_a_resumed_model_and_diffcli_runs_it(tmp_path
                  "--scheduler", "euler-a", "-o", tmp_path / "out.png", "--json")
     assert result.exit_code == 0, result.stderr
     assert result.json_lines()[0]["path"] == str(tmp_path / "out.png") and (tmp_path / "out.png").stat().st_size > 0
+
+
+def test_focus_puts_the_named_object_into_the_given_share_of_scenes(tmp_path, capsys):
+    from transformers import CLIPTokenizer
+
+    from diffcli.shapes import world
+    from diffcli.shapes.tokenizer import build_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok"))
+    small, star = world.SIZES.index("small"), world.SHAPES.index("star")
+
+    def share(pool, size=None):
+        hits = (pool.t["shape"] == star) & pool.t["present"].bool() & (size is None or pool.t["size"] == size)
+        return hits.any(dim=1).float().mean().item()
+
+    plain, small_stars, stars = (train.Pool(2000, 5, tok, torch.device("cpu"), *f)
+                                 for f in ((), ((small, star), 0.5), ((None, star), 0.5)))
+    assert share(plain, small) < 0.2 and 0.5 < share(small_stars, small) < 0.65  # small stars occur by chance too
+    assert 0.6 < share(stars) < 0.75 and 0.25 < share(stars, small) < 0.4  # `star`: both sizes, at even odds
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--out", str(tmp_path / "x"), "--focus", "huge-star"])
+    assert exit.value.code == 2 and "--focus 'huge-star'" in capsys.readouterr().err
+    train.main(["--out", str(tmp_path / "y"), "--smoke", "--max-steps", "1", "--minutes", "1", "--stage", "vae",
+                "--focus", "small-star", "--focus-share", "0.3"])
+    run = json.loads((tmp_path / "y" / "log_vae_tiny-shapes.json").read_text())["run"]
+    assert (run["focus"], run["focus_share"]) == (str((small, star)), "0.3")

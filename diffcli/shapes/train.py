@@ -40,6 +40,8 @@ class Run:
     ema: float = 0.995
     edge_weight: float = 0.0  # decoder stage: extra loss weight on outline pixels
     schedule: str = "epsilon"  # base model: "epsilon" (SD 1.x, the bundled model's) or "zero-snr" (v-prediction)
+    focus: tuple | None = None  # (size index or None for either, shape index) put into a share of scenes
+    focus_share: float = 0.0
 
 
 def device() -> torch.device:
@@ -55,9 +57,13 @@ def autocast(dev):
 class Pool:
     """Scenes, their captions' token ids, rendered on the device per batch."""
 
-    def __init__(self, n, seed, tokenizer, dev):
+    def __init__(self, n, seed, tokenizer, dev, focus=None, focus_share=0.0):
         rng = random.Random(seed)
         scenes = [world.sample_scene(rng, rng.random() < 0.5) for _ in range(n)]
+        for s in scenes:  # oversample a hard shape (of one size, or any): one object of a share of scenes is made it
+            if focus and rng.random() < focus_share:
+                o = rng.choice(s.objects)
+                o.size, o.shape = rng.randrange(len(world.SIZES)) if focus[0] is None else focus[0], focus[1]
         captions = [world.caption(rng, s) for s in scenes]
         self.t = world.to_tensors(scenes, dev)
         self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
@@ -132,7 +138,7 @@ def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
-    pool = Pool(min(run.pool, 20_000), run.seed + 1, _tokenizer(run, name), dev)
+    pool = Pool(min(run.pool, 20_000), run.seed + 1, _tokenizer(run, name), dev, run.focus, run.focus_share)
     opt, sched = optimizer(params, run.vae_lr, dev)
     logger = Logger(run, f"vae_{name}", params=models.n_params(vae))
 
@@ -259,7 +265,7 @@ def train_unet(run: Run, deadline):
     unet.to(dev).train()
     schedule = models.ZERO_SNR_NOISE if run.schedule == "zero-snr" else models.NOISE
     sched = models.noise_scheduler(schedule)
-    pool = Pool(run.pool, run.seed + 2, tok, dev)
+    pool = Pool(run.pool, run.seed + 2, tok, dev, run.focus, run.focus_share)
     params = list(te.parameters()) + list(unet.parameters())
     opt, lr_sched = optimizer(params, run.lr, dev)
     logger = Logger(run, "unet", params_unet=models.n_params(unet), params_text=models.n_params(te), batch=run.batch)
@@ -354,9 +360,19 @@ def main(argv=None):
     ap.add_argument("--schedule", choices=["epsilon", "zero-snr"], default="epsilon",
                     help="base model's noise schedule: SD 1.x with epsilon prediction, or zero terminal SNR with "
                          "v-prediction (resuming an epsilon model converts it)")
+    ap.add_argument("--focus", metavar="[SIZE-]SHAPE",
+                    help="oversample one shape, of one size (small-star) or of both at their usual odds (star)")
+    ap.add_argument("--focus-share", type=float, default=0.5, help="share of scenes given a --focus object")
     a = ap.parse_args(argv)
+    focus = None
+    if a.focus:
+        size, _, shape = a.focus.rpartition("-")
+        if size not in world.SIZES + [""] or shape not in world.SHAPES:
+            ap.error(f"--focus {a.focus!r}: expected [SIZE-]SHAPE with SIZE in {world.SIZES}, SHAPE in {world.SHAPES}")
+        focus = (world.SIZES.index(size) if size else None, world.SHAPES.index(shape))
     run = Run(a.out, a.seed, a.minutes, a.stage, a.resume, a.smoke, a.max_steps, a.batch, a.lr, a.vae_batch, a.vae_lr,
-              pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule)
+              pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule, focus=focus,
+              focus_share=a.focus_share if focus else 0.0)
     if run.smoke:
         run.batch, run.vae_batch, run.pool = 4, 2, 64
     run.out.mkdir(parents=True, exist_ok=True)
