@@ -13,7 +13,7 @@ def test_train_all_stages_smoke(tmp_path):
     logs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("log_*.json")}
     assert set(logs) == {"log_vae_tiny-shapes.json", "log_unet.json", "log_vae_tiny-shapes-x4.json",
                          "log_upscaler.json"}
-    assert all(d["losses"] and d["losses"][-1][0] == 2 for d in logs.values())
+    assert all(d["losses"] and d["losses"][-1][0] == d["steps"] == 2 for d in logs.values())
     from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / train.BASE)
@@ -83,18 +83,22 @@ def test_focus_puts_the_named_object_into_the_given_share_of_scenes(tmp_path, ca
     tok = CLIPTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok"))
     small, star = world.SIZES.index("small"), world.SHAPES.index("star")
 
-    def share(pool, size=None):
+    def share(pool, size=None, objects=(1, 2)):
         hits = (pool.t["shape"] == star) & pool.t["present"].bool() & (size is None or pool.t["size"] == size)
-        return hits.any(dim=1).float().mean().item()
+        kind = sum(pool.t["present"].sum(dim=1) == n for n in objects).bool()
+        return hits.any(dim=1)[kind].float().mean().item()
 
-    plain, small_stars, stars = (train.Pool(2000, 5, tok, torch.device("cpu"), *f)
-                                 for f in ((), ((small, star), 0.5), ((None, star), 0.5)))
+    plain, small_stars, stars, one_object = (
+        train.Pool(2000, 5, tok, torch.device("cpu"), *f)
+        for f in ((), ((small, star), 0.5), ((None, star), 0.5), ((small, star), 0.5, True)))
     assert share(plain, small) < 0.2 and 0.5 < share(small_stars, small) < 0.65  # small stars occur by chance too
     assert 0.6 < share(stars) < 0.75 and 0.25 < share(stars, small) < 0.4  # `star`: both sizes, at even odds
+    assert 0.5 < share(one_object, small, [1]) < 0.65  # --focus-one-object: two-object scenes are drawn as usual
+    assert share(one_object, small, [2]) == share(plain, small, [2])
     with pytest.raises(SystemExit) as exit:
         train.main(["--out", str(tmp_path / "x"), "--focus", "huge-star"])
     assert exit.value.code == 2 and "--focus 'huge-star'" in capsys.readouterr().err
     train.main(["--out", str(tmp_path / "y"), "--smoke", "--max-steps", "1", "--minutes", "1", "--stage", "vae",
-                "--focus", "small-star", "--focus-share", "0.3"])
+                "--focus", "small-star", "--focus-share", "0.3", "--focus-one-object"])
     run = json.loads((tmp_path / "y" / "log_vae_tiny-shapes.json").read_text())["run"]
-    assert (run["focus"], run["focus_share"]) == (str((small, star)), "0.3")
+    assert (run["focus"], run["focus_share"], run["focus_one_object"]) == (str((small, star)), "0.3", "True")

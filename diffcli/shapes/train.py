@@ -42,6 +42,7 @@ class Run:
     schedule: str = "epsilon"  # base model: "epsilon" (SD 1.x, the bundled model's) or "zero-snr" (v-prediction)
     focus: tuple | None = None  # (size index or None for either, shape index) put into a share of scenes
     focus_share: float = 0.0
+    focus_one_object: bool = False  # only one-object scenes may get the focus object
 
 
 def device() -> torch.device:
@@ -57,11 +58,11 @@ def autocast(dev):
 class Pool:
     """Scenes, their captions' token ids, rendered on the device per batch."""
 
-    def __init__(self, n, seed, tokenizer, dev, focus=None, focus_share=0.0):
+    def __init__(self, n, seed, tokenizer, dev, focus=None, focus_share=0.0, focus_one_object=False):
         rng = random.Random(seed)
         scenes = [world.sample_scene(rng, rng.random() < 0.5) for _ in range(n)]
         for s in scenes:  # oversample a hard shape (of one size, or any): one object of a share of scenes is made it
-            if focus and rng.random() < focus_share:
+            if focus and not (focus_one_object and len(s.objects) > 1) and rng.random() < focus_share:
                 o = rng.choice(s.objects)
                 o.size, o.shape = rng.randrange(len(world.SIZES)) if focus[0] is None else focus[0], focus[1]
         captions = [world.caption(rng, s) for s in scenes]
@@ -87,7 +88,7 @@ class Logger:
         self.path, self.t0 = run.out / f"log_{stage}.json", time.time()
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         cfg = {k: str(v) for k, v in asdict(run).items()}
-        self.data = {"stage": stage, "device": gpu, "run": cfg, **info, "losses": []}
+        self.data = {"stage": stage, "device": gpu, "run": cfg, **info, "steps": 0, "losses": []}
 
     def log(self, step, loss, **extra):
         """Record [step, loss, minutes] and rewrite the file."""
@@ -106,11 +107,10 @@ def loop(step_fn, deadline, run, logger, params, every=50):
         step += 1
         torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(run.ema, (1 + step) / (10 + step)))
         if step % every == 0 or step == run.max_steps:
-            logger.log(step, torch.stack(acc).mean().item())
+            logger.log(step, torch.stack(acc).mean().item(), steps=step)
             acc = []
     if acc:
-        logger.log(step, torch.stack(acc).mean().item())
-    logger.data["steps"] = step
+        logger.log(step, torch.stack(acc).mean().item(), steps=step)
     with torch.no_grad():
         torch._foreach_copy_(params, ema)
 
@@ -138,7 +138,8 @@ def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
-    pool = Pool(min(run.pool, 20_000), run.seed + 1, _tokenizer(run, name), dev, run.focus, run.focus_share)
+    pool = Pool(min(run.pool, 20_000), run.seed + 1, _tokenizer(run, name), dev, run.focus, run.focus_share,
+                run.focus_one_object)
     opt, sched = optimizer(params, run.vae_lr, dev)
     logger = Logger(run, f"vae_{name}", params=models.n_params(vae))
 
@@ -265,7 +266,7 @@ def train_unet(run: Run, deadline):
     unet.to(dev).train()
     schedule = models.ZERO_SNR_NOISE if run.schedule == "zero-snr" else models.NOISE
     sched = models.noise_scheduler(schedule)
-    pool = Pool(run.pool, run.seed + 2, tok, dev, run.focus, run.focus_share)
+    pool = Pool(run.pool, run.seed + 2, tok, dev, run.focus, run.focus_share, run.focus_one_object)
     params = list(te.parameters()) + list(unet.parameters())
     opt, lr_sched = optimizer(params, run.lr, dev)
     logger = Logger(run, "unet", params_unet=models.n_params(unet), params_text=models.n_params(te), batch=run.batch)
@@ -363,6 +364,9 @@ def main(argv=None):
     ap.add_argument("--focus", metavar="[SIZE-]SHAPE",
                     help="oversample one shape, of one size (small-star) or of both at their usual odds (star)")
     ap.add_argument("--focus-share", type=float, default=0.5, help="share of scenes given a --focus object")
+    ap.add_argument("--focus-one-object", action="store_true",
+                    help="give the --focus object to one-object scenes only (--focus-share is then their share); "
+                         "two-object scenes keep their usual shapes and sizes")
     a = ap.parse_args(argv)
     focus = None
     if a.focus:
@@ -372,7 +376,7 @@ def main(argv=None):
         focus = (world.SIZES.index(size) if size else None, world.SHAPES.index(shape))
     run = Run(a.out, a.seed, a.minutes, a.stage, a.resume, a.smoke, a.max_steps, a.batch, a.lr, a.vae_batch, a.vae_lr,
               pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule, focus=focus,
-              focus_share=a.focus_share if focus else 0.0)
+              focus_share=a.focus_share if focus else 0.0, focus_one_object=bool(focus) and a.focus_one_object)
     if run.smoke:
         run.batch, run.vae_batch, run.pool = 4, 2, 64
     run.out.mkdir(parents=True, exist_ok=True)
