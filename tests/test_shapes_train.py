@@ -102,3 +102,39 @@ def test_focus_puts_the_named_object_into_the_given_share_of_scenes(tmp_path, ca
                 "--focus", "small-star", "--focus-share", "0.3", "--focus-one-object"])
     run = json.loads((tmp_path / "y" / "log_vae_tiny-shapes.json").read_text())["run"]
     assert (run["focus"], run["focus_share"], run["focus_one_object"]) == (str((small, star)), "0.3", "True")
+
+
+def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "average_weights.py"
+
+    def model(folder, value, shape=(2, 3)):
+        for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            save_file({"w": torch.full(shape, value, dtype=torch.float16)}, folder / name)
+        (folder / "model_index.json").write_text("{}")
+        return str(folder)
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
+
+    a, b, odd = model(tmp_path / "a", 1.0), model(tmp_path / "b", 3.0), model(tmp_path / "odd", 0.0, (3, 2))
+    done = run(a, b, 0.25, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    weights = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")["w"]
+    assert weights.dtype == torch.float16 and torch.all(weights == 1.5)
+    assert (tmp_path / "out" / "model_index.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a", "b", "odd", "out"]  # no draft folder left behind
+    for args, error in (((a, b, "half", tmp_path / "x"), "invalid float value: 'half'"),
+                        ((a, b, 1.5, tmp_path / "x"), "FRACTION must be between 0 and 1"),
+                        ((a, tmp_path / "none", 0.5, tmp_path / "x"), "not a model folder"),
+                        ((a, odd, 0.5, tmp_path / "x"), "have different architectures"),
+                        ((a, b, 0.5, tmp_path / "out"), "exists; choose a new folder")):
+        result = run(*args)
+        assert result.returncode == 2 and error in result.stderr and "Traceback" not in result.stderr, args
+    assert not (tmp_path / "x").exists()
