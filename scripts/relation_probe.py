@@ -4,7 +4,10 @@ For 16 seeds, prints where the red object lands against the blue one (L/R/U/D, ?
 axis dominates) for six captions that differ only in relation and word order; then, for the first caption, the same
 with the starting noise carrying the trace (sqrt(alphas_cumprod[999]) of the latents) of a rendered scene with red
 left and with red right, as the model's training schedule does at t=999 (SD's keeps 0.068; a zero-terminal-SNR one
-none, so the two lines are the same). `python scripts/relation_probe.py [MODEL_DIR]`
+none, so the two lines are the same). Last, how much the text encoder's output at each token changes when only the
+relation word flips ("left of" -> "right of") against when only the second colour does ("blue" -> "green"): the
+UNet can place the objects by the caption only if the tokens after the relation word carry it.
+`python scripts/relation_probe.py [MODEL_DIR]`
 """
 
 import sys
@@ -44,6 +47,17 @@ def traced_noise(pipe, red_x: float, seed: int) -> torch.Tensor:
     return ab.sqrt() * latents * pipe.vae.config.scaling_factor + (1 - ab).sqrt() * noise
 
 
+def token_changes(pipe, caption: str, other: str) -> str:
+    """Relative change of the text encoder's output, token by token, between two captions of equal token count."""
+    ids = pipe.tokenizer([caption, other], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = pipe.text_encoder(ids)[0]
+    words = pipe.tokenizer.convert_ids_to_tokens(ids[1])
+    n = int((ids[0] != ids[0, -1]).sum()) + 2  # through the end-of-text token and the first padding token
+    return " ".join(f"{w.removesuffix('</w>')}:{((a[j] - b[j]).norm() / a[j].norm()).item():.3f}"
+                    for j, w in enumerate(words[1:n], 1))
+
+
 def main(model="diffcli/bundled/tiny-shapes"):
     d = evaluate.defaults(model)
     pipe = evaluate.load(model, d["scheduler"])
@@ -55,6 +69,9 @@ def main(model="diffcli/bundled/tiny-shapes"):
         marks = [order(pipe(CAPTIONS[0], latents=traced_noise(pipe, red_x, i),
                             generator=torch.Generator().manual_seed(1000 + i), **run).images[0]) for i in range(16)]
         print(f"{CAPTIONS[0] + ', trace ' + name:62s} {''.join(marks)}")
+    print("text encoder output change, 'left of' -> 'right of':", token_changes(pipe, CAPTIONS[0], CAPTIONS[1]))
+    print("text encoder output change, 'blue' -> 'green':      ",
+          token_changes(pipe, CAPTIONS[0], CAPTIONS[0].replace("blue", "green")))
 
 
 if __name__ == "__main__":

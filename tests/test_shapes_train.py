@@ -104,6 +104,48 @@ def test_focus_puts_the_named_object_into_the_given_share_of_scenes(tmp_path, ca
     assert (run["focus"], run["focus_share"], run["focus_one_object"]) == (str((small, star)), "0.3", "True")
 
 
+def test_relation_head_reads_only_the_tokens_after_a_relation_word(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from diffcli.shapes.tokenizer import build_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok"))
+    pool = train.Pool(300, 4, tok, torch.device("cpu"))
+    words = {"left": 0, "right": 1, "above": 2, "over": 2, "below": 3, "under": 3}  # word -> relation index
+    checked = 0
+    for i in range(pool.n):
+        tokens = [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(pool.ids[i])]
+        end = tokens.index("<|endoftext|>")
+        first = next((j for j, t in enumerate(tokens) if t in words), None)
+        two = bool(pool.t["present"][i].sum() == 2)
+        marks = pool.relation_marks[i].tolist()
+        if two and first is not None:  # the relation said: every token after its word, through end of text
+            relation = words[tokens[first]] + 1
+            assert marks == [0] * (first + 1) + [relation] * (end - first) + [0] * (76 - end), tokens
+            checked += 1
+        else:  # one object (its "on the left" included) or "and"
+            assert not any(marks), tokens
+    assert checked > 100
+    _, ids, marks = pool.batch(64, dropout=1.0)
+    assert torch.all(ids == pool.empty) and not marks.any()  # emptied captions have nothing to read
+
+    states = torch.randn(3, 77, 8, requires_grad=True)
+    head, marks = torch.nn.Linear(8, 4), torch.zeros(3, 77, dtype=torch.long)
+    assert train._relation_loss(head, states, marks).item() == 0
+    marks[1, 5:9] = 3
+    train._relation_loss(head, states, marks).backward()
+    touched = states.grad.abs().sum(dim=2) > 0
+    assert touched[1, 5:9].all() and touched.sum() == 4  # the gradient reaches the marked tokens only
+
+
+def test_relation_head_flag_trains_and_is_recorded(tmp_path):
+    smoke = ["--smoke", "--max-steps", "2", "--minutes", "1"]
+    train.main(["--out", str(tmp_path), *smoke, "--stage", "vae"])
+    train.main(["--out", str(tmp_path), *smoke, "--stage", "unet", "--relation-head", "0.5"])
+    log = json.loads((tmp_path / "log_unet.json").read_text())
+    assert log["run"]["relation_head"] == "0.5" and log["steps"] == 2
+
+
 def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path):
     import subprocess
     import sys
