@@ -63,7 +63,8 @@ def main():
     pool_ids, pool_latents = ids([t for t, _ in pool]), encode([s for _, s in pool])
     marks = train._after_relation_word(pool_ids, tok) * torch.tensor([s.relation + 1 for _, s in pool])[:, None]
     probe = scenes(random.Random(999), 64, heldout=True)
-    probe_ids, right, wrong = ids([t for t, _ in probe]), encode([s for _, s in probe]), encode([swapped(s) for _, s in probe])
+    probe_ids = ids([t for t, _ in probe])
+    right, wrong = encode([s for _, s in probe]), encode([swapped(s) for _, s in probe])
 
     def measure():
         unet.eval(), te.eval()
