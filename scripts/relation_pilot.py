@@ -61,7 +61,7 @@ def main():
 
     pool = scenes(random.Random(a.seed), 6000, heldout=False)
     pool_ids, pool_latents = ids([t for t, _ in pool]), encode([s for _, s in pool])
-    marks = train._after_relation_word(pool_ids, tok) * torch.tensor([s.relation + 1 for _, s in pool])[:, None]
+    marks = train.relation_marks(pool_ids, tok, [s for _, s in pool])
     probe = scenes(random.Random(999), 64, heldout=True)
     probe_ids = ids([t for t, _ in probe])
     right, wrong = encode([s for _, s in probe]), encode([swapped(s) for _, s in probe])

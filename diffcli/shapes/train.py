@@ -71,8 +71,7 @@ class Pool:
         self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids.to(dev)
         self.empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids.to(dev)
-        relation = torch.tensor([s.relation + 1 if len(s.objects) == 2 and s.said["relation"] else 0 for s in scenes])
-        self.relation_marks = _after_relation_word(self.ids, tokenizer) * relation.to(dev)[:, None]
+        self.relation_marks = relation_marks(self.ids, tokenizer, scenes)
         self.n, self.gen = n, torch.Generator(dev).manual_seed(seed)
 
     def batch(self, b, dropout=0.0):
@@ -85,14 +84,17 @@ class Pool:
         return world.render({k: v[idx] for k, v in self.t.items()}) * 2 - 1, ids, marks
 
 
-def _after_relation_word(ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """1 at each token after the first relation word ("left", "right", "above", "over", "below", "under") through
-    the end-of-text token, else 0."""
+def relation_marks(ids: torch.Tensor, tokenizer, scenes) -> torch.Tensor:
+    """Per caption (token ids of the captioned `scenes`): the relation's index + 1 at each token after its first
+    relation word ("left", "right", "above", "over", "below", "under") through the end-of-text token, else 0; all 0
+    for one object, or two joined by "and"."""
     words = {w.split()[-2] if w.endswith(" of") else w for ws in world.RELATION_WORDS.values() for w in ws}
-    relation = torch.isin(ids, torch.tensor(tokenizer.convert_tokens_to_ids([w + "</w>" for w in sorted(words)]),
-                                            device=ids.device)).int()
+    said = torch.isin(ids, torch.tensor(tokenizer.convert_tokens_to_ids([w + "</w>" for w in sorted(words)]),
+                                        device=ids.device)).int()
     end = (ids == tokenizer.eos_token_id).int()
-    return (((relation.cumsum(1) - relation) > 0) & ((end.cumsum(1) - end) == 0)).long()
+    relation = torch.tensor([s.relation + 1 if len(s.objects) == 2 and s.said["relation"] else 0 for s in scenes],
+                            device=ids.device)
+    return (((said.cumsum(1) - said) > 0) & ((end.cumsum(1) - end) == 0)).long() * relation[:, None]
 
 
 class Logger:
