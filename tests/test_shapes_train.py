@@ -146,6 +146,38 @@ def test_relation_head_flag_trains_and_is_recorded(tmp_path):
     assert log["run"]["relation_head"] == "0.5" and log["steps"] == 2
 
 
+def test_distilling_from_the_resumed_model_itself_gives_zero_loss(tmp_path):
+    """Below --distill-below the target is the teacher's (default: the resumed model's) estimate: at the first step
+    the student is the teacher."""
+    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
+    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "vae"])
+    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
+    losses = []
+    for i, extra in enumerate((["--distill-below", "0"], ["--distill-below", "1000"],
+                               ["--distill-below", "1000", "--teacher", str(tmp_path / "a")])):
+        train.main(["--out", str(tmp_path / f"b{i}"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
+                    *extra])
+        losses.append(json.loads((tmp_path / f"b{i}" / "log_unet.json").read_text())["losses"][0][1])
+    assert losses[1] < 1e-6 and losses[2] < 1e-6 < losses[0]
+
+
+def test_teacher_targets_remake_the_noisy_latents_on_a_new_schedule(tmp_path):
+    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
+    train.main(["--out", str(tmp_path), *smoke, "--stage", "vae"])
+    train.main(["--out", str(tmp_path), *smoke, "--stage", "unet"])
+    from diffcli.shapes import models
+
+    sched = models.noise_scheduler(models.ZERO_SNR_NOISE)
+    teacher = train.Teacher(tmp_path / train.BASE, sched, torch.device("cpu"))
+    assert not teacher.v and teacher.timestep[0] == 0 and (teacher.timestep.diff() >= 0).all()
+    t, noisy = torch.tensor([0, 300, 700]), torch.randn(3, 4, 16, 16)
+    x0, noise = teacher.targets(noisy, t, torch.ones(3, 77, dtype=torch.long))
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(a.sqrt() * x0 + (1 - a).sqrt() * noise, noisy, atol=1e-4)
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "c"), *smoke, "--stage", "unet", "--distill-below", "500"])
+
+
 def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path):
     import subprocess
     import sys

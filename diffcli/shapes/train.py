@@ -44,6 +44,8 @@ class Run:
     focus_share: float = 0.0
     focus_one_object: bool = False  # only one-object scenes may get the focus object
     relation_head: float = 0.0  # weight of the text encoder's auxiliary relation loss (see _relation_loss)
+    distill_below: int = 0  # unet stage: below this timestep the target is the teacher's estimate (Teacher)
+    teacher: Path | None = None  # the teacher's folder when it is not --resume
 
 
 def device() -> torch.device:
@@ -265,6 +267,37 @@ def _relation_loss(head, states, marks):
     return F.cross_entropy(head(states[chosen].float()), marks[chosen] - 1)
 
 
+class Teacher:
+    """The --teacher (default --resume) model, frozen. Below `--distill-below` its estimate of the clean latents
+    replaces the data as the target, so a run keeps or regains what that model draws well (small stars) while the high
+    noise levels learn something new (a new schedule, the relation). Its timesteps are matched to this run's by the
+    nearest alphas_cumprod."""
+
+    def __init__(self, path: Path, sched, dev):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        self.te = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32).to(dev).eval()
+        self.unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=torch.float32).to(dev).eval()
+        own = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        self.v = own["prediction_type"] == "v_prediction"
+        self.alphas = models.noise_scheduler(models.ZERO_SNR_NOISE if self.v else models.NOISE).alphas_cumprod.to(dev)
+        self.run_alphas = sched.alphas_cumprod.to(dev)
+        self.timestep = (self.run_alphas[:, None] - self.alphas[None, :]).abs().argmin(dim=1)
+
+    @torch.no_grad()
+    def targets(self, noisy, t, ids=None, states=None):
+        """(clean latents, noise) as the teacher sees `noisy` at this run's timesteps `t`, given caption ids (or its
+        text encoder's `states`); they remake `noisy`."""
+        own_t = self.timestep[t]
+        with autocast(noisy.device):
+            pred = self.unet(noisy, own_t, self.te(ids)[0] if states is None else states).sample.float()
+        a = self.alphas[own_t].view(-1, 1, 1, 1)
+        x0 = a.sqrt() * noisy - (1 - a).sqrt() * pred if self.v else (noisy - (1 - a).sqrt() * pred) / a.sqrt()
+        b = self.run_alphas[t].view(-1, 1, 1, 1)
+        return x0, (noisy - b.sqrt() * x0) / (1 - b).sqrt()
+
+
 def _optimize(loss, opt, params, lr_sched):
     """One clipped optimiser and schedule step; returns the detached loss."""
     opt.zero_grad(set_to_none=True)
@@ -294,6 +327,7 @@ def train_unet(run: Run, deadline):
     schedule = models.ZERO_SNR_NOISE if run.schedule == "zero-snr" else models.NOISE
     sched = models.noise_scheduler(schedule)
     pool = Pool(run.pool, run.seed + 2, tok, dev, run.focus, run.focus_share, run.focus_one_object)
+    teacher = Teacher((run.teacher or run.resume) / BASE, sched, dev) if run.distill_below else None
     params = list(te.parameters()) + list(unet.parameters())
     head = torch.nn.Linear(te.config.hidden_size, len(world.RELATIONS)).to(dev) if run.relation_head else None
     trained = params + (list(head.parameters()) if head else [])  # the head is not saved
@@ -307,9 +341,14 @@ def train_unet(run: Run, deadline):
             lat = vae.encode(x).latent_dist.sample().float() * sf
         eps = torch.randn_like(lat)
         t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), device=dev)
+        noisy = sched.add_noise(lat, eps, t)
+        low = t < run.distill_below
+        if low.any():
+            lat, eps = lat.clone(), eps.clone()
+            lat[low], eps[low] = teacher.targets(noisy[low], t[low], ids[low])
         with autocast(dev):
             states = te(ids)[0]
-            pred = unet(sched.add_noise(lat, eps, t), t, states).sample
+            pred = unet(noisy, t, states).sample
         loss = _diffusion_loss(pred, eps, t, sched, lat)
         if head:
             loss = loss + run.relation_head * _relation_loss(head, states, marks)
@@ -403,7 +442,15 @@ def main(argv=None):
     ap.add_argument("--focus-one-object", action="store_true",
                     help="give the --focus object to one-object scenes only (--focus-share is then their share); "
                          "two-object scenes keep their usual shapes and sizes")
+    ap.add_argument("--distill-below", type=int, default=0, metavar="T",
+                    help="unet stage: at timesteps below T, train toward a frozen teacher model's estimate instead of "
+                         "the data (keeps what it draws well; with --schedule zero-snr the levels above T learn the "
+                         "new schedule)")
+    ap.add_argument("--teacher", type=Path, help="--distill-below's teacher, a folder like --resume's (default: "
+                                                 "the --resume model)")
     a = ap.parse_args(argv)
+    if a.distill_below and not (a.teacher or a.resume):
+        ap.error("--distill-below needs a teacher: --teacher DIR or --resume DIR")
     focus = None
     if a.focus:
         size, _, shape = a.focus.rpartition("-")
@@ -413,7 +460,7 @@ def main(argv=None):
     run = Run(a.out, a.seed, a.minutes, a.stage, a.resume, a.smoke, a.max_steps, a.batch, a.lr, a.vae_batch, a.vae_lr,
               pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule, focus=focus,
               focus_share=a.focus_share if focus else 0.0, focus_one_object=bool(focus) and a.focus_one_object,
-              relation_head=a.relation_head)
+              relation_head=a.relation_head, distill_below=a.distill_below, teacher=a.teacher)
     if run.smoke:
         run.batch, run.vae_batch, run.pool = 4, 2, 64
     run.out.mkdir(parents=True, exist_ok=True)
