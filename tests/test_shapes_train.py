@@ -212,3 +212,27 @@ def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path)
         result = run(*args)
         assert result.returncode == 2 and error in result.stderr and "Traceback" not in result.stderr, args
     assert not (tmp_path / "x").exists()
+
+
+def test_hybrid_eval_script_hands_low_timesteps_to_the_second_model(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "hybrid_eval.py"
+    spec = importlib.util.spec_from_file_location("hybrid_eval", path)
+    hybrid_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hybrid_eval)
+    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
+    for name, seed in (("a", "1"), ("b", "2")):
+        for stage in ("vae", "unet"):
+            train.main(["--out", str(tmp_path / name), *smoke, "--seed", seed, "--stage", stage])
+    high, low = (tmp_path / name / train.BASE for name in "ab")
+    pipe = hybrid_eval.hybrid_pipeline(high, low, 500)
+    plain = [train.Teacher(folder, train.models.noise_scheduler(), torch.device("cpu")) for folder in (high, low)]
+    ids = torch.randint(0, 50, (2, 77))
+    states = pipe.text_encoder(ids)[0]
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        for t, model in ((800, plain[0]), (200, plain[1])):
+            want = model.unet(x, t, model.te(ids)[0]).sample
+            assert torch.allclose(pipe.unet(x, torch.tensor(t), encoder_hidden_states=states)[0], want, atol=1e-4)
