@@ -2,7 +2,7 @@
 
 `python scripts/hybrid_eval.py HIGH LOW T [--seed S --n N]` prints `diffcli eval`'s JSON with HIGH's defaults
 (sampler, steps, cfg). LOW's prediction is converted to HIGH's schedule as `--distill-below` does in training
-(`train.Teacher`), so the figure is what a student distilled from LOW below T could reach. Each text encoder reads
+(`train.Teacher`), so the figure is the mark a student distilled from LOW below T aims at. Each text encoder reads
 the prompt for its own UNet. docs/bundled-model.md ("Sixth fine-tune") records what it showed.
 """
 
@@ -44,6 +44,7 @@ def hybrid_pipeline(high: Path, low: Path, below: int):
 
 
 def main(argv=None):
+    """Judge the hybrid and print the JSON; a folder without a UNet exits 2 with one line."""
     ap = argparse.ArgumentParser(prog="python scripts/hybrid_eval.py", description=__doc__.splitlines()[0])
     ap.add_argument("high", type=Path, help="model folder (e.g. RUN/tiny-shapes) used at high noise")
     ap.add_argument("low", type=Path, help="model folder used below T")
@@ -51,6 +52,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=200)
     a = ap.parse_args(argv)
+    for folder in (a.high, a.low):
+        if not (folder / "unet" / "config.json").is_file():
+            ap.error(f"{folder} is not a diffusers model folder (no unet/config.json)")
     result = evaluate.evaluate(a.high, a.n, a.seed, pipe=hybrid_pipeline(a.high, a.low, a.below))
     print(json.dumps({**result, "model": f"{a.high} (t >= {a.below}) + {a.low}"}))
 

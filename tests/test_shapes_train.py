@@ -236,3 +236,6 @@ def test_hybrid_eval_script_hands_low_timesteps_to_the_second_model(tmp_path):
         for t, model in ((800, plain[0]), (200, plain[1])):
             want = model.unet(x, t, model.te(ids)[0]).sample
             assert torch.allclose(pipe.unet(x, torch.tensor(t), encoder_hidden_states=states)[0], want, atol=1e-4)
+    with pytest.raises(SystemExit) as exit_info:
+        hybrid_eval.main([str(tmp_path / "missing"), str(low), "500"])
+    assert exit_info.value.code == 2
