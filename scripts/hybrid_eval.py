@@ -20,9 +20,7 @@ def hybrid_pipeline(high: Path, low: Path, below: int):
     """HIGH's pipeline whose text encoder returns both encoders' states side by side and whose UNet hands timesteps
     below `below` to LOW."""
     pipe = evaluate.load(high, None, "cpu")
-    config = json.loads((high / "scheduler" / "scheduler_config.json").read_text())
-    sched = models.noise_scheduler(models.ZERO_SNR_NOISE if config["prediction_type"] == "v_prediction"
-                                   else models.NOISE)
+    sched = models.noise_scheduler(models.saved_schedule(high))
     teacher = train.Teacher(low, sched, torch.device("cpu"))
     text, unet = pipe.text_encoder.forward, pipe.unet.forward
 

@@ -1,5 +1,8 @@
 """Configs and builders of the tiny networks; `smoke` shrinks them so CPU tests run in seconds."""
 
+import json
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -64,3 +67,15 @@ def n_params(m: torch.nn.Module) -> int:
 def noise_scheduler(config: dict = NOISE) -> DDPMScheduler:
     """A training noise schedule (NOISE or ZERO_SNR_NOISE) as a DDPMScheduler."""
     return DDPMScheduler(**{k: v for k, v in config.items() if k not in ("set_alpha_to_one", "steps_offset")})
+
+
+def load_text_and_unet(folder: Path) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """A saved model folder's text encoder and UNet in float32."""
+    return (CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32),
+            UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32))
+
+
+def saved_schedule(folder: Path) -> dict:
+    """The training noise schedule (NOISE or ZERO_SNR_NOISE) that a saved base model's sampler config names."""
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return ZERO_SNR_NOISE if config["prediction_type"] == "v_prediction" else NOISE

@@ -274,14 +274,11 @@ class Teacher:
     nearest alphas_cumprod."""
 
     def __init__(self, path: Path, sched, dev):
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        self.te = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32).to(dev).eval()
-        self.unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=torch.float32).to(dev).eval()
-        own = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        te, unet = models.load_text_and_unet(path)
+        self.te, self.unet = te.to(dev).eval(), unet.to(dev).eval()
+        own = models.saved_schedule(path)
         self.v = own["prediction_type"] == "v_prediction"
-        self.alphas = models.noise_scheduler(models.ZERO_SNR_NOISE if self.v else models.NOISE).alphas_cumprod.to(dev)
+        self.alphas = models.noise_scheduler(own).alphas_cumprod.to(dev)
         self.run_alphas = sched.alphas_cumprod.to(dev)
         self.timestep = (self.run_alphas[:, None] - self.alphas[None, :]).abs().argmin(dim=1)
 
@@ -309,16 +306,14 @@ def _optimize(loss, opt, params, lr_sched):
 
 def train_unet(run: Run, deadline):
     """Train the text encoder and UNet jointly on frozen-VAE latents; save the whole SD pipeline."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     dev = device()
     torch.manual_seed(run.seed)
     tok = _tokenizer(run, BASE)
     vae = _load_vae(run, BASE, dev)
     if run.resume:
-        te = CLIPTextModel.from_pretrained(run.resume / BASE / "text_encoder", dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(run.resume / BASE / "unet", dtype=torch.float32)
+        te, unet = models.load_text_and_unet(run.resume / BASE)
     else:
         te = models.text_encoder(len(tok), run.smoke)
         unet = models.unet(te.config.hidden_size, run.smoke)
@@ -364,15 +359,13 @@ def train_unet(run: Run, deadline):
 
 def train_upscaler(run: Run, deadline):
     """Train the x4 upscaler (own 4x VAE, tiny text encoder, 7-channel UNet with noise-level classes)."""
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline
 
     dev = device()
     torch.manual_seed(run.seed)
     tok = _tokenizer(run, UPSCALER)
     if run.resume:
-        te = CLIPTextModel.from_pretrained(run.resume / UPSCALER / "text_encoder", dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(run.resume / UPSCALER / "unet", dtype=torch.float32)
+        te, unet = models.load_text_and_unet(run.resume / UPSCALER)
     else:
         start = time.time()
         train_vae(run, start + 0.25 * (deadline - start), blocks=3, name=UPSCALER)
