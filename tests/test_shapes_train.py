@@ -154,11 +154,22 @@ def test_distilling_from_the_resumed_model_itself_gives_zero_loss(tmp_path):
     train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
     losses = []
     for i, extra in enumerate((["--distill-below", "0"], ["--distill-below", "1000"],
-                               ["--distill-below", "1000", "--teacher", str(tmp_path / "a")])):
+                               ["--distill-below", "1000", "--teacher", str(tmp_path / "a")],
+                               ["--distill-below", "500", "--distill-share", "1"],
+                               ["--distill-below", "500", "--distill-share", "0"])):
         train.main(["--out", str(tmp_path / f"b{i}"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
                     *extra])
         losses.append(json.loads((tmp_path / f"b{i}" / "log_unet.json").read_text())["losses"][0][1])
-    assert losses[1] < 1e-6 and losses[2] < 1e-6 < losses[0]
+    assert max(losses[1:4]) < 1e-6 < min(losses[0], losses[4])
+
+
+def test_distill_share_draws_that_share_of_timesteps_below_t():
+    t = train._timesteps(4000, 1000, 500, 0.8, torch.device("cpu"))
+    assert 0.77 < (t < 500).float().mean() < 0.83 and t.min() >= 0 and t.max() < 1000
+    assert (train._timesteps(100, 1000, 500, 0.0, torch.device("cpu")) >= 500).all()
+    for bad in (["--distill-share", "0.5"], ["--distill-below", "500", "--distill-share", "1.5"]):
+        with pytest.raises(SystemExit):
+            train.main(["--out", "unused", "--stage", "unet", *bad])
 
 
 def test_teacher_targets_remake_the_noisy_latents_on_a_new_schedule(tmp_path):

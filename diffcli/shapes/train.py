@@ -46,6 +46,7 @@ class Run:
     relation_head: float = 0.0  # weight of the text encoder's auxiliary relation loss (see _relation_loss)
     distill_below: int = 0  # unet stage: below this timestep the target is the teacher's estimate (Teacher)
     teacher: Path | None = None  # the teacher's folder when it is not --resume
+    distill_share: float | None = None  # share of timesteps drawn below distill_below (None: uniform over all)
 
 
 def device() -> torch.device:
@@ -295,6 +296,15 @@ class Teacher:
         return x0, (noisy - b.sqrt() * x0) / (1 - b).sqrt()
 
 
+def _timesteps(n, total, below, share, dev):
+    """`n` training timesteps, uniform over [0, total), or with a `share` of them uniform below `below` and the rest
+    uniform above it."""
+    if share is None:
+        return torch.randint(0, total, (n,), device=dev)
+    low = torch.rand(n, device=dev) < share
+    return torch.where(low, torch.randint(0, below, (n,), device=dev), torch.randint(below, total, (n,), device=dev))
+
+
 def _optimize(loss, opt, params, lr_sched):
     """One clipped optimiser and schedule step; returns the detached loss."""
     opt.zero_grad(set_to_none=True)
@@ -335,7 +345,7 @@ def train_unet(run: Run, deadline):
         with torch.no_grad(), autocast(dev):
             lat = vae.encode(x).latent_dist.sample().float() * sf
         eps = torch.randn_like(lat)
-        t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), device=dev)
+        t = _timesteps(lat.shape[0], sched.config.num_train_timesteps, run.distill_below, run.distill_share, dev)
         noisy = sched.add_noise(lat, eps, t)
         low = t < run.distill_below
         if low.any():
@@ -441,9 +451,14 @@ def main(argv=None):
                          "new schedule)")
     ap.add_argument("--teacher", type=Path, help="--distill-below's teacher, a folder like --resume's (default: "
                                                  "the --resume model)")
+    ap.add_argument("--distill-share", type=float, metavar="P",
+                    help="with --distill-below T: draw a share P of training timesteps below T (default: uniform, "
+                         "T/1000), to spend more steps where the teacher is the target")
     a = ap.parse_args(argv)
     if a.distill_below and not (a.teacher or a.resume):
         ap.error("--distill-below needs a teacher: --teacher DIR or --resume DIR")
+    if a.distill_share is not None and not (a.distill_below and 0 <= a.distill_share <= 1):
+        ap.error("--distill-share needs --distill-below T and a share between 0 and 1")
     focus = None
     if a.focus:
         size, _, shape = a.focus.rpartition("-")
@@ -453,7 +468,8 @@ def main(argv=None):
     run = Run(a.out, a.seed, a.minutes, a.stage, a.resume, a.smoke, a.max_steps, a.batch, a.lr, a.vae_batch, a.vae_lr,
               pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule, focus=focus,
               focus_share=a.focus_share if focus else 0.0, focus_one_object=bool(focus) and a.focus_one_object,
-              relation_head=a.relation_head, distill_below=a.distill_below, teacher=a.teacher)
+              relation_head=a.relation_head, distill_below=a.distill_below, teacher=a.teacher,
+              distill_share=a.distill_share)
     if run.smoke:
         run.batch, run.vae_batch, run.pool = 4, 2, 64
     run.out.mkdir(parents=True, exist_ok=True)
