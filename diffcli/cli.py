@@ -73,9 +73,9 @@ HiresSteps = Annotated[Optional[int], typer.Option("--hires-steps", min=1, help=
 HiresStrength = Annotated[float, typer.Option("--hires-strength", help="Denoising strength of the hires pass (0..1).")]
 HiresUpscaler = Annotated[str, typer.Option("--hires-upscaler", help="latent (upscale the latents), lanczos (the pixels) or x4 (an SD x4 upscaler model).")]
 HiresUpscalerModel = Annotated[Optional[str], typer.Option("--hires-upscaler-model", help="SD x4 upscaler for --hires-upscaler x4 (default: $DIFFCLI_UPSCALE_MODEL, else bundled tiny-shapes-x4).")]
-Refiner = Annotated[Optional[str], typer.Option("--refiner", help="SDXL refiner (bundled name, Hub id, folder or file) that finishes the base model's image.")]
+Refiner = Annotated[Optional[str], typer.Option("--refiner", help="Model (bundled name, Hub id, folder or file) that finishes the base model's image: an SDXL refiner for SDXL, an SD 1.x/2.x model for those; 'none' turns off a model's default refiner.")]
 DeepCache = Annotated[Optional[int], typer.Option("--deep-cache", min=2, help="DeepCache: run the whole U-Net every N steps, reuse its deep features between (faster, slightly different; U-Net not compiled).")]
-RefinerStart = Annotated[float, typer.Option("--refiner-start", help="Fraction of the steps the base model runs before the refiner takes over.")]
+RefinerStart = Annotated[Optional[float], typer.Option("--refiner-start", help="Fraction of the schedule the base model runs before the refiner takes over (default 0.8, or the model's own).")]
 Grid = Annotated[bool, typer.Option("--grid", help="Also write an X/Y contact sheet of a sweep, with axis labels.")]
 Weighting = Annotated[bool, typer.Option("--weighting/--no-weighting", help="A1111 attention syntax: (word), ((word)), [word], (word:1.3); \\( is a literal bracket.")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", min=1, max=12, help="Skip the last CLIP layers, counted as in A1111 (1 = none, 2 = penultimate).")]
@@ -203,7 +203,7 @@ def txt2img(
     hires_upscaler: HiresUpscaler = "latent",
     hires_upscaler_model: HiresUpscalerModel = None,
     refiner: Refiner = None,
-    refiner_start: RefinerStart = 0.8,
+    refiner_start: RefinerStart = None,
     deep_cache: DeepCache = None,
 ) -> None:
     """Generate images from a text prompt; comma lists in --cfg/--steps/--seed/--scheduler sweep."""
@@ -457,6 +457,8 @@ def evaluate(
     cfg: Cfg = None,
     scheduler: Scheduler = None,
     device: Device = "auto",
+    refiner: Refiner = None,
+    refiner_start: RefinerStart = None,
 ) -> None:
     """Measure prompt adherence of the shapes model: per-attribute accuracy from a pixel judge (JSON).
 
@@ -464,6 +466,7 @@ def evaluate(
     """
     from diffcli.models import resolve_model
     from diffcli.pipeline import normalize_scheduler_name, resolve_device
+    from diffcli.refiner import refiner_settings
     from diffcli.shapes.evaluate import evaluate as run_eval
     from diffcli.shapes.evaluate import evaluate_upscaler
 
@@ -476,7 +479,9 @@ def evaluate(
             raise UsageError("--cfg does not apply to an upscaler's eval", "it upscales without a prompt (cfg 1)")
         report = evaluate_upscaler(spec.location, n, seed, steps, None, name, resolve_device(device))
     else:
-        report = run_eval(spec.location, n, seed, steps, cfg, name, resolve_device(device))
+        refiner_settings(refiner, refiner_start)  # the range check
+        report = run_eval(spec.location, n, seed, steps, cfg, name, resolve_device(device), refiner=refiner,
+                          refiner_start=refiner_start)
     print(json.dumps(report, sort_keys=True))
 
 

@@ -59,6 +59,7 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
         job.scheduler = normalize_scheduler_name(job.scheduler)
     spec = resolve_model(job.model, job.model_config, job.allow_pickle)
     helpers = {}  # resolved once here, loaded by the second pass
+    refiner.apply_default(job, spec)
     if job.extra.get("refiner"):
         helpers["refiner"] = refiner.check(job, spec)
     if job.extra.get("hires_upscaler") == "x4":
@@ -124,7 +125,7 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress: bool = Fals
 
 # Settings a job brings that its own pipeline calls need (input images, second passes, per-job noise): such a
 # job's images never share a call with another job's.
-OWN_CALLS = ("pipeline_kwargs", "postprocess", "tile", "hires_scale", "refiner", "variation_seed")
+OWN_CALLS = ("pipeline_kwargs", "postprocess", "tile", "hires_scale", "variation_seed")
 
 
 def shared_call_key(plan: Plan):
@@ -132,6 +133,8 @@ def shared_call_key(plan: Plan):
     pipeline calls; None for a plan whose settings need calls of its own, or that asked for one image per call."""
     job = plan.job
     if job.batch_size == 1 or any(job.extra.get(name) is not None for name in OWN_CALLS):
+        return None
+    if job.extra.get("refiner") and plan.spec.family == "sdxl":  # its refiner pass reads one job's prompt
         return None
     settings = {k: v for k, v in job.settings().items() if k not in ("prompt", "negative", "seed", "num_images", "out", "overwrite")}
     return plan.spec, plan.width, plan.height, plan.cfg, plan.scheduler, json.dumps(settings, sort_keys=True, default=str)
@@ -258,6 +261,23 @@ def _with_oom_ladder(pipe, items: list, generate_batch, notify):
                 pipe.enable_model_cpu_offload()
 
 
+def _call_with_sd_refiner(pipe, plan: Plan, prompt_jobs: list, call, on_step_end):
+    """`call(step_end)` with the plan's SD 1.x/2.x refiner taking over at --refiner-start; its own text encoder (if
+    any) reads the same prompts."""
+    from diffcli import prompts
+    from diffcli.pipeline import load_pipeline, resolve_device, resolve_dtype
+
+    job = plan.job
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.dtype, device)
+    unet, config, own = refiner.load_sd(  # the cached pipeline as it is: the base may be that very pipeline
+        plan.helpers["refiner"], lambda spec: load_pipeline(spec, "txt2img", device, dtype, False, job.allow_pickle,
+                                                            job.optimize, job.low_vram), device, dtype)
+    inputs = prompts.pipeline_inputs(own, prompt_jobs) if own is not None else None
+    with refiner.sd_handover(pipe, unet, config, job.extra["refiner_start"], inputs, on_step_end) as step_end:
+        return call(step_end)
+
+
 def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, progress: bool, step_hook):
     """One pipeline call for `items` (seed, job of its prompt), one CPU generator each, with a non-finite check
     and fp32 VAE retry."""
@@ -290,7 +310,7 @@ def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, 
     style = CALL_STYLES.get(type(pipe).__name__, CallStyle())
     encoded: dict[int, dict] = {}  # prompt inputs by batch size: tiles and retries reuse them
 
-    def call(call_kwargs: dict, call_generators: list, output_type: str = "np"):
+    def call(call_kwargs: dict, call_generators: list, output_type: str = "np", step_end=on_step_end):
         count = len(call_generators)
         call_jobs = prompt_jobs if count == len(prompt_jobs) else [job] * count  # tiles: one image of one job
         if style.prompt_embeds:
@@ -303,7 +323,7 @@ def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, 
         if style.repeat_image:
             call_kwargs["image"] = [call_kwargs["image"]] * count
         if style.step_end_callback:
-            call_kwargs["callback_on_step_end"] = on_step_end
+            call_kwargs["callback_on_step_end"] = step_end
         else:
             call_kwargs.update(callback=lambda i, t, latents: on_step_end(pipe, i, t, {"latents": latents}), callback_steps=1)
         return pipe(num_inference_steps=steps, guidance_scale=plan.cfg, generator=call_generators, output_type=output_type,
@@ -319,9 +339,12 @@ def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, 
                                          lambda extra, generator: call(dict(kwargs, **extra), [generator])[0])
                 for seed in seeds
             ])
-        if job.extra.get("refiner"):  # the base stops at --refiner-start, the refiner finishes from its latents
+        if job.extra.get("refiner") and plan.spec.family == "sdxl":  # the refiner finishes the base's latents
             latents = call(dict(kwargs, denoising_end=job.extra["refiner_start"]), generators, output_type="latent")
             return refiner.refine(job, plan, latents, generators, steps, on_step_end)
+        if job.extra.get("refiner"):  # SD 1.x/2.x: the refiner's UNet takes over inside this call
+            return _call_with_sd_refiner(pipe, plan, prompt_jobs, lambda step_end: call(kwargs, generators, step_end=step_end),
+                                         on_step_end)
         return call(kwargs, generators)
 
     try:

@@ -26,7 +26,7 @@ class ModelSpec:
     source: str  # "bundled" | "folder" | "single_file" | "hub"
     location: str  # folder or file path, or Hub repo id
     name: str  # how the user named it; recorded in metadata
-    family: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner" | "sd-x4-upscaler" | "sd-latent-upscaler"
+    family: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner" | "sd-refiner" | "sd-x4-upscaler" | "sd-latent-upscaler"
     inpaint: bool = False  # a 9-channel inpainting UNet
     prediction_type: str = "epsilon"
     sample_size: int | None = None  # native image side in pixels, when known
@@ -85,6 +85,8 @@ def detect_family(model_index: dict, unet: dict) -> str:
         return "sdxl-refiner" if text_encoder[0] is None and "text_encoder_2" in model_index else "sdxl"
     if not pipeline_class.startswith("StableDiffusion"):
         raise ModelError(f"unsupported pipeline class {pipeline_class!r}", "diffcli runs Stable Diffusion 1.x, 2.x and XL models")
+    if (model_index.get("text_encoder") or [None])[0] is None:
+        return "sd-refiner"  # a UNet that reads another model's prompt embeddings: only a --refiner
     return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
 
 

@@ -96,7 +96,8 @@ def pipeline_class_name(spec: ModelSpec, task: str) -> str:
     """The diffusers class that runs `task` on this model, or a UsageError."""
     name = PIPELINES.get((family_group(spec.family), task))
     if name is None:
-        raise UsageError(f"{task} does not work with {spec.name!r} ({spec.family} model)")
+        hint = "it has no text encoder of its own: use it as --refiner of an SD 1.x/2.x model" if spec.family == "sd-refiner" else None
+        raise UsageError(f"{task} does not work with {spec.name!r} ({spec.family} model)", hint)
     return name
 
 

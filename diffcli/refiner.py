@@ -1,20 +1,57 @@
-"""SDXL refiner (A1111's "Refiner", diffusers' ensemble of experts): the base model denoises the first part of
-the schedule and hands its latents to the refiner, which finishes the remaining steps."""
+"""Refiner (A1111's "Refiner", diffusers' ensemble of expert denoisers): the base model denoises the first part of
+the schedule and the refiner finishes the remaining steps.
+
+SDXL hands latents over between two pipelines (`denoising_end` / `denoising_start`). SD 1.x/2.x pipelines have no
+such arguments, so there the refiner's UNet takes over inside the base pipeline's loop, as A1111 swaps models
+mid-sampling; its prediction is converted to the base scheduler's schedule and prediction type, so a zero-SNR
+v-prediction base can hand over to an epsilon refiner. A refiner folder without a text encoder ("sd-refiner")
+reads the base model's prompt embeddings.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from pathlib import Path
+
 from diffcli.errors import UsageError
 
-REFINER_FAMILIES = ("sdxl-refiner", "sdxl")  # a dedicated refiner, or any SDXL model used as one
+REFINER_FAMILIES = {"sdxl": ("sdxl-refiner", "sdxl"), "sd1": ("sd1", "sd2", "sd-refiner"),
+                    "sd2": ("sd1", "sd2", "sd-refiner")}  # base family -> refiners it takes
+NO_REFINER = "none"  # --refiner none: no refiner, not even the model's default one
 
 
-def refiner_settings(model: str | None, start: float) -> dict:
+def refiner_settings(model: str | None, start: float | None) -> dict:
     """Job.extra entries for --refiner and --refiner-start, checked without loading anything."""
-    if model is None:
-        return {}
-    if not 0.0 < start < 1.0:
+    if start is not None and not 0.0 < start < 1.0:
         raise UsageError(f"--refiner-start must be between 0 and 1 (exclusive), got {start:g}")
+    if model is None:
+        return {} if start is None else {"refiner_start": start}
     return {"refiner": model, "refiner_start": start}
+
+
+def default_refiner(defaults: dict, folder) -> str | None:
+    """The refiner a model folder's diffcli.json names: the sibling folder of that name when there is one outside
+    the package (a bundle copied elsewhere), else the name as --model takes it."""
+    from diffcli.models import BUNDLED_DIR
+
+    name = defaults.get("refiner")
+    sibling = Path(folder).resolve().parent / name if name else None
+    return str(sibling) if sibling and sibling.is_dir() and sibling.parent != BUNDLED_DIR.resolve() else name
+
+
+def apply_default(job, spec) -> None:
+    """A txt2img job on a model whose diffcli.json names a refiner gets it, unless --refiner says otherwise."""
+    if job.task == "txt2img" and job.extra.get("refiner") is None and spec.defaults.get("refiner"):
+        job.extra["refiner"] = default_refiner(spec.defaults, spec.location)
+        if job.extra.get("refiner_start") is None:
+            job.extra["refiner_start"] = spec.defaults.get("refiner_start", 0.8)
+    if job.extra.get("refiner") == NO_REFINER:
+        del job.extra["refiner"]
+    if job.extra.get("refiner") is None:
+        job.extra.pop("refiner_start", None)
+    elif job.extra.get("refiner_start") is None:
+        job.extra["refiner_start"] = 0.8
 
 
 def check(job, spec):
@@ -23,13 +60,15 @@ def check(job, spec):
 
     if job.task != "txt2img":
         raise UsageError(f"--refiner works with txt2img, not {job.task}")
-    if spec.family != "sdxl":
-        raise UsageError(f"--refiner needs an SDXL base model; {spec.name!r} is a {spec.family} model")
+    if spec.family not in REFINER_FAMILIES:
+        raise UsageError(f"--refiner needs an SD 1.x, 2.x or XL base model; {spec.name!r} is a {spec.family} model")
     if job.extra.get("hires_scale"):
         raise UsageError("--refiner and --hires cannot be combined yet", "run the hires pass with img2img afterwards")
     refiner = resolve_model(job.extra["refiner"], None, job.allow_pickle)
-    if refiner.family not in REFINER_FAMILIES:
-        raise UsageError(f"--refiner {refiner.name!r} is a {refiner.family} model, not an SDXL refiner or SDXL model")
+    takes = REFINER_FAMILIES[spec.family]
+    if refiner.family not in takes or refiner.inpaint:
+        kind = "an SDXL refiner or SDXL model" if spec.family == "sdxl" else "an SD 1.x/2.x text-to-image model"
+        raise UsageError(f"--refiner {refiner.name!r} is a {refiner.family} model, not {kind} (the base is {spec.family})")
     return refiner
 
 
@@ -42,7 +81,7 @@ def check_steps(steps: int, start: float) -> None:
 
 
 def refine(job, plan, latents, generators, steps: int, on_step_end):
-    """Finish the base model's latents with the refiner from --refiner-start on; returns float images (N, H, W, 3)."""
+    """SDXL: finish the base model's latents with the refiner from --refiner-start on; returns float images."""
     from diffcli import prompts
     from diffcli.pipeline import load_for_job
 
@@ -50,3 +89,102 @@ def refine(job, plan, latents, generators, steps: int, on_step_end):
     return pipe(image=latents, denoising_start=job.extra["refiner_start"], num_inference_steps=steps,
                 guidance_scale=plan.cfg, generator=generators, output_type="np", callback_on_step_end=on_step_end,
                 **prompts.pipeline_inputs(pipe, [job] * len(generators))).images
+
+
+_UNETS: dict = {}  # (sd-refiner folder, device, dtype) -> its UNet
+
+
+def load_sd(spec, load_pipeline, device: str, dtype):
+    """(UNet, scheduler config, pipeline to encode prompts or None) of an SD 1.x/2.x refiner. `load_pipeline(spec)`
+    loads a whole model; an sd-refiner folder has no text encoder, so only its UNet is read."""
+    if spec.family != "sd-refiner":
+        pipe = load_pipeline(spec)
+        return pipe.unet, dict(getattr(pipe, "diffcli_scheduler", pipe.scheduler).config), pipe  # the model's own
+    key = (spec.location, device, str(dtype))
+    if key not in _UNETS:
+        from diffusers import UNet2DConditionModel
+
+        _UNETS[key] = UNet2DConditionModel.from_pretrained(spec.location, subfolder="unet", torch_dtype=dtype).to(device).eval()
+    config = json.loads((Path(spec.location) / "scheduler" / "scheduler_config.json").read_text())
+    return _UNETS[key], config, None
+
+
+def clean_and_noise(pred, sample, own_alpha, own_v: bool, alpha):
+    """(clean latents, noise) that a prediction made at alphas_cumprod `own_alpha` (v or epsilon) implies for
+    `sample`, the noise written for the schedule whose alphas_cumprod is `alpha` (Salimans & Ho 2022, v = sqrt(a) eps
+    - sqrt(1-a) x0)."""
+    if own_v:
+        x0 = own_alpha.sqrt() * sample - (1 - own_alpha).sqrt() * pred
+    else:
+        x0 = (sample - (1 - own_alpha).sqrt() * pred) / own_alpha.sqrt()
+    return x0, (sample - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+
+
+def alphas_cumprod(config: dict):
+    """A scheduler config's alphas_cumprod (zero-terminal-SNR rescaling included)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config).alphas_cumprod
+
+
+def _converted_unet(unet, config: dict, base_scheduler, base_config, states):
+    """A stand-in for the base UNet in the pipeline's loop: the refiner's UNet at the timestep with the nearest
+    alphas_cumprod, its output rewritten in the base scheduler's prediction type; `states` replace the base's prompt
+    embeddings when the refiner has its own text encoder."""
+    base_alphas = alphas_cumprod(dict(base_scheduler.config)).to(unet.device)
+    own_alphas = alphas_cumprod(config).to(unet.device)
+    own_timestep = (base_alphas[:, None] - own_alphas[None, :]).abs().argmin(dim=1)
+    own_v, base_v = config.get("prediction_type") == "v_prediction", base_scheduler.config.prediction_type == "v_prediction"
+
+    def forward(sample, timestep, encoder_hidden_states, **kwargs):
+        t = int(round(float(timestep)))
+        pred = unet(sample, own_timestep[t], encoder_hidden_states if states is None else states, **kwargs)[0]
+        alpha, own = base_alphas[t].to(sample.dtype), own_alphas[own_timestep[t]].to(sample.dtype)
+        x0, noise = clean_and_noise(pred, sample, own, own_v, alpha)
+        return (alpha.sqrt() * noise - (1 - alpha).sqrt() * x0 if base_v else noise,)
+
+    return _StandIn(forward, base_config)
+
+
+class _StandIn:
+    """Callable as the pipeline calls its UNet; `config` is the base UNet's, which the pipeline still reads."""
+
+    def __init__(self, forward, config):
+        self.forward, self.config = forward, config
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def sd_handover(pipe, unet, config: dict, start: float, inputs: dict | None, on_step_end):
+    """A callback_on_step_end for an SD 1.x/2.x pipeline call: it runs `on_step_end`, then, once the next timestep
+    is below (1 - start) x num_train_timesteps (diffusers' `denoising_end` cut), makes the pipeline call the refiner's
+    UNet instead of its own. `inputs` (prompt_embeds and negative_prompt_embeds from the refiner's text encoder) or
+    None to share the base's. The base UNet is put back on exit."""
+    import torch
+
+    if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise UsageError(f"--refiner: prediction type {config['prediction_type']!r} is not supported",
+                         "SD 1.x/2.x refiners must predict epsilon or v")
+    base = pipe.unet
+    cutoff = round(pipe.scheduler.config.num_train_timesteps * (1 - start))
+
+    def callback(p, step, timestep, tensors):
+        tensors = on_step_end(p, step, timestep, tensors) if on_step_end else tensors
+        timesteps = p.scheduler.timesteps
+        if p.unet is base and step + 1 < len(timesteps) and timesteps[step + 1] < cutoff:
+            states = None
+            if inputs is not None:
+                states = inputs["prompt_embeds"]
+                if p.do_classifier_free_guidance:  # the pipeline's own embeddings are [negative, positive] then
+                    states = torch.cat([inputs["negative_prompt_embeds"], states])
+            # the loop calls self.unet at every step; set it past DiffusionPipeline.__setattr__, which would also
+            # rewrite the pipeline's config
+            object.__setattr__(p, "unet", _converted_unet(unet, config, p.scheduler, base.config, states))
+        return tensors
+
+    try:
+        yield callback
+    finally:
+        object.__setattr__(pipe, "unet", base)

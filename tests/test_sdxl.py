@@ -102,10 +102,3 @@ def test_refiner_model_runs_img2img_but_not_txt2img(cli, tiny_sdxl_refiner, tmp_
 def test_refiner_usage_errors(cli, tiny_sdxl, tiny_sdxl_refiner, args, message):
     result = cli("txt2img", "a cat", "--model", tiny_sdxl, "--refiner", tiny_sdxl_refiner, "--quiet", *args)
     assert result.exit_code == 2 and message in result.stderr, result.stderr
-
-
-def test_refiner_needs_sdxl_on_both_sides(cli, tiny_model, tiny_sdxl, tiny_sdxl_refiner):
-    result = cli("txt2img", "a cat", "--model", tiny_model, "--refiner", tiny_sdxl_refiner)
-    assert result.exit_code == 2 and "--refiner needs an SDXL base model" in result.stderr
-    result = cli("txt2img", "a cat", "--model", tiny_sdxl, "--refiner", tiny_model)
-    assert result.exit_code == 2 and "is a sd1 model, not an SDXL refiner" in result.stderr

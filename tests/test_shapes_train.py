@@ -1,6 +1,7 @@
 """Smoke run of every training stage on CPU with tiny networks, then plain diffusers loading."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +139,26 @@ def test_relation_head_reads_only_the_tokens_after_a_relation_word(tmp_path):
     assert touched[1, 5:9].all() and touched.sum() == 4  # the gradient reaches the marked tokens only
 
 
+def test_anchor_loss_holds_every_token_but_the_relation_ones(tmp_path):
+    """--anchor-text: zero for the anchor's own output; its gradient reaches the tokens the relation head leaves
+    alone (marks 0) and no others; the flag needs the resumed encoder it anchors to."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    anchor = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                          num_attention_heads=1, max_position_embeddings=77))
+    ids, marks = torch.randint(0, 50, (2, 77)), torch.zeros(2, 77, dtype=torch.long)
+    marks[1, 5:9] = 2
+    own = anchor(ids)[0].detach()
+    assert train._anchor_loss(anchor, own, ids, marks).item() == 0
+    states = (own + 0.1 * torch.randn_like(own)).requires_grad_(True)
+    train._anchor_loss(anchor, states, ids, marks).backward()
+    touched = states.grad.abs().sum(dim=2) > 0
+    assert not touched[1, 5:9].any() and touched.sum() == 2 * 77 - 4
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--stage", "unet", "--anchor-text", "10"])
+
+
 def test_relation_head_flag_trains_and_is_recorded(tmp_path):
     smoke = ["--smoke", "--max-steps", "2", "--minutes", "1"]
     train.main(["--out", str(tmp_path), *smoke, "--stage", "vae"])
@@ -192,7 +213,6 @@ def test_teacher_targets_remake_the_noisy_latents_on_a_new_schedule(tmp_path):
 def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
@@ -225,28 +245,34 @@ def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path)
     assert not (tmp_path / "x").exists()
 
 
-def test_hybrid_eval_script_hands_low_timesteps_to_the_second_model(tmp_path):
-    import importlib.util
-    from pathlib import Path
+def test_bundle_with_refiner_script_pairs_a_base_with_a_refiner_sharing_its_text_encoder(tmp_path, cli):
+    """A zero-SNR base and an epsilon refiner without text encoder: diffcli runs the pair by the base's diffcli.json."""
+    import subprocess
+    import sys
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "hybrid_eval.py"
-    spec = importlib.util.spec_from_file_location("hybrid_eval", path)
-    hybrid_eval = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hybrid_eval)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bundle_with_refiner.py"
     smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
-    for name, seed in (("a", "1"), ("b", "2")):
-        for stage in ("vae", "unet"):
-            train.main(["--out", str(tmp_path / name), *smoke, "--seed", seed, "--stage", stage])
-    high, low = (tmp_path / name / train.BASE for name in "ab")
-    pipe = hybrid_eval.hybrid_pipeline(high, low, 500)
-    plain = [train.Teacher(folder, train.models.noise_scheduler(), torch.device("cpu")) for folder in (high, low)]
-    ids = torch.randint(0, 50, (2, 77))
-    states = pipe.text_encoder(ids)[0]
-    x = torch.randn(2, 4, 16, 16)
-    with torch.no_grad():
-        for t, model in ((800, plain[0]), (200, plain[1])):
-            want = model.unet(x, t, model.te(ids)[0]).sample
-            assert torch.allclose(pipe.unet(x, torch.tensor(t), encoder_hidden_states=states)[0], want, atol=1e-4)
-    with pytest.raises(SystemExit) as exit_info:
-        hybrid_eval.main([str(tmp_path / "missing"), str(low), "500"])
-    assert exit_info.value.code == 2
+    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "vae"])
+    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
+    train.main(["--out", str(tmp_path / "b"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
+                "--schedule", "zero-snr"])
+    base, refiner, out = tmp_path / "b" / train.BASE, tmp_path / "a" / train.BASE, tmp_path / "bundle"
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
+
+    done = run(base, refiner, 0.5, out)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (out / "tiny-shapes-refiner").iterdir()) == [
+        "diffcli.json", "model_index.json", "scheduler", "unet", "vae"]
+    result = cli("txt2img", "a red circle", "--model", out / "tiny-shapes", "--steps", "4", "-o", tmp_path / "x.png",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    record = result.json_lines()[0]
+    assert (record["refiner"], record["refiner_start"]) == (str(out / "tiny-shapes-refiner"), 0.5)
+    for args, error in (((base, refiner, 0.5, out), "exists; choose a new folder"),
+                        ((base, refiner, 1, tmp_path / "y"), "START must be between 0 and 1"),
+                        ((base, tmp_path, 0.5, tmp_path / "y"), "is not a tiny-shapes model folder")):
+        result = run(*args)
+        assert result.returncode == 2 and error in result.stderr and "Traceback" not in result.stderr, args
+    assert not (tmp_path / "y").exists()

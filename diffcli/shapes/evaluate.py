@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from diffcli.models import resolve_model
+from diffcli.refiner import default_refiner
 from diffcli.shapes import judge, world
 
 SCHEDULERS = {  # diffcli name -> (diffusers class, extra config)
@@ -66,23 +67,55 @@ def defaults(model_dir) -> dict:
 
 
 def evaluate(model_dir, n=200, seed=0, steps=None, cfg=None, scheduler=None, device="cpu", *, two_object=True,
-             batch_size=25, pipe=None) -> dict:
-    """Generate n held-out prompts (seeds seed*100000+i) and return per-attribute accuracies and exact match."""
+             batch_size=25, pipe=None, refiner=None, refiner_start=None) -> dict:
+    """Generate n held-out prompts (seeds seed*100000+i) and return per-attribute accuracies and exact match; the
+    model's default refiner (diffcli.json) takes part unless `refiner` names another or "none"."""
     d = defaults(model_dir)
     steps, cfg, scheduler = steps or d["steps"], cfg if cfg is not None else d["cfg"], scheduler or d["scheduler"]
+    refiner = refiner or default_refiner(d, model_dir)
+    refiner = None if refiner == "none" else refiner
+    refiner_start = refiner_start or d.get("refiner_start", 0.8)
     pipe = pipe or load(model_dir, scheduler, device)
+    expert = _load_refiner(refiner, device) if refiner else None
     items = prompts(n, seed, two_object)
     acc, t0 = defaultdict(list), time.time()
     for start in range(0, n, batch_size):
         chunk = items[start:start + batch_size]
+        texts = [t for t, _ in chunk]
         gens = [torch.Generator("cpu").manual_seed(seed * 100_000 + start + i) for i in range(len(chunk))]
-        images = pipe([t for t, _ in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                      height=world.SIZE, width=world.SIZE, output_type="np").images
+        with _handover(pipe, expert, refiner_start, texts, cfg) as callback:
+            images = pipe(texts, num_inference_steps=steps, guidance_scale=cfg, generator=gens, height=world.SIZE,
+                          width=world.SIZE, output_type="np", callback_on_step_end=callback).images
         for (_, s), img in zip(chunk, images):
             _judge(acc, s, img)
     res = _means(acc)
     return {"model": str(model_dir), "n": n, "seed": seed, "steps": steps, "cfg": cfg, "scheduler": scheduler,
+            "refiner": refiner, "refiner_start": refiner_start if refiner else None,
             "device": str(device), "seconds": round(time.time() - t0, 1), "accuracy": res}
+
+
+def _load_refiner(name, device):
+    """(UNet, scheduler config, pipeline or None) of an SD refiner named like --model."""
+    from diffcli import refiner
+
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    return refiner.load_sd(resolve_model(name), lambda spec: load(spec.location, None, device), device, dtype)
+
+
+def _handover(pipe, expert, start, texts, cfg):
+    """diffcli's SD refiner handover for one call (its own text encoder, if any, reads `texts`), or no callback."""
+    import contextlib
+
+    from diffcli import refiner
+
+    if expert is None:
+        return contextlib.nullcontext(None)
+    unet, config, own = expert
+    inputs = None
+    if own is not None:
+        embeds, negative = own.encode_prompt(texts, own.device, 1, cfg > 1)
+        inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    return refiner.sd_handover(pipe, unet, config, start, inputs, None)
 
 
 def _judge(acc: dict, scene, image: np.ndarray) -> None:
@@ -140,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--grid", action="store_true", help="also try a few steps/cfg/scheduler settings")
     ap.add_argument("--noise-level", type=int, help="x4 upscaler models only")
+    ap.add_argument("--refiner", help="SD refiner (as --model) finishing each image; 'none' turns off the model's own")
+    ap.add_argument("--refiner-start", type=float, help="fraction of the schedule before the refiner takes over")
     a = ap.parse_args(argv)
     upscaler = resolve_model(a.model).family == "sd-x4-upscaler"
     if (upscaler and (a.cfg is not None or a.grid)) or (not upscaler and a.noise_level is not None):
@@ -147,7 +182,8 @@ def main(argv=None):
     if upscaler:
         print(json.dumps(evaluate_upscaler(a.model, a.n, a.seed, a.steps, a.noise_level, a.scheduler, a.device)))
         return
-    print(json.dumps(evaluate(a.model, a.n, a.seed, a.steps, a.cfg, a.scheduler, a.device)), flush=True)
+    print(json.dumps(evaluate(a.model, a.n, a.seed, a.steps, a.cfg, a.scheduler, a.device, refiner=a.refiner,
+                              refiner_start=a.refiner_start)), flush=True)
     if a.grid:
         for sched, steps, cfg in GRID:
             pipe = load(a.model, sched, a.device)

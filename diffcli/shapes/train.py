@@ -1,6 +1,7 @@
 """Train the bundled tiny-shapes model: `python -m diffcli.shapes.train --out DIR --seed S --minutes M`."""
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffcli.refiner import clean_and_noise
 from diffcli.shapes import models, world
 from diffcli.shapes.tokenizer import build_tokenizer
 
@@ -47,6 +49,7 @@ class Run:
     distill_below: int = 0  # unet stage: below this timestep the target is the teacher's estimate (Teacher)
     teacher: Path | None = None  # the teacher's folder when it is not --resume
     distill_share: float | None = None  # share of timesteps drawn below distill_below (None: uniform over all)
+    anchor_text: float = 0.0  # weight of the text encoder's pull toward the resumed one's output (see _anchor_loss)
 
 
 def device() -> torch.device:
@@ -290,10 +293,18 @@ class Teacher:
         own_t = self.timestep[t]
         with autocast(noisy.device):
             pred = self.unet(noisy, own_t, self.te(ids)[0] if states is None else states).sample.float()
-        a = self.alphas[own_t].view(-1, 1, 1, 1)
-        x0 = a.sqrt() * noisy - (1 - a).sqrt() * pred if self.v else (noisy - (1 - a).sqrt() * pred) / a.sqrt()
-        b = self.run_alphas[t].view(-1, 1, 1, 1)
-        return x0, (noisy - b.sqrt() * x0) / (1 - b).sqrt()
+        view = (-1, 1, 1, 1)
+        return clean_and_noise(pred, noisy, self.alphas[own_t].view(view), self.v, self.run_alphas[t].view(view))
+
+
+def _anchor_loss(anchor, states, ids, marks):
+    """Squared change of the text encoder's output from the frozen `anchor` encoder's, relative to the anchor's
+    variance, at the tokens `_relation_loss` leaves alone (marks 0): the relation can move in, while a UNet trained
+    on the old encoder (the bundled refiner) still reads every other token as before."""
+    with torch.no_grad():
+        old = anchor(ids)[0].float()
+    keep = (marks == 0).unsqueeze(-1).float()
+    return (((states.float() - old) ** 2) * keep).sum() / (keep.sum() * old.shape[-1]) / old.var()
 
 
 def _timesteps(n, total, below, share, dev):
@@ -336,6 +347,7 @@ def train_unet(run: Run, deadline):
     params = list(te.parameters()) + list(unet.parameters())
     head = torch.nn.Linear(te.config.hidden_size, len(world.RELATIONS)).to(dev) if run.relation_head else None
     trained = params + (list(head.parameters()) if head else [])  # the head is not saved
+    anchor = copy.deepcopy(te).eval().requires_grad_(False) if run.anchor_text else None
     opt, lr_sched = optimizer(trained, run.lr, dev)
     logger = Logger(run, "unet", params_unet=models.n_params(unet), params_text=models.n_params(te), batch=run.batch)
     sf = vae.config.scaling_factor
@@ -357,6 +369,8 @@ def train_unet(run: Run, deadline):
         loss = _diffusion_loss(pred, eps, t, sched, lat)
         if head:
             loss = loss + run.relation_head * _relation_loss(head, states, marks)
+        if anchor is not None:
+            loss = loss + run.anchor_text * _anchor_loss(anchor, states, ids, marks)
         return _optimize(loss, opt, trained, lr_sched)
 
     loop(step, deadline, run, logger, params)
@@ -454,7 +468,13 @@ def main(argv=None):
     ap.add_argument("--distill-share", type=float, metavar="P",
                     help="with --distill-below T: draw a share P of training timesteps below T (default: uniform, "
                          "T/1000), to spend more steps where the teacher is the target")
+    ap.add_argument("--anchor-text", type=float, default=0.0, metavar="WEIGHT",
+                    help="unet stage, with --resume: add WEIGHT x the relative squared change of the text encoder's "
+                         "output from the resumed one's at every token --relation-head does not train, so a UNet "
+                         "trained on the old encoder can share the new one (a refiner)")
     a = ap.parse_args(argv)
+    if a.anchor_text and not a.resume:
+        ap.error("--anchor-text needs --resume DIR: the encoder it anchors to")
     if a.distill_below and not (a.teacher or a.resume):
         ap.error("--distill-below needs a teacher: --teacher DIR or --resume DIR")
     if a.distill_share is not None and not (a.distill_below and 0 <= a.distill_share <= 1):
@@ -469,7 +489,7 @@ def main(argv=None):
               pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule, focus=focus,
               focus_share=a.focus_share if focus else 0.0, focus_one_object=bool(focus) and a.focus_one_object,
               relation_head=a.relation_head, distill_below=a.distill_below, teacher=a.teacher,
-              distill_share=a.distill_share)
+              distill_share=a.distill_share, anchor_text=a.anchor_text)
     if run.smoke:
         run.batch, run.vae_batch, run.pool = 4, 2, 64
     run.out.mkdir(parents=True, exist_ok=True)
