@@ -167,6 +167,10 @@ def sd_handover(pipe, unet, config: dict, start: float, inputs: dict | None, on_
     if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
         raise UsageError(f"--refiner: prediction type {config['prediction_type']!r} is not supported",
                          "SD 1.x/2.x refiners must predict epsilon or v")
+    width = pipe.text_encoder.config.hidden_size
+    if inputs is None and unet.config.cross_attention_dim != width:
+        raise UsageError(f"--refiner: its UNet reads {unet.config.cross_attention_dim}-wide prompt embeddings and has "
+                         f"no text encoder of its own; the base model's are {width} wide")
     base = pipe.unet
     cutoff = round(pipe.scheduler.config.num_train_timesteps * (1 - start))
 

@@ -1,4 +1,5 @@
-"""Time one 128x128 image of the bundled tiny-shapes model on 2 CPU threads at its diffcli.json defaults.
+"""Time one 128x128 image of the bundled tiny-shapes model on 2 CPU threads at its diffcli.json defaults (its
+refiner included).
 
 Usage: python scripts/bench_bundled_cpu.py [--runs 5] [--threads 2] [--steps N]
 Prints a JSON line with the median pipeline seconds (model loading excluded).
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from diffcli.shapes.evaluate import defaults, load
+from diffcli.shapes.evaluate import defaults, generate, load, load_refiner
 
 MODEL = Path(__file__).resolve().parents[1] / "diffcli" / "bundled" / "tiny-shapes"
 
@@ -27,10 +28,9 @@ def main():
     torch.set_num_threads(a.threads)
     d = defaults(MODEL)
     steps = a.steps or d["steps"]
-    pipe = load(MODEL, d["scheduler"], "cpu")
-    run = lambda seed: pipe("a small yellow triangle to the left of a big purple cross on white",  # noqa: E731
-                            num_inference_steps=steps, guidance_scale=d["cfg"], height=d["height"], width=d["width"],
-                            generator=torch.Generator("cpu").manual_seed(seed))
+    pipe, expert = load(MODEL, d["scheduler"], "cpu"), load_refiner(MODEL, "cpu")
+    run = lambda seed: generate(pipe, ["a small yellow triangle to the left of a big purple cross on white"],  # noqa: E731
+                                [torch.Generator("cpu").manual_seed(seed)], steps, d["cfg"], expert)
     run(0)
     times = []
     for seed in range(a.runs):
@@ -38,7 +38,7 @@ def main():
         run(seed)
         times.append(time.perf_counter() - t0)
     print(json.dumps({"model": MODEL.name, "threads": a.threads, "steps": steps, "cfg": d["cfg"],
-                      "scheduler": d["scheduler"], "median_s": round(statistics.median(times), 3),
+                      "scheduler": d["scheduler"], "refiner": expert and expert["name"], "median_s": round(statistics.median(times), 3),
                       "runs_s": [round(t, 3) for t in times]}))
 
 

@@ -1,4 +1,5 @@
-"""Draw a 4x4 grid of bundled tiny-shapes generations with their captions: docs/samples/tiny-shapes-grid.png."""
+"""Draw a 4x4 grid of bundled tiny-shapes generations (its refiner included) with their captions:
+docs/samples/tiny-shapes-grid.png."""
 
 import textwrap
 from pathlib import Path
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from diffcli.shapes.evaluate import defaults, load, prompts
+from diffcli.shapes.evaluate import defaults, generate, load, load_refiner, prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, OUT = ROOT / "diffcli" / "bundled" / "tiny-shapes", ROOT / "docs" / "samples" / "tiny-shapes-grid.png"
@@ -20,8 +21,7 @@ def main():
     pipe = load(MODEL, d["scheduler"], "cpu")
     items = prompts(16, seed=1)
     gens = [torch.Generator("cpu").manual_seed(i) for i in range(16)]
-    images = pipe([t for t, _ in items], num_inference_steps=d["steps"], guidance_scale=d["cfg"], generator=gens,
-                  output_type="np").images
+    images = generate(pipe, [t for t, _ in items], gens, d["steps"], d["cfg"], load_refiner(MODEL, "cpu"))
     grid = Image.new("RGB", (4 * CELL, 4 * (CELL + TEXT)), "white")
     draw = ImageDraw.Draw(grid)
     for i, ((text, _), img) in enumerate(zip(items, images)):

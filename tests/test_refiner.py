@@ -172,3 +172,12 @@ def test_batch_jobs_with_an_sd_refiner_share_calls_and_match_their_images_alone(
                     "-o", "alone.png", "--overwrite")
         assert alone.exit_code == 0
         assert np.abs(pixels(record["path"]) - pixels("alone.png")).max() <= 2, record["prompt"]
+
+
+def test_sd2_refiner_with_its_own_text_encoder_runs_and_one_without_must_read_the_bases_width(cli, tiny_model, tiny_sd2,
+                                                                                              tmp_path):
+    result = cli("txt2img", "a cat", "--model", tiny_model, *FAST, "--refiner", tiny_sd2, "-o", "sd2.png", "--json")
+    assert result.exit_code == 0 and result.json_lines()[0]["refiner"] == str(tiny_sd2), result.stderr
+    shared = without_text_encoder(tiny_sd2, tmp_path / "sd2-unet")
+    result = cli("txt2img", "a cat", "--model", tiny_model, *FAST, "--refiner", shared)
+    assert result.exit_code == 2 and "reads 1024-wide prompt embeddings" in result.stderr and "are 32 wide" in result.stderr

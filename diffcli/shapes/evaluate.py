@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from diffcli.models import resolve_model
-from diffcli.refiner import default_refiner
 from diffcli.shapes import judge, world
 
 SCHEDULERS = {  # diffcli name -> (diffusers class, extra config)
@@ -72,50 +71,51 @@ def evaluate(model_dir, n=200, seed=0, steps=None, cfg=None, scheduler=None, dev
     model's default refiner (diffcli.json) takes part unless `refiner` names another or "none"."""
     d = defaults(model_dir)
     steps, cfg, scheduler = steps or d["steps"], cfg if cfg is not None else d["cfg"], scheduler or d["scheduler"]
-    refiner = refiner or default_refiner(d, model_dir)
-    refiner = None if refiner == "none" else refiner
-    refiner_start = refiner_start or d.get("refiner_start", 0.8)
     pipe = pipe or load(model_dir, scheduler, device)
-    expert = _load_refiner(refiner, device) if refiner else None
+    expert = load_refiner(model_dir, device, refiner, refiner_start)
     items = prompts(n, seed, two_object)
     acc, t0 = defaultdict(list), time.time()
     for start in range(0, n, batch_size):
         chunk = items[start:start + batch_size]
-        texts = [t for t, _ in chunk]
         gens = [torch.Generator("cpu").manual_seed(seed * 100_000 + start + i) for i in range(len(chunk))]
-        with _handover(pipe, expert, refiner_start, texts, cfg) as callback:
-            images = pipe(texts, num_inference_steps=steps, guidance_scale=cfg, generator=gens, height=world.SIZE,
-                          width=world.SIZE, output_type="np", callback_on_step_end=callback).images
-        for (_, s), img in zip(chunk, images):
+        for (_, s), img in zip(chunk, generate(pipe, [t for t, _ in chunk], gens, steps, cfg, expert)):
             _judge(acc, s, img)
     res = _means(acc)
     return {"model": str(model_dir), "n": n, "seed": seed, "steps": steps, "cfg": cfg, "scheduler": scheduler,
-            "refiner": refiner, "refiner_start": refiner_start if refiner else None,
+            "refiner": expert and expert["name"], "refiner_start": expert and expert["start"],
             "device": str(device), "seconds": round(time.time() - t0, 1), "accuracy": res}
 
 
-def _load_refiner(name, device):
-    """(UNet, scheduler config, pipeline or None) of an SD refiner named like --model."""
+def load_refiner(model_dir, device, name=None, start=None) -> dict | None:
+    """The refiner that finishes the model's images: diffcli.json's unless `name` names another, none for "none";
+    a dict of its name, switch, UNet, scheduler config and pipeline (None when it reads the base's embeddings)."""
     from diffcli import refiner
 
+    d = defaults(model_dir)
+    name = name or refiner.default_refiner(d, model_dir)
+    if name is None or name == refiner.NO_REFINER:
+        return None
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    return refiner.load_sd(resolve_model(name), lambda spec: load(spec.location, None, device), device, dtype)
+    unet, config, own = refiner.load_sd(resolve_model(name), lambda spec: load(spec.location, None, device), device, dtype)
+    return {"name": name, "start": start or d.get("refiner_start", 0.8), "unet": unet, "config": config, "pipe": own}
 
 
-def _handover(pipe, expert, start, texts, cfg):
-    """diffcli's SD refiner handover for one call (its own text encoder, if any, reads `texts`), or no callback."""
+def generate(pipe, texts, generators, steps, cfg, expert=None):
+    """One pipeline call at the world's size, as float images; `expert` (load_refiner) finishes them."""
     import contextlib
 
     from diffcli import refiner
 
-    if expert is None:
-        return contextlib.nullcontext(None)
-    unet, config, own = expert
-    inputs = None
-    if own is not None:
-        embeds, negative = own.encode_prompt(texts, own.device, 1, cfg > 1)
-        inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
-    return refiner.sd_handover(pipe, unet, config, start, inputs, None)
+    handover = contextlib.nullcontext(None)
+    if expert is not None:
+        inputs, own = None, expert["pipe"]
+        if own is not None:  # its own text encoder reads the prompts
+            embeds, negative = own.encode_prompt(texts, own.device, 1, cfg > 1)
+            inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+        handover = refiner.sd_handover(pipe, expert["unet"], expert["config"], expert["start"], inputs, None)
+    with handover as callback:
+        return pipe(texts, num_inference_steps=steps, guidance_scale=cfg, generator=generators, height=world.SIZE,
+                    width=world.SIZE, output_type="np", callback_on_step_end=callback).images
 
 
 def _judge(acc: dict, scene, image: np.ndarray) -> None:
