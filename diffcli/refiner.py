@@ -22,12 +22,14 @@ NO_REFINER = "none"  # --refiner none: no refiner, not even the model's default 
 
 
 def refiner_settings(model: str | None, start: float | None) -> dict:
-    """Job.extra entries for --refiner and --refiner-start, checked without loading anything."""
+    """Job.extra entries for --refiner and --refiner-start, checked without loading anything; `--refiner none` is a
+    refiner of None, which keeps a model's default one away."""
     if start is not None and not 0.0 < start < 1.0:
         raise UsageError(f"--refiner-start must be between 0 and 1 (exclusive), got {start:g}")
-    if model is None:
-        return {} if start is None else {"refiner_start": start}
-    return {"refiner": model, "refiner_start": start}
+    settings = {} if start is None else {"refiner_start": start}
+    if model is not None:
+        settings["refiner"] = None if model == NO_REFINER else model
+    return settings
 
 
 def default_refiner(defaults: dict, folder) -> str | None:
@@ -41,17 +43,19 @@ def default_refiner(defaults: dict, folder) -> str | None:
 
 
 def apply_default(job, spec) -> None:
-    """A txt2img job on a model whose diffcli.json names a refiner gets it, unless --refiner says otherwise."""
-    if job.task == "txt2img" and job.extra.get("refiner") is None and spec.defaults.get("refiner"):
-        job.extra["refiner"] = default_refiner(spec.defaults, spec.location)
-        if job.extra.get("refiner_start") is None:
-            job.extra["refiner_start"] = spec.defaults.get("refiner_start", 0.8)
-    if job.extra.get("refiner") == NO_REFINER:
-        del job.extra["refiner"]
-    if job.extra.get("refiner") is None:
-        job.extra.pop("refiner_start", None)
-    elif job.extra.get("refiner_start") is None:
-        job.extra["refiner_start"] = 0.8
+    """A txt2img job on a model whose diffcli.json names a refiner gets it, unless --refiner was given; fills in
+    --refiner-start (the model's, else 0.8) and refuses one without a refiner."""
+    extra = job.extra
+    if job.task == "txt2img" and "refiner" not in extra and spec.defaults.get("refiner"):
+        extra["refiner"] = default_refiner(spec.defaults, spec.location)
+        if extra.get("refiner_start") is None:
+            extra["refiner_start"] = spec.defaults.get("refiner_start", 0.8)
+    if extra.get("refiner") is None:
+        if extra.get("refiner_start") is not None:
+            raise UsageError("--refiner-start needs a refiner", "name one with --refiner, or use a model that has one")
+        extra.pop("refiner_start", None)
+    elif extra.get("refiner_start") is None:
+        extra["refiner_start"] = 0.8
 
 
 def check(job, spec):

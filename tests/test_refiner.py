@@ -127,10 +127,12 @@ def test_model_default_refiner_and_refiner_none(cli, tiny_model, other_model, tm
     result = cli("txt2img", "a cat", "--model", model, *FAST, "--refiner-start", "0.75", "-o", "late.png", "--json")
     assert result.json_lines()[0]["refiner_start"] == 0.75
     result = cli("txt2img", "a cat", "--model", model, *FAST, "--refiner", "none", "-o", "none.png", "--json")
-    assert result.exit_code == 0 and "refiner" not in result.json_lines()[0]
+    assert result.exit_code == 0 and result.json_lines()[0]["refiner"] is None
     assert cli("txt2img", "a cat", "--model", other_model, *FAST, "-o", "plain.png").exit_code == 0
     assert np.abs(pixels("none.png") - pixels("plain.png")).max() <= 1
     assert np.abs(pixels("default.png") - pixels("plain.png")).max() > 8
+    result = cli("txt2img", "a cat", "--model", other_model, *FAST, "--refiner-start", "0.5")
+    assert result.exit_code == 2 and "--refiner-start needs a refiner" in result.stderr
     photo = write_photo(tmp_path, (64, 64))  # img2img keeps the model alone
     result = cli("img2img", photo, "a dog", "--model", model, *FAST, "-o", "i2i.png", "--json")
     assert result.exit_code == 0 and "refiner" not in result.json_lines()[0]
