@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Continue training the bundled tiny-shapes UNet + text encoder on the lent GPU (docs/bundled-model.md), converted to
-# the zero-terminal-SNR v-prediction schedule (--schedule epsilon keeps SD's) with the relation head (--relation-head 0
-# turns it off); evaluate it on two seeds, run
+# Continue training the bundled tiny-shapes base (UNet + text encoder, zero-terminal-SNR v-prediction) on the lent GPU
+# (docs/bundled-model.md) with the relation head and the text encoder anchored to the bundled one, which
+# tiny-shapes-refiner reads; evaluate the pair on two seeds, run
 # scripts/relation_probe.py on it, and pack the new weights and sampler config into $OUT in parts under the device
 # tool's 16 MiB file limit.
 # Usage (device `run` with carry [".whl"]; make .whl with scripts/gpu_wheels.sh):
@@ -19,12 +19,13 @@ OUT="${OUT:-/tmp/diffcli-train-out}"
 run="${RUN_DIR:-/tmp/tiny-shapes-run}"
 mkdir -p "$OUT"
 python3 -m diffcli.shapes.train --out "$run" --resume diffcli/bundled --stage unet --seed 3 --batch 512 --lr 5e-4 \
-  --schedule zero-snr --relation-head 1.0 --minutes "$minutes" "$@" > "$OUT/train.txt" 2>&1 \
+  --schedule zero-snr --relation-head 1.0 --anchor-text 10 --minutes "$minutes" "$@" > "$OUT/train.txt" 2>&1 \
   || { tail -n 20 "$OUT/train.txt"; exit 1; }
 grep "unet step" "$OUT/train.txt" | tail -n 3
 cp "$run/log_unet.json" "$OUT/"
 for seed in 0 1; do
-  python3 -m diffcli.shapes.evaluate --model "$run/tiny-shapes" --n "${EVAL_N:-200}" --seed "$seed" 2>/dev/null \
+  python3 -m diffcli.shapes.evaluate --model "$run/tiny-shapes" --n "${EVAL_N:-200}" --seed "$seed" \
+    --refiner diffcli/bundled/tiny-shapes-refiner --refiner-start 0.5 2>/dev/null \
     | tee "$OUT/eval-seed$seed.json"
 done
 python3 scripts/relation_probe.py "$run/tiny-shapes" 2>/dev/null | tee "$OUT/relation_probe.txt"
