@@ -43,10 +43,11 @@ def default_refiner(defaults: dict, folder) -> str | None:
 
 
 def apply_default(job, spec) -> None:
-    """A txt2img job on a model whose diffcli.json names a refiner gets it, unless --refiner was given; fills in
-    --refiner-start (the model's, else 0.8) and refuses one without a refiner."""
+    """A txt2img job on a model whose diffcli.json names a refiner gets it, unless --refiner was given or --hires
+    (not combined with a refiner yet) asks for a second pass; fills in --refiner-start (the model's, else 0.8) and
+    refuses one without a refiner."""
     extra = job.extra
-    if job.task == "txt2img" and "refiner" not in extra and spec.defaults.get("refiner"):
+    if job.task == "txt2img" and "refiner" not in extra and not extra.get("hires_scale") and spec.defaults.get("refiner"):
         extra["refiner"] = default_refiner(spec.defaults, spec.location)
         if extra.get("refiner_start") is None:
             extra["refiner_start"] = spec.defaults.get("refiner_start", 0.8)

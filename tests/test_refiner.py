@@ -133,6 +133,9 @@ def test_model_default_refiner_and_refiner_none(cli, tiny_model, other_model, tm
     assert np.abs(pixels("default.png") - pixels("plain.png")).max() > 8
     result = cli("txt2img", "a cat", "--model", other_model, *FAST, "--refiner-start", "0.5")
     assert result.exit_code == 2 and "--refiner-start needs a refiner" in result.stderr
+    result = cli("txt2img", "a cat", "--model", model, *FAST, "--hires", "1.5", "--hires-upscaler", "lanczos",
+                 "-o", "hires.png", "--json")  # --hires is not combined with a refiner yet: the model runs alone
+    assert result.exit_code == 0 and "refiner" not in result.json_lines()[0], result.stderr
     photo = write_photo(tmp_path, (64, 64))  # img2img keeps the model alone
     result = cli("img2img", photo, "a dog", "--model", model, *FAST, "-o", "i2i.png", "--json")
     assert result.exit_code == 0 and "refiner" not in result.json_lines()[0]
