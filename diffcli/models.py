@@ -80,12 +80,12 @@ def detect_family(model_index: dict, unet: dict) -> str:
     pipeline_class = model_index.get("_class_name", "")
     if "Upscale" in pipeline_class:
         return "sd-latent-upscaler" if "Latent" in pipeline_class else "sd-x4-upscaler"
+    no_text_encoder = (model_index.get("text_encoder") or [None])[0] is None
     if "XL" in pipeline_class or unet.get("addition_embed_type") == "text_time":
-        text_encoder = model_index.get("text_encoder") or [None]
-        return "sdxl-refiner" if text_encoder[0] is None and "text_encoder_2" in model_index else "sdxl"
+        return "sdxl-refiner" if no_text_encoder and "text_encoder_2" in model_index else "sdxl"
     if not pipeline_class.startswith("StableDiffusion"):
         raise ModelError(f"unsupported pipeline class {pipeline_class!r}", "diffcli runs Stable Diffusion 1.x, 2.x and XL models")
-    if (model_index.get("text_encoder") or [None])[0] is None:
+    if no_text_encoder:
         return "sd-refiner"  # a UNet that reads another model's prompt embeddings: only a --refiner
     return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
 

@@ -96,7 +96,7 @@ def refine(job, plan, latents, generators, steps: int, on_step_end):
                 **prompts.pipeline_inputs(pipe, [job] * len(generators))).images
 
 
-_UNETS: dict = {}  # (sd-refiner folder, device, dtype) -> its UNet
+_LOADED: dict = {}  # (sd-refiner folder, device, dtype) -> its UNet and scheduler config
 
 
 def load_sd(spec, load_pipeline, device: str, dtype):
@@ -106,12 +106,12 @@ def load_sd(spec, load_pipeline, device: str, dtype):
         pipe = load_pipeline(spec)
         return pipe.unet, dict(getattr(pipe, "diffcli_scheduler", pipe.scheduler).config), pipe  # the model's own
     key = (spec.location, device, str(dtype))
-    if key not in _UNETS:
+    if key not in _LOADED:
         from diffusers import UNet2DConditionModel
 
-        _UNETS[key] = UNet2DConditionModel.from_pretrained(spec.location, subfolder="unet", torch_dtype=dtype).to(device).eval()
-    config = json.loads((Path(spec.location) / "scheduler" / "scheduler_config.json").read_text())
-    return _UNETS[key], config, None
+        unet = UNet2DConditionModel.from_pretrained(spec.location, subfolder="unet", torch_dtype=dtype).to(device).eval()
+        _LOADED[key] = unet, json.loads((Path(spec.location) / "scheduler" / "scheduler_config.json").read_text())
+    return (*_LOADED[key], None)
 
 
 def clean_and_noise(pred, sample, own_alpha, own_v: bool, alpha):
@@ -123,6 +123,12 @@ def clean_and_noise(pred, sample, own_alpha, own_v: bool, alpha):
     else:
         x0 = (sample - (1 - own_alpha).sqrt() * pred) / own_alpha.sqrt()
     return x0, (sample - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+
+
+def matched_timesteps(alphas, own_alphas):
+    """For each timestep of the schedule with `alphas` (alphas_cumprod), the timestep of the one with `own_alphas`
+    whose noise level is nearest."""
+    return (alphas[:, None] - own_alphas[None, :]).abs().argmin(dim=1)
 
 
 def alphas_cumprod(config: dict):
@@ -138,7 +144,7 @@ def _converted_unet(unet, config: dict, base_scheduler, base_config, states):
     embeddings when the refiner has its own text encoder."""
     base_alphas = alphas_cumprod(dict(base_scheduler.config)).to(unet.device)
     own_alphas = alphas_cumprod(config).to(unet.device)
-    own_timestep = (base_alphas[:, None] - own_alphas[None, :]).abs().argmin(dim=1)
+    own_timestep = matched_timesteps(base_alphas, own_alphas)
     own_v, base_v = config.get("prediction_type") == "v_prediction", base_scheduler.config.prediction_type == "v_prediction"
 
     def forward(sample, timestep, encoder_hidden_states, **kwargs):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffcli.refiner import clean_and_noise
+from diffcli.refiner import clean_and_noise, matched_timesteps
 from diffcli.shapes import models, world
 from diffcli.shapes.tokenizer import build_tokenizer
 
@@ -284,7 +284,7 @@ class Teacher:
         self.v = own["prediction_type"] == "v_prediction"
         self.alphas = models.noise_scheduler(own).alphas_cumprod.to(dev)
         self.run_alphas = sched.alphas_cumprod.to(dev)
-        self.timestep = (self.run_alphas[:, None] - self.alphas[None, :]).abs().argmin(dim=1)
+        self.timestep = matched_timesteps(self.run_alphas, self.alphas)
 
     @torch.no_grad()
     def targets(self, noisy, t, ids=None, states=None):
