@@ -57,6 +57,10 @@ def test_eval_command_reports_accuracy_json(cli):
     report = json.loads(result.stdout)
     assert report["steps"] == 4 and {"one.exact", "two.exact", "two.relation"} <= set(report["accuracy"])
     assert (report["refiner"], report["refiner_start"]) == ("tiny-shapes-refiner", 0.5)
+    result = cli("eval", "--n", "2", "--device", "cpu", "--steps", "2", "--refiner", "none")
+    assert result.exit_code == 0 and json.loads(result.stdout)["refiner"] is None, result.stderr
+    result = cli("eval", "--n", "2", "--refiner-start", "1.5")
+    assert result.exit_code == 2 and "--refiner-start must be between 0 and 1" in result.stderr
 
 
 def test_eval_refuses_models_without_a_judge(cli, tiny_model):

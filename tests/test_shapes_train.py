@@ -157,6 +157,13 @@ def test_anchor_loss_holds_every_token_but_the_relation_ones(tmp_path):
     assert not touched[1, 5:9].any() and touched.sum() == 2 * 77 - 4
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path), "--stage", "unet", "--anchor-text", "10"])
+    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
+    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "vae"])
+    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
+    train.main(["--out", str(tmp_path / "b"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
+                "--relation-head", "1", "--anchor-text", "10"])
+    log = json.loads((tmp_path / "b" / "log_unet.json").read_text())
+    assert log["run"]["anchor_text"] == "10.0" and log["steps"] == 1
 
 
 def test_relation_head_flag_trains_and_is_recorded(tmp_path):
