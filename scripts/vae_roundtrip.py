@@ -9,6 +9,7 @@ import argparse
 import collections
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +46,10 @@ def main():
     ap.add_argument("--n", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=5)
     a = ap.parse_args()
+    if not (Path(a.vae) / "config.json").is_file():
+        ap.error(f"{a.vae} is not a diffusers VAE folder (no config.json)")
+    if a.n < 1:
+        ap.error(f"--n must be at least 1, got {a.n}")
     for key, (right, count) in roundtrip_accuracy(a.vae, a.n, a.seed).items():
         print(json.dumps({"objects": key, "n": count, "all_right": round(right / count, 3)}))
 
