@@ -11,10 +11,10 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from diffcli.shapes import judge, world
+from diffcli.shapes import world
+from diffcli.shapes.evaluate import judged
 
 
 def roundtrip_accuracy(vae_folder, n: int = 1500, seed: int = 5, batch: int = 100) -> dict:
@@ -31,7 +31,7 @@ def roundtrip_accuracy(vae_folder, n: int = 1500, seed: int = 5, batch: int = 10
             images = world.render(world.to_tensors(part))
             decoded = ((vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
             for scene, image in zip(part, decoded):
-                right = judge.score(judge.analyze(np.round(image.permute(1, 2, 0).numpy() * 255)), judge.truth(scene))["exact"]
+                right = judged(scene, image.permute(1, 2, 0).numpy())["exact"]
                 obj = scene.objects[0]
                 for key in (f"{world.SIZES[obj.size]} {world.SHAPES[obj.shape]}", "all"):
                     counts[key][0] += right

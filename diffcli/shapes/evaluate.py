@@ -118,10 +118,15 @@ def generate(pipe, texts, generators, steps, cfg, expert=None):
                     width=world.SIZE, output_type="np", callback_on_step_end=callback).images
 
 
+def judged(scene, image: np.ndarray) -> dict:
+    """The judge's per-attribute scores (and `exact`) of one image (HxWx3 floats in [0, 1]) against its scene."""
+    return judge.score(judge.analyze(np.round(image * 255)), judge.truth(scene))
+
+
 def _judge(acc: dict, scene, image: np.ndarray) -> None:
     """Append the judge's per-attribute scores of one generated image (HxWx3 in [0, 1]) to `acc`."""
     kind = "one" if len(scene.objects) == 1 else "two"
-    for k, v in judge.score(judge.analyze(np.round(image * 255)), judge.truth(scene)).items():
+    for k, v in judged(scene, image).items():
         acc[f"{kind}.{k}"].append(v)
 
 
