@@ -1,10 +1,10 @@
 """Small CPU evaluation of the bundled tiny-shapes model (with its refiner, tiny-shapes-refiner, as diffcli runs it)
 against the issue's targets minus a stated margin.
 
-Measured on 500 held-out prompts of each kind (`diffcli eval --n 200`, seeds 0-4) at the defaults (euler-a, 12
-steps, cfg 3, refiner from half the schedule; docs/bundled-model.md): one object all-right 0.960, shape 0.964, size
-0.998, colour 0.998, the rest 1.00; two objects all-right 0.922. On the prompts here: one-object all-right 0.958
-(shape 0.958, the rest 1.00; 24 prompts), two-object all-right 0.875 (24 prompts). Targets: 0.95 per
+Measured on 500 held-out prompts of each kind (`diffcli eval --n 200`, seeds 0-4) at the defaults (euler-a, 14
+steps, cfg 3, refiner from half the schedule; docs/bundled-model.md): one object all-right 0.972, shape 0.972, the
+rest 1.00; two objects all-right 0.920. On the prompts here: one-object all-right 0.958 (shape 0.958, the rest 1.00;
+24 prompts), two-object all-right 0.917 (24 prompts). Targets: 0.95 per
 attribute, 0.97 all right, 0.80 for two objects; the floors are 0.10 below them (24 prompts are noisy: one prompt is
 0.04).
 """
