@@ -10,15 +10,18 @@ process, so each job switches exactly its own LoRAs on (and all others off).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
 
+from diffcli import weights
 from diffcli.errors import UsageError, first_line
-from diffcli.models import HUB_ID, PICKLE_SUFFIXES
+from diffcli.options import check_path
+from diffcli.models import HUB_ID
 from diffcli.prompts import extra_networks
 
-SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # names looked for in --lora-dir / --embedding-dir
 
 
 def split_scale(text: str, flag: str, default: float = 1.0) -> tuple[str, float]:
@@ -27,34 +30,44 @@ def split_scale(text: str, flag: str, default: float = 1.0) -> tuple[str, float]
     if not sep or not name or "/" in tail or "\\" in tail:
         return text, default
     try:
-        return name, float(tail)
+        scale = float(tail)
     except ValueError:
         raise UsageError(f"{flag} {text!r}: scale {tail!r} is not a number") from None
+    if not math.isfinite(scale):
+        raise UsageError(f"{flag} {text!r}: scale {tail!r} is not a finite number", "e.g. :0.8 (1 is full strength)")
+    return name, scale
 
 
 def _source(text: str, flag: str, allow_pickle: bool) -> str:
-    """A local file (checked, safetensors unless allowed) or a Hub id."""
+    """A local file (its format checked from its bytes: safetensors, or pickle when allowed), a folder or a Hub id."""
+    check_path(flag, text)
     path = Path(text).expanduser()
     if path.is_file():
-        if path.suffix.lower() != ".safetensors" and not allow_pickle:
-            raise UsageError(f"{flag} {text!r} is a pickle file, which can run code when loaded",
-                             "convert it to .safetensors, or pass --allow-pickle if you trust its source")
+        weights.check(path, flag, allow_pickle)
         return str(path)
     if path.is_dir():
+        weights.check_folder(path, flag, allow_pickle)
         return str(path)
-    if HUB_ID.match(text) and not text.lower().endswith(SUFFIXES):
+    if HUB_ID.match(text) and not text.lower().endswith(weights.WEIGHT_SUFFIXES):
         return text
     raise UsageError(f"{flag} {text!r}: no such file or folder")
 
 
 def _in_dir(folder: str | None, name: str, flag: str, what: str) -> Path:
-    """`name` (with or without suffix) inside the folder given by flag."""
+    """`name` (with or without suffix) inside the folder given by flag; never a file outside it."""
     if not folder:
         raise UsageError(f"{what} in the prompt needs {flag} (the folder holding {name}.safetensors)")
-    for suffix in ("",) + SUFFIXES:
-        candidate = Path(folder).expanduser() / f"{name}{suffix}"
-        if candidate.is_file():
-            return candidate
+    root = Path(os.path.abspath(Path(folder).expanduser()))
+    target = Path(os.path.normpath(root / name))  # by name: links the user made inside the folder still work
+    if not target.is_relative_to(root) or target == root:
+        raise UsageError(f"{what} in the prompt: {name!r} points outside {flag} {folder}",
+                         "name a file inside that folder, without '..' or '/' at its start")
+    if target.is_file():
+        return target
+    found = sorted((p for p in target.parent.iterdir() if p.stem == target.name and p.suffix.lower() in SUFFIXES
+                    and p.is_file()), key=lambda p: SUFFIXES.index(p.suffix.lower())) if target.parent.is_dir() else []
+    if found:
+        return found[0]
     raise UsageError(f"{what} in the prompt: no {name}.safetensors in {flag} {folder}")
 
 
@@ -73,18 +86,29 @@ def resolve(job) -> None:
             scale = float(weight) if weight not in (None, "") else 1.0
         except ValueError:
             raise UsageError(f"<{kind}:{name}:{weight}> in the prompt: weight {weight!r} is not a number") from None
+        if not math.isfinite(scale):
+            raise UsageError(f"<{kind}:{name}:{weight}> in the prompt: weight {weight!r} is not a finite number",
+                             "e.g. <lora:name:0.8> (1 is full strength)")
+        if lora_dir:
+            check_path("--lora-dir", lora_dir)
+            check_path(f"<{kind}:{name}> in the prompt", name)
         loras.append((_source(str(_in_dir(lora_dir, name, "--lora-dir", f"<{kind}:{name}>")), "--lora-dir", job.allow_pickle), scale))
     embeddings = []
     for spec in extra.get("embedding_specs") or ():
+        check_path("--embedding", spec)
         source, _, token = spec.rpartition(":")
         if not source or Path(spec).expanduser().is_file():
             source, token = spec, ""
         path = Path(_source(source, "--embedding", job.allow_pickle))
         if not path.is_file():
             raise UsageError(f"--embedding {spec!r}: no such file")
+        if token and (len(token) > 100 or any(ch.isspace() or not ch.isprintable() for ch in token)):
+            raise UsageError(f"--embedding {spec!r}: the token after ':' must be one printable word, got {token[:40]!r}",
+                             "an embedding takes no scale: FILE[:TOKEN], the token to write in the prompt")
         embeddings.append((str(path), token or path.stem))
     embedding_dir = extra.get("embedding_dir") or os.environ.get("DIFFCLI_EMBEDDING_DIR")
     if embedding_dir:
+        check_path("--embedding-dir", embedding_dir)
         folder = Path(embedding_dir).expanduser()
         if not folder.is_dir():
             raise UsageError(f"--embedding-dir {embedding_dir!r} is not a folder")
@@ -108,7 +132,7 @@ def short_hash(path: Path, tensors_only: bool = True) -> str:
     from diffcli.generate import default_cache_dir
     from diffcli.models import file_sha256
 
-    return file_sha256(path, default_cache_dir(), tensors_only and path.suffix.lower() == ".safetensors")[:12]
+    return file_sha256(path, default_cache_dir(), tensors_only and weights.file_format(path) == weights.SAFETENSORS)[:12]
 
 
 def _adapter_name(source: str) -> str:
@@ -118,7 +142,7 @@ def _adapter_name(source: str) -> str:
 def activate(pipe, job) -> None:
     """Load what the job needs (once per process) and switch exactly its LoRAs on, at their scales."""
     for path, token in job.extra.get("embeddings") or ():
-        _load_embedding(pipe, path, token)
+        _load_embedding(pipe, path, token, job.allow_pickle)
     loras = job.extra.get("loras") or []
     loaded = getattr(pipe.unet, "diffcli_loras", set())  # on the U-Net: pipelines of other tasks share it
     if not loras and not loaded:
@@ -149,31 +173,19 @@ def _load_lora(pipe, source: str, name: str, allow_pickle: bool) -> None:
         raise UsageError("--lora needs the peft package", "pip install peft") from None
     try:
         if Path(source).is_file():
-            if source.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                pipe.load_lora_weights(load_file(source), adapter_name=name)
-            else:
-                pipe.load_lora_weights(str(Path(source).parent), weight_name=Path(source).name, adapter_name=name)
+            pipe.load_lora_weights(weights.load_state_dict(source, "--lora", allow_pickle), adapter_name=name)
         else:
             pipe.load_lora_weights(source, adapter_name=name, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UsageError(f"--lora {source!r} cannot be loaded into this model: {first_line(exc)}") from exc
 
 
-def _load_embedding(pipe, path: str, token: str) -> None:
+def _load_embedding(pipe, path: str, token: str, allow_pickle: bool) -> None:
     """One embedding file; SDXL files carry clip_l and clip_g tensors, one per text encoder."""
     if token in pipe.tokenizer.get_vocab():
         return
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            import torch
-
-            state = torch.load(path, map_location="cpu", weights_only=False)
+        state = weights.load_state_dict(path, "--embedding", allow_pickle)
         if "clip_l" in state and "clip_g" in state:
             pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
             pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)

@@ -18,12 +18,13 @@ manifest on the first run; paths come from `{job}` (position in the batch), neve
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
-import hashlib
 import io
 import json
 import os
+import random as random_module  # (`random` is the --random option's name here)
 import re
 import signal
 import sys
@@ -31,18 +32,20 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from diffcli.errors import EXIT_INTERRUPTED, Interrupted, UsageError, first_line
-from diffcli.options import Job, draw_seed
+from diffcli import identity, weights
+from diffcli.output import emit_line
+from diffcli.errors import EXIT_INTERRUPTED, Interrupted, RuntimeFailure, UsageError, first_line
+from diffcli.options import RANDOM_SEED, Job, check_path, draw_seed
 
 FORMATS = {".txt": "text", ".prompts": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 TASKS = ("txt2img", "img2img", "inpaint", "outpaint", "upscale")  # commands a batch line may name (once they exist)
 BATCH_TEMPLATE = "{job:05d}-{seed}-{slug}.png"  # stable across reruns, unlike {index} ("next free number")
 MANIFEST_NAME = "diffcli-manifest.jsonl"
-PER_RUN_KEYS = {"as_json", "json", "quiet", "help", "grid"}  # whole-run switches, not settings of one job
+DRAWN = "drawn at random"  # how a base seed came about when neither --seed nor the manifest gave one
+PER_RUN_KEYS = {"as_json", "json", "quiet", "help", "grid", "threads"}  # whole-run switches, not settings of one job
+# (threads: torch has one CPU thread pool per process; batch's --threads reaches every line's job as a default)
+TRUST_KEYS = {"allow_pickle"}  # trust comes from the command line only, never from a jobs file
 MAX_EXPANSION = 100_000  # one template line may not make more jobs than this (typo guard)
-# Job fields that do not change the pixels (or are covered separately), left out of the image id.
-NOT_IN_ID = {"seed", "out", "overwrite", "num_images", "batch_size", "device", "allow_pickle", "optimize",
-             "low_vram", "model", "extra"}
 TEMPLATE_MARK = re.compile(r"\{[^{}]*\|[^{}]*\}|__[\w./*-]+__")
 WILDCARD = re.compile(r"__([\w./*-]+)__")
 BATCH_FIELDS = re.compile(r"\{(job|line|index)(![rsa])?(:[^{}]*)?\}")
@@ -65,6 +68,7 @@ class BatchJob:
     plan: object  # generate.Plan
     ids: list[str] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # indices of the images still to make
+    from_base: bool = False  # its seeds derive from the base seed (the line gave none, or -1)
 
     @property
     def where(self) -> str:
@@ -98,7 +102,16 @@ class BatchOptions:
 def read_source(source: str) -> str:
     """The jobs file's text (or stdin's)."""
     if source == "-":
-        return sys.stdin.read()
+        hint = "pipe the jobs in (cat jobs.txt | diffcli batch -), or name a jobs file"
+        if sys.stdin is None:  # started with stdin closed (<&-)
+            raise UsageError("no jobs on stdin: it is closed", hint)
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"the jobs on stdin are not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+        except (OSError, ValueError) as exc:  # a closed or unreadable descriptor
+            raise UsageError(f"no jobs on stdin: cannot read it: {first_line(exc)}", hint) from None
+    check_path("FILE", source)
     try:
         return Path(source).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -127,14 +140,17 @@ def parse_entries(text: str, fmt: str) -> list[Entry]:
     entries = []
     if fmt == "csv":
         reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames:
-            return []
-        for row in reader:
-            if None in row:
-                raise UsageError(f"line {reader.line_num}: more cells than header columns ({len(reader.fieldnames)})")
-            values = {key.strip(): value for key, value in row.items() if key and value not in (None, "")}
-            if values:
-                entries.append(Entry(reader.line_num, values))
+        try:
+            if not reader.fieldnames:
+                return []
+            for row in reader:
+                if None in row:
+                    raise UsageError(f"line {reader.line_num}: more cells than header columns ({len(reader.fieldnames)})")
+                values = {key.strip(): value for key, value in row.items() if key and value not in (None, "")}
+                if values:
+                    entries.append(Entry(reader.line_num, values))
+        except csv.Error as exc:  # e.g. a cell over csv's field size limit
+            raise UsageError(f"line {reader.line_num}: not valid CSV: {exc}") from None
         return entries
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -147,6 +163,8 @@ def parse_entries(text: str, fmt: str) -> list[Entry]:
             values = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"line {number}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # a number of thousands of digits, arrays nested thousands deep
+            raise UsageError(f"line {number}: not valid JSON: {first_line(exc)}") from None
         if not isinstance(values, dict):
             raise UsageError(f"line {number}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(values).__name__}")
         entries.append(Entry(number, values))
@@ -162,6 +180,8 @@ def expand_templates(entries: list[Entry], wildcards: str | None, random: int | 
     Prompts without such marks pass through untouched (dynamicprompts would eat '#' and '%' in them).
     Random draws are seeded from the base seed and the line, so a rerun draws the same prompts.
     """
+    if wildcards is not None:
+        check_path("--wildcards", wildcards)
     if wildcards is not None and not Path(wildcards).is_dir():
         raise UsageError(f"--wildcards {wildcards!r} is not a folder")
     out = []
@@ -217,7 +237,7 @@ def job_keys(command) -> dict[str, object]:
     """Every key a batch line may use for this command -> its click parameter."""
     keys = {}
     for param in command.params:
-        if param.name in PER_RUN_KEYS:
+        if param.name in PER_RUN_KEYS or param.name in TRUST_KEYS:
             continue
         keys[param.name] = param
         keys[param.name.replace("_", "-")] = param
@@ -236,7 +256,7 @@ def to_argv(command, values: dict, where: str) -> list[str]:
             continue
         value = values[param.name]
         if param.param_type_name == "argument":
-            arguments.extend(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            arguments.append(_text(value, param, where))
             continue
         long = next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
         if getattr(param, "is_flag", False) and not getattr(param, "count", False):
@@ -247,14 +267,34 @@ def to_argv(command, values: dict, where: str) -> list[str]:
                 options.append(param.secondary_opts[0])
             continue
         items = value if isinstance(value, (list, tuple)) and param.multiple else [value]
-        if isinstance(value, (list, tuple, dict)) and not param.multiple:
-            raise UsageError(f"{where}: {long} takes one value, got {json.dumps(value)}")
+        if isinstance(value, (list, tuple, dict)) and not param.multiple and not _is_text(param):
+            raise UsageError(f"{where}: {long} takes one value, got {json.dumps(value)[:80]}")
         for item in items:
-            text = json.dumps(item) if isinstance(item, bool) else str(item)
+            text = _text(item, param, where)
             options.append(f"{long}={text}" if long.startswith("--") else long)
             if not long.startswith("--"):
                 options.append(text)
     return options + (["--", *arguments] if arguments else [])
+
+
+def _is_text(param) -> bool:
+    """Whether a command's parameter takes text (str, or a list of str): a prompt, a path, a name."""
+    import typing
+
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if annotation is None:  # a click parameter without Typer's type descriptor
+        return type(getattr(param, "type", None)).__name__ == "StringParamType"
+    return annotation is str or typing.get_args(annotation) == (str,)
+
+
+def _text(value, param, where: str) -> str:
+    """One jobs-file value as command-line text. Objects and lists are never stringified, and a text parameter
+    (prompt, negative, paths, names) takes only a string: `"prompt": 5` is refused, not made "5"."""
+    if isinstance(value, str):
+        return value
+    if _is_text(param) or isinstance(value, (dict, list, tuple)):
+        raise UsageError(f"{where}: {param.name} must be a string, got {json.dumps(value)[:80]}")
+    return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
 def _boolean(value, flag: str, where: str) -> bool:
@@ -307,6 +347,9 @@ def build_jobs(entries: list[Entry], options: BatchOptions) -> list[tuple[Entry,
         keys = job_keys(command)
         merged = {key: value for key, value in options.defaults.items() if key in {p.name for p in command.params}}
         for key, value in values.items():
+            if str(key).lstrip("-").replace("-", "_").lower() in TRUST_KEYS:
+                raise UsageError(f"{where}: {key!r} cannot be set in a jobs file",
+                                 "trust flags come from the command line only: pass --allow-pickle to batch itself")
             param = keys.get(str(key))
             if param is None:
                 close = difflib.get_close_matches(str(key), [k for k in keys if "-" not in k], n=1)
@@ -329,6 +372,9 @@ def build_jobs(entries: list[Entry], options: BatchOptions) -> list[tuple[Entry,
 def batch_out(out: str | None) -> str:
     """The batch-level --out as a template (a file name would give every job the same name)."""
     out = out or os.environ.get("DIFFCLI_OUTPUT") or "outputs"
+    if out == "-":
+        raise UsageError("batch --out - (stdout, also from DIFFCLI_OUTPUT=-): a batch writes many images, each to a file",
+                         "give a folder, or a template such as 'runs/{job:05d}-{seed}.png'")
     if "{" in out:
         return out
     if out.endswith(("/", os.sep)) or Path(out).is_dir() or not Path(out).suffix:
@@ -362,10 +408,16 @@ def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list
     """Seeds `base + images before`, stable paths, plans (no weights) and ids; clashes are errors."""
     from diffcli.generate import plan_job
 
-    batch, owners, position, line_seeds = [], {}, 0, {}
+    batch, owners, position, line_seeds, drawn = [], {}, 0, {}, {}
     for number, (entry, job) in enumerate(pairs):
         where = f"line {entry.line}"
-        if job.seed is None and id(entry) in line_seeds:  # the cells of one line's sweep share its seed, as on the command line
+        from_base = job.seed is None or job.seed == RANDOM_SEED
+        if job.seed == RANDOM_SEED:  # "seed": -1: random, yet drawn from the base seed and the line's first job so a
+            if id(entry) not in drawn:  # rerun resumes; a line's cells share it, as --seed -1 on the command line
+                drawn[id(entry)] = random_module.Random(f"{base_seed}:{number}").randrange(2**32)
+                position += job.num_images
+            job.seed = drawn[id(entry)]
+        elif job.seed is None and id(entry) in line_seeds:  # the cells of one line's sweep share its seed, as on the command line
             job.seed = line_seeds[id(entry)]
         else:
             if job.seed is None:
@@ -383,36 +435,9 @@ def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list
                 raise UsageError(f"{where}: writes {path}, as line {owners[path]} does",
                                  "put {job} or {seed} in --out so every image has its own name")
             owners[path] = entry.line
-        batch.append(BatchJob(number, entry.line, plan, image_ids(plan)))
+        batch.append(BatchJob(number, entry.line, plan, [identity.image_id(plan.identity, seed) for seed in plan.seeds],
+                              from_base=from_base))
     return batch
-
-
-def image_ids(plan) -> list[str]:
-    """Stable id of each image of a plan: a hash of every resolved setting that changes its pixels, with its seed.
-    The settings (input files hashed by content) are read once per plan, not once per image."""
-    job, spec = plan.job, plan.spec
-    settings = {key: value for key, value in job.settings().items() if key not in NOT_IN_ID}
-    settings.update(
-        model=spec.name if spec.source in ("bundled", "hub") else str(Path(spec.location).resolve()),
-        width=plan.width, height=plan.height, cfg=plan.cfg, scheduler=plan.scheduler,
-        steps=job.steps or spec.defaults.get("steps"),
-        extra=_stable(job.extra),
-    )
-    return [hashlib.sha256(json.dumps(dict(settings, seed=seed), sort_keys=True, default=str).encode()).hexdigest()[:16]
-            for seed in plan.seeds]
-
-
-def _stable(value):
-    """JSON-able form of task settings; input files count by their content, not their name."""
-    if isinstance(value, dict):
-        return {str(k): _stable(v) for k, v in value.items() if k != "pipeline_kwargs"}
-    if isinstance(value, (list, tuple)):
-        return [_stable(v) for v in value]
-    if isinstance(value, str) and len(value) < 4096 and os.path.isfile(value):
-        return "sha256:" + hashlib.sha256(Path(value).read_bytes()).hexdigest()
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return value
-    return type(value).__name__
 
 
 # ---------------------------------------------------------------- manifest
@@ -432,7 +457,7 @@ class Manifest:
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # cut short, or not ours
                 continue
             if isinstance(record, dict):
                 out.append(record)
@@ -444,14 +469,42 @@ class Manifest:
     def base_seed(self) -> int | None:
         return next((r["base_seed"] for r in self.records() if isinstance(r.get("base_seed"), int)), None)
 
-    def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def check(self, flag: str, writing: bool) -> None:
+        """Refuse, before any model loads, a manifest that cannot be read or (`writing`) written: a folder, a file
+        in the way of its folder, a read-only place. `flag` names where its path came from."""
+        check_path(flag, self.path)
+        if self.path.is_dir():
+            raise UsageError(f"{flag}: the manifest {self.path} is a folder, not a file", f"e.g. {self.path / MANIFEST_NAME}")
+        if self.path.exists() and not self.path.is_file():
+            raise UsageError(f"{flag}: the manifest {self.path} is not a regular file")
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+            self.records()
+        except OSError as exc:
+            raise UsageError(f"{flag}: cannot read the manifest {self.path}: {exc.strerror or exc}") from None
+        if not writing:
+            return
+        place = self.path
+        while not place.exists() and place != place.parent:  # the nearest part of its path that exists
+            place = place.parent
+        if place != self.path and not place.is_dir():
+            raise UsageError(f"{flag}: cannot create the manifest {self.path}: {place} is a file, not a folder")
+        if not os.access(place, os.W_OK):
+            raise UsageError(f"{flag}: the manifest {self.path} is not writable"
+                             + ("" if place == self.path else f" (folder {place} is not writable)"),
+                             "choose another --manifest, or fix the permissions")
+
+    def append(self, record: dict) -> None:
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot write the manifest {self.path}: {exc.strerror or exc}",
+                                 "check free space and permissions") from None
 
 
 def resolve_base_seed(options: BatchOptions, manifest: Manifest) -> tuple[int, str]:
@@ -461,7 +514,7 @@ def resolve_base_seed(options: BatchOptions, manifest: Manifest) -> tuple[int, s
         return options.seed, "--seed"
     if recorded is not None:
         return recorded, f"recorded in {manifest.path}"
-    return draw_seed(), "drawn at random"
+    return draw_seed(), DRAWN
 
 
 def record_base_seed(manifest: Manifest, base: int) -> None:
@@ -471,9 +524,8 @@ def record_base_seed(manifest: Manifest, base: int) -> None:
 
 
 def mark_finished(batch: list[BatchJob], manifest: Manifest, force: bool, notify) -> None:
-    """Decide each image's fate: done (in the manifest, file present), adopted, or to make."""
-    from diffcli.output import read_metadata
-
+    """Decide each image's fate: done (its id in the manifest, file present), adopted (the file's own id is the one
+    these settings give: saved, then stopped before recording), or to make."""
     finished = {} if force else manifest.finished()
     ours = {r["path"] for r in manifest.finished().values()}
     for item in batch:
@@ -484,28 +536,27 @@ def mark_finished(batch: list[BatchJob], manifest: Manifest, force: bool, notify
             if path.exists() and not plan.job.overwrite:
                 if force and str(path) in ours:
                     plan.job.overwrite = True  # --force remakes our own earlier output
-                elif not force and _same_image(read_metadata_safe(read_metadata, path), plan, seed):
+                elif not force and _image_id_of(path) == image:
                     manifest.append(_record(item, image, path, seed, adopted=True))  # saved, then stopped before recording
                     notify(f"{path}: already made by an interrupted run; recorded it")
                     continue
+                elif str(path) in ours or _image_id_of(path):
+                    raise UsageError(f"{item.where}: {path} was made with other settings than this run's",
+                                     "pass --force (or --overwrite) to make it again, or choose another --out")
                 else:
                     raise UsageError(f"{item.where}: {path} already exists and is not in the manifest {manifest.path}",
                                      "pass --overwrite to replace it, or choose another --out")
             item.pending.append(index)
 
 
-def read_metadata_safe(reader, path: Path) -> dict:
+def _image_id_of(path: Path) -> str | None:
+    """The id recorded in an image diffcli wrote (identity.image_id), or None for any other file."""
+    from diffcli.output import read_metadata
+
     try:
-        return reader(path)
-    except Exception:  # not an image of ours, or unreadable: then it is not the same image
-        return {}
-
-
-def _same_image(meta: dict, plan, seed: int) -> bool:
-    job = plan.job
-    return bool(meta) and (meta.get("seed"), meta.get("prompt"), meta.get("negative"), meta.get("width"), meta.get("height"),
-                           meta.get("cfg"), meta.get("task", job.task)) == (seed, job.prompt, job.negative, plan.width,
-                                                                             plan.height, plan.cfg, job.task)
+        return read_metadata(path).get("id")
+    except Exception:  # noqa: BLE001 - not an image of ours, or unreadable: it has no id
+        return None
 
 
 def _record(item: BatchJob, image: str, path: Path, seed: int, adopted: bool = False, rank: int = 0) -> dict:
@@ -564,20 +615,23 @@ def ranks_from_env() -> Ranks:
     return Ranks(state.process_index, state.num_processes, state.local_process_index, state)
 
 
-def spawn(processes: int, argv: list[str], quiet: bool) -> int:
-    """Start `processes` local ranks of `diffcli batch` (env:// rendezvous, as torchrun would) and wait."""
+def spawn(processes: int, argv: list[str], quiet: bool, threads: int | None = None) -> int:
+    """Start `processes` local ranks of `diffcli batch` (env:// rendezvous, as torchrun would) and wait; each gets
+    --threads (in `argv` too) or, unless OMP_NUM_THREADS is set, its share of the cores."""
     import socket
     import subprocess
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    threads = str(max(1, (os.cpu_count() or 1) // processes))
+    share = str(max(1, (os.cpu_count() or 1) // processes))
     children = []
     for rank in range(processes):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
                    LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        env.setdefault("OMP_NUM_THREADS", threads)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        env.setdefault("OMP_NUM_THREADS", share)
         env["DIFFCLI_BATCH_SPAWNED"] = "1"  # the parent already printed the summary
         # A session of their own: a terminal's Ctrl-C reaches only us, and we pass it on once.
         children.append(subprocess.Popen([sys.executable, "-m", "diffcli", "batch", *argv], env=env, start_new_session=True))
@@ -623,15 +677,18 @@ class StopOnSignal:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def prepare(options: BatchOptions, ranks: Ranks) -> tuple[list[BatchJob], Manifest, int, str]:
-    """Everything up to the plans and ids, identical on every rank; loads no weights."""
-    text = read_source(options.source)
+def prepare(options: BatchOptions, ranks: Ranks, text: str | None = None) -> tuple[list[BatchJob], Manifest, int, str]:
+    """Everything up to the plans and ids, identical on every rank; loads no weights. `text`: the jobs, read already."""
+    text = read_source(options.source) if text is None else text
     fmt = detect_format(options.source, options.fmt, text)
     entries = parse_entries(text, fmt)
     if not entries:
         raise UsageError(f"jobs file {options.source!r} has no jobs", "one prompt per line, or JSON Lines, or CSV with a header")
+    if options.out:
+        check_path("--out", options.out)
     out = batch_out(options.out)
     manifest = Manifest(Path(options.manifest) if options.manifest else output_folder(out) / MANIFEST_NAME)
+    manifest.check("--manifest" if options.manifest else "--out", writing=not options.dry_run)
     base, how = resolve_base_seed(options, manifest) if ranks.rank == 0 else (None, "")
     base = ranks.broadcast(base)  # every rank must derive the same seeds, hence the same ids
     entries = expand_templates(entries, options.wildcards, options.random, base)
@@ -646,11 +703,13 @@ def run_batch(options: BatchOptions, argv_for_children) -> int:
         raise UsageError(f"--processes must be at least 1, got {options.processes}")
     if options.random is not None and options.random < 1:
         raise UsageError(f"--random must be at least 1, got {options.random}")
+    stdin = None  # --processes: the children cannot share our stdin; kept in a file once the jobs are valid
     if options.processes > 1 and options.source == "-":
-        options.source = _stdin_to_file(options)
+        stdin = read_source("-")
     ranks = Ranks() if options.dry_run or options.processes > 1 else ranks_from_env()
     try:
-        batch, manifest, base, how = prepare(options, ranks)  # every job is valid from here on
+        with weights.no_payloads() if options.dry_run else contextlib.nullcontext():
+            batch, manifest, base, how = prepare(options, ranks, stdin)  # every job is valid from here on
         if options.dry_run:
             _mark_dry(batch, manifest, options.force)
         else:
@@ -659,17 +718,27 @@ def run_batch(options: BatchOptions, argv_for_children) -> int:
             mark_finished(batch, manifest, options.force, say)
         images = sum(len(item.ids) for item in batch)
         todo = sum(len(item.pending) for item in batch)
+        unseeded = options.dry_run and how == DRAWN  # the real run draws its own base seed: these would not be its seeds
         if ranks.rank == 0 and not os.environ.get("DIFFCLI_BATCH_SPAWNED"):
-            say(f"batch: {len(batch)} job(s), {images} image(s); base seed {base} ({how}); "
+            seed_note = "base seed drawn at run time (pass --seed to fix it)" if unseeded else f"base seed {base} ({how})"
+            say(f"batch: {len(batch)} job(s), {images} image(s); {seed_note}; "
                 f"{images - todo} already made (manifest {manifest.path}), {todo} to make")
         if options.dry_run:
             for item in batch:
-                print(json.dumps(dry_record(item), sort_keys=True), flush=True)
+                emit_line(json.dumps(dry_record(item, unseeded and item.from_base), sort_keys=True))
             return 0
         if options.processes > 1:
             if todo == 0:
                 return 0
-            return spawn(options.processes, argv_for_children(base, options.source), options.quiet)
+            if stdin is None:
+                return spawn(options.processes, argv_for_children(base, options.source), options.quiet,
+                             options.defaults.get("threads"))
+            source = _stdin_to_file(options, stdin, manifest)
+            try:
+                return spawn(options.processes, argv_for_children(base, str(source)), options.quiet,
+                             options.defaults.get("threads"))
+            finally:
+                source.unlink(missing_ok=True)
         return run_share(batch, manifest, ranks, options, say)
     finally:
         ranks.close()
@@ -681,14 +750,17 @@ def _mark_dry(batch: list[BatchJob], manifest: Manifest, force: bool) -> None:
         item.pending = [i for i, (image, path) in enumerate(zip(item.ids, item.plan.paths)) if not (image in finished and path.is_file())]
 
 
-def dry_record(item: BatchJob) -> dict:
-    """What --dry-run prints per job: enough to see every seed, path and id before any compute."""
+def dry_record(item: BatchJob, seed_unknown: bool = False) -> dict:
+    """What --dry-run prints per job: enough to see every seed, path and id before any compute. `seed_unknown`: the
+    seeds come from a base seed the real run draws, so seeds, ids and names with {seed} are null ("drawn at run time")."""
     plan, job = item.plan, item.plan.job
+    paths = None if seed_unknown and "{seed" in plan.name_template else [str(p) for p in plan.paths]
     return {"job": item.number, "line": item.line, "command": job.task, "prompt": job.prompt, "negative": job.negative,
-            "seeds": plan.seeds, "paths": [str(p) for p in plan.paths], "ids": item.ids,
+            "seeds": None if seed_unknown else plan.seeds, "paths": paths, "ids": None if seed_unknown else item.ids,
+            **({"seed": "drawn at run time"} if seed_unknown else {}),
             "done": [i not in item.pending for i in range(len(item.ids))], "model": plan.spec.name,
             "width": plan.width, "height": plan.height, "steps": job.steps, "cfg": plan.cfg,
-            "scheduler": plan.scheduler, **({"extra": _stable(job.extra)} if job.extra else {})}
+            "scheduler": plan.scheduler, **({"extra": identity.stable(job.extra)} if job.extra else {})}
 
 
 def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: BatchOptions, say) -> int:
@@ -705,10 +777,12 @@ def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: 
         for group in share_calls(mine):
             if stop.requested:
                 break
-            for item in group:  # size and tiling decisions the line did not spell out
+            for item in group:  # size and tiling decisions the line did not spell out, what the model was not trained for
                 for note in ("resized", "tiling"):
                     if note in item.plan.job.extra:
                         say(f"{item.where}: {item.plan.job.extra[note]}")
+                for warning in item.plan.warnings:
+                    say(f"{item.where}: {warning}")
             parts = [replace(item.plan, seeds=[item.plan.seeds[i] for i in item.pending],
                              paths=[item.plan.paths[i] for i in item.pending]) for item in group]
             by_path = {item.plan.paths[i]: (item, i) for item in group for i in item.pending}
@@ -720,7 +794,7 @@ def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: 
                 manifest.append(_record(item, image, Path(record["path"]), record["seed"], rank=ranks.rank))
                 made += 1
                 record = dict(record, id=image, job=item.number, line=item.line, index=index)
-                print(json.dumps(record, sort_keys=True) if options.as_json else record["path"], flush=True)
+                emit_line(json.dumps(record, sort_keys=True) if options.as_json else record["path"])
                 if stop.requested or interrupt_pending():  # pending: Ctrl-C came while this image was written
                     raise Interrupted(f"interrupted: {made} image(s) made and recorded in {manifest.path}; "
                                       "run the same command again to make the rest")
@@ -756,17 +830,15 @@ def _own_device(items: list[BatchJob], ranks: Ranks) -> None:
             item.plan.job.device = f"cuda:{ranks.local % torch.cuda.device_count()}"
 
 
-def _stdin_to_file(options: BatchOptions) -> str:
-    """Child processes cannot share our stdin: keep its jobs in a file beside the manifest."""
-    text = sys.stdin.read()
-    fmt = detect_format("-", options.fmt, text)
-    options.fmt = fmt
-    folder = Path(options.manifest).parent if options.manifest else output_folder(batch_out(options.out))
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = {"text": "txt", "jsonl": "jsonl", "csv": "csv"}[fmt]
-    path = folder / f"diffcli-stdin-jobs.{suffix}"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+def _stdin_to_file(options: BatchOptions, text: str, manifest: Manifest) -> Path:
+    """Child processes cannot share our stdin: keep its jobs in a file of this run's own beside the manifest
+    (written atomically, never over an existing file; the extension tells the children its format)."""
+    from diffcli.output import write_atomic
+
+    suffix = {"text": "txt", "jsonl": "jsonl", "csv": "csv"}[detect_format("-", options.fmt, text)]
+    path = manifest.path.parent / f"diffcli-stdin-jobs-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.{suffix}"
+    write_atomic(path, text.encode("utf-8"), overwrite=False)
+    return path
 
 
 def children_argv(ctx, base: int, source: str) -> list[str]:

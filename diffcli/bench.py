@@ -7,7 +7,10 @@ path ("diffcli") run with the same settings in the same process, plain first, so
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +22,11 @@ ARCHITECTURES = {  # name -> (config folder, pipeline class, native size)
     "sdxl": ("sdxl", "StableDiffusionXLPipeline", 1024),
 }
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+# --contended: one CPU-bound process, a Python busy loop that also ends if the bench dies without stopping it; it runs
+# in a session of its own, as a program started from another terminal would (Linux shares the CPU fairly between
+# sessions, not only between threads: sched_autogroup)
+COMPETITOR = "import os\nparent, n = os.getppid(), 0\nwhile n % 10_000_000 or os.getppid() == parent:\n    n += 1"
+COMPETITOR_START_S = 0.5  # the competitor is running before the threads are chosen again and the timing starts
 
 
 def random_pipeline(arch: str, device: str, dtype):
@@ -145,10 +153,36 @@ def measure_deep_cache(pipe, device: str, size: int, steps: int, cfg: float, rep
     return result
 
 
+def measure_contended(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: list[int], repeats: int,
+                      threads: int | None) -> dict:
+    """measure() while one CPU-bound process competes for the cores; on the CPU the threads are chosen again as a
+    diffcli starting now would choose them (--threads and OMP_NUM_THREADS still win), and put back afterwards."""
+    import torch
+
+    from diffcli import speed
+
+    idle_threads = torch.get_num_threads()
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(COMPETITOR_START_S)
+        if device == "cpu" and threads is None and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(speed.default_threads())
+        result = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+        result["cpu_threads"] = torch.get_num_threads()
+    finally:
+        competitor.kill()
+        competitor.wait()
+        torch.set_num_threads(idle_threads)
+    return result
+
+
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,
               size: int | None, batch_sizes: list[int], repeats: int, compare_plain: bool, optimize: bool,
-              low_vram: bool = False, deep_cache: int | None = None) -> dict:
-    """Benchmark one architecture or model: plain diffusers first (if asked), then diffcli's path."""
+              low_vram: bool = False, deep_cache: int | None = None, threads: int | None = None,
+              contended: bool = False) -> dict:
+    """Benchmark one architecture or model: plain diffusers first (if asked), then diffcli's path, then (--contended)
+    diffcli's path again with one CPU-bound process competing."""
     import torch
 
     from diffcli.models import resolve_model
@@ -168,7 +202,7 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
         pipe = random_pipeline(arch, device, dtype)
         size = size or ARCHITECTURES[arch][2]
         label = f"{arch} (random weights)"
-    plain_optimizations = _place(pipe, device, optimize=False, low_vram=low_vram)
+    plain_optimizations = _place(pipe, device, optimize=False, low_vram=low_vram, threads=threads)
     _sync(device)
     report = {"model": label, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "size": size, "steps": steps, "cfg": cfg, "load_s": round(time.perf_counter() - start, 3),
@@ -181,8 +215,16 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
             report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
         report["deep_cache"] = measure_deep_cache(pipe, device, size, steps, cfg, repeats, deep_cache)
         report["deep_cache_speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["deep_cache"]["ms_per_step"], 2)
-    report["optimizations"] = plain_optimizations if low_vram else _place(pipe, device, optimize, low_vram=False)
+    report["optimizations"] = plain_optimizations if low_vram else _place(pipe, device, optimize, False, threads)
     report["diffcli"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+    if contended:
+        report["diffcli"]["cpu_threads"] = torch.get_num_threads()
+        report["contended"] = measure_contended(pipe, device, size, steps, cfg, batch_sizes, repeats, threads)
+        idle, busy = report["diffcli"]["s_per_image_end_to_end"], report["contended"]["s_per_image_end_to_end"]
+        report["contention"] = {"competitor": "1 CPU-bound process (python busy loop, own session)", "idle_s_per_image": idle,
+                                "contended_s_per_image": busy, "ratio": round(busy / idle, 2),
+                                "idle_cpu_threads": report["diffcli"]["cpu_threads"],
+                                "contended_cpu_threads": report["contended"]["cpu_threads"]}
     if compare_plain:
         report["speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["diffcli"]["ms_per_step"], 2)
         report["speedup_end_to_end"] = round(
@@ -207,7 +249,7 @@ def format_table(report: dict) -> str:
             f"cfg {report['cfg']:g}); load {report['load_s']} s"]
     header = f"{'path':8} {'first image s':>13} {'ms/step':>9} {'s/image e2e':>12} {'peak GiB':>9}  images/s by batch"
     rows.append(header)
-    for path in ("plain", "deep_cache", "diffcli"):
+    for path in ("plain", "deep_cache", "diffcli", "contended"):
         if path in report:
             r = report[path]
             rows.append(f"{path:8} {r['first_image_s']:>13} {r['ms_per_step']:>9} {r['s_per_image_end_to_end']:>12} "
@@ -218,5 +260,9 @@ def format_table(report: dict) -> str:
         cache = report["deep_cache"]
         rows.append(f"deep_cache: every {cache['interval']} steps on the eager U-Net, {report['deep_cache_speedup_ms_per_step']}x "
                     f"per step vs plain, PSNR {cache['psnr_vs_uncached_db']} dB vs the same seed uncached")
+    if "contention" in report:
+        c = report["contention"]
+        rows.append(f"contended: {c['competitor']} running: {c['idle_s_per_image']} -> {c['contended_s_per_image']} s/image "
+                    f"end to end, {c['ratio']}x; cpu threads {c['idle_cpu_threads']} -> {c['contended_cpu_threads']}")
     rows.append(f"optimizations: {', '.join(report['optimizations']) or 'none'}")
     return "\n".join(rows)

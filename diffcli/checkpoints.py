@@ -11,19 +11,24 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import math
 import re
 import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffcli import weights
 from diffcli.errors import ModelError
 
 CONFIGS = Path(__file__).parent / "configs"
 CLIP_BPE = CONFIGS / "clip-bpe"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+# Bits per element of each safetensors dtype (the format's table); a dtype not listed skips the size check.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+              "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4,
+              "F6_E2M3": 6, "F6_E3M2": 6}
 UNET = "model.diffusion_model."
 CONV_IN = UNET + "input_blocks.0.0.weight"
 CROSS_ATTN_K = re.compile(re.escape(UNET) + r".*\.attn2\.to_k\.weight$")
@@ -48,20 +53,16 @@ class CheckpointInfo:
     config_dir: str  # the packaged diffusers config folder for this family
 
 
-def refuse_pickle(path: str | Path, allow_pickle: bool) -> None:
-    """Refuse pickle checkpoints (.ckpt/.pt/.pth/.bin), which can run code when loaded."""
-    if Path(path).suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise ModelError(
-            f"--model {str(path)!r} is a pickle checkpoint, which can run code when loaded",
-            "convert it to .safetensors, or pass --allow-pickle if you trust its source",
-        )
-
-
 def read_safetensors_header(path: str | Path) -> dict:
-    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), checked."""
+    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), checked as the format
+    specifies: every malformed header, file or entry is a ModelError, never another exception."""
     path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as handle:
+    try:
+        size = path.stat().st_size
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    with handle:
         head = handle.read(max(8, len(LFS_POINTER)))
         if size == 0:
             raise ModelError(f"{path} is empty", "was the download interrupted?")
@@ -79,11 +80,11 @@ def read_safetensors_header(path: str | Path) -> dict:
         handle.seek(8)
         try:
             header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path} is not a safetensors file (bad JSON header: {exc})") from None
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4300-digit numbers, nesting thousands deep
+            raise ModelError(f"{path} is not a safetensors file (bad JSON header: {str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a safetensors file (header is not a JSON object)")
-    end = max((t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__"), default=0)
+    end = _data_end(path, header)
     if 8 + length + end > size:
         raise ModelError(
             f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}",
@@ -92,16 +93,52 @@ def read_safetensors_header(path: str | Path) -> dict:
     return header
 
 
-def _pickle_shapes(path: Path) -> dict:
-    """Tensor shapes of an allowed pickle checkpoint, in the safetensors header's shape."""
-    import torch
+def _is_size(value) -> bool:
+    return type(value) is int and value >= 0  # not bool, not float
 
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read"
-        raise ModelError(f"{path} cannot be read as a PyTorch checkpoint: {exc}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    return {k: {"shape": list(v.shape)} for k, v in state.items() if hasattr(v, "shape")}
+
+def _data_end(path: Path, header: dict) -> int:
+    """Check each entry as the safetensors format defines it (a dtype, a shape of sizes, [begin, end] data offsets
+    holding exactly the shape's bytes; __metadata__ strings only); returns where the tensor data ends."""
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ModelError(f"{path} is not a valid safetensors file: __metadata__ must map names to strings")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path} is not a valid safetensors file: tensor {name[:80]!r}"
+        if not isinstance(entry, dict):
+            raise ModelError(f"{where} is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise ModelError(f"{where} has no dtype name, got {json.dumps(dtype)[:40]}")
+        if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+            raise ModelError(f"{where}: shape must be a list of sizes >= 0, got {json.dumps(shape)[:40]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets)) and offsets[0] <= offsets[1]):
+            raise ModelError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {json.dumps(offsets)[:40]}")
+        bits = DTYPE_BITS.get(dtype)
+        if bits is not None and math.prod(shape) * bits != (offsets[1] - offsets[0]) * 8:
+            raise ModelError(f"{where}: shape {json.dumps(shape)[:40]} of {dtype} does not fill its data_offsets "
+                             f"({offsets[1] - offsets[0]} bytes)")
+        end = max(end, offsets[1])
+    return end
+
+
+def _size_at(path: Path, header: dict, key: str, axis: int) -> int:
+    """Size `axis` of tensor `key`; a tensor with fewer dimensions is not the layout this key has in a checkpoint."""
+    shape = header[key].get("shape") if isinstance(header[key], dict) else None
+    if not isinstance(shape, list) or len(shape) <= axis:
+        raise ModelError(f"--model {str(path)!r}: tensor {key} has shape {shape}, not a Stable Diffusion checkpoint's",
+                         "is it a complete SD1/SD2/SDXL checkpoint?")
+    return shape[axis]
+
+
+def _pickle_shapes(path: Path) -> dict:
+    """Tensor shapes of an allowed pickle checkpoint (restricted unpickler), in the safetensors header's shape."""
+    state = weights.load_state_dict(path, "--model", allow_pickle=True)
+    state = state.get("state_dict", state)
+    return {k: {"shape": list(v.shape)} for k, v in state.items() if hasattr(v, "shape")} if isinstance(state, dict) else {}
 
 
 def _not_a_pipeline(path: Path, keys: list[str]) -> ModelError:
@@ -156,7 +193,7 @@ def _family(path: Path, keys: list[str]) -> str:
 def _packaged_config(path: Path, family: str, header: dict, in_channels: int, prediction_type: str) -> Path:
     """The shipped config folder, after checking the UNet has that family's standard shapes."""
     hint = "pass --model-config with a diffusers folder describing this architecture"
-    context = next((t["shape"][1] for k, t in header.items() if CROSS_ATTN_K.match(k)), None)
+    context = next((_size_at(path, header, k, 1) for k in header if CROSS_ATTN_K.match(k)), None)
     if context != TEXT_ENCODERS[family][1]:
         raise ModelError(f"--model {str(path)!r}: {family} text encoder but UNet cross-attention width {context}, "
                          f"expected {TEXT_ENCODERS[family][1]}", hint)
@@ -169,15 +206,17 @@ def _packaged_config(path: Path, family: str, header: dict, in_channels: int, pr
     return config_dir
 
 
-def inspect_checkpoint(path: str | Path, model_config: str | None = None) -> CheckpointInfo:
+def inspect_checkpoint(path: str | Path, model_config: str | None = None, allow_pickle: bool = False) -> CheckpointInfo:
     """Family, inpainting, prediction type and config folder of a single-file checkpoint.
 
     With `model_config` (--model-config) that folder describes the architecture, so shapes go unchecked.
+    The format comes from the file's bytes (weights.check); a pickle is refused unless allowed.
     """
     path = Path(path)
-    header = _pickle_shapes(path) if path.suffix.lower() in PICKLE_SUFFIXES else read_safetensors_header(path)
+    fmt = weights.check(path, "--model", allow_pickle)
+    header = _pickle_shapes(path) if fmt == weights.PICKLE else read_safetensors_header(path)
     family = _family(path, [k for k in header if k != "__metadata__"])
-    in_channels = header[CONV_IN]["shape"][1] if CONV_IN in header else 4
+    in_channels = _size_at(path, header, CONV_IN, 1) if CONV_IN in header else 4
     prediction_type, guessed = _prediction_type(family, in_channels == 9, header)
     if model_config is None:
         config_dir = _packaged_config(path, family, header, in_channels, prediction_type)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from diffcli import __version__, adapters, hires, output, refiner, speed
+from diffcli import __version__, adapters, hires, identity, limits, masked, output, refiner, speed
 from diffcli.errors import RuntimeFailure, UsageError
 from diffcli.models import ModelSpec, resolve_model
-from diffcli.options import Job, check_size_multiple, draw_seed, validate
+from diffcli.options import RANDOM_SEED, Job, check_size_multiple, draw_seed, validate
 from diffcli.pipeline import CLASS_LABELS, SCHEDULERS, normalize_scheduler_name
 
 
@@ -32,6 +33,10 @@ CALL_STYLES = {  # by pipeline class name; others get CallStyle()
     "StableDiffusionUpscalePipeline": CallStyle(repeat_image=True, step_end_callback=False),
     # its text encoding (last hidden states + pooled) is its own, so it gets the prompt strings
     "StableDiffusionLatentUpscalePipeline": CallStyle(prompt_embeds=False, repeat_image=True, step_end_callback=False),
+    # its VAE encodes one input image with the first generator only: repeated, image i is encoded with generator i, so a
+    # batch image equals the same seed run alone
+    "StableDiffusionInpaintPipeline": CallStyle(repeat_image=True),
+    "StableDiffusionXLInpaintPipeline": CallStyle(repeat_image=True),
 }
 
 
@@ -49,10 +54,16 @@ class Plan:
     scheduler: str | None  # table name, or None for the model's own scheduler
     warnings: list[str] = field(default_factory=list)
     helpers: dict[str, ModelSpec] = field(default_factory=dict)  # second-pass models: "refiner", "hires_upscaler"
+    name_template: str = ""  # output.name_template of --out, and the fields the paths were made with: with {index},
+    name_fields: dict = field(default_factory=dict)  # a name another run took meanwhile moves to the next free number
+    identity: str = ""  # identity.settings_digest: with a seed, the id of each image (manifest, PNG metadata)
+    vae: object = None  # vae.VaeSpec of --vae, resolved and checked; None: the model's own VAE
 
 
 def plan_job(job: Job, index_offset: int = 0) -> Plan:
     """Validate a job and resolve model, size, seeds and output paths; loads no weights."""
+    if job.seed == RANDOM_SEED:  # --seed -1 not drawn by the command: random here, then reported as any drawn seed
+        job.seed = draw_seed()
     validate(job)
     adapters.resolve(job)  # LoRA and embedding files checked now, loaded in run_plan
     if job.scheduler is not None:
@@ -60,19 +71,32 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     spec = resolve_model(job.model, job.model_config, job.allow_pickle)
     helpers = {}  # resolved once here, loaded by the second pass
     refiner.apply_default(job, spec)
+    hires.apply_default(job, spec)  # --hires without --hires-strength: the model's recommendation
     if job.extra.get("refiner"):
         helpers["refiner"] = refiner.check(job, spec)
     if job.extra.get("hires_upscaler") == "x4":
         helpers["hires_upscaler"] = hires.check_upscaler(job)
+    vae = None
+    if job.extra.get("vae"):  # found, format and trust checked, latent channels the model's
+        from diffcli import vae as vaes
+
+        vae = vaes.resolve(job.extra["vae"], spec, job.allow_pickle)
     defaults = spec.defaults
     width = job.width or defaults.get("width") or spec.sample_size or 512
     height = job.height or defaults.get("height") or spec.sample_size or 512
     check_size_multiple(width, height, spec.size_multiple)
+    if job.extra.get("hires_scale"):  # the second pass's size too, before any weights load
+        hires.check_target(width, height, job.extra["hires_scale"], spec.size_multiple)
+    warnings = limits.check(spec, job, width, height)  # what the model was not trained for (its diffcli.json)
     if job.seed is None:
         job.seed = draw_seed()
     seeds = [job.seed + i for i in range(job.num_images)]
     cfg = job.cfg if job.cfg is not None else defaults.get("cfg", 7.5)
     scheduler = job.scheduler or defaults.get("scheduler")
+    if "strength" in job.extra:  # against the steps run_plan will take, --steps or not
+        from diffcli.tasks import check_strength
+
+        check_strength(job.extra["strength"], job.steps or default_steps_of(spec, scheduler), default=not job.steps)
     fields = {
         "slug": output.slugify(job.prompt),
         "prompt": job.prompt[:80],
@@ -83,8 +107,33 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
         "width": width,
         "height": height,
     }
-    paths = output.plan_paths(job.out, seeds, fields, job.overwrite, index_offset)
-    return Plan(job, spec, seeds, paths, width, height, cfg, scheduler, helpers=helpers)
+    try:
+        paths = output.plan_paths(job.out, seeds, fields, job.overwrite, index_offset)
+    except OSError as exc:  # a name the file system refuses (too long, a loop of links, no permission)
+        raise UsageError(f"--out {job.out or output.DEFAULT_DIR!r}: cannot use {exc.filename or 'it'}: {exc.strerror or exc}",
+                         "choose another --out") from None
+    plan = Plan(job, spec, seeds, paths, width, height, cfg, scheduler, warnings=warnings, helpers=helpers,
+                name_template=output.name_template(job.out, len(seeds)), name_fields=fields,
+                vae=vae)
+    plan.identity = identity.settings_digest(plan)
+    return plan
+
+
+def default_steps_of(spec: ModelSpec, scheduler: str | None) -> int | None:
+    """The steps run_plan takes without --steps, known before loading: the model's recommendation, else the default
+    of the scheduler class it will run (the named one, else the model's own); None when its config is not at hand."""
+    from diffcli.pipeline import CLASS_STEPS
+
+    if spec.defaults.get("steps"):
+        return spec.defaults["steps"]
+    if scheduler in SCHEDULERS:
+        return CLASS_STEPS.get(SCHEDULERS[scheduler].class_name, 30)
+    config = Path(spec.config_dir or spec.location) / "scheduler" / "scheduler_config.json"
+    try:
+        class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return CLASS_STEPS.get(class_name, 30) if isinstance(class_name, str) else None
 
 
 def plan_jobs(jobs: list[Job]) -> list[Plan]:
@@ -148,14 +197,15 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: boo
     is the one its plan alone would make (up to batching noise).
     """
     from diffcli import prompts
-    from diffcli.pipeline import default_steps, load_for_job, resolve_device, resolve_dtype
+    from diffcli.pipeline import default_steps, is_loaded, load_for_job, resolve_device, resolve_dtype
 
     plan = plans[0]
     job = plan.job
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     started = time.perf_counter()
-    pipe = load_for_job(plan.spec, job.task, job, plan.scheduler, job.safety_checker)
+    with _loading(plan.spec.name, not is_loaded(plan.spec, job, job.safety_checker, plan.vae), progress, notify):
+        pipe = load_for_job(plan.spec, job.task, job, plan.scheduler, job.safety_checker, plan.vae)
     adapters.activate(pipe, job)  # exactly this job's LoRAs on, at their scales
     load_s = time.perf_counter() - started
     steps = job.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
@@ -176,6 +226,7 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: boo
         "model": plan.spec.name,
         "model_hash": output_hash(plan.spec),
         "model_family": plan.spec.family,
+        **({"vae_hash": _vae_hash(plan.vae)} if plan.vae else {}),  # and "vae" (as given) from job.extra below
         "device": device,
         "generator_device": "cpu",
         "dtype": str(dtype).removeprefix("torch."),
@@ -197,18 +248,51 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress: boo
         generate_s = (time.perf_counter() - began) / len(call)
         for image, (each, index) in zip(pixels, call):
             meta = dict(common, prompt=each.job.prompt, negative=each.job.negative, seed=each.seeds[index], index=index,
-                        warnings=each.warnings + warnings)
+                        id=identity.image_id(each.identity, each.seeds[index]), warnings=each.warnings + warnings)
             if job.extra.get("variation_seed") is not None:  # image i varies toward variation_seed + i
                 meta["variation_seed"] = job.extra["variation_seed"] + meta["seed"] - job.seed
             path = each.paths[index]
             began = time.perf_counter()
             data = output.encode_image(image, path, meta)
             with output.signals_held():  # an image on disk is always also reported
-                output.write_atomic(path, data, job.overwrite)
+                written = output.write_new(path, data, job.overwrite,
+                                           output.renumber(each.name_template, each.name_fields, each.seeds[index], index + 1))
+                if written != path:
+                    notify(f"{path} was taken meanwhile (another run writing there?); wrote {written}")
+                    each.paths[index] = path = written
                 timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3),
                            "save_s": round(time.perf_counter() - began, 3)}
                 on_image(dict(meta, path=str(path), timings=timings))
             load_s = 0.0
+
+
+@contextmanager
+def _loading(name: str, loading: bool, progress: bool, notify: Callable[[str], None]):
+    """Say that a model is loading (7-10 s on 2 CPU cores) and how long it took: a spinner when stderr is a terminal
+    (`progress`), else the two lines "loading model NAME..." and "loaded in X.Xs"; nothing when it is loaded already."""
+    if not loading:
+        yield
+        return
+    began = time.perf_counter()
+    if progress:
+        from rich.console import Console
+
+        with Console(file=sys.stderr).status(f"loading model {name}..."):
+            yield
+        notify(f"loading model {name}... loaded in {time.perf_counter() - began:.1f}s")
+        return
+    notify(f"loading model {name}...")
+    yield
+    notify(f"loaded in {time.perf_counter() - began:.1f}s")
+
+
+def _vae_hash(vae) -> str:
+    """The --vae's A1111 hash, computed once per process per VAE."""
+    from diffcli import vae as vaes
+
+    if vae not in _HASHES:
+        _HASHES[vae] = vaes.vae_hash(vae)
+    return _HASHES[vae]
 
 
 def output_hash(spec: ModelSpec) -> str:
@@ -272,7 +356,7 @@ def _call_with_sd_refiner(pipe, plan: Plan, prompt_jobs: list, call, on_step_end
     dtype = resolve_dtype(job.dtype, device)
     unet, config, own = refiner.load_sd(  # the cached pipeline as it is: the base may be that very pipeline
         plan.helpers["refiner"], lambda spec: load_pipeline(spec, "txt2img", device, dtype, False, job.allow_pickle,
-                                                            job.optimize, job.low_vram), device, dtype)
+                                                            job.optimize, job.low_vram, job.threads), device, dtype)
     inputs = prompts.pipeline_inputs(own, prompt_jobs) if own is not None else None
     with refiner.sd_handover(pipe, unet, config, job.extra["refiner_start"], inputs, on_step_end) as step_end:
         return call(step_end)
@@ -350,7 +434,8 @@ def _generate_batch(pipe, plan: Plan, items: list[tuple[int, Job]], steps: int, 
     try:
         if bar is not None:
             bar.start()
-        with speed.deep_cache(pipe, job.extra.get("deep_cache")):
+        with speed.deep_cache(pipe, job.extra.get("deep_cache")), \
+                masked.latent_content(pipe, job.extra.get("fill"), kwargs.get("mask_image")):  # inpaint --fill latent-*
             images = first_pass()
     finally:
         if bar is not None:

@@ -7,11 +7,12 @@ import os
 from diffcli.errors import UsageError
 
 UPSCALERS = ("latent", "lanczos", "x4")  # x4: an SD x4 upscaler model, then Lanczos down to the target size
+DEFAULT_STRENGTH = 0.7  # A1111's default denoising strength for the hires pass, for models that recommend none
 
 
-def hires_settings(scale: float | None, steps: int | None, strength: float, upscaler: str,
+def hires_settings(scale: float | None, steps: int | None, strength: float | None, upscaler: str,
                    upscaler_model: str | None = None) -> dict:
-    """Job.extra entries for --hires and its companions, validated."""
+    """Job.extra entries for --hires and its companions, validated; strength None: the model's (apply_default)."""
     if scale is None:
         if steps is not None:
             raise UsageError("--hires-steps needs --hires SCALE")
@@ -20,20 +21,40 @@ def hires_settings(scale: float | None, steps: int | None, strength: float, upsc
         return {}
     if not 1.0 < scale <= 4.0:
         raise UsageError(f"--hires must be between 1 (exclusive) and 4, got {scale:g}")
-    if not 0.0 < strength <= 1.0:
+    if steps is not None and not 1 <= steps <= 1000:  # as --steps
+        raise UsageError(f"--hires-steps must be between 1 and 1000, got {steps}")
+    if strength is not None and not 0.0 < strength <= 1.0:
         raise UsageError(f"--hires-strength must be between 0 (exclusive) and 1, got {strength:g}")
     if upscaler not in UPSCALERS:
         raise UsageError(f"--hires-upscaler must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
-    if steps is not None and int(steps * strength) < 1:
+    if steps is not None and strength is not None and int(steps * strength) < 1:
         raise UsageError(f"--hires-strength {strength:g} x --hires-steps {steps} is less than one denoising step")
     settings = {"hires_scale": scale, "hires_steps": steps, "hires_strength": strength, "hires_upscaler": upscaler}
     if upscaler == "x4":
+        from diffcli.options import check_path
         from diffcli.tasks import DEFAULT_UPSCALER
 
+        if upscaler_model is not None:
+            check_path("--hires-upscaler-model", upscaler_model)
         settings["hires_upscaler_model"] = upscaler_model or os.environ.get("DIFFCLI_UPSCALE_MODEL") or DEFAULT_UPSCALER
     elif upscaler_model is not None:
         raise UsageError(f"--hires-upscaler-model needs --hires-upscaler x4, not {upscaler}")
     return settings
+
+
+def apply_default(job, spec) -> None:
+    """--hires without --hires-strength takes the model's recommendation (diffcli.json `hires_strength`, else
+    DEFAULT_STRENGTH) and then, without --hires-steps, its `hires_steps` too; the pair must make a denoising step."""
+    extra = job.extra
+    if not extra.get("hires_scale") or extra.get("hires_strength") is not None:
+        return
+    extra["hires_strength"] = spec.defaults.get("hires_strength", DEFAULT_STRENGTH)
+    if extra.get("hires_steps") is None and spec.defaults.get("hires_steps"):
+        extra["hires_steps"] = spec.defaults["hires_steps"]
+    steps = extra.get("hires_steps") or job.steps or spec.defaults.get("steps")
+    if steps and int(steps * extra["hires_strength"]) < 1:
+        raise UsageError(f"{spec.name}'s hires strength {extra['hires_strength']:g} x {steps} steps is less than one "
+                         "denoising step", "raise --hires-steps, or give --hires-strength")
 
 
 def check_upscaler(job):
@@ -44,6 +65,16 @@ def check_upscaler(job):
     if spec.family != "sd-x4-upscaler":
         raise UsageError(f"--hires-upscaler-model {spec.name!r} is a {spec.family} model, not an SD x4 upscaler")
     return spec
+
+
+def check_target(width: int, height: int, scale: float, multiple: int) -> None:
+    """The second pass's size stays within options.MAX_SIDE (checked when the first pass's size is known)."""
+    from diffcli.options import MAX_SIDE
+
+    target = target_size(width, height, scale, multiple)
+    if max(target) > MAX_SIDE:
+        raise UsageError(f"--hires {scale:g} makes {target[0]}x{target[1]} from {width}x{height}, over the {MAX_SIDE} px "
+                         "size limit", "lower --hires, or --width/--height")
 
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
@@ -62,7 +93,7 @@ def refine(pipe, job, plan, seeds: list[int], steps: int, latents, images):
 
     extra = job.extra
     width, height = target_size(plan.width, plan.height, extra["hires_scale"], plan.spec.size_multiple)
-    img2img = load_for_job(plan.spec, "img2img", job, plan.scheduler, job.safety_checker)  # shares run_plan's components
+    img2img = load_for_job(plan.spec, "img2img", job, plan.scheduler, job.safety_checker, plan.vae)  # run_plan's components
     if extra["hires_upscaler"] == "latent":
         factor = plan.spec.size_multiple
         image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from diffcli.errors import UsageError
+from diffcli.options import check_path
 
 MAX_PIXELS = 64_000_000  # about 8000x8000: larger inputs are refused rather than exhausting memory
 RESIZE_MODES = ("fit", "crop", "stretch")
@@ -15,6 +16,7 @@ def open_image(path: str, flag: str):
     """Open, fully decode and orient an image; every failure is a UsageError naming the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    check_path(flag, path)
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
@@ -32,6 +34,8 @@ def open_image(path: str, flag: str):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UsageError(f"{flag} {path}: image too large (over {MAX_PIXELS:,} pixels)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system's refusal (permission, loop), not the data's
+            raise UsageError(f"{flag} {path}: cannot read it: {exc.strerror}") from None
         raise UsageError(f"{flag} {path}: broken image data ({exc})") from None
     return ImageOps.exif_transpose(image)
 
@@ -75,12 +79,56 @@ def load_mask(path: str, size: tuple[int, int], resize: bool, invert: bool):
 
 def mask_from_alpha(path: str, invert: bool):
     """Transparent pixels of the input (alpha < 128) become the area to repaint."""
+    return alpha_input(path, invert)[1]
+
+
+def alpha_input(path: str, invert: bool):
+    """The input and its mask for --mask-from-alpha: transparent pixels (alpha < 128) are the area to repaint, and
+    the image under them is filled from the opaque pixels around them (not composited on white, which would leak
+    into the result as a white frame); semi-transparent pixels are blended over that fill."""
+    from PIL import Image
+
     image = open_image(path, "INPUT")
     if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
         raise UsageError(f"--mask-from-alpha: {path} has no transparency", "give a --mask file instead")
-    alpha = image.convert("RGBA").getchannel("A")
+    rgba = image.convert("RGBA") if image.mode in ("RGBA", "LA", "PA", "P") else to_rgb(image).convert("RGBA")
+    alpha = rgba.getchannel("A")
+    if alpha.getbbox() is None:  # transparent everywhere: no surroundings to fill from, a blank white canvas
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    else:
+        background = fill_from_surroundings(rgba.convert("RGB"), alpha).convert("RGBA")
     mask = alpha.point(lambda a: 255 if a < 128 else 0)
-    return invert_mask(mask) if invert else mask
+    return Image.alpha_composite(background, rgba).convert("RGB"), invert_mask(mask) if invert else mask
+
+
+def fill_from_surroundings(image, known):
+    """`image` (RGB) where `known` (L, 255 = keep) is 0 replaced by the colours around it, smoothly: pull-push
+    interpolation (Gortler et al. 1996, "The Lumigraph", sec. 3.4), the float counterpart of A1111's
+    masking.fill. Pixels where `known` is 255 are returned unchanged; partly known ones are blended."""
+    import numpy as np
+    from PIL import Image
+
+    weight = np.asarray(known.convert("L"), dtype=np.float64) / 255
+    if not weight.any():  # nothing to fill from
+        return image
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    levels = [(rgb * weight[..., None], weight)]
+    while max(levels[-1][1].shape) > 1:  # pull: sums over 2x2 blocks up to one pixel
+        colour, w = levels[-1]
+        h, wd = w.shape
+        colour = np.pad(colour, ((0, h % 2), (0, wd % 2), (0, 0)))
+        w = np.pad(w, ((0, h % 2), (0, wd % 2)))
+        h2, w2 = w.shape[0] // 2, w.shape[1] // 2
+        levels.append((colour.reshape(h2, 2, w2, 2, 3).sum((1, 3)), w.reshape(h2, 2, w2, 2).sum((1, 3))))
+    colour, w = levels[-1]
+    filled = colour / w[..., None]  # the mean of every known pixel
+    for colour, w in reversed(levels[:-1]):  # push: each level's own mean where it knows a pixel's worth, else the coarser one
+        h, wd = w.shape
+        up = np.stack([np.asarray(Image.fromarray(filled[..., c].astype(np.float32), "F").resize(
+            (wd + wd % 2, h + h % 2), Image.BILINEAR))[:h, :wd] for c in range(3)], axis=-1)
+        own = np.clip(w, 0, 1)[..., None]
+        filled = own * colour / np.maximum(w, 1e-12)[..., None] + (1 - own) * up
+    return Image.fromarray(np.clip(np.round(filled), 0, 255).astype(np.uint8), "RGB")
 
 
 def invert_mask(mask):

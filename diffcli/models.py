@@ -7,16 +7,15 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from diffcli.errors import ModelError
+from diffcli import weights
+from diffcli.errors import ModelError, first_line
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "tiny-shapes"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,7 @@ class ModelSpec:
     config_dir: str | None = None  # diffusers config folder for single files
     model_config: str | None = None  # the user's --model-config folder, if any
     defaults: dict = field(default_factory=dict, compare=False, hash=False)  # bundled recommendations
+    revision: str | None = None  # a Hub model's snapshot (commit) in the cache
 
 
 def bundled_models() -> dict[str, Path]:
@@ -54,7 +54,7 @@ def resolve_model(spec: str | None, model_config: str | None = None, allow_pickl
         return _from_folder(path, spec, "folder", allow_pickle)
     if path.is_file():
         return _from_single_file(path, spec, model_config, allow_pickle)
-    if spec.lower().endswith(SINGLE_FILE_SUFFIXES) or spec.startswith((".", "/", "~")):
+    if spec.lower().endswith(weights.WEIGHT_SUFFIXES) or spec.startswith((".", "/", "~")):
         raise ModelError(f"--model {spec!r}: no such file or folder")
     if HUB_ID.match(spec):
         return _from_hub(spec)
@@ -94,14 +94,7 @@ def _from_folder(path: Path, name: str, source: str, allow_pickle: bool) -> Mode
     """A diffusers folder: model_index.json plus one subfolder per component."""
     if not (path / "model_index.json").is_file():
         raise ModelError(f"--model {name!r}: folder has no model_index.json", "expected a diffusers model folder (save_pretrained)")
-    if not allow_pickle:
-        for component in sorted(p for p in path.iterdir() if p.is_dir()):
-            pickled = [f.name for f in component.iterdir() if f.suffix in PICKLE_SUFFIXES]
-            if pickled and not any(component.glob("*.safetensors")):
-                raise ModelError(
-                    f"--model {name!r}: {component.name}/{pickled[0]} is a pickle file, which can run code when loaded",
-                    "convert it to .safetensors, or pass --allow-pickle if you trust its source",
-                )
+    weights.check_folder(path, "--model", allow_pickle)
     return _spec_from_configs(path, name, source, str(path))
 
 
@@ -136,8 +129,7 @@ def _from_single_file(path: Path, name: str, model_config: str | None, allow_pic
     """A single checkpoint file: inspect its header for the family, pick a shipped config."""
     from diffcli import checkpoints
 
-    checkpoints.refuse_pickle(path, allow_pickle)
-    info = checkpoints.inspect_checkpoint(path, model_config)
+    info = checkpoints.inspect_checkpoint(path, model_config, allow_pickle)
     config_dir = Path(model_config) if model_config else Path(info.config_dir)
     if model_config and not (config_dir / "model_index.json").is_file():
         raise ModelError(f"--model-config {model_config!r} is not a diffusers folder (no model_index.json)")
@@ -168,10 +160,22 @@ def _from_hub(repo_id: str) -> ModelSpec:
         RepositoryNotFoundError,
     )
 
+    unreachable = hub_unreachable()
+    cache_only = {"local_files_only": True} if unreachable else {}
+
     def fetch(filename: str) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, filename))
+            return Path(hf_hub_download(repo_id, filename, **cache_only))
         except LocalEntryNotFoundError:
+            if unreachable is not None:
+                from huggingface_hub import constants
+
+                raise ModelError(
+                    f"--model {repo_id!r} is not in the Hugging Face cache and the Hub ({constants.ENDPOINT}) cannot be "
+                    f"reached: {unreachable}",
+                    f"check the network (or HF_ENDPOINT, proxy settings), download it once with `hf download {repo_id}`, "
+                    "or pass a local folder or .safetensors file",
+                ) from None
             raise ModelError(
                 f"--model {repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached",
                 "connect once, or unset HF_HUB_OFFLINE, or pass a local folder or .safetensors file",
@@ -190,7 +194,30 @@ def _from_hub(repo_id: str) -> ModelSpec:
         raise ModelError(f"--model {repo_id!r} has no model_index.json", "is it a diffusers pipeline repository?")
     for filename in ("unet/config.json", "scheduler/scheduler_config.json", "vae/config.json"):
         fetch(filename)
-    return _spec_from_configs(index.parent, repo_id, "hub", repo_id)
+    return replace(_spec_from_configs(index.parent, repo_id, "hub", repo_id), revision=index.parent.name)
+
+
+HUB_CHECK_TIMEOUT = 5.0  # seconds for one request to the Hub endpoint; huggingface_hub itself retries for ~24 s
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable() -> str | None:
+    """Why the Hub endpoint does not answer one request, or None (it does, or HF_HUB_OFFLINE: only the cache is read).
+
+    When it does not, this process reads the Hugging Face cache only (HF_HUB_OFFLINE from here on), so that a cached
+    model still loads at once and a missing one fails in seconds with one line."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_CHECK_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - refused, timed out, DNS, TLS, proxy: all mean no Hub for us
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # libraries imported later (diffusers, transformers) read it at import
+        return first_line(exc)
+    return None
 
 
 def model_hash(spec: ModelSpec, cache_dir: Path) -> str:

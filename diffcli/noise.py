@@ -45,4 +45,6 @@ def variation_settings(seed: int | None, strength: float | None) -> dict:
         raise UsageError(f"--variation-strength {strength:g} needs --variation-seed")
     if strength is None:
         raise UsageError(f"--variation-seed {seed} needs --variation-strength (0..1)")
+    if not 0.0 <= strength <= 1.0:  # the option's own range check lets nan through
+        raise UsageError(f"--variation-strength must be between 0 and 1, got {strength:g}")
     return {"variation_seed": seed, "variation_strength": strength}

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
+import stat
 import string
-import tempfile
 import threading
+import time
+import unicodedata
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from diffcli.errors import RuntimeFailure, UsageError
 
@@ -21,6 +25,12 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 TEMPLATE_FIELDS = ("index", "seed", "slug", "prompt", "model", "steps", "cfg", "scheduler", "width", "height", "date", "time")
 EXIF_USER_COMMENT = 0x9286  # where A1111 stores `parameters` in JPEG and WebP files
 EXIF_IFD = 0x8769
+NAME_MAX = 255  # bytes in one path component (Linux, macOS, Windows); longer names fail with ENAMETOOLONG
+PART_EXTRA = len("..XXXXXXXX.part")  # the temporary `.NAME.XXXXXXXX.part` beside a file must fit in NAME_MAX too
+FIELD_MAX = 100  # bytes of one text field ({prompt}, {model}...) in a name: room for the template's own text
+UNSAFE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")  # control, escape, format (bidi), lone surrogate, line breaks
+STARTED = time.time()  # this process's start: a `.part` file older than it is no write of ours in flight
+RENUMBER_TRIES = 1000  # names another run may take from under us before we give up
 
 
 def slugify(text: str, limit: int = 40) -> str:
@@ -29,34 +39,57 @@ def slugify(text: str, limit: int = 40) -> str:
     return slug[:limit].rstrip("-") or "image"
 
 
+def safe_field(text: str, limit: int = FIELD_MAX) -> str:
+    """A text field's value made fit for one file name: no folder separators, NUL, control, escape or bidi
+    characters (each becomes `_`), no leading dots, at most `limit` UTF-8 bytes."""
+    safe = "".join("_" if ch in "/\\" or unicodedata.category(ch) in UNSAFE_CATEGORIES else ch for ch in text)
+    safe = safe.lstrip(".").encode("utf-8")[:limit].decode("utf-8", "ignore")
+    return safe or ("_" if text else "")
+
+
 def next_index(folder: Path) -> int:
     """The running number after the highest numeric file-name prefix already in `folder`."""
     numbers = [int(m.group()) for p in folder.glob("*") if (m := re.match(r"\d+", p.name))] if folder.is_dir() else []
     return max(numbers, default=-1) + 1
 
 
-def plan_paths(out: str | None, seeds: list[int], fields: dict, overwrite: bool, index_offset: int = 0) -> list[Path]:
-    """Every output path of a job, decided (and checked for clashes) before any compute.
+def name_template(out: str | None, count: int) -> str:
+    """`--out` as a checked name template for `count` images.
 
     `out` is a file (`car.png`; several images become `car-1.png`, `car-2.png`...), a folder
     (existing, or ending in `/`, or without a suffix), or a template with {fields}.
     """
     out = out or os.environ.get("DIFFCLI_OUTPUT") or DEFAULT_DIR
+    if out == "-":  # stdout is handled before planning, for one image only (cli._run_to_stdout)
+        raise UsageError("--out - (stdout) takes exactly one image here", "give a folder or a name template")
     if "{" in out:
         template = out
     elif out.endswith(("/", os.sep)) or Path(out).is_dir() or not Path(out).suffix:
         template = str(Path(out) / DEFAULT_TEMPLATE)
-    elif len(seeds) == 1:
+    elif count == 1:
         template = out
     else:
         stem = Path(out)
         template = str(stem.with_name(f"{stem.stem}-{{number}}{stem.suffix}"))
     _check_template(template)
+    return template
+
+
+def plan_paths(out: str | None, seeds: list[int], fields: dict, overwrite: bool, index_offset: int = 0) -> list[Path]:
+    """Every output path of a job, decided (and checked for clashes) before any compute (see name_template)."""
+    template = name_template(out, len(seeds))
     folder = Path(_render(template, dict(fields, index=0, seed=seeds[0], number=1))).parent
     start = next_index(folder) + index_offset if "{index" in template else 0  # offset: earlier jobs of the same run
     paths = [Path(_render(template, dict(fields, index=start + i, seed=s, number=i + 1))) for i, s in enumerate(seeds)]
     _check_paths(paths, overwrite)
     return paths
+
+
+def renumber(template: str, fields: dict, seed: int, number: int) -> Callable[[int], Path] | None:
+    """For a template with {index}: one image's name with another running number (see write_new); else None."""
+    if "{index" not in template:
+        return None
+    return lambda index: Path(_render(template, dict(fields, index=index, seed=seed, number=number)))
 
 
 def _check_template(template: str) -> None:
@@ -68,14 +101,18 @@ def _check_template(template: str) -> None:
     unknown = names - set(TEMPLATE_FIELDS) - {"number"}
     if unknown:
         raise UsageError(f"--out has unknown field {{{sorted(unknown)[0]}}}", f"fields: {', '.join(TEMPLATE_FIELDS)}")
+    if any(unicodedata.category(ch) == "Cc" for ch in template):
+        raise UsageError(f"--out {template!r} contains control characters")
     suffix = Path(template).suffix.lower()
     if suffix not in FORMATS:
         raise UsageError(f"--out {template!r}: unsupported image type {suffix or '(none)'!r}", "use .png, .jpg or .webp")
 
 
 def _render(template: str, fields: dict) -> str:
-    """Fill a template; a bad format spec is a usage error."""
+    """Fill a template, text fields made safe (safe_field): a value never adds a folder; a bad format spec is a
+    usage error."""
     now = datetime.now()
+    fields = {name: safe_field(value) if isinstance(value, str) else value for name, value in fields.items()}
     try:
         return template.format(**{"date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H%M%S"), **fields})
     except (ValueError, KeyError, IndexError) as exc:
@@ -87,10 +124,18 @@ def _check_paths(paths: list[Path], overwrite: bool) -> None:
     if len(set(paths)) != len(paths):
         raise UsageError("--out template gives several images the same name", "add {index} or {seed} to it")
     for path in paths:
+        for part in path.parts:
+            limit = NAME_MAX - PART_EXTRA if part == path.name else NAME_MAX
+            if len(os.fsencode(part)) > limit:
+                raise UsageError(f"--out: the name {part[:40]!r}... is {len(os.fsencode(part))} bytes, over {limit}",
+                                 "use fewer or shorter fields, e.g. {slug} instead of {prompt}")
         if path.is_dir():
             raise UsageError(f"--out: {path} is a folder, not a file")
         if path.exists() and not overwrite:
             raise UsageError(f"{path} already exists", "pass --overwrite to replace it, or choose another --out")
+        if path.is_symlink() and not overwrite:  # dangling: exists() follows links; the write would refuse it later
+            raise UsageError(f"{path} already exists as a link to a missing file",
+                             "pass --overwrite to replace the link itself (never what it points to), or choose another --out")
         parent = path.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
@@ -100,8 +145,19 @@ def _check_paths(paths: list[Path], overwrite: bool) -> None:
             raise UsageError(f"--out: folder {parent} is not writable")
 
 
+def emit_line(text: str) -> None:
+    """One result line on stdout in a single write, so lines of processes sharing a pipe never interleave (print
+    writes the text and its newline separately when stdout is unbuffered, e.g. PYTHONUNBUFFERED=1)."""
+    import sys
+
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def a1111_parameters(meta: dict) -> str:
     """The `parameters` text that A1111, ComfyUI loaders and civitai read."""
+    from diffcli.vae import a1111_name
+
     lines = [meta["prompt"]]
     if meta.get("negative"):
         lines.append(f"Negative prompt: {meta['negative']}")
@@ -113,6 +169,8 @@ def a1111_parameters(meta: dict) -> str:
         "Size": f"{meta['width']}x{meta['height']}",
         "Model hash": meta.get("model_hash"),
         "Model": meta["model"],
+        "VAE": a1111_name(meta["vae"]) if meta.get("vae") else None,
+        "VAE hash": meta.get("vae_hash"),
         "Variation seed": meta.get("variation_seed"),
         "Variation seed strength": meta.get("variation_strength"),
         "Clip skip": meta.get("clip_skip"),
@@ -120,6 +178,7 @@ def a1111_parameters(meta: dict) -> str:
         "Hires upscale": meta.get("hires_scale"),
         "Hires steps": meta.get("hires_steps"),
         "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos", "x4": "SD x4"}.get(meta.get("hires_upscaler")),
+        "Masked content": {"fill": "fill", "latent-noise": "latent noise", "latent-nothing": "latent nothing"}.get(meta.get("fill")),
         "Refiner": meta.get("refiner"),
         "Refiner switch at": meta.get("refiner_start"),
         "Lora hashes": f'"{meta["lora_hashes"]}"' if meta.get("lora_hashes") else None,
@@ -186,19 +245,73 @@ def signals_held():
                 signal.raise_signal(signum)
 
 
+class NameTaken(UsageError):
+    """The file to write exists and --overwrite was not given."""
+
+
+def write_new(path: Path, data: bytes, overwrite: bool, numbered: Callable[[int], Path] | None = None) -> Path:
+    """write_atomic, claiming the name atomically; when another run took `path` since it was planned and `numbered`
+    gives the name with another running number (see renumber), take the next free number. Returns the path written."""
+    number = -1
+    for _ in range(RENUMBER_TRIES):
+        try:
+            write_atomic(path, data, overwrite)
+            return path
+        except NameTaken:
+            if numbered is None:
+                raise
+            number = max(next_index(path.parent), number + 1)
+            path = numbered(number)
+    raise RuntimeFailure(f"cannot write {path}: {RENUMBER_TRIES} names in a row were taken by other runs")
+
+
 def write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
     """Write via a temp file in the same folder; never replace an existing file unless asked.
 
-    An interrupt during the write waits until it is done, so it never leaves a `.part` file behind.
+    An interrupt during the write waits until it is done, so it never leaves a `.part` file behind; a kill -9 can,
+    and the next write of that name removes it (_remove_stale_parts).
     """
     with signals_held():
         _write_atomic(path, data, overwrite)
 
 
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new `.NAME.XXXXXXXX.part` beside `path`, created as any new file is (mode 0666 less the umask, unlike
+    mkstemp's 0600)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.part")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _remove_stale_parts(path: Path) -> None:
+    """Delete `.NAME.XXXXXXXX.part` files of this very name that are ours and older than this process: what a run
+    killed during its write left (mkstemp's names, of earlier versions, match too)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]{8}\.part")
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and uid in (None, info.st_uid) and info.st_mtime < STARTED:
+                os.unlink(entry.path)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
 def _write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        _remove_stale_parts(path)
+        fd, tmp = _temp_file(path)
     except OSError as exc:
         raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
@@ -212,10 +325,10 @@ def _write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
             try:
                 os.link(tmp, path)  # fails if the file appeared meanwhile: no race, no overwrite
             except FileExistsError:
-                raise UsageError(f"{path} already exists", "pass --overwrite to replace it") from None
+                raise NameTaken(f"{path} already exists", "pass --overwrite to replace it") from None
             except OSError:  # no hard links on this filesystem: check, then rename
                 if path.exists():
-                    raise UsageError(f"{path} already exists", "pass --overwrite to replace it") from None
+                    raise NameTaken(f"{path} already exists", "pass --overwrite to replace it") from None
                 os.replace(tmp, path)
             else:
                 os.unlink(tmp)

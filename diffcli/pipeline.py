@@ -41,12 +41,14 @@ SCHEDULERS: dict[str, SchedulerEntry] = {
     "dpm++2m-karras": SchedulerEntry(
         "DPMSolverMultistepScheduler", (("use_karras_sigmas", True),), 25, "DPM++ 2M Karras"
     ),
+    "dpm++2m-sde": SchedulerEntry("DPMSolverMultistepScheduler", (("algorithm_type", "sde-dpmsolver++"),), 25, "DPM++ 2M SDE"),
     "dpm++2m-sde-karras": SchedulerEntry(
         "DPMSolverMultistepScheduler",
         (("algorithm_type", "sde-dpmsolver++"), ("use_karras_sigmas", True)),
         25,
         "DPM++ 2M SDE Karras",
     ),
+    "dpm++sde": SchedulerEntry("DPMSolverSDEScheduler", steps=20, label="DPM++ SDE"),
     "dpm++sde-karras": SchedulerEntry("DPMSolverSDEScheduler", (("use_karras_sigmas", True),), 20, "DPM++ SDE Karras"),
     "unipc": SchedulerEntry("UniPCMultistepScheduler", steps=20, label="UniPC"),
     "deis": SchedulerEntry("DEISMultistepScheduler", steps=25, label="DEIS"),
@@ -76,7 +78,7 @@ PIPELINES = {
 def normalize_scheduler_name(name: str) -> str:
     """Map user spellings ('DPM++ 2M Karras', 'euler_a', 'Euler a') onto table keys."""
     key = re.sub(r"[\s_]+", "-", name.strip().lower()).replace("dpm++-", "dpm++")
-    key = {"euler-ancestral": "euler-a", "plms": "pndm", "dpm++2m-sde": "dpm++2m-sde-karras"}.get(key, key)
+    key = {"euler-ancestral": "euler-a", "plms": "pndm"}.get(key, key)
     compact = key.replace("-", "")
     for known in SCHEDULERS:
         if known.replace("-", "") == compact:
@@ -153,16 +155,19 @@ def default_steps(scheduler) -> int:
     return CLASS_STEPS.get(type(scheduler).__name__, 30)
 
 
-_CACHE: dict[tuple, dict] = {}  # (model, device, dtype, loading options) -> {task: pipeline}
+_CACHE: dict[tuple, dict] = {}  # (model, device, dtype, loading options, threads, --vae) -> {task: pipeline}
 LOW_VRAM_GIB = {"sdxl": 12.0, "sdxl-refiner": 12.0}  # GPUs with less memory than this get --low-vram automatically
 LOW_VRAM_DEFAULT_GIB = 6.0
 
 
 def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False,
-                  allow_pickle: bool = False, optimize: bool = True, low_vram: bool | None = None):
-    """Load a model once per process; other tasks of the same model share its components."""
+                  allow_pickle: bool = False, optimize: bool = True, low_vram: bool | None = None,
+                  threads: int | None = None, vae=None):
+    """Load a model once per process; other tasks of the same model share its components. `threads` (--threads) is
+    set when a pipeline is placed on the CPU; torch has one thread pool per process, and a command's jobs share one.
+    `vae` (a vae.VaeSpec, --vae) replaces the model's VAE: a model is cached once per VAE."""
     low_vram = needs_low_vram(spec, device) if low_vram is None else low_vram
-    loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker, allow_pickle, optimize, low_vram), {})
+    loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker, allow_pickle, optimize, low_vram, threads, vae), {})
     if task not in loaded:
         import diffusers
 
@@ -172,22 +177,32 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
             pipe = cls.from_pipe(base)
             pipe.diffcli_optimizations = base.diffcli_optimizations
         else:
-            pipe = _load_weights(cls, spec, dtype, safety_checker, allow_pickle)
-            pipe.diffcli_optimizations = _place(pipe, device, optimize, low_vram)
+            pipe = _load_weights(cls, spec, dtype, safety_checker, allow_pickle, vae)
+            pipe.diffcli_optimizations = _place(pipe, device, optimize, low_vram, threads)
         pipe.set_progress_bar_config(disable=True)
         pipe.diffcli_scheduler = pipe.scheduler  # each job builds its scheduler afresh from this one
         loaded[task] = pipe
     return loaded[task]
 
 
-def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_checker: bool = False):
+def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_checker: bool = False, vae=None):
     """The cached pipeline of `spec` for `task` under the job's device, dtype and loading options (the key the job's
-    own model was loaded under, so shared components are not loaded again), with a fresh `scheduler`."""
+    own model was loaded under, so shared components are not loaded again), with a fresh `scheduler`; `vae`: the
+    plan's --vae (Plan.vae), for the job's own model only."""
     device = resolve_device(job.device)
     pipe = load_pipeline(spec, task, device, resolve_dtype(job.dtype, device), safety_checker, job.allow_pickle,
-                         job.optimize, job.low_vram)
+                         job.optimize, job.low_vram, job.threads, vae)
     pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, scheduler)
     return pipe
+
+
+def is_loaded(spec: ModelSpec, job, safety_checker: bool = False, vae=None) -> bool:
+    """Whether load_for_job would find the model's weights in memory already (nothing to load, nothing to report)."""
+    device = resolve_device(job.device)
+    low_vram = needs_low_vram(spec, device) if job.low_vram is None else job.low_vram
+    key = (spec, device, str(resolve_dtype(job.dtype, device)), safety_checker, job.allow_pickle, job.optimize, low_vram,
+           job.threads, vae)
+    return bool(_CACHE.get(key))
 
 
 def needs_low_vram(spec: ModelSpec, device: str) -> bool:
@@ -200,8 +215,9 @@ def needs_low_vram(spec: ModelSpec, device: str) -> bool:
     return total_gib < LOW_VRAM_GIB.get(spec.family, LOW_VRAM_DEFAULT_GIB)
 
 
-def _place(pipe, device: str, optimize: bool, low_vram: bool) -> list[str]:
-    """Move to the device with the memory savers (--low-vram), the CUDA fast path, or CPU thread settings."""
+def _place(pipe, device: str, optimize: bool, low_vram: bool, threads: int | None = None) -> list[str]:
+    """Move to the device with the memory savers (--low-vram), the CUDA fast path, or CPU thread settings
+    (`threads`: --threads, None for speed.configure_cpu_threads' default)."""
     from diffcli import speed
 
     if low_vram and device.startswith("cuda"):
@@ -214,15 +230,20 @@ def _place(pipe, device: str, optimize: bool, low_vram: bool) -> list[str]:
     if device.startswith("cuda") and optimize:
         return speed.optimize_cuda(pipe)
     if device == "cpu":
-        return [f"cpu threads {speed.configure_cpu_threads()}"]
+        return speed.cpu_settings(speed.configure_cpu_threads(threads))
     return []
 
 
-def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickle: bool):
-    """from_pretrained / from_single_file with honest errors; pickle files only when allowed."""
+def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickle: bool, vae=None):
+    """from_pretrained / from_single_file with honest errors; pickle files only when allowed; `vae` (--vae) loaded
+    first and passed in place of the model's own."""
     kwargs = {"torch_dtype": dtype}
     if not safety_checker and family_group(spec.family) == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if vae is not None:
+        from diffcli import vae as vaes
+
+        kwargs["vae"] = vaes.load(vae, dtype, allow_pickle)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -232,11 +253,12 @@ def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickl
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if spec.source == "single_file":
-                from diffcli import checkpoints
+                from diffcli import checkpoints, weights
 
-                info = checkpoints.inspect_checkpoint(spec.location, spec.model_config)
+                info = checkpoints.inspect_checkpoint(spec.location, spec.model_config, allow_pickle)
                 extra = checkpoints.single_file_kwargs(info, spec.model_config)
-                pipe = cls.from_single_file(spec.location, **extra, **kwargs)
+                location = weights.named_for_loader(spec.location, weights.file_format(spec.location))
+                pipe = cls.from_single_file(location, **extra, **kwargs)
             else:
                 pipe = cls.from_pretrained(spec.location, use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:

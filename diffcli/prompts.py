@@ -79,6 +79,18 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged] or [("", 1.0)]
 
 
+def check_weights(flag: str, text: str) -> None:
+    """Refuse attention weights that are not finite numbers, e.g. `(x:1e400)` or nested ones that overflow."""
+    import math
+
+    from diffcli.errors import UsageError
+
+    for fragment, weight in parse_weights(text):
+        if not math.isfinite(weight):
+            raise UsageError(f"{flag}: the attention weight of {fragment.strip()[:40]!r} is not a finite number, got {weight}",
+                             "weights like (word:1.3) are small numbers, typically 0 to 2")
+
+
 def strip_extra_networks(text: str) -> str:
     """The prompt without A1111 `<lora:name:weight>` tags (they select adapters, see adapters.py)."""
     return _EXTRA_NETWORK.sub("", text)

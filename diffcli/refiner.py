@@ -27,6 +27,10 @@ def refiner_settings(model: str | None, start: float | None) -> dict:
     if start is not None and not 0.0 < start < 1.0:
         raise UsageError(f"--refiner-start must be between 0 and 1 (exclusive), got {start:g}")
     settings = {} if start is None else {"refiner_start": start}
+    if model is not None and model != NO_REFINER:
+        from diffcli.options import check_path
+
+        check_path("--refiner", model)
     if model is not None:
         settings["refiner"] = None if model == NO_REFINER else model
     return settings

@@ -40,14 +40,85 @@ def optimize_cuda(pipe) -> list[str]:
     return applied
 
 
-def configure_cpu_threads() -> int:
-    """Use every core this process may run on (torch defaults to physical cores, sometimes fewer)."""
+MAX_THREADS = 256  # --threads above this is a typo: more threads than cores only slow CPU inference down
+LOAD_SAMPLE_S = 0.2  # how long default_threads watches /proc/stat: long enough to see a busy core, short beside loading
+# OpenMP runtimes' own wait settings; a user who set any of them chose how threads wait (see set_passive_wait)
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def set_passive_wait() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user chose a wait policy: an idle OpenMP thread sleeps instead of spinning.
+
+    libgomp's default spins about 3 ms at every barrier before it sleeps; with another process on the cores, the
+    spinning thread takes the CPU from the thread it waits for, and a step took 1.7 s instead of 40 ms
+    (docs/performance.md, "CPU threads under load"). Read once when torch loads OpenMP: call before importing torch.
+    """
+    if not any(name in os.environ for name in WAIT_SETTINGS):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cpu_ticks() -> tuple[int, int, int] | None:
+    """(busy, total, cpus) jiffies of the whole machine from /proc/stat, None where there is none."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    fields = [int(v) for v in lines[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user time
+    return total - idle, total, sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+
+
+def busy_cores(seconds: float = LOAD_SAMPLE_S) -> float | None:
+    """Cores' worth of CPU time other processes used over the next `seconds` (/proc/stat minus this process)."""
+    import time
+
+    before, own, start = _cpu_ticks(), time.process_time(), time.monotonic()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after, own, elapsed = _cpu_ticks(), time.process_time() - own, time.monotonic() - start
+    busy, total = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return None
+    return max(0.0, busy / total * (after[2] or 1) - own / elapsed)
+
+
+def default_threads() -> int:
+    """Every core this process may run on, less the cores other processes keep busy right now (at least 1).
+
+    With another process on one of 2 cores, 2 threads wait on each other at every barrier while 1 thread runs at
+    full speed on the free core (docs/performance.md, "CPU threads under load").
+    """
+    cores, busy = cpu_cores(), busy_cores()
+    free = cores if busy is None else (os.cpu_count() or 1) - busy  # the machine's cores, not only ours, are busy
+    return max(1, min(cores, round(free)))
+
+
+_DEFAULT: list[int] = []  # default_threads() of this process, chosen at its first placement: torch has one pool
+
+
+def configure_cpu_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads: `threads` (--threads) if given, else OMP_NUM_THREADS if set, else default_threads()."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cores)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        if not _DEFAULT:
+            _DEFAULT.append(default_threads())
+        torch.set_num_threads(_DEFAULT[0])
     return torch.get_num_threads()
+
+
+def cpu_settings(threads: int) -> list[str]:
+    """The CPU entries of an image's `optimizations`: the thread count and any OpenMP wait setting in effect."""
+    return [f"cpu threads {threads}", *(f"{name}={os.environ[name]}" for name in WAIT_SETTINGS if name in os.environ)]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Sweeps: comma lists for --cfg/--steps/--seed/--scheduler become one Job per combination, and an X/Y grid.
+"""Sweeps: comma lists for --cfg/--steps/--seed/--scheduler (and --prompt-sr) become one Job per combination, and an
+X/Y grid.
 
 Every combination is an ordinary Job, run one after the other on the model loaded once; `--grid`
 pastes the images into one labelled contact sheet (A1111's X/Y plot) after they are all saved.
@@ -6,16 +7,20 @@ pastes the images into one labelled contact sheet (A1111's X/Y plot) after they 
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import typer
 
-from diffcli.options import Job
+from diffcli.errors import UsageError
+from diffcli.options import MAX_IMAGES, Job
 
-AXES = ("cfg", "steps", "scheduler", "seed")  # grid axes in this order: the first that varies is X
+AXES = ("prompt_sr", "cfg", "steps", "scheduler", "seed")  # grid axes in this order: the first that varies is X
 
 
 class Values(tuple):
@@ -71,30 +76,65 @@ parse_seed = _parser("--seed", _integer, "an integer")
 parse_scheduler = _parser("--scheduler", _name, "a scheduler name")
 
 
-def expand(job: Job, cfg=None, steps=None, seed=None, scheduler=None) -> list[Job]:
-    """One Job per combination of the swept values (cartesian product, cfg varying slowest)."""
+def parse_prompt_sr(text) -> Values:
+    """--prompt-sr 'red,green,"blue, dark"': the word to replace, then its replacements, read as one CSV row as
+    A1111's Prompt S/R reads it (quotes keep commas; items stripped; an empty replacement removes the word)."""
+    if isinstance(text, Values):
+        return text
+    items = [item.strip() for row in csv.reader(io.StringIO(str(text)), skipinitialspace=True) for item in row]
+    if not items or not items[0]:
+        raise typer.BadParameter(f"{str(text)!r}: the first item is the text to replace and cannot be empty",
+                                 param_hint="'--prompt-sr'")
+    return Values(items)
+
+
+def expand(job: Job, cfg=None, steps=None, seed=None, scheduler=None, prompt_sr=None) -> list[Job]:
+    """One Job per combination of the swept values (cartesian product, the prompt S/R varying slowest, then cfg); at
+    most MAX_IMAGES images in all, counted before any Job is made."""
     axes = {"cfg": cfg, "steps": steps, "scheduler": scheduler, "seed": seed}
     lists = {key: list(values) if values else [getattr(job, key)] for key, values in axes.items()}
-    return [replace(job, extra=dict(job.extra), **dict(zip(lists, combo))) for combo in itertools.product(*lists.values())]
+    words = list(prompt_sr) if prompt_sr else [None]
+    if prompt_sr and words[0] not in job.prompt and words[0] not in job.negative:  # A1111 looks in both
+        raise UsageError(f"--prompt-sr: {words[0]!r} is not in the prompt", "the first item is the text each later item replaces")
+    lists_counted = dict(lists, prompt_sr=words)
+    combinations = math.prod(len(values) for values in lists_counted.values())
+    if combinations * max(job.num_images, 1) > MAX_IMAGES:
+        if combinations == 1:
+            raise UsageError(f"--num-images must be at most {MAX_IMAGES}, got {job.num_images}", "run several commands")
+        swept = " x ".join(f"{len(values)} {key}" for key, values in lists_counted.items() if len(values) > 1)
+        raise UsageError(f"the sweep makes {combinations} combinations ({swept}) x --num-images {job.num_images} = "
+                         f"{combinations * job.num_images} images, over the limit of {MAX_IMAGES}",
+                         "sweep fewer values, or run several commands")
+    jobs = [replace(job, extra=dict(job.extra), **dict(zip(lists, combo))) for combo in itertools.product(*lists.values())]
+    if prompt_sr is None:
+        return jobs
+    return [prompt_replaced(each, words[0], word) for word in words for each in jobs]
+
+
+def prompt_replaced(job: Job, search: str, word: str) -> Job:
+    """A copy of `job` with `search` replaced by `word` in its prompt and negative prompt (A1111's Prompt S/R); the
+    replacement is kept as `prompt_sr`, the grid's label and a metadata field."""
+    return replace(job, prompt=job.prompt.replace(search, word), negative=job.negative.replace(search, word),
+                   extra=dict(job.extra, prompt_sr=word))
 
 
 def grid_layout(records: list[dict]) -> tuple[str | None, list[str], list, list]:
     """(X key, Y keys, X values, Y value tuples) from the records; keys that never vary are left out."""
-    distinct = {key: list(dict.fromkeys(r[key] for r in records)) for key in AXES}
+    distinct = {key: list(dict.fromkeys(r.get(key) for r in records)) for key in AXES}
     varying = [key for key in AXES if len(distinct[key]) > 1]
     x_key, y_keys = (varying[0], varying[1:]) if varying else (None, [])
     x_values = distinct[x_key] if x_key else [None]
-    y_values = list(dict.fromkeys(tuple(r[k] for k in y_keys) for r in records))
+    y_values = list(dict.fromkeys(tuple(r.get(k) for k in y_keys) for r in records))
     return x_key, y_keys, x_values, y_values
 
 
 def label(key: str | None, value) -> str:
-    """'cfg 7.5', 'steps 20', 'seed 3', or the scheduler's name."""
+    """'cfg 7.5', 'steps 20', 'seed 3', or the scheduler's name or the prompt S/R's word."""
     if key is None:
         return ""
     if key == "cfg":
         return f"cfg {value:g}"
-    return str(value) if key == "scheduler" else f"{key} {value}"
+    return str(value) if key in ("scheduler", "prompt_sr") else f"{key} {value}"
 
 
 def write_grid(records: list[dict], overwrite: bool = False) -> dict:
@@ -106,7 +146,7 @@ def write_grid(records: list[dict], overwrite: bool = False) -> dict:
     from diffcli import output
 
     x_key, y_keys, x_values, y_values = grid_layout(records)
-    images = {(r[x_key] if x_key else None, tuple(r[k] for k in y_keys)): r["path"] for r in records}
+    images = {(r.get(x_key) if x_key else None, tuple(r.get(k) for k in y_keys)): r["path"] for r in records}
     font = ImageFont.load_default(size=12)
     sizes = []
     for record in records:  # each header read once, each file closed

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from diffcli import images
+from diffcli import images, masked
 from diffcli.errors import UsageError
 from diffcli.models import ModelSpec, read_json, resolve_model
 from diffcli.options import MAX_SIDE, Job, validate
@@ -14,12 +14,20 @@ from diffcli.options import MAX_SIDE, Job, validate
 DEFAULT_UPSCALER = "tiny-shapes-x4"  # bundled; $DIFFCLI_UPSCALE_MODEL or --model overrides
 
 
-def check_strength(strength: float, steps: int | None) -> None:
-    """Strength in [0, 1], and at least one denoising step once multiplied by --steps."""
+def check_strength(strength: float, steps: int | None, default: bool = False) -> None:
+    """Strength in [0, 1], and at least one denoising step once multiplied by --steps (or, `default`, the steps the
+    model and scheduler take without it)."""
     if not 0.0 <= strength <= 1.0:
         raise UsageError(f"--strength must be between 0 and 1, got {strength:g}")
     if steps is not None and int(steps * strength) < 1:
-        hint = f"raise --strength or --steps (at least {int(1 / strength) + 1} steps)" if strength else "--strength 0 would return the input unchanged"
+        if not strength:
+            hint = "--strength 0 would return the input unchanged"
+        elif strength * 1000 < 1:  # more steps than --steps allows
+            hint = f"raise --strength to at least {1 / 1000:g} (--steps is at most 1000)"
+        else:
+            hint = f"raise --strength or --steps (at least {int(1 / strength) + 1} steps)"
+        if default:
+            hint += f"; {steps} is the default --steps of this model and scheduler"
         raise UsageError(f"--strength {strength:g} x --steps {steps} is less than one denoising step", hint)
 
 
@@ -42,22 +50,30 @@ def img2img(job: Job, input_path: str, strength: float, resize: str) -> Job:
 
 
 def inpaint(job: Job, input_path: str, mask_path: str | None, mask_blur: int, invert: bool, from_alpha: bool,
-            masked_only: bool, padding: int, strength: float, resize_mask: bool) -> Job:
+            masked_only: bool, padding: int, strength: float, resize_mask: bool, fill: str = "original") -> Job:
     """Repaint the white part of the mask; everything outside the blurred mask stays identical to the input."""
     check_strength(strength, job.steps)
+    masked.check(fill)
     if mask_blur < 0 or padding < 0:
         raise UsageError(f"--mask-blur and --padding must be >= 0, got {mask_blur} and {padding}")
+    for flag, value in (("--mask-blur", mask_blur), ("--padding", padding)):
+        if value > MAX_SIDE:
+            raise UsageError(f"{flag} must be at most {MAX_SIDE} pixels, got {value}")
     if bool(mask_path) == from_alpha:
         raise UsageError("give exactly one of --mask FILE or --mask-from-alpha")
     spec = _spec(job)
-    image = images.load_image(input_path)
-    mask = images.mask_from_alpha(input_path, invert) if from_alpha else images.load_mask(mask_path, image.size, resize_mask, invert)
+    if from_alpha:  # transparent pixels filled from the opaque ones around them, not composited on white
+        image, mask = images.alpha_input(input_path, invert)
+    else:
+        image = images.load_image(input_path)
+        mask = images.load_mask(mask_path, image.size, resize_mask, invert)
     job.extra.update(input=input_path, mask=mask_path or "alpha", mask_blur=mask_blur, invert_mask=invert,
                      masked_only=masked_only, padding=padding, strength=strength)
-    return _inpaint_area(job, spec, image, mask, mask_blur, masked_only, padding, strength)
+    return _inpaint_area(job, spec, image, mask, mask_blur, masked_only, padding, strength, fill)
 
 
-def _inpaint_area(job: Job, spec: ModelSpec, image, mask, blur: int, masked_only: bool, padding: int, strength: float) -> Job:
+def _inpaint_area(job: Job, spec: ModelSpec, image, mask, blur: int, masked_only: bool, padding: int, strength: float,
+                  fill: str) -> Job:
     """Set up the pipeline inputs and the paste-back that keeps unmasked pixels exact."""
     if mask.getbbox() is None:
         raise UsageError("the mask is empty: nothing to repaint", "white marks the area to repaint (--invert-mask flips it)")
@@ -84,9 +100,10 @@ def _inpaint_area(job: Job, spec: ModelSpec, image, mask, blur: int, masked_only
         canvas.paste(generated.resize((box[2] - box[0], box[3] - box[1])), box[:2])
         return images.composite(image, canvas, soft)
 
+    start = masked.prefill(region, soft.crop(box), fill)  # what the masked area starts from (--fill)
     job.extra.update(
-        postprocess=paste_back,
-        pipeline_kwargs={"image": region.resize(target), "mask_image": soft.crop(box).resize(target), "strength": strength},
+        fill=fill, postprocess=paste_back,
+        pipeline_kwargs={"image": start.resize(target), "mask_image": soft.crop(box).resize(target), "strength": strength},
     )
     return job
 
@@ -98,7 +115,11 @@ def parse_extend(text: str) -> dict[str, int]:
         match = re.fullmatch(r"(left|right|top|bottom|all)=(\d+)", part)
         if not match:
             raise UsageError(f"--extend {text!r}: expected side=pixels with side left, right, top, bottom or all, got {part!r}")
-        side, pixels = match.group(1), int(match.group(2))
+        side, digits = match.groups()
+        if len(digits) > len(str(MAX_SIDE)) or int(digits) > MAX_SIDE:  # before int() of thousands of digits
+            raise UsageError(f"--extend {text!r}: {side}={digits[:12]}{'...' if len(digits) > 12 else ''} is over the "
+                             f"{MAX_SIDE} px size limit")
+        pixels = int(digits)
         for name in sides if side == "all" else [side]:
             sides[name] = pixels
     if not any(sides.values()):
@@ -106,18 +127,24 @@ def parse_extend(text: str) -> dict[str, int]:
     return sides
 
 
-def outpaint(job: Job, input_path: str, extend: str, feather: int, strength: float) -> Job:
-    """Pad the canvas (edge pixels stretched outward), mask the new area with a feathered seam, inpaint it."""
+def outpaint(job: Job, input_path: str, extend: str, feather: int, strength: float, fill: str = "fill") -> Job:
+    """Pad the canvas (edge pixels stretched outward), mask the new area with a feathered seam, inpaint it starting
+    from `fill` (default: the colours around it; `original` keeps the stretched edges)."""
     import numpy as np
     from PIL import Image
 
     check_strength(strength, job.steps)
-    if feather < 0:
-        raise UsageError(f"--feather must be >= 0, got {feather}")
+    masked.check(fill)
+    if not 0 <= feather <= MAX_SIDE:
+        raise UsageError(f"--feather must be between 0 and {MAX_SIDE} pixels, got {feather}")
     sides = parse_extend(extend)
     spec = _spec(job)
     image = images.load_image(input_path)
     width, height = image.size[0] + sides["left"] + sides["right"], image.size[1] + sides["top"] + sides["bottom"]
+    rounded = (width + -width % spec.size_multiple, height + -height % spec.size_multiple)
+    if max(rounded) > MAX_SIDE:  # before the canvas is allocated
+        raise UsageError(f"--extend {extend!r} makes a {rounded[0]}x{rounded[1]} canvas from the {image.size[0]}x"
+                         f"{image.size[1]} input, over the {MAX_SIDE} px size limit", "extend less, or downscale the input first")
     sides["right"] += -width % spec.size_multiple  # round the canvas up to the model's multiple
     sides["bottom"] += -height % spec.size_multiple
     if -width % spec.size_multiple or -height % spec.size_multiple:
@@ -132,7 +159,7 @@ def outpaint(job: Job, input_path: str, extend: str, feather: int, strength: flo
     seam = np.clip((feather - depth) / (feather + 1), 0, 1)
     mask = Image.fromarray(np.pad((seam * 255).round().astype(np.uint8), pad[:2], constant_values=255))
     job.extra.update(input=input_path, outpaint=extend, feather=feather, strength=strength)
-    return _inpaint_area(job, spec, canvas, mask, 0, False, 0, strength)
+    return _inpaint_area(job, spec, canvas, mask, 0, False, 0, strength, fill)
 
 
 UPSCALERS = {"x4": ("sd-x4-upscaler", 4), "latent": ("sd-latent-upscaler", 2)}  # --method -> (family, scale)
@@ -168,6 +195,8 @@ def upscale(job: Job, input_path: str, scale: int, method: str, noise_level: int
         raise UsageError(f"--noise-level must be between 0 and {top} for this model, got {noise_level}")
     if tile is not None and (tile < 0 or tile % 8):
         raise UsageError(f"--tile must be 0 (off) or a positive multiple of 8, got {tile}")
+    if tile is not None and tile > MAX_SIDE:  # its default overlap, tile/8, sizes arrays in run_plan
+        raise UsageError(f"--tile must be at most {MAX_SIDE} pixels, got {tile}")
     image = images.load_image(input_path)
     fitted = images.fit_to_multiple(image, None, None, 8, "stretch")
     _note_resize(job, image.size, fitted.size)

@@ -11,9 +11,12 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+from diffcli.speed import set_passive_wait
 
-from diffcli.shapes.evaluate import defaults, generate, load, load_refiner
+set_passive_wait()  # as the diffcli command does, before torch loads OpenMP
+import torch  # noqa: E402
+
+from diffcli.shapes.evaluate import defaults, generate, load, load_refiner  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "diffcli" / "bundled" / "tiny-shapes"
 

@@ -264,6 +264,39 @@ def hf_cache(tmp_path_factory, tiny_model) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model, tmp_path_factory) -> Path:
+    """A peft LoRA for the tiny U-Net and text encoder, saved as diffusers' save_lora_weights writes it."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("loras")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
+                                              weight_name="shiny.safetensors")
+    return folder / "shiny.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding(tmp_path_factory) -> Path:
+    """An A1111-style textual-inversion file: two vectors under `emb_params`."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    torch.manual_seed(1)
+    save_file({"emb_params": torch.randn(2, 32)}, folder / "mystyle.safetensors")
+    return folder / "mystyle.safetensors"
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Each test runs in its own folder with its own diffcli home and the shared offline HF cache."""

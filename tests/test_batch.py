@@ -111,17 +111,19 @@ def test_templates_and_wildcards_expand_into_stable_jobs(cli, tiny_model):
     assert missing.exit_code == 2 and "line 1: wildcard __nope__ not found in wc" in missing.stderr
 
 
-def test_dry_run_loads_no_heavy_library(tiny_model, tmp_path):
-    Path("p.txt").write_text("a cat\n")
+@pytest.mark.parametrize("model", ["tiny", "bundled"])  # the bundled model also checks the prompt's words
+def test_dry_run_loads_no_heavy_library(tiny_model, tmp_path, model):
+    Path("p.txt").write_text("a red sports car\n")
+    chosen = ["--model", str(tiny_model)] if model == "tiny" else []
     code = (
         "import sys\nfrom diffcli.cli import main\n"
-        f"assert main(['batch', 'p.txt', '--model', {str(tiny_model)!r}, '--dry-run', '-q']) == 0\n"
+        f"assert main(['batch', 'p.txt', *{chosen!r}, '--dry-run', '-q', '--seed', '1']) == 0\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["paths"][0].startswith("outputs/00000-")
+    assert json.loads(result.stdout)["paths"][0].startswith("outputs/00000-1-")
 
 
 def test_saved_but_unrecorded_image_is_adopted_and_force_redoes(cli, tiny_model):
@@ -260,3 +262,20 @@ def test_ctrl_c_while_an_image_is_written_stops_before_the_next_image(cli, tiny_
     result = cli("batch", "p.txt", "--model", tiny_model, "--seed", "1", "-N", "3", *FAST)  # one job, three calls
     assert result.exit_code == 130 and "interrupted: 1 image(s) made" in result.stderr
     assert result.stdout.split() == ["outputs/00000-1-a-cat.png"] and len(images()) == 1 and len(manifest_ids()) == 1
+
+
+def test_dry_run_without_a_seed_says_the_seed_is_drawn_at_run_time(cli, tiny_model):
+    Path("p.txt").write_text("a cat\na dog\n")
+    dry = cli("batch", "p.txt", "--model", tiny_model, "--dry-run", *FAST)
+    assert dry.exit_code == 0 and "drawn at run time" in dry.stderr
+    assert all(r["seeds"] is None and r["ids"] is None and r["paths"] is None and r["seed"] == "drawn at run time"
+               for r in dry.json_lines())
+    fixed = cli("batch", "p.txt", "--model", tiny_model, "--dry-run", "--seed", "4", *FAST).json_lines()
+    assert [r["seeds"] for r in fixed] == [[4], [5]] and all(r["paths"] and r["ids"] for r in fixed)
+    assert not Path("outputs").exists()
+
+
+def test_batch_grid_is_refused_not_ignored(cli, tiny_model):
+    Path("p.txt").write_text("a cat\n")
+    result = cli("batch", "p.txt", "--model", tiny_model, "--grid", *FAST)
+    assert result.exit_code == 2 and "contact sheets" in result.stderr

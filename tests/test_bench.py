@@ -16,6 +16,36 @@ def test_bench_reports_plain_and_diffcli(cli, tiny_model):
     assert report["speedup_ms_per_step"] > 0 and report["optimizations"][0].startswith("cpu threads")
 
 
+def test_bench_contended_reports_idle_and_contended_times_and_stops_its_competitor(cli, tiny_model, monkeypatch):
+    import subprocess
+
+    from diffcli import bench
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(bench.subprocess, "Popen", Recorded)
+    result = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1",
+                 "--repeats", "1", "--threads", "1", "--contended", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    for path in ("diffcli", "contended"):
+        assert set(report[path]) >= {"first_image_s", "ms_per_step", "s_per_image_end_to_end", "cpu_threads"}
+    contention = report["contention"]
+    assert set(contention) == {"competitor", "idle_s_per_image", "contended_s_per_image", "ratio", "idle_cpu_threads",
+                               "contended_cpu_threads"}
+    assert contention["idle_s_per_image"] == report["diffcli"]["s_per_image_end_to_end"] and contention["ratio"] > 0
+    assert contention["idle_cpu_threads"] == contention["contended_cpu_threads"] == 1  # --threads wins under load too
+    assert len(started) == 1 and started[0].poll() is not None  # the competitor was stopped
+    table = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats", "1",
+                "--contended")
+    assert table.exit_code == 0 and "contended:" in table.stdout and "x; cpu threads" in table.stdout
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--arch", "sd9"], "--arch must be one of"),
     (["--compare", "a1111"], "--compare must be 'plain'"),

@@ -132,3 +132,92 @@ def test_outpaint_seam_is_exactly_feather_pixels_wide(cli, tiny_model, tmp_path)
     out, original = pixels("f.png"), pixels(photo)
     assert np.array_equal(out[:, :40 - 6], original[:, :40 - 6])  # 6+ px from the new edge: untouched
     assert not np.array_equal(out[:, 40 - 6:40], original[:, 40 - 6:])  # the seam was blended
+
+
+# ---------------------------------------------------------------- masked content (--fill) and --mask-from-alpha
+
+
+def test_fill_from_surroundings_keeps_known_pixels_and_fills_holes_from_their_neighbours():
+    from diffcli.images import fill_from_surroundings
+
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30], rgb[:, 30:] = (200, 0, 0), (0, 0, 200)  # red left half, blue right half
+    known = np.full((40, 60), 255, np.uint8)
+    known[10:30, 20:40] = 0  # a hole across the boundary, its pixels set to white
+    rgb[10:30, 20:40] = 255
+    out = np.asarray(fill_from_surroundings(Image.fromarray(rgb), Image.fromarray(known)), dtype=np.int16)
+    assert np.array_equal(out[known == 255], rgb[known == 255])
+    assert out[20, 21, 0] > 150 and out[20, 21, 2] < 60  # next to the red: red
+    assert out[20, 38, 2] > 150 and out[20, 38, 0] < 60  # next to the blue: blue
+    assert out[known == 0].min(axis=-1).max() < 120  # nothing of the white under the hole is left
+
+
+def test_inpaint_fill_modes_start_from_different_content_and_are_recorded(cli, tiny_model, tmp_path):
+    photo, mask = write_photo(tmp_path), write_mask(tmp_path)
+    keep, made = kept(mask, 0), {}
+    for fill in ("original", "fill", "latent-noise", "latent-nothing"):
+        result = cli("inpaint", photo, "a cat", "--mask", mask, "--mask-blur", "0", "--strength", "0.5", "--steps", "4",
+                     "--fill", fill, "--model", tiny_model, "-o", f"{fill}.png", "--json", "--seed", "3", "--quiet")
+        assert result.exit_code == 0, result.stderr
+        record, meta = result.json_lines()[0], read_metadata(f"{fill}.png")
+        assert record["fill"] == meta["fill"] == fill
+        label = {"original": None, "fill": "fill", "latent-noise": "latent noise", "latent-nothing": "latent nothing"}[fill]
+        parameters = Image.open(f"{fill}.png").text["parameters"]
+        assert (f"Masked content: {label}" in parameters) if label else ("Masked content" not in parameters)
+        assert np.array_equal(pixels(f"{fill}.png")[keep], pixels(photo)[keep])
+        made[fill] = (pixels(f"{fill}.png")[~keep], meta["id"])
+    for a, b in [("original", "fill"), ("fill", "latent-noise"), ("fill", "latent-nothing"), ("latent-noise", "latent-nothing")]:
+        assert not np.array_equal(made[a][0], made[b][0]), (a, b)
+    assert len({image_id for _, image_id in made.values()}) == 4  # --fill is part of each image's identity
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_inpaint_model"])
+def test_inpaint_latent_noise_is_per_seed_in_a_batch(cli, request, tmp_path, model):
+    """Image i of a batch equals seed+i run alone (each image's VAE sample and noise from its own generator)."""
+    photo, mask = write_photo(tmp_path), write_mask(tmp_path)
+    args = ("inpaint", photo, "a cat", "--mask", mask, "--strength", "0.6", "--steps", "4", "--fill", "latent-noise",
+            "--model", request.getfixturevalue(model), "--quiet")
+    assert cli(*args, "--seed", "5", "-N", "2", "--batch-size", "2", "-o", "b-{index}.png").exit_code == 0
+    assert cli(*args, "--seed", "6", "-o", "alone.png").exit_code == 0
+    assert cli(*args, "--seed", "6", "--fill", "latent-nothing", "-o", "other.png").exit_code == 0
+    assert np.abs(pixels("b-1.png") - pixels("alone.png")).max() <= 2
+    assert np.abs(pixels("b-1.png") - pixels("other.png")).max() > 2
+
+
+def test_inpaint_fill_usage_error(cli, tiny_model, tmp_path):
+    result = cli("inpaint", write_photo(tmp_path), "a cat", "--mask", write_mask(tmp_path), "--fill", "noise",
+                 "--model", tiny_model)
+    assert result.exit_code == 2
+    assert "--fill must be one of original, fill, latent-noise, latent-nothing, got 'noise'" in result.stderr
+
+
+def test_mask_from_alpha_leaves_no_white_frame(cli, tmp_path):
+    """A coloured opaque centre in a transparent border (RGB black under it): the old white composite leaked a white
+    ring into the repainted border (through the feathered paste-back and the encoded image); the fill does not."""
+    rgba = np.zeros((128, 128, 4), np.uint8)
+    rgba[32:96, 32:96] = (30, 70, 225, 255)  # world.py's blue
+    rgba[52:76, 52:76] = (245, 220, 30, 255)  # and yellow
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    border = rgba[..., 3] == 0
+    Image.fromarray(np.where(border, 255, 0).astype(np.uint8)).save(tmp_path / "border.png")
+    on_white = Image.alpha_composite(Image.new("RGBA", (128, 128), "white"), Image.fromarray(rgba, "RGBA")).convert("RGB")
+    on_white.save(tmp_path / "on-white.png")  # the input as --mask-from-alpha read it before
+    prompt = ("a yellow square on a blue background", "--seed", "1", "--steps", "6", "--quiet")  # the bundled model
+    assert cli("inpaint", tmp_path / "cutout.png", *prompt, "--mask-from-alpha", "-o", "alpha.png").exit_code == 0
+    assert cli("inpaint", tmp_path / "on-white.png", *prompt, "--mask", tmp_path / "border.png", "-o", "white.png").exit_code == 0
+    alpha, white = pixels("alpha.png")[border], pixels("white.png")[border]
+    whitish = lambda p: int((p.min(axis=-1) > 128).sum())  # noqa: E731  (the input's colours all have a channel below 100)
+    assert whitish(white) > 50 and whitish(alpha) == 0, (whitish(white), whitish(alpha))
+    assert alpha.mean() < white.mean() - 3
+    keep = kept(tmp_path / "border.png", 4)  # beyond the default 4 px feather: the opaque pixels, exactly
+    assert np.array_equal(pixels("alpha.png")[keep], pixels(tmp_path / "on-white.png")[keep])
+
+
+def test_outpaint_fill_defaults_to_the_surroundings_and_original_keeps_the_stretched_edges(cli, tiny_model, tmp_path):
+    photo = write_photo(tmp_path)
+    args = ("outpaint", photo, "a cat", "--extend", "left=16", "--strength", "0.5", "--steps", "4", "--model", tiny_model,
+            "--seed", "3", "--quiet")
+    assert cli(*args, "-o", "default.png").exit_code == 0
+    assert cli(*args, "--fill", "original", "-o", "original.png").exit_code == 0
+    assert (read_metadata("default.png")["fill"], read_metadata("original.png")["fill"]) == ("fill", "original")
+    assert not np.array_equal(pixels("default.png")[:, :16], pixels("original.png")[:, :16])

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -80,14 +79,14 @@ def test_failing_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_right_after_the_temp_file_is_made_waits_for_the_write(tmp_path, monkeypatch):
-    real_mkstemp = tempfile.mkstemp
+    real_temp_file = output._temp_file
 
-    def mkstemp_then_ctrl_c(**kwargs):
-        made = real_mkstemp(**kwargs)
+    def temp_file_then_ctrl_c(path):
+        made = real_temp_file(path)
         os.kill(os.getpid(), signal.SIGINT)  # without held signals this lands before the cleanup can see the file
         return made
 
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_ctrl_c)
+    monkeypatch.setattr(output, "_temp_file", temp_file_then_ctrl_c)
     idle = threading.Event()
     worker = threading.Thread(target=idle.wait)  # like torch's workers: a thread the kernel may hand the signal to
     worker.start()

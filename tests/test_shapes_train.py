@@ -1,12 +1,30 @@
 """Smoke run of every training stage on CPU with tiny networks, then plain diffusers loading."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffcli.shapes import train
+
+pytestmark = pytest.mark.slow  # training runs (the lab's tests): `pytest -m "not slow"` leaves them out
+SMOKE = ["--smoke", "--max-steps", "1", "--minutes", "1"]
+
+
+@pytest.fixture(scope="module")
+def smoke_base(tmp_path_factory) -> Path:
+    """A VAE and base UNet trained one smoke step each, once for the module: the prefix many tests share."""
+    folder = tmp_path_factory.mktemp("smoke-base")
+    train.main(["--out", str(folder), *SMOKE, "--stage", "vae"])
+    train.main(["--out", str(folder), *SMOKE, "--stage", "unet"])
+    return folder
+
+
+def copy_of(base: Path, to: Path) -> Path:
+    shutil.copytree(base, to, dirs_exist_ok=True)
+    return to
 
 
 def test_train_all_stages_smoke(tmp_path):
@@ -57,11 +75,10 @@ def test_resumed_training_keeps_the_models_own_tokenizer(tmp_path):
         assert files[0] == files[1] == loaded[0] == loaded[1], name
 
 
-def test_zero_snr_schedule_converts_a_resumed_model_and_diffcli_runs_it(tmp_path, cli):
+def test_zero_snr_schedule_converts_a_resumed_model_and_diffcli_runs_it(tmp_path, cli, smoke_base):
     """`--schedule zero-snr` saves a v-prediction, zero-terminal-SNR sampler; diffcli generates with the model."""
-    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
-    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "vae"])
-    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
+    smoke = SMOKE
+    copy_of(smoke_base, tmp_path / "a")
     train.main(["--out", str(tmp_path / "b"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
                 "--schedule", "zero-snr"])
     configs = [json.loads((tmp_path / d / train.BASE / "scheduler" / "scheduler_config.json").read_text())
@@ -139,7 +156,7 @@ def test_relation_head_reads_only_the_tokens_after_a_relation_word(tmp_path):
     assert touched[1, 5:9].all() and touched.sum() == 4  # the gradient reaches the marked tokens only
 
 
-def test_anchor_loss_holds_every_token_but_the_relation_ones(tmp_path):
+def test_anchor_loss_holds_every_token_but_the_relation_ones(tmp_path, smoke_base):
     """--anchor-text: zero for the anchor's own output; its gradient reaches the tokens the relation head leaves
     alone (marks 0) and no others; the flag needs the resumed encoder it anchors to."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -157,9 +174,8 @@ def test_anchor_loss_holds_every_token_but_the_relation_ones(tmp_path):
     assert not touched[1, 5:9].any() and touched.sum() == 2 * 77 - 4
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path), "--stage", "unet", "--anchor-text", "10"])
-    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
-    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "vae"])
-    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
+    smoke = SMOKE
+    copy_of(smoke_base, tmp_path / "a")
     train.main(["--out", str(tmp_path / "b"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
                 "--relation-head", "1", "--anchor-text", "10"])
     log = json.loads((tmp_path / "b" / "log_unet.json").read_text())
@@ -174,12 +190,11 @@ def test_relation_head_flag_trains_and_is_recorded(tmp_path):
     assert log["run"]["relation_head"] == "0.5" and log["steps"] == 2
 
 
-def test_distilling_from_the_resumed_model_itself_gives_zero_loss(tmp_path):
+def test_distilling_from_the_resumed_model_itself_gives_zero_loss(tmp_path, smoke_base):
     """Below --distill-below the target is the teacher's (default: the resumed model's) estimate: at the first step
     the student is the teacher."""
-    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
-    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "vae"])
-    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
+    smoke = SMOKE
+    copy_of(smoke_base, tmp_path / "a")
     losses = []
     for i, extra in enumerate((["--distill-below", "0"], ["--distill-below", "1000"],
                                ["--distill-below", "1000", "--teacher", str(tmp_path / "a")],
@@ -200,10 +215,9 @@ def test_distill_share_draws_that_share_of_timesteps_below_t():
             train.main(["--out", "unused", "--stage", "unet", *bad])
 
 
-def test_teacher_targets_remake_the_noisy_latents_on_a_new_schedule(tmp_path):
-    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
-    train.main(["--out", str(tmp_path), *smoke, "--stage", "vae"])
-    train.main(["--out", str(tmp_path), *smoke, "--stage", "unet"])
+def test_teacher_targets_remake_the_noisy_latents_on_a_new_schedule(tmp_path, smoke_base):
+    smoke = SMOKE
+    copy_of(smoke_base, tmp_path)
     from diffcli.shapes import models
 
     sched = models.noise_scheduler(models.ZERO_SNR_NOISE)
@@ -252,15 +266,14 @@ def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path)
     assert not (tmp_path / "x").exists()
 
 
-def test_bundle_with_refiner_script_pairs_a_base_with_a_refiner_sharing_its_text_encoder(tmp_path, cli):
+def test_bundle_with_refiner_script_pairs_a_base_with_a_refiner_sharing_its_text_encoder(tmp_path, cli, smoke_base):
     """A zero-SNR base and an epsilon refiner without text encoder: diffcli runs the pair by the base's diffcli.json."""
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "bundle_with_refiner.py"
-    smoke = ["--smoke", "--max-steps", "1", "--minutes", "1"]
-    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "vae"])
-    train.main(["--out", str(tmp_path / "a"), *smoke, "--stage", "unet"])
+    smoke = SMOKE
+    copy_of(smoke_base, tmp_path / "a")
     train.main(["--out", str(tmp_path / "b"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
                 "--schedule", "zero-snr"])
     base, refiner, out = tmp_path / "b" / train.BASE, tmp_path / "a" / train.BASE, tmp_path / "bundle"
@@ -283,3 +296,31 @@ def test_bundle_with_refiner_script_pairs_a_base_with_a_refiner_sharing_its_text
         result = run(*args)
         assert result.returncode == 2 and error in result.stderr and "Traceback" not in result.stderr, args
     assert not (tmp_path / "y").exists()
+
+
+
+def test_upscaler_training_pairs_are_windows_of_the_zoomed_world_and_their_box_average(tmp_path):
+    """`render_crops` draws exactly what `world.render` draws at the zoomed size; `upscale_batch`'s input is the 4x box
+    average of its target rounded to 8 bits, and `upscale_mixed_batch` keeps the pixels per batch about constant."""
+    import random
+
+    from transformers import CLIPTokenizer
+
+    from diffcli.shapes import world
+    from diffcli.shapes.tokenizer import build_tokenizer
+
+    scenes = world.to_tensors([world.sample_scene(random.Random(i), i % 2 == 0) for i in range(4)])
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    assert torch.equal(train.render_crops(scenes, ones, zeros, zeros, 128), world.render(scenes))
+    window = train.render_crops(scenes, 4 * ones, 100 * ones, 200 * ones, 96)
+    assert torch.allclose(window, world.render(scenes, size=512)[:, :, 200:296, 100:196], atol=1e-5)
+    pool = train.Pool(50, 1, CLIPTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok")), torch.device("cpu"))
+    high, low = train.upscale_batch(pool, 3, 64)
+    assert high.shape == (3, 3, 64, 64) and low.shape == (3, 3, 16, 16) and high.min() >= -1 and high.max() <= 1
+    levels = (low + 1) * 127.5  # 0-255
+    assert (levels - (torch.nn.functional.avg_pool2d(high, 4) + 1) * 127.5).abs().max() <= 0.5 + 1e-3
+    assert torch.allclose(levels, levels.round(), atol=1e-3)
+    assert train.upscale_crops(96) == [64, 96, 128, 192, 256]
+    for _ in range(5):
+        high, _ = train.upscale_mixed_batch(pool, 16, 96)
+        assert high.shape[2] in (64, 96, 128, 192, 256) and 0.5 < high.shape[0] * high.shape[2] ** 2 / (16 * 96**2) < 2

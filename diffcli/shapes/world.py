@@ -1,10 +1,11 @@
 """The shapes world: scenes, captions from a small grammar, and a vectorised anti-aliased renderer."""
 
+from __future__ import annotations
+
 import random
 import zlib
 from dataclasses import dataclass, field
 
-import torch
 
 SIZE = 128  # rendered image side in pixels
 COLOURS = {  # distinct hues, RGB 0-255
@@ -137,6 +138,7 @@ def vocabulary() -> list:
 
 def to_tensors(scenes: list, device="cpu") -> dict:
     """Pack scenes into tensors for `render`: shape/colour/size/x/y/present per object slot, background."""
+    import torch  # here, not at the top: the vocabulary (plan time, --dry-run) needs no torch
     none = Obj(0, 0, 0, 0.0, 0.0)
     slots = [(s.objects + [none])[:2] for s in scenes]
     t = {k: torch.tensor([[getattr(o, k) for o in pair] for pair in slots]) for k in ("shape", "colour", "size")}
@@ -148,12 +150,14 @@ def to_tensors(scenes: list, device="cpu") -> dict:
 
 def _box(px, py, bx, by):
     """Signed distance to an axis-aligned box (Inigo Quilez)."""
+    import torch
     dx, dy = px.abs() - bx, py.abs() - by
     return torch.hypot(dx.clamp(min=0), dy.clamp(min=0)) + torch.maximum(dx, dy).clamp(max=0)
 
 
 def _triangle(px, py, r):
     """Signed distance to an upward equilateral triangle of half side r, y up (Inigo Quilez)."""
+    import torch
     k = 3 ** 0.5
     x, y = px.abs() - r, py + r / k
     flip = x + k * y > 0
@@ -164,6 +168,7 @@ def _triangle(px, py, r):
 
 def _star(px, py, r, rf=0.5):
     """Signed distance to an upward five-pointed star of outer radius r, y up (Inigo Quilez sdStar5)."""
+    import torch
     k1x, k1y = 0.809016994375, -0.587785252292
     x, y = px.abs(), py
     for kx, ky in ((k1x, k1y), (-k1x, k1y)):
@@ -177,6 +182,7 @@ def _star(px, py, r, rf=0.5):
 
 def shape_sdf(shape, px, py, r):
     """Signed distance (px) of each pixel to the shape; px, py relative to the centre, image y down."""
+    import torch
     up = -py
     sdfs = torch.stack([
         torch.hypot(px, py) - r,
@@ -190,6 +196,7 @@ def shape_sdf(shape, px, py, r):
 
 def render(t: dict, size: int = SIZE) -> torch.Tensor:
     """Render packed scenes to (N, 3, size, size) floats in [0, 1], anti-aliased over one pixel."""
+    import torch
     dev = t["background"].device
     palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=dev) / 255
     scale = size / SIZE

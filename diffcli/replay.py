@@ -1,0 +1,285 @@
+"""`diffcli replay IMAGE`: make an image again from its own metadata, and with `--verify` measure how close it came.
+
+The settings come from the image's `diffcli` JSON chunk (every setting diffcli used) when it has one, else from the
+A1111 `parameters` text other tools write (a PNG text chunk, or EXIF UserComment in JPEG and WebP), parsed as A1111's
+own `parse_generation_parameters` (modules/infotext_utils.py) does. Flags given to replay win over recorded values.
+The Job is built by the builder txt2img uses (cli.txt2img_job), then planned and run like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from diffcli.errors import UsageError
+
+# One `Key: value` of the parameters line; a value may be a JSON string in quotes (A1111's re_param_code).
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
+A1111_UPSCALERS = {"latent": "latent", "lanczos": "lanczos", "sd x4": "x4"}  # A1111's "Hires upscaler" -> ours
+# A1111 fields replay reads, or knows it need not (hashes name files it finds by other means; Version is the writer)
+A1111_KNOWN = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Model hash", "Clip skip",
+               "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Variation seed",
+               "Variation seed strength", "Refiner", "Refiner switch at", "VAE", "VAE hash", "Lora hashes", "TI hashes",
+               "Version", "Mask blur", "Masked content", "Inpaint area", "Only masked padding, pixels"}
+DIFFCLI_KEYS = ("task", "prompt", "negative", "steps", "cfg", "seed", "width", "height", "model", "model_hash", "sampler",
+                "clip_skip", "variation_seed", "variation_strength", "hires_scale", "hires_steps", "hires_strength",
+                "hires_upscaler", "hires_upscaler_model", "refiner", "refiner_start", "vae", "vae_hash", "weighting",
+                "deep_cache", "lora_dir", "embedding_dir", "lora", "embedding", "input", "mask", "strength", "dtype",
+                "device")
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def read_parameters(path: str) -> tuple[dict, str | None]:
+    """(the diffcli JSON settings or {}, the A1111 `parameters` text or None) of an image file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            info = dict(image.info)
+            comment = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+    except FileNotFoundError:
+        raise UsageError(f"IMAGE {path!r} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UsageError(f"IMAGE {path!r} cannot be read as an image: {exc}") from None
+    try:
+        meta = json.loads(info["diffcli"]) if isinstance(info.get("diffcli"), str) else {}
+    except ValueError:
+        meta = {}
+    text = info.get("parameters") if isinstance(info.get("parameters"), str) else user_comment(comment)
+    return (meta if isinstance(meta, dict) and meta.get("prompt") is not None else {}), (text or None)
+
+
+def user_comment(value) -> str | None:
+    """EXIF UserComment as text: an 8-byte charset prefix, then UTF-16 (UNICODE; big-endian as piexif and diffcli
+    write it, little-endian from some tools) or ASCII."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, bytes) or len(value) < 8:
+        return None
+    prefix, body = value[:8], value[8:]
+    if prefix.startswith(b"UNICODE"):
+        big = body[:2] != b"\xff\xfe" and (len(body) < 2 or body[0] == 0 or body[1] != 0)
+        return body.decode("utf-16-be" if big else "utf-16-le", "replace").lstrip("\ufeff")
+    return body.decode("utf-8" if prefix.startswith(b"UTF8") else "latin-1", "replace").rstrip("\0")
+
+
+def parse_a1111(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, fields) from A1111's parameters text: prompt lines, `Negative prompt:` lines, then
+    one line of `Key: value` pairs (A1111's parse_generation_parameters)."""
+    lines = text.strip().split("\n")
+    last = lines[-1]
+    if len(A1111_PARAM.findall(last)) < 3:  # no parameters line: everything is prompt
+        last = ""
+    else:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {}
+    for key, value in A1111_PARAM.findall(last):
+        value = value.strip()
+        if len(value) > 1 and value[0] == '"' and value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        fields[key.strip()] = value
+    return "\n".join(prompt).strip(), "\n".join(negative).strip(), fields
+
+
+def settings_from_a1111(text: str, image: str) -> tuple[dict, list[str]]:
+    """Replay settings (the diffcli metadata's keys) from A1111's text, and the names of the fields left unused."""
+    prompt, negative, fields = parse_a1111(text)
+    settings = {"task": "txt2img", "prompt": prompt, "negative": negative}
+
+    def number(key: str, kind):
+        try:
+            value = float(fields[key])
+            return int(value) if kind is int and value.is_integer() else kind(value)
+        except (ValueError, OverflowError):
+            raise UsageError(f"{image}: {key} {fields[key]!r} in its parameters is not a number") from None
+
+    for key, name, kind in (("Steps", "steps", int), ("CFG scale", "cfg", float), ("Seed", "seed", int),
+                            ("Clip skip", "clip_skip", int), ("Variation seed", "variation_seed", int),
+                            ("Variation seed strength", "variation_strength", float), ("Hires upscale", "hires_scale", float),
+                            ("Hires steps", "hires_steps", int), ("Refiner switch at", "refiner_start", float)):
+        if key in fields:
+            settings[name] = number(key, kind)
+    if "Size" in fields:
+        match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", fields["Size"])
+        if not match:
+            raise UsageError(f"{image}: Size {fields['Size']!r} in its parameters is not WIDTHxHEIGHT")
+        settings["width"], settings["height"] = int(match.group(1)), int(match.group(2))
+    for key, name in (("Model", "model"), ("Model hash", "model_hash"), ("Refiner", "refiner"), ("VAE", "vae"),
+                      ("VAE hash", "vae_hash")):
+        if fields.get(key):
+            settings[name] = fields[key]
+    unused = [key for key in fields if key not in A1111_KNOWN]
+    sampler = fields.get("Sampler", "")
+    schedule = fields.get("Schedule type", "")
+    if schedule.lower() == "karras" and "karras" not in sampler.lower():
+        sampler = f"{sampler} Karras"
+    elif schedule and schedule.lower() not in ("automatic", "karras"):
+        unused.append("Schedule type")
+    settings["sampler"] = sampler
+    if "Denoising strength" in fields:
+        strength = number("Denoising strength", float)
+        if "hires_scale" in settings:
+            settings["hires_strength"] = strength
+        else:  # no hires fix: an img2img (or inpaint) image, whose input A1111 does not record
+            settings.update(task="inpaint" if "Mask blur" in fields else "img2img", strength=strength)
+    if "Hires upscaler" in fields:
+        upscaler = fields["Hires upscaler"].strip().lower()
+        key = next((k for k in A1111_UPSCALERS if upscaler.startswith(k)), None)
+        if key:
+            settings["hires_upscaler"] = A1111_UPSCALERS[key]
+        else:
+            settings["hires_upscaler"] = "lanczos"
+            unused.append(f"Hires upscaler {fields['Hires upscaler']} (replayed with Lanczos)")
+    if "refiner" not in settings:  # no Refiner field: it ran without one (not even a model's default refiner)
+        settings["refiner"] = None
+        settings.pop("refiner_start", None)
+    return settings, unused
+
+
+def settings_from_diffcli(meta: dict) -> dict:
+    """Replay settings from diffcli's own metadata: its keys as they are, the scheduler only when it is one of ours by
+    name (else the model's own, which is what ran)."""
+    from diffcli.pipeline import SCHEDULERS
+
+    settings = {key: meta[key] for key in DIFFCLI_KEYS if key in meta}
+    settings["scheduler"] = meta.get("scheduler") if meta.get("scheduler") in SCHEDULERS else None
+    settings.pop("sampler", None)
+    return settings
+
+
+def resolve_scheduler(settings: dict, image: str) -> str | None:
+    """The scheduler table name of the recorded sampler (A1111 names map through normalize_scheduler_name)."""
+    from diffcli.pipeline import normalize_scheduler_name
+
+    if "sampler" not in settings:
+        return settings.get("scheduler")
+    sampler = settings["sampler"]
+    if not sampler:
+        return None
+    try:
+        return normalize_scheduler_name(sampler)
+    except UsageError:
+        raise UsageError(f"{image} was made with sampler {sampler!r}, which diffcli does not have",
+                         "pass --scheduler NAME to replay it with another one (see `diffcli schedulers`)") from None
+
+
+def resolve_model_name(name: str | None, model_hash: str | None, image: str, allow_pickle: bool) -> str | None:
+    """The recorded model as --model takes it: its name as recorded, else a .safetensors file of that name; a model
+    diffcli cannot find is a UsageError (--model overrides)."""
+    from diffcli.errors import ModelError
+    from diffcli.models import resolve_model
+
+    if not name:
+        return None
+    candidates = [name] if Path(name).suffix else [name, f"{name}.safetensors"]
+    for candidate in candidates:
+        try:
+            resolve_model(candidate, None, allow_pickle)
+            return candidate
+        except ModelError as exc:
+            error = exc
+            if Path(candidate).expanduser().exists():  # it is there, but refused: say why
+                raise
+    hashed = f" (hash {model_hash})" if model_hash else ""
+    raise UsageError(f"{image} was made with model {name!r}{hashed}, which diffcli cannot find ({error.message})",
+                     "pass --model with that checkpoint: a file, folder, Hub id or bundled name")
+
+
+def recorded_dtype(settings: dict, device: str, dtype: str | None) -> str:
+    """--dtype, else the recorded one when replaying on the same kind of device, else auto."""
+    from diffcli.pipeline import resolve_device
+
+    if dtype:
+        return dtype
+    recorded = DTYPE_NAMES.get(str(settings.get("dtype")))
+    same_kind = str(settings.get("device", "")).split(":")[0] == resolve_device(device).split(":")[0]
+    return recorded if recorded and same_kind else "auto"
+
+
+def vae_found(value: str) -> bool:
+    """Whether a recorded VAE is at hand: a file or folder here, or (with a '/' and no file suffix) a Hub id."""
+    from diffcli.models import HUB_ID
+    from diffcli.weights import WEIGHT_SUFFIXES
+
+    return Path(value).expanduser().exists() or (HUB_ID.match(value) is not None and not value.lower().endswith(WEIGHT_SUFFIXES))
+
+
+def fit_size(job, input_path: str, width: int | None, height: int | None) -> None:
+    """An img2img replay takes the input's own size (rounded to the model's multiple, as img2img does without
+    --width/--height) when that is the recorded size; else the recorded (or given) size."""
+    from PIL import Image
+
+    from diffcli.models import resolve_model
+
+    if width or height:
+        return
+    multiple = resolve_model(job.model, job.model_config, job.allow_pickle).size_multiple
+    with Image.open(input_path) as image:
+        own = (image.width - image.width % multiple, image.height - image.height % multiple)
+    if own == (job.width, job.height):
+        job.width = job.height = None
+
+
+def note_model_hash(job, recorded: str | None, notify) -> None:
+    """Say when the model found under the recorded name is not the one the image was made with (another hash)."""
+    from diffcli.generate import output_hash
+    from diffcli.models import resolve_model
+
+    if not recorded:
+        return
+    spec = resolve_model(job.model, job.model_config, job.allow_pickle)
+    found = output_hash(spec)
+    if found and len(str(recorded)) == len(found) and found.lower() != str(recorded).lower():  # (8-digit old hashes: no)
+        notify(f"replay: model {spec.name!r} has hash {found}, the image was made with {recorded}: expect a different image")
+
+
+def check_inputs(settings: dict, image: str) -> None:
+    """img2img needs its input image at the recorded path; other image tasks are not replayed yet."""
+    task = settings.get("task", "txt2img")
+    if task == "txt2img":
+        return
+    files = [settings.get("input")] + ([settings.get("mask")] if task == "inpaint" and settings.get("mask") != "alpha" else [])
+    missing = [f for f in files if not f or not Path(str(f)).is_file()]
+    if missing:
+        what = f"from {missing[0]!r}, which is not available" if missing[0] else "from an input image its metadata does not record"
+        raise UsageError(f"{image} was made by {task} {what}", "replay makes txt2img images from their metadata alone; "
+                         f"run `diffcli {task}` with the input instead")
+    if task != "img2img":
+        raise UsageError(f"{image} was made by {task}: replay runs txt2img and img2img images so far",
+                         f"run `diffcli {task}` with the recorded settings instead")
+
+
+def difference(original: str, replayed: str) -> dict:
+    """How far the replayed image is from the original: max and mean absolute difference of 8-bit RGB values."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(original) as a, Image.open(replayed) as b:
+        first, second = np.asarray(a.convert("RGB"), dtype=np.int16), np.asarray(b.convert("RGB"), dtype=np.int16)
+    result = {"original": str(original), "replayed": str(replayed)}
+    if first.shape != second.shape:
+        return dict(result, identical=False, size_differs=True, original_size=[first.shape[1], first.shape[0]],
+                    size=[second.shape[1], second.shape[0]])
+    diff = np.abs(first - second)
+    return dict(result, identical=not diff.any(), max_abs=int(diff.max()), mean_abs=round(float(diff.mean()), 4))
+
+
+def summary(result: dict) -> str:
+    """verify's line for people."""
+    if result.get("size_differs"):
+        return (f"verify: the replay is {result['size'][0]}x{result['size'][1]}, the original "
+                f"{result['original_size'][0]}x{result['original_size'][1]}: no pixel comparison")
+    if result["identical"]:
+        return f"verify: identical to {result['original']} (max and mean absolute difference 0)"
+    return (f"verify: differs from {result['original']}: max absolute difference {result['max_abs']}, "
+            f"mean {result['mean_abs']:g} (8-bit values)")
