@@ -56,7 +56,7 @@ def test_batch_seed_minus_one(cli, tiny_model):
     assert first["seeds"][0] not in (-1, 100) and 0 <= first["seeds"][0] < 2**32 and second["seeds"] == [4]
     assert runs[1].json_lines()[0]["seeds"] == first["seeds"]  # drawn from the base seed: a rerun resumes
     base = cli("batch", "jobs.jsonl", "--model", tiny_model, "--seed", "-1", "--dry-run", *FAST)
-    assert base.exit_code == 0 and "drawn at random" in base.stderr, base.stderr
+    assert base.exit_code == 0 and "drawn at run time" in base.stderr, base.stderr
 
 
 # ---------------------------------------------------------------- --vae
@@ -136,6 +136,7 @@ def test_vae_on_a_single_file_model_and_img2img(cli, tiny_model, tiny_checkpoint
     assert result.json_lines()[0]["vae"] == str(vaes / "other-vae-a1111.safetensors")
 
 
+@pytest.mark.slow  # starts a process
 def test_vae_from_the_hub_cache(cli, tiny_model, hf_cache, tmp_path):
     from conftest import HUB_REPO, run_subprocess
 

@@ -112,6 +112,7 @@ def test_templates_and_wildcards_expand_into_stable_jobs(cli, tiny_model):
 
 
 @pytest.mark.parametrize("model", ["tiny", "bundled"])  # the bundled model also checks the prompt's words
+@pytest.mark.slow  # starts a process
 def test_dry_run_loads_no_heavy_library(tiny_model, tmp_path, model):
     Path("p.txt").write_text("a red sports car\n")
     chosen = ["--model", str(tiny_model)] if model == "tiny" else []
@@ -143,6 +144,7 @@ def test_saved_but_unrecorded_image_is_adopted_and_force_redoes(cli, tiny_model)
     assert more.stdout.split() == ["outputs/00002-5-a-new-line.png"]
 
 
+@pytest.mark.slow  # starts a process
 def test_dash_out_writes_png_bytes_to_stdout(cli, tiny_model, tmp_path):
     result = subprocess.run([sys.executable, "-m", "diffcli", "txt2img", "a cat", "--model", str(tiny_model), "--seed", "1",
                              *FAST, "-o", "-"], capture_output=True, cwd=tmp_path)
@@ -153,6 +155,7 @@ def test_dash_out_writes_png_bytes_to_stdout(cli, tiny_model, tmp_path):
     assert many.exit_code == 2 and "writes one image to stdout" in many.stderr
 
 
+@pytest.mark.slow  # starts a process
 def test_sigint_stops_cleanly_and_rerun_finishes_without_duplicates(tiny_model, tmp_path):
     Path("p.txt").write_text("".join(f"prompt {i}\n" for i in range(4)))
     command = [sys.executable, "-m", "diffcli", "batch", "p.txt", "--model", str(tiny_model), "--seed", "1", "--json", *FAST]
@@ -172,6 +175,7 @@ def test_sigint_stops_cleanly_and_rerun_finishes_without_duplicates(tiny_model, 
     assert {r["seed"] for r in made + [json.loads(line) for line in second.stdout.splitlines()]} == set(range(1, 5))
 
 
+@pytest.mark.slow  # starts a process
 def test_two_processes_share_the_jobs_exactly_once(cli, tiny_model, tmp_path):
     Path("p.txt").write_text("".join(f"prompt {i}\n" for i in range(5)))
     result = subprocess.run([sys.executable, "-m", "diffcli", "batch", "p.txt", "--model", str(tiny_model), "--processes", "2",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each example starts several processes
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

@@ -220,6 +220,7 @@ def test_batch_with_stdin_closed_or_unreadable(cli, monkeypatch, stdin):
     refused(cli("batch", "-", "--dry-run"), "stdin")
 
 
+@pytest.mark.slow  # starts a process
 def test_batch_dash_with_stdin_closed_in_a_real_process(tmp_path):
     """`diffcli batch - <&-`: Python starts with sys.stdin None."""
     import subprocess

@@ -126,6 +126,7 @@ def test_stdin_jobs_for_processes_go_to_a_new_file_of_their_own(cli, isolated, m
     assert not [name for name in seen["others"] if name.endswith(".part")]
 
 
+@pytest.mark.slow  # starts a process
 def test_dry_run_of_stdin_jobs_with_processes_writes_nothing(isolated):
     from conftest import run_subprocess
 
@@ -209,6 +210,7 @@ def test_stale_part_files_of_the_name_are_removed_fresh_and_others_kept(cli, iso
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # starts a process
 def test_stdout_closed_by_its_reader_is_one_line_and_exit_1(isolated):
     read, write = os.pipe()
     os.close(read)  # the reader has gone before the image is ready
@@ -227,6 +229,7 @@ def hub_unreachable_env(**extra) -> dict:
     return dict(env, HF_ENDPOINT="http://127.0.0.1:9", **extra)  # port 9 (discard): nothing listens
 
 
+@pytest.mark.slow  # starts a process
 def test_hub_id_without_network_fails_fast_with_one_line(isolated):
     began = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "diffcli", "txt2img", "x", "--model", "owner/name", *RUN],
@@ -241,6 +244,7 @@ def test_hub_id_without_network_fails_fast_with_one_line(isolated):
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # starts a process
 def test_cached_hub_model_without_network_runs_from_the_cache(isolated, hf_cache):
     from conftest import HUB_REPO
 

@@ -89,6 +89,7 @@ def test_out_of_memory_everywhere_is_a_clear_failure(cli, tiny_model, monkeypatc
     assert not Path("outputs").exists() or not any(Path("outputs").iterdir())
 
 
+@pytest.mark.slow  # starts a process
 def test_non_utf8_prompt_is_a_usage_error(tiny_model, tmp_path):
     argv = [sys.executable.encode(), b"-m", b"diffcli", b"txt2img", b"caf\xe9", b"--model", str(tiny_model).encode()]
     result = subprocess.run(argv, capture_output=True, cwd=tmp_path)
@@ -96,6 +97,7 @@ def test_non_utf8_prompt_is_a_usage_error(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow  # starts a process
 def test_signal_keeps_finished_images_and_leaves_no_partial_file(tiny_model, tmp_path, signum, code):
     args = [sys.executable, "-m", "diffcli", "txt2img", "a", "--model", str(tiny_model), "-N", "200", "--seed", "1",
             "--steps", "4", "-o", "sig-{seed}.png", "--quiet"]

@@ -19,6 +19,7 @@ FLOORS = {**{k: 0.95 - MARGIN for k in ("background", "colour", "position", "siz
 
 
 @pytest.mark.skipif(not (MODEL / "unet").exists(), reason="bundled model absent")
+@pytest.mark.slow  # a quality eval: minutes on 2 cores
 def test_bundled_model_one_object_prompts():
     import torch
 
@@ -32,6 +33,7 @@ def test_bundled_model_one_object_prompts():
 
 
 @pytest.mark.skipif(not (MODEL / "unet").exists(), reason="bundled model absent")
+@pytest.mark.slow  # a quality eval: minutes on 2 cores
 def test_bundled_model_two_object_prompts():
     import torch
 

@@ -154,6 +154,7 @@ def test_non_standard_single_file_needs_model_config(cli, tiny_checkpoint):
     assert result.exit_code == 2 and "tiny.safetensors" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # starts a process
 def test_hub_id_from_prefilled_cache_offline(hf_cache, tmp_path):
     result = run_subprocess("txt2img", "a cat", "--model", HUB_REPO, "--seed", "1", "--steps", "2", "-o", "hub.png",
                             env={"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
@@ -173,6 +174,7 @@ def test_hub_configs_are_fetched_once_per_process(tiny_model, monkeypatch):
     assert sorted(fetched) == ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"]
 
 
+@pytest.mark.slow  # starts a process
 def test_help_imports_no_heavy_library():
     code = (
         "import sys\n"
