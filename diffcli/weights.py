@@ -14,6 +14,7 @@ import contextvars
 import functools
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -148,11 +149,9 @@ def _load_pickle(path: Path, flag: str) -> dict:
 
 
 def _global_named(exc: Exception) -> str:
-    """The global torch's restricted unpickler refused, from its message."""
-    for line in str(exc).splitlines():
-        if "GLOBAL" in line or "Unsupported global" in line:
-            return line.strip().split(":", 1)[-1].strip()[:120] or "an object"
-    return "an object"
+    """The global torch's restricted unpickler refused (e.g. posix.system), from its message."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return found.group(1) if found else "an object that is not a tensor"
 
 
 def _first(exc: Exception) -> str:
