@@ -23,7 +23,6 @@ from diffcli.errors import ModelError
 
 CONFIGS = Path(__file__).parent / "configs"
 CLIP_BPE = CONFIGS / "clip-bpe"
-LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
 # Bits per element of each safetensors dtype (the format's table); a dtype not listed skips the size check.
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
@@ -63,10 +62,10 @@ def read_safetensors_header(path: str | Path) -> dict:
     except OSError as exc:
         raise ModelError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     with handle:
-        head = handle.read(max(8, len(LFS_POINTER)))
+        head = handle.read(max(8, len(weights.LFS_POINTER)))
         if size == 0:
             raise ModelError(f"{path} is empty", "was the download interrupted?")
-        if head.startswith(LFS_POINTER):
+        if head.startswith(weights.LFS_POINTER):
             raise ModelError(f"{path} is a git-lfs pointer, not the weights", "run `git lfs pull` in its repository")
         if head.startswith(b"PK\x03\x04"):
             raise ModelError(f"{path} is a PyTorch zip (pickle) checkpoint, not safetensors", "rename it to .ckpt")

@@ -65,7 +65,7 @@ def _sniff(path: str, size: int, mtime_ns: int) -> str:
     if head[8:9] == b"{":  # 8-byte header length, then JSON (tested before pickle: the length may start 0x80)
         read_safetensors_header(path)  # a complete, parseable header, or a one-line error saying what is wrong
         return SAFETENSORS
-    if head[0] == PICKLE_PROTOCOL and 2 <= head[1] <= 5:  # PROTO n: torch's legacy format, or any pickle
+    if len(head) > 1 and head[0] == PICKLE_PROTOCOL and 2 <= head[1] <= 5:  # PROTO n: torch's legacy format, any pickle
         return PICKLE
     raise ModelError(f"{path} is not a weight file diffcli can read (not safetensors, GGUF or a PyTorch checkpoint)",
                      "is it complete, and a model file at all?")

@@ -75,6 +75,7 @@ def test_a_safetensors_file_is_safetensors_under_any_name(tmp_path, suffix):
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
     (b"GIF89a" + b"\0" * 40, "not a weight file"),
+    (b"\x80", "not a weight file"),  # one byte: too short to be anything
     (b"\x80\x02", "cannot be read as a PyTorch checkpoint"),  # a pickle cut short
     (b"PK\x03\x04" + b"\0" * 40, "cannot be read as a PyTorch checkpoint"),  # a zip cut short
     (b"version https://git-lfs.github.com/spec/v1\noid x\n", "git-lfs pointer"),
