@@ -31,12 +31,17 @@ def test_upscale_x4_batch_records_noise_level(cli, tiny_x4_upscaler, tmp_path):
     assert pixels("u-3.png").tolist() != pixels("u-4.png").tolist()
 
 
-def test_one_tile_covering_the_image_reproduces_the_untiled_result_exactly(cli, tiny_x4_upscaler, tmp_path):
-    """The tile path draws the untiled call's noise (low-res noise, then latents) from the seed and slices it."""
+def test_one_tile_covering_the_image_reproduces_the_untiled_result(cli, tiny_x4_upscaler, tmp_path):
+    """The tile path draws the untiled call's noise (low-res noise, then latents) from the seed and slices it, so one
+    tile covering the image computes the untiled result. Not bit for bit: the same values reach the kernels through
+    tensors of another layout (a sliced noise view), and with 2 threads some CPUs sum them in another order, so a
+    pixel may round to the next 1/255 (2 of 16,384 pixels seen). Any real mismatch (other noise, another crop) moves
+    most pixels by far more."""
     image = smooth(tmp_path)
     assert cli("upscale", image, "--model", tiny_x4_upscaler, "--tile", "0", "-o", "whole.png", *FAST).exit_code == 0
     assert cli("upscale", image, "--model", tiny_x4_upscaler, "--tile", "32", "-o", "one.png", *FAST).exit_code == 0
-    assert np.array_equal(pixels("whole.png"), pixels("one.png"))
+    diff = np.abs(pixels("whole.png") - pixels("one.png"))
+    assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())  # 0-255 units
 
 
 def test_tiled_result_matches_the_untiled_one_closely(cli, tiny_x4_upscaler, tmp_path):

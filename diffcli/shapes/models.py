@@ -22,12 +22,26 @@ LOW_RES_NOISE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
 UPSCALE_SCALING = 0.08333  # StableDiffusionUpscalePipeline forces this vae scaling factor
 
 
-def vae(smoke=False, blocks=4) -> AutoencoderKL:
-    """AutoencoderKL with 2**(blocks-1) downsampling and 4 latent channels like SD."""
+def vae(smoke=False, blocks=4, attention=True, groups=None) -> AutoencoderKL:
+    """AutoencoderKL with 2**(blocks-1) downsampling and 4 latent channels like SD (`attention`: SD's mid-block
+    self-attention; `groups`: of its group norms, default 16)."""
     chans = {4: (16, 32, 64, 64), 3: (16, 32, 64)}[blocks] if not smoke else (8,) * blocks
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
                          up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=chans, layers_per_block=1,
-                         latent_channels=4, norm_num_groups=8 if smoke else 16, sample_size=128)
+                         latent_channels=4, norm_num_groups=groups or (8 if smoke else 16), sample_size=128,
+                         mid_block_add_attention=attention)
+
+
+# Group norms of the x4 upscaler's networks. With SD's one group per 1-2 channels at full resolution (16 groups of
+# 16 channels in the VAE, 32 of 32 in the UNet), a flat region normalises to nothing but its borders' padding
+# effects, so the colour of a large flat area came back wrong and depended on the image size (docs/bundled-model.md).
+UPSCALE_NORM_GROUPS = 4
+
+
+def upscale_vae(smoke=False) -> AutoencoderKL:
+    """The x4 upscaler's VAE: 4x down, no attention, few norm groups: each output pixel depends on its neighbourhood
+    (a 512 px decode does not attend over 16k positions) and a flat area keeps its colour at any image size."""
+    return vae(smoke, blocks=3, attention=False, groups=UPSCALE_NORM_GROUPS)
 
 
 def text_encoder(vocab_size, smoke=False, hidden=256, layers=4) -> CLIPTextModel:
@@ -50,13 +64,26 @@ def unet(cross_dim, smoke=False) -> UNet2DConditionModel:
 
 
 def upscale_unet(cross_dim, smoke=False) -> UNet2DConditionModel:
-    """x4 upscaler UNet: 4 latent + 3 low-res image channels in, noise level as class label (SD x4 layout)."""
+    """x4 upscaler UNet: 4 latent + 3 low-res image channels in, noise level as class label (SD x4 layout).
+
+    Convolutions only (no self- or cross-attention; the prompt is read by nobody): what a pixel becomes is decided by
+    its neighbourhood of the low-res image, so the model works alike at every input size and a tile differs from the
+    whole image only through its borders and the group norms' statistics. With attention it learned the 32 px scenes' global layout and failed on 128 px
+    inputs (docs/bundled-model.md, "The x4 upscaler")."""
     chans = (16, 16, 32) if smoke else (32, 64, 128)
     return UNet2DConditionModel(
         sample_size=32, in_channels=7, out_channels=4, block_out_channels=chans, layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
-        attention_head_dim=2 if smoke else 4, num_class_embeds=1000, norm_num_groups=8 if smoke else 32)
+        down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, mid_block_type="UNetMidBlock2D",
+        cross_attention_dim=cross_dim, num_class_embeds=1000, norm_num_groups=UPSCALE_NORM_GROUPS)
+
+
+def load_matching(module: torch.nn.Module, source: torch.nn.Module) -> int:
+    """Copy every parameter of `source` whose name and shape `module` shares (a warm start across an architecture
+    change); returns how many were copied."""
+    own = module.state_dict()
+    shared = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(shared, strict=False)
+    return len(shared)
 
 
 def n_params(m: torch.nn.Module) -> int:

@@ -50,6 +50,10 @@ class Run:
     teacher: Path | None = None  # the teacher's folder when it is not --resume
     distill_share: float | None = None  # share of timesteps drawn below distill_below (None: uniform over all)
     anchor_text: float = 0.0  # weight of the text encoder's pull toward the resumed one's output (see _anchor_loss)
+    crop: int = 128  # upscaler stage: output px of a training crop (32 px of input); the model is convolutional
+    vae_share: float = 0.25  # upscaler stage: share of the time spent training its VAE first (with --resume: 0 keeps it)
+    keep_latents: bool = False  # upscaler stage with --resume: train the VAE's decoder only (the UNet's latent space stays)
+    consistency: float = 0.0  # upscaler stage: weight of the tiled-vs-whole agreement losses (see train_upscaler)
 
 
 def device() -> torch.device:
@@ -144,7 +148,7 @@ def optimizer(params, lr, dev):
     return opt, sched
 
 
-def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
+def train_vae(run: Run, deadline, name=BASE, decoder_only=False):
     """Train an AutoencoderKL on rendered scenes (MSE + small KL); set its latent scaling factor.
 
     `decoder_only` fine-tunes the decoder of a resumed VAE (L1 + MSE), keeping its latent space and scale.
@@ -154,7 +158,7 @@ def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
     dev = device()
     torch.manual_seed(run.seed)
     src = run.resume / name / "vae" if run.resume else None
-    vae = AutoencoderKL.from_pretrained(src, dtype=torch.float32) if src else models.vae(run.smoke, blocks)
+    vae = AutoencoderKL.from_pretrained(src, dtype=torch.float32) if src else models.vae(run.smoke)
     vae.to(dev).train()
     if decoder_only:
         vae.encoder.requires_grad_(False)
@@ -189,10 +193,7 @@ def train_vae(run: Run, deadline, blocks=4, name=BASE, decoder_only=False):
         x = pool.batch(8 if run.smoke else 64)[0]
         logger.data["recon_mse"] = F.mse_loss(vae(x).sample, x).item()
     std = z.std().item()
-    if name == UPSCALER and not decoder_only:  # the upscale pipeline insists on 0.08333: rescale latents instead
-        _rescale_latents(vae, 1 / (models.UPSCALE_SCALING * std))
-        vae.register_to_config(scaling_factor=models.UPSCALE_SCALING)
-    elif not decoder_only:
+    if not decoder_only:
         vae.register_to_config(scaling_factor=round(1 / std, 5))
     logger.log(logger.data["steps"], logger.data["losses"][-1][1] if logger.data["losses"] else math.nan,
                latent_std=std, scaling_factor=vae.config.scaling_factor)
@@ -381,53 +382,194 @@ def train_unet(run: Run, deadline):
     (run.out / BASE / "diffcli.json").write_text(json.dumps(DEFAULTS, indent=1))
 
 
+# x4 upscaler training pairs: a crop of a scene drawn at ZOOM x 128 px (the target) and its 4x box average (the
+# input). Zoom 1 is a whole scene as a 32 px input, zoom 4 a crop of a 128 px input (what tiny-shapes draws): trained
+# on zoom 1 alone, the first weights turned 128 px inputs into wrong colours and invented shapes.
+UPSCALE_ZOOM = (1.0, 4.5)
+UPSCALE_COLOUR_JITTER = (0.1, 0.04)  # per-channel gain and offset spread: generated images are off the world's palette
+UPSCALE_LOW_LEVELS = 50  # half the noise levels trained on are below this: the CLI's default is 20
+
+
+def render_crops(t: dict, zoom: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, size: int) -> torch.Tensor:
+    """A size x size window of each packed scene drawn at `zoom` x world.SIZE px, its corner at (x0, y0) px of that
+    drawing; (N, 3, size, size) in [0, 1], anti-aliased over one output pixel like `world.render` (zoom 1 at 0, 0
+    and size 128 is `world.render`)."""
+    dev = t["background"].device
+    palette = torch.tensor(list(world.COLOURS.values()), dtype=torch.float32, device=dev) / 255
+    z = zoom[:, None, None]
+    steps = torch.arange(size, device=dev, dtype=torch.float32) + 0.5
+    xx = ((x0[:, None, None] + steps[None, None, :]) / z).expand(-1, size, size)
+    yy = ((y0[:, None, None] + steps[None, :, None]) / z).expand(-1, size, size)
+    img = palette[t["background"]][:, :, None, None].expand(-1, -1, size, size)
+    for k in range(2):
+        r = torch.tensor(world.RADIUS, device=dev)[t["size"][:, k]][:, None, None].expand(-1, size, size)
+        d = world.shape_sdf(t["shape"][:, k][:, None, None].expand(-1, size, size),
+                            xx - t["x"][:, k, None, None], yy - t["y"][:, k, None, None], r)
+        alpha = ((0.5 - d * z).clamp(0, 1) * t["present"][:, k, None, None])[:, None]
+        img = img * (1 - alpha) + palette[t["colour"][:, k]][:, :, None, None] * alpha
+    return img
+
+
+def upscale_batch(pool: "Pool", b: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, input) in [-1, 1]: size x size crops of pool scenes at a random zoom (half log-uniform over
+    UPSCALE_ZOOM, half within 0.5 of 4, the 128 px inputs), half of them placed anywhere and half around the first
+    object (a zoomed scene is mostly background), colour-jittered, and their 4x box averages rounded to 8 bits like
+    the PNG a user passes."""
+    dev, gen = pool.ids.device, pool.gen
+    idx = torch.randint(0, pool.n, (b,), device=dev, generator=gen)
+    t = {k: v[idx] for k, v in pool.t.items()}
+    u = torch.rand(7, b, device=dev, generator=gen)
+    lo, hi = UPSCALE_ZOOM
+    zoom = torch.where(u[0] < 0.5, lo * (hi / lo) ** u[1], 3.5 + u[1]).clamp(min=size / world.SIZE)
+    room = world.SIZE * zoom - size
+    near = u[4] < 0.5
+    x0 = torch.where(near, t["x"][:, 0] * zoom - size * u[5], u[2] * room).clamp(min=0).minimum(room)
+    y0 = torch.where(near, t["y"][:, 0] * zoom - size * u[6], u[3] * room).clamp(min=0).minimum(room)
+    high = render_crops(t, zoom, x0, y0, size)
+    spread_gain, spread_offset = UPSCALE_COLOUR_JITTER
+    jitter = torch.rand(2, b, 3, 1, 1, device=dev, generator=gen) * 2 - 1
+    high = (high * (1 + spread_gain * jitter[0]) + spread_offset * jitter[1]).clamp(0, 1)
+    low = (F.interpolate(high, scale_factor=0.25, mode="area") * 255).round() / 255
+    return high * 2 - 1, low * 2 - 1
+
+
+def upscale_crops(crop: int) -> list[int]:
+    """Training crop sizes (output px, multiples of 16): 2/3 to 8/3 of `crop`, so the norms see images of many sizes
+    (a 32 px tile and a 384 px input upscale alike)."""
+    return sorted({max(16, round(crop * k / 48) * 16) for k in (2, 3, 4, 6, 8)})
+
+
+def upscale_mixed_batch(pool: "Pool", batch: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`upscale_batch` at one of `upscale_crops(crop)`, drawn per call, with the batch scaled to hold about as many
+    pixels as `batch` crops of `crop` px."""
+    sizes = upscale_crops(crop)
+    size = sizes[int(torch.randint(len(sizes), (1,), device=pool.ids.device, generator=pool.gen))]
+    return upscale_batch(pool, max(1, round(batch * (crop / size) ** 2)), size)
+
+
+def sub_window(height: int, width: int, gen) -> tuple[slice, slice]:
+    """A random window of a height x width grid, a quarter to three quarters of each side (a tile of it)."""
+    def one(n):
+        size = int(torch.randint(max(1, n // 4), max(2, 3 * n // 4 + 1), (1,), generator=gen, device=gen.device))
+        start = int(torch.randint(0, n - size + 1, (1,), generator=gen, device=gen.device))
+        return slice(start, start + size)
+    return one(height), one(width)
+
+
+def train_upscale_vae(run: Run, deadline, vae, pool, keep_latents=False):
+    """Train the x4 VAE on `upscale_batch` crops: L1 + MSE, plus L1 of the 4x box averages (the colours a downscale
+    shows), plus a small KL, plus `--consistency` x L1 between the decode of a window of the latents and the same
+    window of the whole decode (tiled decoding); then rescale its latents exactly to unit variance under the
+    pipeline's fixed 0.08333. `keep_latents` trains the decoder only: the latent space a trained UNet reads stays."""
+    dev = device()
+    vae.to(dev).train()
+    if keep_latents:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt, sched = optimizer(params, run.vae_lr, dev)
+    logger = Logger(run, f"vae_{UPSCALER}", params=models.n_params(vae), crop=run.crop, keep_latents=keep_latents)
+
+    def step(i):
+        x = upscale_mixed_batch(pool, run.vae_batch, run.crop)[0]
+        with autocast(dev):
+            with torch.set_grad_enabled(not keep_latents):
+                post = vae.encode(x).latent_dist
+                z = post.sample()
+            rec = vae.decode(z).sample.float()
+        err = rec - x
+        loss = err.abs().mean() + (err ** 2).mean() + F.avg_pool2d(err, 4).abs().mean()
+        if not keep_latents:
+            loss = loss + 1e-5 * post.kl().mean() / x[0].numel()
+        if run.consistency:
+            ys, xs = sub_window(*z.shape[-2:], pool.gen)
+            with autocast(dev):
+                part = vae.decode(z[..., ys, xs]).sample.float()
+            whole = rec[..., 4 * ys.start:4 * ys.stop, 4 * xs.start:4 * xs.stop]
+            loss = loss + run.consistency * (part - whole).abs().mean()
+        return _optimize(loss, opt, params, sched)
+
+    loop(step, deadline, run, logger, params)
+    vae.eval()
+    with torch.no_grad():
+        z = vae.encode(upscale_batch(pool, 8 if run.smoke else 64, run.crop)[0]).latent_dist.sample()
+        x = upscale_batch(pool, 8 if run.smoke else 64, run.crop)[0]
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    std = z.std().item()
+    if not keep_latents:
+        _rescale_latents(vae, 1 / (models.UPSCALE_SCALING * std))
+        vae.register_to_config(scaling_factor=models.UPSCALE_SCALING)
+    logger.log(logger.data["steps"], logger.data["losses"][-1][1] if logger.data["losses"] else math.nan,
+               latent_std=std, recon_mad_255=(rec - x).abs().mean().item() * 127.5)
+    vae.half().save_pretrained(run.out / UPSCALER / "vae", safe_serialization=True)
+
+
 def train_upscaler(run: Run, deadline):
-    """Train the x4 upscaler (own 4x VAE, tiny text encoder, 7-channel UNet with noise-level classes)."""
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline
+    """Train the x4 upscaler (own 4x VAE, tiny text encoder, 7-channel convolutional UNet with noise-level classes)
+    on `upscale_batch` pairs; `--resume` warm-starts every part from the resumed model's weights that still fit, and
+    its VAE is fine-tuned for `--vae-share` of the time (0: kept as it is)."""
+    from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline,
+                           UNet2DConditionModel)
 
     dev = device()
     torch.manual_seed(run.seed)
     tok = _tokenizer(run, UPSCALER)
+    pool = Pool(run.pool // 4, run.seed + 3, tok, dev)
+    start = time.time()
+    vae_deadline = start + run.vae_share * (deadline - start)
     if run.resume:
-        te, unet = models.load_text_and_unet(run.resume / UPSCALER)
+        old = run.resume / UPSCALER
+        te = models.load_text_and_unet(old)[0]
+        unet = models.upscale_unet(te.config.hidden_size, run.smoke)
+        models.load_matching(unet, UNet2DConditionModel.from_pretrained(old / "unet", dtype=torch.float32))
+        if run.vae_share > 0:
+            vae = models.upscale_vae(run.smoke)
+            models.load_matching(vae, AutoencoderKL.from_pretrained(old / "vae", dtype=torch.float32))
+            train_upscale_vae(run, vae_deadline, vae, pool)
     else:
-        start = time.time()
-        train_vae(run, start + 0.25 * (deadline - start), blocks=3, name=UPSCALER)
+        train_upscale_vae(run, start + max(run.vae_share, 0.25) * (deadline - start), models.upscale_vae(run.smoke),
+                          pool)
         te = models.text_encoder(len(tok), run.smoke, hidden=64, layers=2)
         unet = models.upscale_unet(te.config.hidden_size, run.smoke)
     vae = _load_vae(run, UPSCALER, dev)
-    te.to(dev).train()
+    te.to(dev).eval().requires_grad_(False)  # the convolutional UNet reads no prompt; the pipeline still encodes one
     unet.to(dev).train()
     sched, low_sched = models.noise_scheduler(models.ZERO_SNR_NOISE), DDPMScheduler(**models.LOW_RES_NOISE)
-    pool = Pool(run.pool // 4, run.seed + 3, tok, dev)
-    params = list(te.parameters()) + list(unet.parameters())
+    params = list(unet.parameters())
     opt, lr_sched = optimizer(params, run.lr, dev)
-    logger = Logger(run, "upscaler", params_unet=models.n_params(unet), params_text=models.n_params(te))
+    logger = Logger(run, "upscaler", params_unet=models.n_params(unet), params_text=models.n_params(te),
+                    crop=run.crop)
     batch = max(2, run.batch // 4)
+    with torch.no_grad():
+        states = te(pool.empty)[0]
 
     def step(i):
-        x, ids, _ = pool.batch(batch, run.caption_dropout)
-        low = F.interpolate(x, scale_factor=0.25, mode="area")
-        level = torch.randint(0, 351, (batch,), device=dev)
+        x, low = upscale_mixed_batch(pool, batch, run.crop)
+        b = x.shape[0]
+        pick = torch.rand(b, device=dev) < 0.5
+        level = torch.where(pick, torch.randint(0, UPSCALE_LOW_LEVELS, (b,), device=dev),
+                            torch.randint(0, 351, (b,), device=dev))
         low = low_sched.add_noise(low, torch.randn_like(low), level)
         with torch.no_grad(), autocast(dev):
             lat = vae.encode(x).latent_dist.sample().float() * vae.config.scaling_factor
         noise = torch.randn_like(lat)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=dev)
         with autocast(dev):
             inp = torch.cat([sched.add_noise(lat, noise, t), low], dim=1)
-            pred = unet(inp, t, te(ids)[0], class_labels=level).sample
+            pred = unet(inp, t, states.expand(b, -1, -1), class_labels=level).sample
         return _optimize(_diffusion_loss(pred, noise, t, sched, lat), opt, params, lr_sched)
 
     loop(step, deadline, run, logger, params)
-    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(),
+    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet.eval(),
                                           low_res_scheduler=low_sched,
                                           scheduler=DPMSolverMultistepScheduler.from_config(models.ZERO_SNR_NOISE),
                                           max_noise_level=350)
     _save(pipe, run.out / UPSCALER)
-    defaults = {**DEFAULTS, "description": "x4 upscaler for tiny-shapes: 32x32 -> 128x128", "steps": 10,
-                "cfg": 1.0, "scheduler": "dpm++2m", "noise_level": 20}
-    (run.out / UPSCALER / "diffcli.json").write_text(json.dumps(defaults, indent=1))
+    (run.out / UPSCALER / "diffcli.json").write_text(json.dumps(UPSCALE_DEFAULTS, indent=1))
+
+
+UPSCALE_DEFAULTS = {**DEFAULTS, "description": "x4 upscaler for tiny-shapes: any input size (32 px scenes, 128 px "
+                    "tiny-shapes outputs)", "steps": 10, "cfg": 1.0, "scheduler": "dpm++2m", "noise_level": 20}
 
 
 def main(argv=None):
@@ -472,7 +614,14 @@ def main(argv=None):
                     help="unet stage, with --resume: add WEIGHT x the relative squared change of the text encoder's "
                          "output from the resumed one's at every token --relation-head does not train, so a UNet "
                          "trained on the old encoder can share the new one (a refiner)")
+    ap.add_argument("--crop", type=int, default=128,
+                    help="upscaler stage: output px of the training crops (a multiple of 16; the input is a quarter)")
+    ap.add_argument("--vae-share", type=float, default=0.25, metavar="F",
+                    help="upscaler stage: share of the time that trains the x4 VAE before the UNet (with --resume, "
+                         "0 keeps the resumed VAE)")
     a = ap.parse_args(argv)
+    if a.crop % 16 or not 0 <= a.vae_share < 1:
+        ap.error(f"--crop must be a multiple of 16 and --vae-share in [0, 1), got {a.crop} and {a.vae_share}")
     if a.anchor_text and not a.resume:
         ap.error("--anchor-text needs --resume DIR: the encoder it anchors to")
     if a.distill_below and not (a.teacher or a.resume):
@@ -489,9 +638,9 @@ def main(argv=None):
               pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule, focus=focus,
               focus_share=a.focus_share if focus else 0.0, focus_one_object=bool(focus) and a.focus_one_object,
               relation_head=a.relation_head, distill_below=a.distill_below, teacher=a.teacher,
-              distill_share=a.distill_share, anchor_text=a.anchor_text)
+              distill_share=a.distill_share, anchor_text=a.anchor_text, crop=a.crop, vae_share=a.vae_share)
     if run.smoke:
-        run.batch, run.vae_batch, run.pool = 4, 2, 64
+        run.batch, run.vae_batch, run.pool, run.crop = 4, 2, 64, 32
     run.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     end = start + 60 * run.minutes - (5 if run.smoke else 25)  # leave time to save
