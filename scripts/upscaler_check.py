@@ -14,7 +14,8 @@ docs/bundled-model.md ("The x4 upscaler"):
 - tiling: mean absolute difference (0-255, at 512 px) of tiled against untiled output, same seed, over the mean
   difference two seeds make untiled (target: below 0.2). `--mosaics K` does the same for the default tiling of
   large inputs on K mosaics of 6 inputs (384x256 px, over the 256 px automatic tiling threshold).
-Run it with OMP_NUM_THREADS=1 beside other work; about 10 minutes on one CPU core with the default settings.
+Run it with OMP_NUM_THREADS=1 beside other work: 5 minutes on one CPU core for the bundled model (22 for the first
+weights, whose attention made the 384 px mosaics slow). docs/samples/x4-upscaler-check.jsonl holds the recorded runs.
 """
 
 import argparse
@@ -83,8 +84,9 @@ def upscale(model: str, source: Path, out: Path, seed: int, tile: int | None) ->
     return pixels(out)
 
 
-def tiling(model: str, sources: list[Path], work: Path, tile: int | None, tag: str) -> dict:
-    """Tiled vs untiled (seed 0) and seed 0 vs seed 1 (untiled), mean absolute differences at the output size."""
+def tiling(model: str, sources: list[Path], work: Path, tile: int | None, tag: str) -> tuple[dict, dict]:
+    """Tiled vs untiled (seed 0) and seed 0 vs seed 1 (untiled), mean absolute differences at the output size, as a
+    report; and the untiled seed-0 outputs by source."""
     tiled, seeds, untiled = [], [], {}
     for k, source in enumerate(sources):
         whole = upscale(model, source, work / f"{tag}-{k:02d}-s0.png", 0, 0)
@@ -110,10 +112,12 @@ def mosaic(paths: list[Path], out: Path) -> Path:
 
 
 def main(argv=None) -> None:
+    """Make the inputs, upscale them, print the report as one JSON line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-shapes-x4", help="x4 upscaler: bundled name or folder")
     ap.add_argument("--n", type=int, default=24, help="tiny-shapes outputs to upscale")
-    ap.add_argument("--mosaics", type=int, default=4, help="384x256 mosaics for the default (automatic) tiling; 0: skip")
+    ap.add_argument("--mosaics", type=int, default=4,
+                    help="384x256 mosaics for the default (automatic) tiling; 0: skip")
     ap.add_argument("--work", type=Path, default=Path("upscaler-check"), help="folder for inputs and outputs")
     a = ap.parse_args(argv)
     import torch

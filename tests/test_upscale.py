@@ -75,6 +75,58 @@ def test_upscale_defaults_to_the_bundled_x4_model(cli, tmp_path):
     assert Image.open("b.png").size == (64, 64) and result.json_lines()[0]["model"] == "tiny-shapes-x4"
 
 
+X4_PROMPTS = ("a large purple star in the center on a green background",
+              "a red circle to the left of a blue square on a white background")
+
+
+@pytest.fixture(scope="module")
+def x4_on_tiny_shapes(tmp_path_factory):
+    """Two 128 px tiny-shapes outputs (seeds 0, 1) and their `diffcli upscale`s at the defaults: seed 0, seed 1 and
+    seed 0 with `--tile 32`; int16 arrays by name. About a minute on one core."""
+    from diffcli.cli import main
+
+    folder = tmp_path_factory.mktemp("x4-check")
+    images = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFCLI_HOME", str(folder / ".diffcli-home"))
+        for k, prompt in enumerate(X4_PROMPTS):
+            assert main(["txt2img", prompt, "--seed", str(k), "-o", str(folder / f"in{k}.png"), "--quiet"]) == 0
+            images[f"in{k}"] = pixels(folder / f"in{k}.png")
+            for name, args in (("whole", ["--seed", "0"]), ("other", ["--seed", "1"]),
+                               ("tiled", ["--seed", "0", "--tile", "32"])):
+                out = folder / f"{name}{k}.png"
+                assert main(["upscale", str(folder / f"in{k}.png"), "-o", str(out), "--quiet", *args]) == 0
+                images[f"{name}{k}"] = pixels(out)
+    return images
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUNDLED_X4.exists(), reason="bundled upscaler absent")
+def test_bundled_x4_keeps_the_colours_and_shapes_of_tiny_shapes_outputs(x4_on_tiny_shapes):
+    """Target (a) of scripts/upscaler_check.py on two of its 24 cases: the 512 px result box-averaged back to 128 px
+    is within 6/255 of the input (mean absolute difference; measured 2.75 on average, 4.31 at most over 24; the first
+    weights, trained on 32 px scenes only, were 13-55 off and turned a purple background blue). Tiling must not
+    repaint the image either: `--tile 32` stays within 3/255 of the untiled result (measured 1.24; those weights 51)."""
+    for k in range(len(X4_PROMPTS)):
+        whole = x4_on_tiny_shapes[f"whole{k}"]
+        assert whole.shape == (512, 512, 3)
+        back = whole.reshape(128, 4, 128, 4, 3).mean(axis=(1, 3))  # box average, as PIL's Image.BOX
+        off = np.abs(back - x4_on_tiny_shapes[f"in{k}"]).mean()
+        assert off <= 6, (X4_PROMPTS[k], off)
+        assert np.abs(x4_on_tiny_shapes[f"tiled{k}"] - whole).mean() < 3, X4_PROMPTS[k]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUNDLED_X4.exists(), reason="bundled upscaler absent")
+@pytest.mark.xfail(strict=True, reason="target (c) not met yet: on 24 outputs tiling changes the result about as much "
+                                       "as another seed (1.24 vs 1.18 /255), docs/bundled-model.md 'The x4 upscaler'")
+def test_bundled_x4_tiles_like_the_whole_image(x4_on_tiny_shapes):
+    """Target (c): `--tile 32` changes the result by less than a fifth of what another seed changes."""
+    tiled = [np.abs(x4_on_tiny_shapes[f"tiled{k}"] - x4_on_tiny_shapes[f"whole{k}"]).mean() for k in range(2)]
+    seeds = [np.abs(x4_on_tiny_shapes[f"other{k}"] - x4_on_tiny_shapes[f"whole{k}"]).mean() for k in range(2)]
+    assert np.mean(tiled) < 0.2 * np.mean(seeds), (tiled, seeds)
+
+
 def test_upscale_latent_x2_whole_and_tiled(cli, tiny_latent_upscaler, tmp_path):
     Image.new("RGB", (128, 128), (200, 40, 40)).save(tmp_path / "in.png")
     result = cli("upscale", tmp_path / "in.png", "a red square", "--method", "latent", "--scale", "2",

@@ -68,8 +68,8 @@ def upscale_unet(cross_dim, smoke=False) -> UNet2DConditionModel:
 
     Convolutions only (no self- or cross-attention; the prompt is read by nobody): what a pixel becomes is decided by
     its neighbourhood of the low-res image, so the model works alike at every input size and a tile differs from the
-    whole image only through its borders and the group norms' statistics. With attention it learned the 32 px scenes' global layout and failed on 128 px
-    inputs (docs/bundled-model.md, "The x4 upscaler")."""
+    whole image only through its borders and the group norms' statistics (attention would tie every pixel to the
+    whole input, and costs 16 k x 16 k at 512 px out; docs/bundled-model.md, "The x4 upscaler")."""
     chans = (16, 16, 32) if smoke else (32, 64, 128)
     return UNet2DConditionModel(
         sample_size=32, in_channels=7, out_channels=4, block_out_channels=chans, layers_per_block=1,

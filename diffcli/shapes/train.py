@@ -50,10 +50,10 @@ class Run:
     teacher: Path | None = None  # the teacher's folder when it is not --resume
     distill_share: float | None = None  # share of timesteps drawn below distill_below (None: uniform over all)
     anchor_text: float = 0.0  # weight of the text encoder's pull toward the resumed one's output (see _anchor_loss)
-    crop: int = 128  # upscaler stage: output px of a training crop (32 px of input); the model is convolutional
-    vae_share: float = 0.25  # upscaler stage: share of the time spent training its VAE first (with --resume: 0 keeps it)
-    keep_latents: bool = False  # upscaler stage with --resume: train the VAE's decoder only (the UNet's latent space stays)
-    consistency: float = 0.0  # upscaler stage: weight of the tiled-vs-whole agreement losses (see train_upscaler)
+    crop: int = 128  # upscaler: output px of a training crop (a quarter of that in), sizes 2/3-8/3 of it drawn
+    vae_share: float = 0.25  # upscaler: share of the time its VAE trains first (with --resume, 0 keeps the VAE)
+    keep_latents: bool = False  # upscaler with --resume: train the VAE's decoder only (the UNet's latents stay)
+    consistency: float = 0.0  # upscaler: weight of the tiled-vs-whole agreement losses (train_upscale_vae, _upscaler)
 
 
 def device() -> torch.device:
@@ -507,7 +507,7 @@ def train_upscale_vae(run: Run, deadline, vae, pool, keep_latents=False):
 def train_upscaler(run: Run, deadline):
     """Train the x4 upscaler (own 4x VAE, tiny text encoder, 7-channel convolutional UNet with noise-level classes)
     on `upscale_batch` pairs; `--resume` warm-starts every part from the resumed model's weights that still fit, and
-    its VAE is fine-tuned for `--vae-share` of the time (0: kept as it is)."""
+    its VAE is fine-tuned for `--vae-share` of the time (0: kept as it is; `--keep-latents`: its decoder only)."""
     from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline,
                            UNet2DConditionModel)
 
@@ -522,7 +522,10 @@ def train_upscaler(run: Run, deadline):
         te = models.load_text_and_unet(old)[0]
         unet = models.upscale_unet(te.config.hidden_size, run.smoke)
         models.load_matching(unet, UNet2DConditionModel.from_pretrained(old / "unet", dtype=torch.float32))
-        if run.vae_share > 0:
+        if run.vae_share > 0 and run.keep_latents:
+            vae = AutoencoderKL.from_pretrained(old / "vae", dtype=torch.float32)
+            train_upscale_vae(run, vae_deadline, vae, pool, keep_latents=True)
+        elif run.vae_share > 0:
             vae = models.upscale_vae(run.smoke)
             models.load_matching(vae, AutoencoderKL.from_pretrained(old / "vae", dtype=torch.float32))
             train_upscale_vae(run, vae_deadline, vae, pool)
@@ -557,7 +560,13 @@ def train_upscaler(run: Run, deadline):
         with autocast(dev):
             inp = torch.cat([sched.add_noise(lat, noise, t), low], dim=1)
             pred = unet(inp, t, states.expand(b, -1, -1), class_labels=level).sample
-        return _optimize(_diffusion_loss(pred, noise, t, sched, lat), opt, params, lr_sched)
+        loss = _diffusion_loss(pred, noise, t, sched, lat)
+        if run.consistency:  # a tile's prediction should be the whole's there: tiled upscaling, seams and colours
+            ys, xs = sub_window(*inp.shape[-2:], pool.gen)
+            with autocast(dev):
+                part = unet(inp[..., ys, xs], t, states.expand(b, -1, -1), class_labels=level).sample
+            loss = loss + run.consistency * ((part.float() - pred.float()[..., ys, xs]) ** 2).mean()
+        return _optimize(loss, opt, params, lr_sched)
 
     loop(step, deadline, run, logger, params)
     pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet.eval(),
@@ -619,7 +628,15 @@ def main(argv=None):
     ap.add_argument("--vae-share", type=float, default=0.25, metavar="F",
                     help="upscaler stage: share of the time that trains the x4 VAE before the UNet (with --resume, "
                          "0 keeps the resumed VAE)")
+    ap.add_argument("--keep-latents", action="store_true",
+                    help="upscaler stage with --resume: train the x4 VAE's decoder only, so the resumed UNet's latent "
+                         "space stays")
+    ap.add_argument("--consistency", type=float, default=0.0, metavar="WEIGHT",
+                    help="upscaler stage: add WEIGHT x the disagreement between a random window's prediction (UNet) or "
+                         "decode (VAE) and the same window of the whole crop's, so tiled upscaling matches untiled")
     a = ap.parse_args(argv)
+    if a.keep_latents and not a.resume:
+        ap.error("--keep-latents needs --resume DIR: the model whose latent space it keeps")
     if a.crop % 16 or not 0 <= a.vae_share < 1:
         ap.error(f"--crop must be a multiple of 16 and --vae-share in [0, 1), got {a.crop} and {a.vae_share}")
     if a.anchor_text and not a.resume:
@@ -638,7 +655,8 @@ def main(argv=None):
               pool=a.pool, edge_weight=a.edge_weight, schedule=a.schedule, focus=focus,
               focus_share=a.focus_share if focus else 0.0, focus_one_object=bool(focus) and a.focus_one_object,
               relation_head=a.relation_head, distill_below=a.distill_below, teacher=a.teacher,
-              distill_share=a.distill_share, anchor_text=a.anchor_text, crop=a.crop, vae_share=a.vae_share)
+              distill_share=a.distill_share, anchor_text=a.anchor_text, crop=a.crop, vae_share=a.vae_share,
+              keep_latents=a.keep_latents, consistency=a.consistency)
     if run.smoke:
         run.batch, run.vae_batch, run.pool, run.crop = 4, 2, 64, 32
     run.out.mkdir(parents=True, exist_ok=True)
