@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffcli import weights
@@ -71,15 +72,37 @@ def _in_dir(folder: str | None, name: str, flag: str, what: str) -> Path:
     raise UsageError(f"{what} in the prompt: no {name}.safetensors in {flag} {folder}")
 
 
-def resolve(job) -> None:
-    """Check and resolve the job's LoRAs and embeddings into job.extra; raises UsageError, loads nothing."""
-    extra = job.extra
+@dataclass(frozen=True)
+class Resolved:
+    """A job's LoRAs (source, scale) and embeddings (file, token), found and checked; loaded by activate()."""
+
+    loras: tuple = ()
+    embeddings: tuple = ()
+    allow_pickle: bool = False
+
+    def record(self) -> dict:
+        """Scalars for the image metadata (A1111's Lora hashes / TI hashes)."""
+        out = {}
+        if self.loras:
+            out["lora"] = ", ".join(f"{Path(s).stem if Path(s).exists() else s}:{w:g}" for s, w in self.loras)
+            out["lora_hashes"] = ", ".join(f"{Path(s).stem}: {short_hash(Path(s))}" for s, _ in self.loras if Path(s).is_file())
+        if self.embeddings:
+            out["embedding"] = ", ".join(token for _, token in self.embeddings)
+            out["embedding_hashes"] = ", ".join(f"{token}: {short_hash(Path(p), False)}" for p, token in self.embeddings)
+        return out
+
+
+def resolve(job) -> Resolved:
+    """Check and resolve the job's LoRAs and embeddings (--lora, <lora:> tags, --embedding, --embedding-dir); raises
+    UsageError, loads nothing."""
+    adapters, allow_pickle = job.adapters, job.model.allow_pickle
+    prompt, negative = job.prompt.text, job.prompt.negative
     loras = []
-    for spec in extra.get("lora_specs") or ():
+    for spec in adapters.lora:
         source, scale = split_scale(spec, "--lora")
-        loras.append((_source(source, "--lora", job.allow_pickle), scale))
-    lora_dir = extra.get("lora_dir") or os.environ.get("DIFFCLI_LORA_DIR")
-    for kind, name, weight in extra_networks(job.prompt) + extra_networks(job.negative):
+        loras.append((_source(source, "--lora", allow_pickle), scale))
+    lora_dir = adapters.lora_dir or os.environ.get("DIFFCLI_LORA_DIR")
+    for kind, name, weight in extra_networks(prompt) + extra_networks(negative):
         if kind == "hypernet":
             raise UsageError(f"<hypernet:{name}> in the prompt: hypernetworks are not supported")
         try:
@@ -92,58 +115,50 @@ def resolve(job) -> None:
         if lora_dir:
             check_path("--lora-dir", lora_dir)
             check_path(f"<{kind}:{name}> in the prompt", name)
-        loras.append((_source(str(_in_dir(lora_dir, name, "--lora-dir", f"<{kind}:{name}>")), "--lora-dir", job.allow_pickle), scale))
+        loras.append((_source(str(_in_dir(lora_dir, name, "--lora-dir", f"<{kind}:{name}>")), "--lora-dir", allow_pickle), scale))
     embeddings = []
-    for spec in extra.get("embedding_specs") or ():
+    for spec in adapters.embedding:
         check_path("--embedding", spec)
         source, _, token = spec.rpartition(":")
         if not source or Path(spec).expanduser().is_file():
             source, token = spec, ""
-        path = Path(_source(source, "--embedding", job.allow_pickle))
+        path = Path(_source(source, "--embedding", allow_pickle))
         if not path.is_file():
             raise UsageError(f"--embedding {spec!r}: no such file")
         if token and (len(token) > 100 or any(ch.isspace() or not ch.isprintable() for ch in token)):
             raise UsageError(f"--embedding {spec!r}: the token after ':' must be one printable word, got {token[:40]!r}",
                              "an embedding takes no scale: FILE[:TOKEN], the token to write in the prompt")
         embeddings.append((str(path), token or path.stem))
-    embedding_dir = extra.get("embedding_dir") or os.environ.get("DIFFCLI_EMBEDDING_DIR")
+    embedding_dir = adapters.embedding_dir or os.environ.get("DIFFCLI_EMBEDDING_DIR")
     if embedding_dir:
         check_path("--embedding-dir", embedding_dir)
         folder = Path(embedding_dir).expanduser()
         if not folder.is_dir():
             raise UsageError(f"--embedding-dir {embedding_dir!r} is not a folder")
-        text = f"{job.prompt}\n{job.negative}"
+        text = f"{prompt}\n{negative}"
         for path in sorted(folder.iterdir()):
             used = re.search(rf"(?<![\w-]){re.escape(path.stem)}(?![\w-])", text)
             if path.suffix.lower() in SUFFIXES and used and path.stem not in {t for _, t in embeddings}:
-                embeddings.append((str(_source(str(path), "--embedding-dir", job.allow_pickle)), path.stem))
-    extra["loras"] = loras
-    extra["embeddings"] = embeddings
-    if loras:  # scalars for the image metadata (lists stay out of it)
-        extra["lora"] = ", ".join(f"{Path(s).stem if Path(s).exists() else s}:{w:g}" for s, w in loras)
-        extra["lora_hashes"] = ", ".join(f"{Path(s).stem}: {short_hash(Path(s))}" for s, _ in loras if Path(s).is_file())
-    if embeddings:
-        extra["embedding"] = ", ".join(token for _, token in embeddings)
-        extra["embedding_hashes"] = ", ".join(f"{token}: {short_hash(Path(p), False)}" for p, token in embeddings)
+                embeddings.append((str(_source(str(path), "--embedding-dir", allow_pickle)), path.stem))
+    return Resolved(tuple(loras), tuple(embeddings), allow_pickle)
 
 
 def short_hash(path: Path, tensors_only: bool = True) -> str:
     """A1111's 12-digit hash of a LoRA (sha256 of a safetensors file's tensor bytes) or embedding (of the file)."""
-    from diffcli.generate import default_cache_dir
-    from diffcli.models import file_sha256
+    from diffcli.hashes import file_hash
 
-    return file_sha256(path, default_cache_dir(), tensors_only and weights.file_format(path) == weights.SAFETENSORS)[:12]
+    return file_hash(path, tensors_only and weights.file_format(path) == weights.SAFETENSORS)[:12]
 
 
 def _adapter_name(source: str) -> str:
     return "diffcli_" + hashlib.sha1(source.encode()).hexdigest()[:12]
 
 
-def activate(pipe, job) -> None:
-    """Load what the job needs (once per process) and switch exactly its LoRAs on, at their scales."""
-    for path, token in job.extra.get("embeddings") or ():
-        _load_embedding(pipe, path, token, job.allow_pickle)
-    loras = job.extra.get("loras") or []
+def activate(pipe, resolved: Resolved) -> None:
+    """Load what a job needs (once per process) and switch exactly its LoRAs on, at their scales."""
+    for path, token in resolved.embeddings:
+        _load_embedding(pipe, path, token, resolved.allow_pickle)
+    loras = resolved.loras
     loaded = getattr(pipe.unet, "diffcli_loras", set())  # on the U-Net: pipelines of other tasks share it
     if not loras and not loaded:
         return
@@ -151,7 +166,7 @@ def activate(pipe, job) -> None:
     for source, scale in loras:
         name = _adapter_name(source)
         if name not in loaded:
-            _load_lora(pipe, source, name, job.allow_pickle)
+            _load_lora(pipe, source, name, resolved.allow_pickle)
             loaded.add(name)
         if name not in names:
             names.append(name)

@@ -11,32 +11,19 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import math
 import re
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffcli import weights
+from diffcli import families, weights
 from diffcli.errors import ModelError
 
 CONFIGS = Path(__file__).parent / "configs"
 CLIP_BPE = CONFIGS / "clip-bpe"
-MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
-# Bits per element of each safetensors dtype (the format's table); a dtype not listed skips the size check.
-DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
-              "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4,
-              "F6_E2M3": 6, "F6_E3M2": 6}
 UNET = "model.diffusion_model."
 CONV_IN = UNET + "input_blocks.0.0.weight"
 CROSS_ATTN_K = re.compile(re.escape(UNET) + r".*\.attn2\.to_k\.weight$")
-TEXT_ENCODERS = {  # family -> (text encoder key prefix, the UNet's cross-attention width)
-    "sdxl": ("conditioner.embedders.1.model.", 2048),  # CLIP ViT-L (embedders.0) + OpenCLIP bigG
-    "sdxl-refiner": ("conditioner.embedders.0.model.", 1280),  # OpenCLIP bigG alone
-    "sd2": ("cond_stage_model.model.", 1024),  # OpenCLIP ViT-H
-    "sd1": ("cond_stage_model.transformer.", 768),  # OpenAI CLIP ViT-L
-}
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 
@@ -50,78 +37,6 @@ class CheckpointInfo:
     prediction_type: str  # "epsilon" | "v_prediction"
     prediction_guessed: bool  # True when neither metadata nor a marker key said which
     config_dir: str  # the packaged diffusers config folder for this family
-
-
-def read_safetensors_header(path: str | Path) -> dict:
-    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), checked as the format
-    specifies: every malformed header, file or entry is a ModelError, never another exception."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        handle = path.open("rb")
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    with handle:
-        head = handle.read(max(8, len(weights.LFS_POINTER)))
-        if size == 0:
-            raise ModelError(f"{path} is empty", "was the download interrupted?")
-        if head.startswith(weights.LFS_POINTER):
-            raise ModelError(f"{path} is a git-lfs pointer, not the weights", "run `git lfs pull` in its repository")
-        if head.startswith(b"PK\x03\x04"):
-            raise ModelError(f"{path} is a PyTorch zip (pickle) checkpoint, not safetensors", "rename it to .ckpt")
-        if size < 8:
-            raise ModelError(f"{path} is not a safetensors file: only {size} bytes")
-        (length,) = struct.unpack("<Q", head[:8])
-        if length > MAX_HEADER or not head[8:9] == b"{":
-            raise ModelError(f"{path} is not a safetensors file (no JSON header at its start)")
-        if 8 + length > size:
-            raise ModelError(f"{path} is truncated: its header needs {8 + length} bytes, the file has {size}")
-        handle.seek(8)
-        try:
-            header = json.loads(handle.read(length))
-        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4300-digit numbers, nesting thousands deep
-            raise ModelError(f"{path} is not a safetensors file (bad JSON header: {str(exc)[:200]})") from None
-    if not isinstance(header, dict):
-        raise ModelError(f"{path} is not a safetensors file (header is not a JSON object)")
-    end = _data_end(path, header)
-    if 8 + length + end > size:
-        raise ModelError(
-            f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}",
-            "download it again",
-        )
-    return header
-
-
-def _is_size(value) -> bool:
-    return type(value) is int and value >= 0  # not bool, not float
-
-
-def _data_end(path: Path, header: dict) -> int:
-    """Check each entry as the safetensors format defines it (a dtype, a shape of sizes, [begin, end] data offsets
-    holding exactly the shape's bytes; __metadata__ strings only); returns where the tensor data ends."""
-    meta = header.get("__metadata__")
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise ModelError(f"{path} is not a valid safetensors file: __metadata__ must map names to strings")
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        where = f"{path} is not a valid safetensors file: tensor {name[:80]!r}"
-        if not isinstance(entry, dict):
-            raise ModelError(f"{where} is not an object with dtype, shape and data_offsets")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str):
-            raise ModelError(f"{where} has no dtype name, got {json.dumps(dtype)[:40]}")
-        if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
-            raise ModelError(f"{where}: shape must be a list of sizes >= 0, got {json.dumps(shape)[:40]}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets)) and offsets[0] <= offsets[1]):
-            raise ModelError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {json.dumps(offsets)[:40]}")
-        bits = DTYPE_BITS.get(dtype)
-        if bits is not None and math.prod(shape) * bits != (offsets[1] - offsets[0]) * 8:
-            raise ModelError(f"{where}: shape {json.dumps(shape)[:40]} of {dtype} does not fill its data_offsets "
-                             f"({offsets[1] - offsets[0]} bytes)")
-        end = max(end, offsets[1])
-    return end
 
 
 def _size_at(path: Path, header: dict, key: str, axis: int) -> int:
@@ -166,23 +81,18 @@ def _prediction_type(family: str, inpaint: bool, header: dict) -> tuple[str, boo
         return ("v_prediction" if meta["ss_v_parameterization"] == "True" else "epsilon"), False
     if "v_pred" in header:  # ComfyUI's marker key in v-prediction SDXL checkpoints
         return "v_prediction", False
-    # No weight tells 512-epsilon from 768-v: SD 2.x defaults to 768-v like diffusers, inpainting to epsilon.
-    return ("v_prediction" if family == "sd2" and not inpaint else "epsilon"), True
-
-
-def _config_name(family: str, inpaint: bool, prediction_type: str) -> str:
-    """The packaged config folder for a family and variant."""
-    base = {"sd1": "sd15", "sd2": "sd2-v" if prediction_type == "v_prediction" else "sd2"}.get(family, family)
-    return f"{base.removesuffix('-v')}-inpaint" if inpaint else base
+    # No weight tells 512-epsilon from 768-v: the family's usual (SD 2.x: 768-v, like diffusers), inpainting epsilon.
+    return ("epsilon" if inpaint else families.get(family).prediction_type), True
 
 
 def _family(path: Path, keys: list[str]) -> str:
     """sd1/sd2/sdxl/sdxl-refiner from which text encoder the file holds; refuse incomplete files."""
     if not any(k.startswith(UNET) for k in keys):
         raise _not_a_pipeline(path, keys)
-    family = next((f for f, (prefix, _) in TEXT_ENCODERS.items() if any(k.startswith(prefix) for k in keys)), None)
+    single = [(f.name, f.single_file.text_encoder_prefix) for f in families.FAMILIES.values() if f.single_file]
+    family = next((f for f, prefix in single if any(k.startswith(prefix) for k in keys)), None)
     if family is None:
-        expected = ", ".join(f"{prefix}* ({f})" for f, (prefix, _) in TEXT_ENCODERS.items())
+        expected = ", ".join(f"{prefix}* ({f})" for f, prefix in single)
         raise ModelError(f"--model {str(path)!r} has a UNet but no text encoder weights", f"expected one of {expected}")
     if not any(k.startswith(VAE_PREFIXES) for k in keys):
         raise ModelError(f"--model {str(path)!r} has no VAE weights (first_stage_model.*)", "use a full checkpoint")
@@ -192,17 +102,18 @@ def _family(path: Path, keys: list[str]) -> str:
 def _packaged_config(path: Path, family: str, header: dict, in_channels: int, prediction_type: str) -> Path:
     """The shipped config folder, after checking the UNet has that family's standard shapes."""
     hint = "pass --model-config with a diffusers folder describing this architecture"
+    single = families.get(family).single_file
     context = next((_size_at(path, header, k, 1) for k in header if CROSS_ATTN_K.match(k)), None)
-    if context != TEXT_ENCODERS[family][1]:
+    if context != single.cross_attention_dim:
         raise ModelError(f"--model {str(path)!r}: {family} text encoder but UNet cross-attention width {context}, "
-                         f"expected {TEXT_ENCODERS[family][1]}", hint)
+                         f"expected {single.cross_attention_dim}", hint)
     if in_channels not in (4, 9):
         raise ModelError(f"--model {str(path)!r}: the UNet takes {in_channels} input channels, "
                          "diffcli ships configs for 4 (text-to-image) and 9 (inpainting)", hint)
-    config_dir = CONFIGS / _config_name(family, in_channels == 9, prediction_type)
-    if not config_dir.is_dir():
+    name = single.config_name(in_channels == 9, prediction_type)
+    if name is None or not (CONFIGS / name).is_dir():
         raise ModelError(f"--model {str(path)!r}: no packaged config for a {family} {in_channels}-channel UNet", hint)
-    return config_dir
+    return CONFIGS / name
 
 
 def inspect_checkpoint(path: str | Path, model_config: str | None = None, allow_pickle: bool = False) -> CheckpointInfo:
@@ -213,7 +124,7 @@ def inspect_checkpoint(path: str | Path, model_config: str | None = None, allow_
     """
     path = Path(path)
     fmt = weights.check(path, "--model", allow_pickle)
-    header = _pickle_shapes(path) if fmt == weights.PICKLE else read_safetensors_header(path)
+    header = _pickle_shapes(path) if fmt == weights.PICKLE else weights.read_safetensors_header(path)
     family = _family(path, [k for k in header if k != "__metadata__"])
     in_channels = _size_at(path, header, CONV_IN, 1) if CONV_IN in header else 4
     prediction_type, guessed = _prediction_type(family, in_channels == 9, header)

@@ -10,15 +10,16 @@ UPSCALERS = ("latent", "lanczos", "x4")  # x4: an SD x4 upscaler model, then Lan
 DEFAULT_STRENGTH = 0.7  # A1111's default denoising strength for the hires pass, for models that recommend none
 
 
-def hires_settings(scale: float | None, steps: int | None, strength: float | None, upscaler: str,
-                   upscaler_model: str | None = None) -> dict:
-    """Job.extra entries for --hires and its companions, validated; strength None: the model's (apply_default)."""
+def check_settings(second) -> None:
+    """Check --hires and its companions (jobs.SecondPasses); --hires-upscaler x4 without a model gets the default one."""
+    scale, steps, strength, upscaler, model = (second.hires, second.hires_steps, second.hires_strength,
+                                               second.hires_upscaler, second.hires_upscaler_model)
     if scale is None:
         if steps is not None:
             raise UsageError("--hires-steps needs --hires SCALE")
-        if upscaler_model is not None:
+        if model is not None:
             raise UsageError("--hires-upscaler-model needs --hires SCALE --hires-upscaler x4")
-        return {}
+        return
     if not 1.0 < scale <= 4.0:
         raise UsageError(f"--hires must be between 1 (exclusive) and 4, got {scale:g}")
     if steps is not None and not 1 <= steps <= 1000:  # as --steps
@@ -29,31 +30,29 @@ def hires_settings(scale: float | None, steps: int | None, strength: float | Non
         raise UsageError(f"--hires-upscaler must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
     if steps is not None and strength is not None and int(steps * strength) < 1:
         raise UsageError(f"--hires-strength {strength:g} x --hires-steps {steps} is less than one denoising step")
-    settings = {"hires_scale": scale, "hires_steps": steps, "hires_strength": strength, "hires_upscaler": upscaler}
     if upscaler == "x4":
         from diffcli.options import check_path
         from diffcli.tasks import DEFAULT_UPSCALER
 
-        if upscaler_model is not None:
-            check_path("--hires-upscaler-model", upscaler_model)
-        settings["hires_upscaler_model"] = upscaler_model or os.environ.get("DIFFCLI_UPSCALE_MODEL") or DEFAULT_UPSCALER
-    elif upscaler_model is not None:
+        if model is not None:
+            check_path("--hires-upscaler-model", model)
+        second.hires_upscaler_model = model or os.environ.get("DIFFCLI_UPSCALE_MODEL") or DEFAULT_UPSCALER
+    elif model is not None:
         raise UsageError(f"--hires-upscaler-model needs --hires-upscaler x4, not {upscaler}")
-    return settings
 
 
 def apply_default(job, spec) -> None:
     """--hires without --hires-strength takes the model's recommendation (diffcli.json `hires_strength`, else
     DEFAULT_STRENGTH) and then, without --hires-steps, its `hires_steps` too; the pair must make a denoising step."""
-    extra = job.extra
-    if not extra.get("hires_scale") or extra.get("hires_strength") is not None:
+    second = job.second
+    if not second.hires or second.hires_strength is not None:
         return
-    extra["hires_strength"] = spec.defaults.get("hires_strength", DEFAULT_STRENGTH)
-    if extra.get("hires_steps") is None and spec.defaults.get("hires_steps"):
-        extra["hires_steps"] = spec.defaults["hires_steps"]
-    steps = extra.get("hires_steps") or job.steps or spec.defaults.get("steps")
-    if steps and int(steps * extra["hires_strength"]) < 1:
-        raise UsageError(f"{spec.name}'s hires strength {extra['hires_strength']:g} x {steps} steps is less than one "
+    second.hires_strength = spec.defaults.get("hires_strength", DEFAULT_STRENGTH)
+    if second.hires_steps is None and spec.defaults.get("hires_steps"):
+        second.hires_steps = spec.defaults["hires_steps"]
+    steps = second.hires_steps or job.sampling.steps or spec.defaults.get("steps")
+    if steps and int(steps * second.hires_strength) < 1:
+        raise UsageError(f"{spec.name}'s hires strength {second.hires_strength:g} x {steps} steps is less than one "
                          "denoising step", "raise --hires-steps, or give --hires-strength")
 
 
@@ -61,7 +60,7 @@ def check_upscaler(job):
     """The x4 upscaler model's spec; it must exist and be one (checked before any weights load)."""
     from diffcli.models import resolve_model
 
-    spec = resolve_model(job.extra["hires_upscaler_model"], None, job.allow_pickle)
+    spec = resolve_model(job.second.hires_upscaler_model, None, job.model.allow_pickle)
     if spec.family != "sd-x4-upscaler":
         raise UsageError(f"--hires-upscaler-model {spec.name!r} is a {spec.family} model, not an SD x4 upscaler")
     return spec
@@ -82,30 +81,31 @@ def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[i
     return int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple
 
 
-def refine(pipe, job, plan, seeds: list[int], steps: int, latents, images):
+def second_pass(pipe, plan, seeds: list[int], steps: int, latents, images):
     """Upscale the first pass and run img2img over it at the larger size; returns float images (N, H, W, 3)."""
     import torch
     from PIL import Image
 
     from diffcli import prompts
-    from diffcli.generate import to_pil
+    from diffcli.images import to_pil
     from diffcli.pipeline import load_for_job
 
-    extra = job.extra
-    width, height = target_size(plan.width, plan.height, extra["hires_scale"], plan.spec.size_multiple)
-    img2img = load_for_job(plan.spec, "img2img", job, plan.scheduler, job.safety_checker, plan.vae)  # run_plan's components
-    if extra["hires_upscaler"] == "latent":
+    job = plan.job
+    second = job.second
+    width, height = target_size(plan.width, plan.height, second.hires, plan.spec.size_multiple)
+    img2img = load_for_job(plan.spec, "img2img", job.model, plan.scheduler, job.model.safety_checker, plan.vae)  # the run's components
+    if second.hires_upscaler == "latent":
         factor = plan.spec.size_multiple
         image = torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode="bilinear")
-    elif extra["hires_upscaler"] == "x4":
+    elif second.hires_upscaler == "x4":
         upscaled = _x4(job, plan.helpers["hires_upscaler"], images, seeds)
         image = [each.resize((width, height), Image.LANCZOS) for each in upscaled]
     else:
         image = [to_pil(array).resize((width, height), Image.LANCZOS) for array in images]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    return img2img(image=image, strength=extra["hires_strength"], num_inference_steps=extra["hires_steps"] or steps,
+    return img2img(image=image, strength=second.hires_strength, num_inference_steps=second.hires_steps or steps,
                    guidance_scale=plan.cfg, generator=generators, output_type="np",
-                   **prompts.pipeline_inputs(img2img, [job] * len(seeds))).images
+                   **prompts.pipeline_inputs(img2img, [job.prompt] * len(seeds))).images
 
 
 def _x4(job, spec, images, seeds: list[int]) -> list:
@@ -113,15 +113,15 @@ def _x4(job, spec, images, seeds: list[int]) -> list:
     import torch
 
     from diffcli import prompts, tiles
-    from diffcli.generate import to_pil
+    from diffcli.images import to_pil
     from diffcli.pipeline import default_steps, load_for_job
     from diffcli.tasks import AUTO_TILE
 
     defaults = spec.defaults
-    pipe = load_for_job(spec, "upscale", job, defaults.get("scheduler"))
+    pipe = load_for_job(spec, "upscale", job.model, defaults.get("scheduler"))
     settings = dict(num_inference_steps=defaults.get("steps") or default_steps(pipe.scheduler),
                     guidance_scale=defaults.get("cfg", 7.5), noise_level=defaults.get("noise_level", 20),
-                    output_type="np", **prompts.pipeline_inputs(pipe, [job]))
+                    output_type="np", **prompts.pipeline_inputs(pipe, [job.prompt]))
 
     def call(extra: dict, generator):
         return pipe(generator=[generator], **settings, **extra).images[0]

@@ -1,8 +1,9 @@
-"""An image's identity: one hash of every resolved setting that changes its pixels.
+"""An image's identity, and the weight hashes it is made of.
 
-Computed once per plan (`settings_digest`), combined with each image's seed (`image_id`), stored in the
-image's `diffcli` PNG chunk and in a batch's manifest. A rerun adopts or skips an existing image only when
-its id is the one the new settings give, so an image made with other settings is never passed off as new.
+`settings_digest` hashes every resolved setting of a plan that changes its pixels; combined with each image's seed
+(`image_id`) it is stored in the image's `diffcli` PNG chunk and in a batch's manifest. A rerun adopts or skips an
+existing image only when its id is the one the new settings give, so an image made with other settings is never
+passed off as new.
 """
 
 from __future__ import annotations
@@ -12,25 +13,25 @@ import json
 import os
 from pathlib import Path
 
-# Job fields that do not change the pixels, or that enter the digest resolved (model, extra) instead.
-NOT_IN_ID = {"seed", "out", "overwrite", "num_images", "batch_size", "device", "allow_pickle", "optimize",
-             "low_vram", "threads", "model", "extra"}
+from diffcli.hashes import file_hash, model_hash
+
 MAX_INLINE_PATH = 4096  # longer strings are text, not file names
 
 
 def settings_digest(plan) -> str:
-    """sha256 of the plan's resolved settings: job fields, model and helpers with their weight hashes, size, cfg,
+    """sha256 of the plan's resolved settings: prompt, sampling, model and helpers with their weight hashes, size, cfg,
     scheduler, steps, dtype, and task inputs (images, LoRAs, embeddings) by their content."""
     job, spec = plan.job, plan.spec
-    settings = {key: value for key, value in job.settings().items() if key not in NOT_IN_ID}
-    settings.update(
-        model=model_identity(spec),
-        helpers={name: model_identity(helper) for name, helper in sorted(plan.helpers.items())},
-        width=plan.width, height=plan.height, cfg=plan.cfg, scheduler=plan.scheduler,
-        steps=job.steps or spec.defaults.get("steps"),
-        extra=stable(job.extra),
-    )
-    if getattr(plan, "vae", None) is not None:  # only then: the ids of images made without --vae stay what they were
+    settings = {
+        "task": job.task, "prompt": job.prompt.text, "negative": job.prompt.negative, "dtype": job.model.dtype,
+        "model_config": job.model.config, "safety_checker": job.model.safety_checker,
+        "model": model_identity(spec),
+        "helpers": {name: model_identity(helper) for name, helper in sorted(plan.helpers.items())},
+        "width": plan.width, "height": plan.height, "cfg": plan.cfg, "scheduler": plan.scheduler,
+        "steps": job.sampling.steps or spec.defaults.get("steps"),
+        "extra": stable(dict(plan.record, loras=plan.adapters.loras, embeddings=plan.adapters.embeddings)),
+    }
+    if plan.vae is not None:  # only then: the ids of images made without --vae stay what they were
         from diffcli import vae
 
         settings["vae"] = vae.identity(plan.vae)
@@ -44,29 +45,18 @@ def image_id(digest: str, seed: int) -> str:
 
 def model_identity(spec) -> dict:
     """What names a model's weights: bundled/Hub name (and Hub revision), or the resolved path, with its hash."""
-    from diffcli.generate import default_cache_dir
-    from diffcli.models import model_hash
-
     where = spec.name if spec.source in ("bundled", "hub") else str(Path(spec.location).resolve())
-    return {"model": where, "hash": model_hash(spec, default_cache_dir()), "revision": spec.revision,
-            "config": spec.model_config}
+    return {"model": where, "hash": model_hash(spec), "revision": spec.revision, "config": spec.model_config}
 
 
 def stable(value):
     """JSON-able form of task settings; input files count by their content, not their name."""
     if isinstance(value, dict):
-        return {str(k): stable(v) for k, v in value.items() if k != "pipeline_kwargs"}
+        return {str(k): stable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [stable(v) for v in value]
     if isinstance(value, str) and len(value) < MAX_INLINE_PATH and os.path.isfile(value):
-        return "sha256:" + _content_hash(value)
+        return "sha256:" + file_hash(Path(value))
     if isinstance(value, (str, int, float, bool, type(None))):
         return value
     return type(value).__name__
-
-
-def _content_hash(path: str) -> str:
-    from diffcli.generate import default_cache_dir
-    from diffcli.models import file_sha256
-
-    return file_sha256(Path(path), default_cache_dir())

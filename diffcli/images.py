@@ -171,3 +171,11 @@ def composite(original, generated, mask):
     from PIL import Image
 
     return Image.composite(generated.resize(original.size), original, mask)
+
+
+def to_pil(array):
+    """float [0,1] HxWxC -> 8-bit PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype("uint8"))

@@ -41,12 +41,12 @@ def check(spec, job, width: int, height: int) -> list[str]:
         smaller = width < trained[0] or height < trained[1]
         effect = "comes out as noise rather than shapes" if smaller else "repeats objects to fill the canvas"
         lines.append(f"{name} was trained at {trained[0]}x{trained[1]} only: at {width}x{height} it {effect}{see}")
-    if limits.get("outpaint") and "outpaint" in job.extra:
+    if limits.get("outpaint") and job.command == "outpaint":
         lines.append(f"{name} was not trained to outpaint: {limits['outpaint']}{see}")
-    top, strength = limits.get("hires_strength_max"), job.extra.get("hires_strength")
-    if job.extra.get("hires_scale") and limits.get("hires"):  # no strength is safe
+    top, strength = limits.get("hires_strength_max"), job.second.hires_strength
+    if job.second.hires and limits.get("hires"):  # no strength is safe
         lines.append(f"{name} with --hires: {limits['hires']}{see}")
-    elif job.extra.get("hires_scale") and top is not None and strength is not None and strength > top:
+    elif job.second.hires and top is not None and strength is not None and strength > top:
         default = spec.defaults.get("hires_strength")
         lines.append(f"--hires-strength {strength:g} re-draws {name}'s objects at the larger size (extra or missing "
                      f"shapes above {top:g})" + (f"; its default is {default:g}" if default is not None else "") + see)
@@ -56,15 +56,15 @@ def check(spec, job, width: int, height: int) -> list[str]:
 def unknown_words(spec, job, vocabulary: str | None) -> tuple[list[str], str]:
     """(the words of the prompt and negative prompt the model does not know, in order, and what it knows); nothing
     when the model names no vocabulary, or its module is not installed."""
-    if vocabulary not in VOCABULARIES or not (job.prompt.strip() or job.negative.strip()):
+    prompt = job.prompt
+    if vocabulary not in VOCABULARIES or not (prompt.text.strip() or prompt.negative.strip()):
         return [], ""
     try:
         module = importlib.import_module(VOCABULARIES[vocabulary])
     except ImportError:
         return [], ""
     known = module.known_words(str(spec.config_dir or spec.location))
-    weighting = job.extra.get("weighting", True)
-    words = [w for text in (job.prompt, job.negative) for w in prompt_words(text, weighting)]
+    words = [w for text in (prompt.text, prompt.negative) for w in prompt_words(text, prompt.weighting)]
     return [w for w in dict.fromkeys(words) if w not in known], module.summary()
 
 

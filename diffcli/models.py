@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from diffcli import weights
+from diffcli import families, weights
 from diffcli.errors import ModelError, first_line
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -75,21 +75,6 @@ def read_json(path: Path) -> dict:
         raise ModelError(f"{path} is not a readable JSON config: {exc}") from None
 
 
-def detect_family(model_index: dict, unet: dict) -> str:
-    """SD1/SD2/SDXL or an upscaler, from the pipeline class and the UNet config."""
-    pipeline_class = model_index.get("_class_name", "")
-    if "Upscale" in pipeline_class:
-        return "sd-latent-upscaler" if "Latent" in pipeline_class else "sd-x4-upscaler"
-    no_text_encoder = (model_index.get("text_encoder") or [None])[0] is None
-    if "XL" in pipeline_class or unet.get("addition_embed_type") == "text_time":
-        return "sdxl-refiner" if no_text_encoder and "text_encoder_2" in model_index else "sdxl"
-    if not pipeline_class.startswith("StableDiffusion"):
-        raise ModelError(f"unsupported pipeline class {pipeline_class!r}", "diffcli runs Stable Diffusion 1.x, 2.x and XL models")
-    if no_text_encoder:
-        return "sd-refiner"  # a UNet that reads another model's prompt embeddings: only a --refiner
-    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
-
-
 def _from_folder(path: Path, name: str, source: str, allow_pickle: bool) -> ModelSpec:
     """A diffusers folder: model_index.json plus one subfolder per component."""
     if not (path / "model_index.json").is_file():
@@ -105,22 +90,22 @@ def _spec_from_configs(folder: Path, name: str, source: str, location: str) -> M
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
     vae_path = folder / "vae" / "config.json"
-    vae_blocks = len(read_json(vae_path).get("block_out_channels", [1] * 4)) if vae_path.is_file() else 4
+    vae_blocks = len(read_json(vae_path).get("block_out_channels", [1] * 4)) if vae_path.is_file() else None
     defaults_path = folder / "diffcli.json"
-    family = detect_family(model_index, unet)
+    family = families.get(families.detect(model_index, unet))
+    size_multiple = family.size_multiple if vae_blocks is None else 2 ** (vae_blocks - 1)
     sample_size = unet.get("sample_size")
     if isinstance(sample_size, list):
         sample_size = sample_size[0]
-    upscaler = family.startswith("sd-") and "upscaler" in family
     return ModelSpec(
         source=source,
         location=location,
         name=name,
-        family=family,
+        family=family.name,
         inpaint=unet.get("in_channels") == 9,
         prediction_type=scheduler.get("prediction_type", "epsilon"),
-        sample_size=None if upscaler or not sample_size else sample_size * 2 ** (vae_blocks - 1),
-        size_multiple=2 ** (vae_blocks - 1),
+        sample_size=None if family.upscale or not sample_size else sample_size * size_multiple,
+        size_multiple=size_multiple,
         defaults=read_json(defaults_path) if defaults_path.is_file() else {},
     )
 

@@ -35,16 +35,16 @@ def variation_latents(pipe, generators, variation_seeds: list[int], strength: fl
     return slerp(float(strength), base.float(), other.float()).to(dtype)
 
 
-def variation_settings(seed: int | None, strength: float | None) -> dict:
-    """Job.extra entries for --variation-seed/--variation-strength; each flag needs the other."""
+def check_variation(sampling) -> None:
+    """--variation-seed and --variation-strength (jobs.Sampling) come together, the strength in [0, 1]."""
     from diffcli.errors import UsageError
 
+    seed, strength = sampling.variation_seed, sampling.variation_strength
     if seed is None and strength is None:
-        return {}
+        return
     if seed is None:
         raise UsageError(f"--variation-strength {strength:g} needs --variation-seed")
     if strength is None:
         raise UsageError(f"--variation-seed {seed} needs --variation-strength (0..1)")
     if not 0.0 <= strength <= 1.0:  # the option's own range check lets nan through
         raise UsageError(f"--variation-strength must be between 0 and 1, got {strength:g}")
-    return {"variation_seed": seed, "variation_strength": strength}

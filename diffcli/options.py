@@ -1,11 +1,10 @@
-"""One validated settings object per job; everything is checked before any weights load."""
+"""Limits and checks of single values that need no model: seeds, sizes, paths, threads, the core job fields."""
 
 from __future__ import annotations
 
 import os
 import re
 import secrets
-from dataclasses import asdict, dataclass, field
 
 from diffcli.errors import UsageError
 
@@ -17,39 +16,6 @@ MAX_SIDE = 8192  # larger sizes are almost always a typo and would exhaust memor
 MAX_IMAGES = 100_000  # images one command (a sweep times --num-images) may make: a typo guard, as batch templates have
 NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS and Windows file systems): ENAMETOOLONG beyond
 PATH_MAX = 4096  # bytes in a whole path (Linux)
-
-
-@dataclass
-class Job:
-    """Everything needed to produce the images of one command line (or one batch line)."""
-
-    task: str = "txt2img"
-    prompt: str = ""
-    negative: str = ""
-    cfg: float | None = None  # None: the model's recommendation, else 7.5 (A1111's default)
-    steps: int | None = None  # None: the scheduler's own sensible default (see pipeline.SCHEDULERS)
-    seed: int | None = None  # None: drawn at random, then always reported
-    width: int | None = None  # None: the model's native size
-    height: int | None = None
-    num_images: int = 1
-    batch_size: int = 1  # images per pipeline call; memory grows linearly with it
-    scheduler: str | None = None  # None: the scheduler the model ships with
-    model: str | None = None  # None: $DIFFCLI_MODEL, then the bundled model
-    model_config: str | None = None  # diffusers folder describing a single-file checkpoint
-    device: str = "auto"
-    dtype: str = "auto"
-    out: str | None = None  # None: $DIFFCLI_OUTPUT, then ./outputs/
-    overwrite: bool = False
-    safety_checker: bool = False
-    allow_pickle: bool = False
-    optimize: bool = True  # the CUDA fast path (compile, CUDA graphs); off with --no-optimize
-    low_vram: bool | None = None  # None: on automatically when the GPU is small for the model
-    threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else the cores other processes leave free
-    extra: dict = field(default_factory=dict)  # task-specific settings (strength, mask, ...)
-
-    def settings(self) -> dict:
-        """Plain dict of all settings, for metadata and JSON output."""
-        return asdict(self)
 
 
 def draw_seed() -> int:
@@ -75,49 +41,50 @@ def check_path(flag: str, path) -> None:
         raise UsageError(f"{flag}: path too long ({len(encoded)} bytes), got {shown}", f"at most {PATH_MAX - 1} bytes")
 
 
-def validate(job: Job) -> Job:
-    """Check every setting that needs no model; raise UsageError naming the flag and value."""
+def check_core(job) -> None:
+    """Check the prompt, sampling, model and output settings of a jobs.Job that need no model, naming flag and value."""
     from diffcli.prompts import check_weights
 
-    if job.task == "txt2img" and not job.prompt.strip():
+    prompt, sampling, model = job.prompt, job.sampling, job.model
+    if job.command == "txt2img" and not prompt.text.strip():
         raise UsageError("PROMPT is empty", "give the text of the image to generate")
-    for flag, text in (("PROMPT", job.prompt), ("--negative", job.negative)):
+    for flag, text in (("PROMPT", prompt.text), ("--negative", prompt.negative)):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise UsageError(f"{flag} is not valid UTF-8 text", "check the terminal's or the file's encoding") from None
         if "\0" in text:
             raise UsageError(f"{flag} contains a NUL character (at {text.index(chr(0))})", "remove it; no tokenizer reads it")
-        if job.extra.get("weighting", True):
+        if prompt.weighting:
             check_weights(flag, text)
-    for flag, value in (("--out", job.out if job.out != "-" else None), ("--model", job.model),
-                        ("--model-config", job.model_config)):
+    out = job.output.out
+    for flag, value in (("--out", out if out != "-" else None), ("--model", model.name), ("--model-config", model.config)):
         if value:
             check_path(flag, value)
-    if job.cfg is not None and not 0 <= job.cfg <= 100:
-        raise UsageError(f"--cfg must be between 0 and 100, got {job.cfg:g}")
-    if job.steps is not None and not 1 <= job.steps <= 1000:
-        raise UsageError(f"--steps must be between 1 and 1000, got {job.steps}")
-    for flag, value in (("--width", job.width), ("--height", job.height)):
+    if sampling.cfg is not None and not 0 <= sampling.cfg <= 100:
+        raise UsageError(f"--cfg must be between 0 and 100, got {sampling.cfg:g}")
+    if sampling.steps is not None and not 1 <= sampling.steps <= 1000:
+        raise UsageError(f"--steps must be between 1 and 1000, got {sampling.steps}")
+    for flag, value in (("--width", sampling.width), ("--height", sampling.height)):
         if value is not None and not 8 <= value <= MAX_SIDE:
             raise UsageError(f"{flag} must be between 8 and {MAX_SIDE}, got {value}")
-    if job.num_images < 1:
-        raise UsageError(f"--num-images must be at least 1, got {job.num_images}")
-    if job.num_images > MAX_IMAGES:
-        raise UsageError(f"--num-images must be at most {MAX_IMAGES}, got {job.num_images}", "run several commands")
-    if job.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {job.batch_size}")
-    if job.seed is not None and not 0 <= job.seed <= MAX_SEED - job.num_images:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED - job.num_images}, or -1 (random), got {job.seed}")
-    variation = job.extra.get("variation_seed")
-    if variation is not None and not 0 <= variation <= MAX_SEED - job.num_images:  # image i uses variation seed + i
-        raise UsageError(f"--variation-seed must be between 0 and {MAX_SEED - job.num_images}, got {variation}")
-    if not DEVICE_PATTERN.match(job.device):
-        raise UsageError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {job.device!r}")
-    if job.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
-    check_threads(job.threads)
-    return job
+    count = sampling.num_images
+    if count < 1:
+        raise UsageError(f"--num-images must be at least 1, got {count}")
+    if count > MAX_IMAGES:
+        raise UsageError(f"--num-images must be at most {MAX_IMAGES}, got {count}", "run several commands")
+    if sampling.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {sampling.batch_size}")
+    if sampling.seed is not None and not 0 <= sampling.seed <= MAX_SEED - count:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED - count}, or -1 (random), got {sampling.seed}")
+    variation = sampling.variation_seed
+    if variation is not None and not 0 <= variation <= MAX_SEED - count:  # image i uses variation seed + i
+        raise UsageError(f"--variation-seed must be between 0 and {MAX_SEED - count}, got {variation}")
+    if not DEVICE_PATTERN.match(model.device):
+        raise UsageError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {model.device!r}")
+    if model.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
+    check_threads(model.threads)
 
 
 def check_threads(threads: int | None) -> None:

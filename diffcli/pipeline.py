@@ -8,6 +8,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+from diffcli import families
 from diffcli.errors import ModelError, UsageError, first_line
 
 # Library chatter (deprecations, optional-backend notices) is not for our users; they may override.
@@ -60,21 +61,6 @@ SCHEDULERS: dict[str, SchedulerEntry] = {
 CLASS_STEPS = {e.class_name: e.steps for e in reversed(SCHEDULERS.values())}
 CLASS_LABELS = {e.class_name: e.label for e in reversed(SCHEDULERS.values())}
 
-# Pipeline class per (family, task); families share SD classes except XL and the upscalers.
-PIPELINES = {
-    ("sd", "txt2img"): "StableDiffusionPipeline",
-    ("sd", "img2img"): "StableDiffusionImg2ImgPipeline",
-    ("sd", "inpaint"): "StableDiffusionInpaintPipeline",
-    ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
-    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
-    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
-    ("sdxl-refiner", "img2img"): "StableDiffusionXLImg2ImgPipeline",  # the refiner has only the second text encoder
-    ("sdxl-refiner", "inpaint"): "StableDiffusionXLInpaintPipeline",
-    ("sd-x4-upscaler", "upscale"): "StableDiffusionUpscalePipeline",
-    ("sd-latent-upscaler", "upscale"): "StableDiffusionLatentUpscalePipeline",
-}
-
-
 def normalize_scheduler_name(name: str) -> str:
     """Map user spellings ('DPM++ 2M Karras', 'euler_a', 'Euler a') onto table keys."""
     key = re.sub(r"[\s_]+", "-", name.strip().lower()).replace("dpm++-", "dpm++")
@@ -89,17 +75,12 @@ def normalize_scheduler_name(name: str) -> str:
     raise UsageError(f"--scheduler {name!r} is unknown", f"choose one of: {', '.join(SCHEDULERS)} (see `diffcli schedulers`)")
 
 
-def family_group(family: str) -> str:
-    """SD1 and SD2 share pipeline classes."""
-    return "sd" if family in ("sd1", "sd2") else family
-
-
 def pipeline_class_name(spec: ModelSpec, task: str) -> str:
     """The diffusers class that runs `task` on this model, or a UsageError."""
-    name = PIPELINES.get((family_group(spec.family), task))
+    family = families.get(spec.family)
+    name = family.pipelines.get(task)
     if name is None:
-        hint = "it has no text encoder of its own: use it as --refiner of an SD 1.x/2.x model" if spec.family == "sd-refiner" else None
-        raise UsageError(f"{task} does not work with {spec.name!r} ({spec.family} model)", hint)
+        raise UsageError(f"{task} does not work with {spec.name!r} ({spec.family} model)", family.task_hint)
     return name
 
 
@@ -156,8 +137,6 @@ def default_steps(scheduler) -> int:
 
 
 _CACHE: dict[tuple, dict] = {}  # (model, device, dtype, loading options, threads, --vae) -> {task: pipeline}
-LOW_VRAM_GIB = {"sdxl": 12.0, "sdxl-refiner": 12.0}  # GPUs with less memory than this get --low-vram automatically
-LOW_VRAM_DEFAULT_GIB = 6.0
 
 
 def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False,
@@ -212,7 +191,7 @@ def needs_low_vram(spec: ModelSpec, device: str) -> bool:
     import torch
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return total_gib < LOW_VRAM_GIB.get(spec.family, LOW_VRAM_DEFAULT_GIB)
+    return total_gib < families.get(spec.family).low_vram_gib
 
 
 def _place(pipe, device: str, optimize: bool, low_vram: bool, threads: int | None = None) -> list[str]:
@@ -238,7 +217,7 @@ def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickl
     """from_pretrained / from_single_file with honest errors; pickle files only when allowed; `vae` (--vae) loaded
     first and passed in place of the model's own."""
     kwargs = {"torch_dtype": dtype}
-    if not safety_checker and family_group(spec.family) == "sd":
+    if not safety_checker and families.get(spec.family).safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if vae is not None:
         from diffcli import vae as vaes

@@ -220,27 +220,26 @@ def _apply_weights(z, weights):
     return z * torch.where(meaningful, means / torch.where(meaningful, new, torch.ones_like(new)), torch.ones_like(new))
 
 
-def chunk_count(pipe, job) -> int:
-    """How many 75-token chunks the job's prompt and negative prompt encode to (the longer of the two)."""
+def chunk_count(pipe, prompt) -> int:
+    """How many 75-token chunks a jobs.Prompt's text and negative encode to (the longer of the two)."""
     tokenizer = text_encoders(pipe)[0][0]  # the one encode() chunks with
-    weighting = job.extra.get("weighting", True)
-    return max(len(tokenize(pipe, tokenizer, text, weighting)) for text in (job.prompt, job.negative))
+    return max(len(tokenize(pipe, tokenizer, text, prompt.weighting)) for text in (prompt.text, prompt.negative))
 
 
-def pipeline_inputs(pipe, jobs: list) -> dict:
-    """The prompt arguments of a pipeline call, one row per image from that image's job (weighting and clip
+def pipeline_inputs(pipe, prompts: list) -> dict:
+    """The prompt arguments of a pipeline call, one row per image from that image's jobs.Prompt (weighting and clip
     skip from the first): embeddings when the pipeline takes them, else the strings."""
     import inspect
 
     import torch
 
-    negatives = [job.negative for job in jobs]
+    negatives = [each.negative for each in prompts]
     if "prompt_embeds" not in inspect.signature(pipe.__call__).parameters or not text_encoders(pipe):
-        return {"prompt": [job.prompt for job in jobs], "negative_prompt": negatives if any(negatives) else None}
-    texts = list(dict.fromkeys(text for job in jobs for text in (job.prompt, job.negative)))  # each text encoded once
-    embeds, pooled = encode(pipe, texts, jobs[0].extra.get("weighting", True), jobs[0].extra.get("clip_skip") or 1)
+        return {"prompt": [each.text for each in prompts], "negative_prompt": negatives if any(negatives) else None}
+    texts = list(dict.fromkeys(text for each in prompts for text in (each.text, each.negative)))  # each encoded once
+    embeds, pooled = encode(pipe, texts, prompts[0].weighting, prompts[0].clip_skip or 1)
     rows = {text: i for i, text in enumerate(texts)}
-    positive, negative = [rows[job.prompt] for job in jobs], [rows[job.negative] for job in jobs]
+    positive, negative = [rows[each.text] for each in prompts], [rows[each.negative] for each in prompts]
     inputs = {"prompt_embeds": embeds[positive], "negative_prompt_embeds": embeds[negative]}
     if pooled is not None:
         inputs.update(pooled_prompt_embeds=pooled[positive], negative_pooled_prompt_embeds=pooled[negative])

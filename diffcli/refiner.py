@@ -14,26 +14,20 @@ import contextlib
 import json
 from pathlib import Path
 
+from diffcli import families
 from diffcli.errors import UsageError
 
-REFINER_FAMILIES = {"sdxl": ("sdxl-refiner", "sdxl"), "sd1": ("sd1", "sd2", "sd-refiner"),
-                    "sd2": ("sd1", "sd2", "sd-refiner")}  # base family -> refiners it takes
 NO_REFINER = "none"  # --refiner none: no refiner, not even the model's default one
 
 
-def refiner_settings(model: str | None, start: float | None) -> dict:
-    """Job.extra entries for --refiner and --refiner-start, checked without loading anything; `--refiner none` is a
-    refiner of None, which keeps a model's default one away."""
-    if start is not None and not 0.0 < start < 1.0:
-        raise UsageError(f"--refiner-start must be between 0 and 1 (exclusive), got {start:g}")
-    settings = {} if start is None else {"refiner_start": start}
-    if model is not None and model != NO_REFINER:
+def check_settings(second) -> None:
+    """--refiner and --refiner-start (jobs.SecondPasses), checked without loading anything."""
+    if second.refiner_start is not None and not 0.0 < second.refiner_start < 1.0:
+        raise UsageError(f"--refiner-start must be between 0 and 1 (exclusive), got {second.refiner_start:g}")
+    if second.refiner is not None and second.refiner != NO_REFINER:
         from diffcli.options import check_path
 
-        check_path("--refiner", model)
-    if model is not None:
-        settings["refiner"] = None if model == NO_REFINER else model
-    return settings
+        check_path("--refiner", second.refiner)
 
 
 def default_refiner(defaults: dict, folder) -> str | None:
@@ -50,17 +44,21 @@ def apply_default(job, spec) -> None:
     """A txt2img job on a model whose diffcli.json names a refiner gets it, unless --refiner was given or --hires
     (not combined with a refiner yet) asks for a second pass; fills in --refiner-start (the model's, else 0.8) and
     refuses one without a refiner."""
-    extra = job.extra
-    if job.task == "txt2img" and "refiner" not in extra and not extra.get("hires_scale") and spec.defaults.get("refiner"):
-        extra["refiner"] = default_refiner(spec.defaults, spec.location)
-        if extra.get("refiner_start") is None:
-            extra["refiner_start"] = spec.defaults.get("refiner_start", 0.8)
-    if extra.get("refiner") is None:
-        if extra.get("refiner_start") is not None:
+    second = job.second
+    if job.task == "txt2img" and second.refiner is None and not second.hires and spec.defaults.get("refiner"):
+        second.refiner = default_refiner(spec.defaults, spec.location)
+        if second.refiner_start is None:
+            second.refiner_start = spec.defaults.get("refiner_start", 0.8)
+    if active(second) is None:
+        if second.refiner_start is not None:
             raise UsageError("--refiner-start needs a refiner", "name one with --refiner, or use a model that has one")
-        extra.pop("refiner_start", None)
-    elif extra.get("refiner_start") is None:
-        extra["refiner_start"] = 0.8
+    elif second.refiner_start is None:
+        second.refiner_start = 0.8
+
+
+def active(second) -> str | None:
+    """The refiner that runs: None for none (not asked, or --refiner none)."""
+    return None if second.refiner in (None, NO_REFINER) else second.refiner
 
 
 def check(job, spec):
@@ -69,12 +67,12 @@ def check(job, spec):
 
     if job.task != "txt2img":
         raise UsageError(f"--refiner works with txt2img, not {job.task}")
-    if spec.family not in REFINER_FAMILIES:
+    takes = families.refiners_of(spec.family)
+    if not takes:
         raise UsageError(f"--refiner needs an SD 1.x, 2.x or XL base model; {spec.name!r} is a {spec.family} model")
-    if job.extra.get("hires_scale"):
+    if job.second.hires:
         raise UsageError("--refiner and --hires cannot be combined yet", "run the hires pass with img2img afterwards")
-    refiner = resolve_model(job.extra["refiner"], None, job.allow_pickle)
-    takes = REFINER_FAMILIES[spec.family]
+    refiner = resolve_model(job.second.refiner, None, job.model.allow_pickle)
     if refiner.family not in takes or refiner.inpaint:
         kind = "an SDXL refiner or SDXL model" if spec.family == "sdxl" else "an SD 1.x/2.x text-to-image model"
         raise UsageError(f"--refiner {refiner.name!r} is a {refiner.family} model, not {kind} (the base is {spec.family})")
@@ -89,15 +87,16 @@ def check_steps(steps: int, start: float) -> None:
                          "raise --steps or move --refiner-start toward 0.5")
 
 
-def refine(job, plan, latents, generators, steps: int, on_step_end):
+def finish_sdxl(plan, latents, generators, steps: int, on_step_end):
     """SDXL: finish the base model's latents with the refiner from --refiner-start on; returns float images."""
     from diffcli import prompts
     from diffcli.pipeline import load_for_job
 
-    pipe = load_for_job(plan.helpers["refiner"], "img2img", job, plan.scheduler)
-    return pipe(image=latents, denoising_start=job.extra["refiner_start"], num_inference_steps=steps,
+    job = plan.job
+    pipe = load_for_job(plan.helpers["refiner"], "img2img", job.model, plan.scheduler)
+    return pipe(image=latents, denoising_start=job.second.refiner_start, num_inference_steps=steps,
                 guidance_scale=plan.cfg, generator=generators, output_type="np", callback_on_step_end=on_step_end,
-                **prompts.pipeline_inputs(pipe, [job] * len(generators))).images
+                **prompts.pipeline_inputs(pipe, [job.prompt] * len(generators))).images
 
 
 _LOADED: dict = {}  # (sd-refiner folder, device, dtype) -> its UNet and scheduler config

@@ -3,7 +3,7 @@
 The settings come from the image's `diffcli` JSON chunk (every setting diffcli used) when it has one, else from the
 A1111 `parameters` text other tools write (a PNG text chunk, or EXIF UserComment in JPEG and WebP), parsed as A1111's
 own `parse_generation_parameters` (modules/infotext_utils.py) does. Flags given to replay win over recorded values.
-The Job is built by the builder txt2img uses (cli.txt2img_job), then planned and run like any other.
+The Job is built by the builder every command uses (jobs.build), then planned and run like any other.
 """
 
 from __future__ import annotations
@@ -223,24 +223,55 @@ def fit_size(job, input_path: str, width: int | None, height: int | None) -> Non
 
     if width or height:
         return
-    multiple = resolve_model(job.model, job.model_config, job.allow_pickle).size_multiple
+    multiple = resolve_model(job.model.name, job.model.config, job.model.allow_pickle).size_multiple
     with Image.open(input_path) as image:
         own = (image.width - image.width % multiple, image.height - image.height % multiple)
-    if own == (job.width, job.height):
-        job.width = job.height = None
+    if own == (job.sampling.width, job.sampling.height):
+        job.sampling.width = job.sampling.height = None
 
 
 def note_model_hash(job, recorded: str | None, notify) -> None:
     """Say when the model found under the recorded name is not the one the image was made with (another hash)."""
-    from diffcli.generate import output_hash
+    from diffcli.hashes import model_hash
     from diffcli.models import resolve_model
 
     if not recorded:
         return
-    spec = resolve_model(job.model, job.model_config, job.allow_pickle)
-    found = output_hash(spec)
+    spec = resolve_model(job.model.name, job.model.config, job.model.allow_pickle)
+    found = model_hash(spec)
     if found and len(str(recorded)) == len(found) and found.lower() != str(recorded).lower():  # (8-digit old hashes: no)
         notify(f"replay: model {spec.name!r} has hash {found}, the image was made with {recorded}: expect a different image")
+
+
+def job_values(settings: dict, image: str, given: dict, notify) -> dict:
+    """The builder's values (jobs.build) for a replay: the recorded settings, each overridden by a flag given."""
+    allow_pickle = bool(given.get("allow_pickle"))
+    vae = settings.get("vae")
+    if not given.get("vae") and vae and not vae_found(vae):
+        notify(f"replay: the image was made with VAE {vae!r}, not found here: using the model's own (pass --vae FILE "
+               "to use it)")
+        vae = None
+    values = dict(given, prompt=settings["prompt"], negative=settings.get("negative") or "",
+                  width=given.get("width") or settings.get("width"), height=given.get("height") or settings.get("height"),
+                  model=given.get("model") or resolve_model_name(settings.get("model"), settings.get("model_hash"), image,
+                                                                 allow_pickle),
+                  dtype=recorded_dtype(settings, given.get("device") or "auto", given.get("dtype")),
+                  weighting=settings.get("weighting", True), vae=given.get("vae") or vae,
+                  steps=given.get("steps") or settings.get("steps"),
+                  cfg=given["cfg"] if given.get("cfg") is not None else settings.get("cfg"),
+                  scheduler=given.get("scheduler") or resolve_scheduler(settings, image),
+                  seed=given["seed"] if given.get("seed") is not None else settings.get("seed"),
+                  clip_skip=settings.get("clip_skip"), lora_dir=given.get("lora_dir") or settings.get("lora_dir"),
+                  embedding_dir=given.get("embedding_dir") or settings.get("embedding_dir"),
+                  deep_cache=settings.get("deep_cache"))
+    if settings.get("task", "txt2img") == "img2img":
+        return dict(values, input=settings["input"], strength=settings.get("strength", 0.75), resize="fit")
+    refiner = settings.get("refiner")
+    return dict(values, variation_seed=settings.get("variation_seed"), variation_strength=settings.get("variation_strength"),
+                hires=settings.get("hires_scale"), hires_steps=settings.get("hires_steps"),
+                hires_strength=settings.get("hires_strength"), hires_upscaler=settings.get("hires_upscaler") or "latent",
+                hires_upscaler_model=settings.get("hires_upscaler_model"), refiner_start=settings.get("refiner_start"),
+                refiner="none" if "refiner" in settings and refiner is None else refiner)
 
 
 def check_inputs(settings: dict, image: str) -> None:

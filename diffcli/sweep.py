@@ -12,13 +12,12 @@ import io
 import itertools
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from diffcli.errors import UsageError
-from diffcli.options import MAX_IMAGES, Job
+from diffcli.options import MAX_IMAGES
 
 AXES = ("prompt_sr", "cfg", "steps", "scheduler", "seed")  # grid axes in this order: the first that varies is X
 
@@ -88,34 +87,36 @@ def parse_prompt_sr(text) -> Values:
     return Values(items)
 
 
-def expand(job: Job, cfg=None, steps=None, seed=None, scheduler=None, prompt_sr=None) -> list[Job]:
-    """One Job per combination of the swept values (cartesian product, the prompt S/R varying slowest, then cfg); at
+def expand(job, cfg=None, steps=None, seed=None, scheduler=None, prompt_sr=None) -> list:
+    """One jobs.Job per combination of the swept values (cartesian product, the prompt S/R varying slowest, then cfg); at
     most MAX_IMAGES images in all, counted before any Job is made."""
     axes = {"cfg": cfg, "steps": steps, "scheduler": scheduler, "seed": seed}
-    lists = {key: list(values) if values else [getattr(job, key)] for key, values in axes.items()}
+    lists = {key: list(values) if values else [getattr(job.sampling, key)] for key, values in axes.items()}
     words = list(prompt_sr) if prompt_sr else [None]
-    if prompt_sr and words[0] not in job.prompt and words[0] not in job.negative:  # A1111 looks in both
+    if prompt_sr and words[0] not in job.prompt.text and words[0] not in job.prompt.negative:  # A1111 looks in both
         raise UsageError(f"--prompt-sr: {words[0]!r} is not in the prompt", "the first item is the text each later item replaces")
+    count = job.sampling.num_images
     lists_counted = dict(lists, prompt_sr=words)
     combinations = math.prod(len(values) for values in lists_counted.values())
-    if combinations * max(job.num_images, 1) > MAX_IMAGES:
+    if combinations * max(count, 1) > MAX_IMAGES:
         if combinations == 1:
-            raise UsageError(f"--num-images must be at most {MAX_IMAGES}, got {job.num_images}", "run several commands")
+            raise UsageError(f"--num-images must be at most {MAX_IMAGES}, got {count}", "run several commands")
         swept = " x ".join(f"{len(values)} {key}" for key, values in lists_counted.items() if len(values) > 1)
-        raise UsageError(f"the sweep makes {combinations} combinations ({swept}) x --num-images {job.num_images} = "
-                         f"{combinations * job.num_images} images, over the limit of {MAX_IMAGES}",
+        raise UsageError(f"the sweep makes {combinations} combinations ({swept}) x --num-images {count} = "
+                         f"{combinations * count} images, over the limit of {MAX_IMAGES}",
                          "sweep fewer values, or run several commands")
-    jobs = [replace(job, extra=dict(job.extra), **dict(zip(lists, combo))) for combo in itertools.product(*lists.values())]
+    jobs = [job.copy(**dict(zip(lists, combo))) for combo in itertools.product(*lists.values())]
     if prompt_sr is None:
         return jobs
     return [prompt_replaced(each, words[0], word) for word in words for each in jobs]
 
 
-def prompt_replaced(job: Job, search: str, word: str) -> Job:
+def prompt_replaced(job, search: str, word: str):
     """A copy of `job` with `search` replaced by `word` in its prompt and negative prompt (A1111's Prompt S/R); the
     replacement is kept as `prompt_sr`, the grid's label and a metadata field."""
-    return replace(job, prompt=job.prompt.replace(search, word), negative=job.negative.replace(search, word),
-                   extra=dict(job.extra, prompt_sr=word))
+    copy = job.copy(prompt_sr=word)
+    copy.prompt.text, copy.prompt.negative = job.prompt.text.replace(search, word), job.prompt.negative.replace(search, word)
+    return copy
 
 
 def grid_layout(records: list[dict]) -> tuple[str | None, list[str], list, list]:

@@ -90,9 +90,7 @@ def _config_channels(path: Path) -> int:
 
 def _file_channels(path: Path) -> int:
     """The latent channels of a safetensors VAE, from its header (decoder.conv_in's input width)."""
-    from diffcli.checkpoints import read_safetensors_header
-
-    header = read_safetensors_header(path)
+    header = weights.read_safetensors_header(path)
     for prefix in FILE_PREFIXES:
         entry = header.get(prefix + DECODER_IN)
         if entry and len(entry.get("shape", ())) == 4:
@@ -153,11 +151,10 @@ def weight_file(vae: VaeSpec) -> Path | None:
 
 def vae_hash(vae: VaeSpec) -> str:
     """A1111's "VAE hash": sha256 of the weights file, 10 hex digits ("" for a Hub VAE: its revision names it)."""
-    from diffcli.generate import default_cache_dir
-    from diffcli.models import file_sha256
+    from diffcli.hashes import file_hash
 
     target = weight_file(vae)
-    return file_sha256(target, default_cache_dir())[:10] if target else ""
+    return file_hash(target)[:10] if target else ""
 
 
 def identity(vae: VaeSpec) -> dict:

@@ -13,8 +13,11 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import json
+import math
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -28,6 +31,12 @@ PICKLE_PROTOCOL = 0x80  # the PROTO opcode that starts a protocol 2+ pickle (tor
 GGUF_MAGIC = b"GGUF"
 PICKLE_HINT = "convert it to .safetensors, or pass --allow-pickle if you trust its source"
 _payloads_allowed = contextvars.ContextVar("payloads_allowed", default=True)
+
+MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+# Bits per element of each safetensors dtype (the format's table); a dtype not listed skips the size check.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+              "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4,
+              "F6_E2M3": 6, "F6_E3M2": 6}
 
 
 def file_format(path: str | Path) -> str:
@@ -47,7 +56,6 @@ def _stamp(path: Path) -> tuple[int, int]:
 @functools.lru_cache(maxsize=256)
 def _sniff(path: str, size: int, mtime_ns: int) -> str:
     """The format of a file as it is now (cached by size and mtime, so a batch reads each header once)."""
-    from diffcli.checkpoints import read_safetensors_header
 
     try:
         with open(path, "rb") as handle:
@@ -179,3 +187,75 @@ def named_for_loader(path: str | Path, fmt: str) -> str:
     if not link.exists():
         os.symlink(path.resolve(), link)
     return str(link)
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), checked as the format
+    specifies: every malformed header, file or entry is a ModelError, never another exception."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    with handle:
+        head = handle.read(max(8, len(LFS_POINTER)))
+        if size == 0:
+            raise ModelError(f"{path} is empty", "was the download interrupted?")
+        if head.startswith(LFS_POINTER):
+            raise ModelError(f"{path} is a git-lfs pointer, not the weights", "run `git lfs pull` in its repository")
+        if head.startswith(b"PK\x03\x04"):
+            raise ModelError(f"{path} is a PyTorch zip (pickle) checkpoint, not safetensors", "rename it to .ckpt")
+        if size < 8:
+            raise ModelError(f"{path} is not a safetensors file: only {size} bytes")
+        (length,) = struct.unpack("<Q", head[:8])
+        if length > MAX_HEADER or not head[8:9] == b"{":
+            raise ModelError(f"{path} is not a safetensors file (no JSON header at its start)")
+        if 8 + length > size:
+            raise ModelError(f"{path} is truncated: its header needs {8 + length} bytes, the file has {size}")
+        handle.seek(8)
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4300-digit numbers, nesting thousands deep
+            raise ModelError(f"{path} is not a safetensors file (bad JSON header: {str(exc)[:200]})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a safetensors file (header is not a JSON object)")
+    end = _data_end(path, header)
+    if 8 + length + end > size:
+        raise ModelError(
+            f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}",
+            "download it again",
+        )
+    return header
+
+
+def _is_size(value) -> bool:
+    return type(value) is int and value >= 0  # not bool, not float
+
+
+def _data_end(path: Path, header: dict) -> int:
+    """Check each entry as the safetensors format defines it (a dtype, a shape of sizes, [begin, end] data offsets
+    holding exactly the shape's bytes; __metadata__ strings only); returns where the tensor data ends."""
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ModelError(f"{path} is not a valid safetensors file: __metadata__ must map names to strings")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path} is not a valid safetensors file: tensor {name[:80]!r}"
+        if not isinstance(entry, dict):
+            raise ModelError(f"{where} is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise ModelError(f"{where} has no dtype name, got {json.dumps(dtype)[:40]}")
+        if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+            raise ModelError(f"{where}: shape must be a list of sizes >= 0, got {json.dumps(shape)[:40]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets)) and offsets[0] <= offsets[1]):
+            raise ModelError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {json.dumps(offsets)[:40]}")
+        bits = DTYPE_BITS.get(dtype)
+        if bits is not None and math.prod(shape) * bits != (offsets[1] - offsets[0]) * 8:
+            raise ModelError(f"{where}: shape {json.dumps(shape)[:40]} of {dtype} does not fill its data_offsets "
+                             f"({offsets[1] - offsets[0]} bytes)")
+        end = max(end, offsets[1])
+    return end

@@ -195,13 +195,13 @@ def test_jobs_with_the_same_settings_share_pipeline_calls(cli, tiny_model, monke
     """--batch-size N batches images of different jobs (prompts) together; each image is the one it would be alone."""
     import numpy as np
 
-    from diffcli import generate
+    from diffcli import run as generate
 
     calls = []
     real = generate._generate_batch
 
     def spy(pipe, plan, items, *args):
-        calls.append([each.prompt for _, each in items])
+        calls.append([each.job.prompt.text for _, each in items])
         return real(pipe, plan, items, *args)
 
     monkeypatch.setattr(generate, "_generate_batch", spy)

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from diffcli import limits
-from diffcli.generate import plan_job
 from diffcli.models import BUNDLED_DIR, resolve_model
-from diffcli.options import Job
+from diffcli.jobs import build
 from diffcli.output import read_metadata
+from diffcli.plan import plan_job
 from diffcli.shapes import vocabulary, world
 
 SHAPES = resolve_model("tiny-shapes")
@@ -23,10 +23,14 @@ IGNORES = ("tiny-shapes ignores: sports, car; it knows 5 shapes, 8 colours, size
            "see docs/bundled-model.md")
 
 
-def warnings_of(prompt: str = "a red circle", negative: str = "", **extra) -> list[str]:
+def job(command: str = "txt2img", **values):
+    """One Job of the builder every command uses."""
+    return build(command, dict(values, seed=values.get("seed", 1)))[0]
+
+
+def warnings_of(prompt: str = "a red circle", negative: str = "", **values) -> list[str]:
     """The plan-time warnings of a job on the bundled model (no weights load)."""
-    size = {key: extra.pop(key) for key in ("width", "height") if key in extra}
-    return plan_job(Job(prompt=prompt, negative=negative, seed=1, out="out/", extra=extra, **size)).warnings
+    return plan_job(job(prompt=prompt, negative=negative, out="out/", **values)).warnings
 
 
 def test_known_words_are_the_grammar_words_the_tokenizer_keeps_whole(tmp_path):
@@ -46,7 +50,7 @@ def test_known_words_are_the_grammar_words_the_tokenizer_keeps_whole(tmp_path):
     ("Two RED circles!", "blurry", ["two", "circles", "blurry"]),  # lowercased; the negative prompt counts too
 ])
 def test_unknown_words(prompt, negative, unknown):
-    found, knows = limits.unknown_words(SHAPES, Job(prompt=prompt, negative=negative), "shapes")
+    found, knows = limits.unknown_words(SHAPES, job(prompt=prompt, negative=negative), "shapes")
     assert found == unknown and (knows or not unknown)
 
 
@@ -61,41 +65,40 @@ def test_many_unknown_words_are_counted_not_listed():
                                      "the canvas; see docs/bundled-model.md"]),
     ({"width": 64, "height": 64}, ["tiny-shapes was trained at 128x128 only: at 64x64 it comes out as noise rather "
                                    "than shapes; see docs/bundled-model.md"]),
-    ({"outpaint": "all=64", "width": 128, "height": 128},
-     [f"tiny-shapes was not trained to outpaint: {SHAPES.defaults['limits']['outpaint']}; see docs/bundled-model.md"]),
 ])
-def test_size_and_mode_warnings(job, expected):
+def test_size_warnings(job, expected):
     assert warnings_of(**job) == expected
 
 
+def test_outpaint_warns():
+    outpaint = job("outpaint", input="in.png", prompt="a red circle")
+    assert limits.check(SHAPES, outpaint, 128, 128) == [
+        f"tiny-shapes was not trained to outpaint: {SHAPES.defaults['limits']['outpaint']}; see docs/bundled-model.md"]
+
+
 def test_hires_falls_back_to_the_models_strength_and_steps_and_always_warns():
-    """Measured (scripts/hires_defaults.py): no --hires-strength keeps tiny-shapes' objects at 256 px."""
+    """Measured (lab/hires_defaults.py): no --hires-strength keeps tiny-shapes' objects at 256 px."""
     defaults = SHAPES.defaults
-    job = Job(prompt="a red circle", seed=1, out="out/", extra={"hires_scale": 2.0, "hires_steps": None,
-                                                                "hires_strength": None, "hires_upscaler": "latent"})
-    plan = plan_job(job)
-    assert (job.extra["hires_strength"], job.extra["hires_steps"]) == (defaults["hires_strength"], defaults["hires_steps"])
+    plan = plan_job(job(prompt="a red circle", out="out/", hires=2.0))
+    second = plan.job.second
+    assert (second.hires_strength, second.hires_steps) == (defaults["hires_strength"], defaults["hires_steps"])
     assert plan.warnings == [f"tiny-shapes with --hires: {defaults['limits']['hires']}; see docs/bundled-model.md"]
-    given = Job(prompt="a red circle", seed=1, out="out/", extra={"hires_scale": 2.0, "hires_steps": 4,
-                                                                  "hires_strength": 0.5, "hires_upscaler": "latent"})
-    plan_job(given)
-    assert (given.extra["hires_strength"], given.extra["hires_steps"]) == (0.5, 4)  # what the user gave stays
+    given = plan_job(job(prompt="a red circle", out="out/", hires=2.0, hires_steps=4, hires_strength=0.5)).job.second
+    assert (given.hires_strength, given.hires_steps) == (0.5, 4)  # what the user gave stays
 
 
 def test_a_hires_strength_limit_warns_only_above_it():
     spec = replace(SHAPES, defaults={"hires_strength": 0.3, "limits": {"hires_strength_max": 0.4}})
-    job = lambda strength: Job(prompt="a", extra={"hires_scale": 2.0, "hires_strength": strength})  # noqa: E731
-    assert limits.check(spec, job(0.4), 128, 128) == []
-    assert limits.check(spec, job(0.7), 128, 128) == [
+    hires = lambda strength: job(prompt="a", hires=2.0, hires_strength=strength)  # noqa: E731
+    assert limits.check(spec, hires(0.4), 128, 128) == []
+    assert limits.check(spec, hires(0.7), 128, 128) == [
         "--hires-strength 0.7 re-draws tiny-shapes's objects at the larger size (extra or missing shapes above 0.4); "
         "its default is 0.3"]
 
 
 def test_other_models_have_no_limits_and_keep_the_old_hires_default(tiny_model):
-    job = Job(prompt="a red sports car", model=str(tiny_model), width=256, height=256, seed=1, out="out/",
-              extra={"hires_scale": 2.0, "hires_steps": None, "hires_strength": None, "hires_upscaler": "latent"})
-    plan = plan_job(job)
-    assert plan.warnings == [] and job.extra["hires_strength"] == 0.7
+    plan = plan_job(job(prompt="a red sports car", model=str(tiny_model), width=256, height=256, out="out/", hires=2.0))
+    assert plan.warnings == [] and plan.job.second.hires_strength == 0.7
     for helper in ("tiny-shapes-refiner", "tiny-shapes-x4"):
         assert "limits" not in resolve_model(helper).defaults
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diffcli import checkpoints
+from diffcli import checkpoints, weights
 from diffcli.errors import ModelError
 from conftest import build_tiny_sdxl
 from ldm_format import save_original_checkpoint, unet_to_ldm
@@ -52,19 +52,19 @@ def test_header_errors(tmp_path, content, message):
     path = tmp_path / "model.safetensors"
     path.write_bytes(content)
     with pytest.raises(ModelError, match=message):
-        checkpoints.read_safetensors_header(path)
+        weights.read_safetensors_header(path)
 
 
 def test_truncated_file_is_named(tmp_path):
     path = write_checkpoint(tmp_path / "model.safetensors", [SD1_TEXT], 768)
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ModelError, match=r"truncated: its tensors need \d+ bytes, the file has \d+"):
-        checkpoints.read_safetensors_header(path)
+        weights.read_safetensors_header(path)
 
 
 def test_header_reads_metadata_and_shapes(tmp_path):
     path = write_checkpoint(tmp_path / "model.safetensors", [SD1_TEXT], 768, metadata={"k": "v"})
-    header = checkpoints.read_safetensors_header(path)
+    header = weights.read_safetensors_header(path)
     assert header["__metadata__"] == {"k": "v"} and header[SD_TO_K]["shape"] == [1, 768]
 
 

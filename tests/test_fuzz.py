@@ -106,8 +106,8 @@ def sandbox(isolated, monkeypatch, capsys):
     import typer.main
     from PIL import Image
 
-    from diffcli import batch, generate
     from diffcli import cli as cli_module
+    from diffcli import run
 
     Image.new("RGB", (64, 64), "red").save("in.png")
     Image.new("L", (64, 64), 255).save("mask.png")
@@ -118,7 +118,7 @@ def sandbox(isolated, monkeypatch, capsys):
     Path("emb.safetensors").write_bytes(SMALL_SAFETENSORS)
     data, home = png(), Path.cwd().resolve()
 
-    def run_plans(plans, on_image, progress=False, step_hook=None, notify=lambda message: None):
+    def run_plans(plans, on_image, progress_bar=False, notify=lambda message: None):
         for plan in plans:
             for index, (seed, path) in enumerate(zip(plan.seeds, plan.paths)):
                 where = Path(path).resolve()
@@ -127,25 +127,28 @@ def sandbox(isolated, monkeypatch, capsys):
                 where.parent.mkdir(parents=True, exist_ok=True)
                 stdout = "diffcli-stdout-" in str(where)  # `-o -`: no PNG bytes into pytest's text capture
                 where.write_bytes(b"" if stdout else data)
-                on_image({"path": str(path), "seed": seed, "index": index, "prompt": plan.job.prompt, "cfg": plan.cfg,
-                          "steps": plan.job.steps, "scheduler": plan.scheduler or "default", "device": "cpu",
+                on_image({"path": str(path), "seed": seed, "index": index, "prompt": plan.job.prompt.text,
+                          "cfg": plan.cfg, "steps": plan.job.sampling.steps, "scheduler": plan.scheduler or "default", "device": "cpu",
                           "dtype": "float32", "width": plan.width, "height": plan.height})
 
-    monkeypatch.setattr(generate, "run_plans", run_plans)
+    monkeypatch.setattr(run, "run_plans", run_plans)
     monkeypatch.delenv("DIFFCLI_DEBUG", raising=False)
     # Typer rebuilds its click commands from the signatures on every call (70 ms); build them once, so that the
     # budget goes to examples. Typer's own __call__ only adds its exception hook around the same click command.
     group = typer.main.get_command(cli_module.app)
     monkeypatch.setattr(cli_module, "app", group)
-    monkeypatch.setattr(batch, "command_group", lambda: group)
     return home
 
 
 def flags_of(command: str) -> list[tuple[str, bool, str, object]]:
     """(flag, takes a value, parameter name, kind) for every option of a command, as the app declares them."""
-    from diffcli.batch import command_group
+    import typer
+    import typer.main
 
-    params = command_group().commands[command].params
+    from diffcli import cli
+
+    group = typer.main.get_command(cli.app) if isinstance(cli.app, typer.Typer) else cli.app
+    params = group.commands[command].params
     return [(opt, not getattr(p, "is_flag", False), p.name, kind(p)) for p in params if p.param_type_name == "option"
             for opt in [*p.opts, *getattr(p, "secondary_opts", [])] if opt not in NOT_FUZZED]
 

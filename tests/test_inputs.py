@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffcli import checkpoints
+from diffcli import checkpoints, weights
 from diffcli.errors import ModelError
 
 LONG = "A" * 300  # one path component over the 255 bytes every common file system allows
@@ -21,7 +21,7 @@ LONG = "A" * 300  # one path component over the 255 bytes every common file syst
 @pytest.fixture(autouse=True)
 def no_run(monkeypatch):
     """Planning only: a job that gets past planning is recorded here, never run (no model loads)."""
-    from diffcli import generate
+    from diffcli import run as generate
 
     runs = []
     monkeypatch.setattr(generate, "run_plans", lambda plans, *args, **kwargs: runs.extend(plans))
@@ -112,13 +112,13 @@ def test_malformed_header_is_a_model_error(tmp_path, header, message):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(safetensors_bytes(header))
     with pytest.raises(ModelError, match=message):
-        checkpoints.read_safetensors_header(path)
+        weights.read_safetensors_header(path)
 
 
 def test_well_formed_header_passes(tmp_path):
     path = tmp_path / "good.safetensors"
     path.write_bytes(safetensors_bytes({"__metadata__": {"k": "v"}, "w": F32, "b": {"dtype": "BF16", "shape": [], "data_offsets": [16, 18]}}, b"\0" * 18))
-    assert checkpoints.read_safetensors_header(path)["w"]["shape"] == [4]
+    assert weights.read_safetensors_header(path)["w"]["shape"] == [4]
 
 
 @pytest.mark.parametrize("flag", ["--model", "--lora", "--embedding"])
@@ -262,7 +262,7 @@ def test_embedding_takes_no_scale(cli, no_run):
     """FILE[:TOKEN]: `:inf` names the token `inf`, it scales nothing."""
     Path("emb.safetensors").write_bytes(safetensors_bytes({"w": F32}))
     assert cli("txt2img", "inf", "--embedding", "emb.safetensors:inf", "-q").exit_code == 0
-    assert no_run[0].job.extra["embeddings"] == [("emb.safetensors", "inf")]
+    assert no_run[0].adapters.embeddings == (("emb.safetensors", "inf"),)
 
 
 @pytest.mark.parametrize("prompt", ["(x:nan)", "(x:inf)", "(x:1e400)"])

@@ -3,7 +3,9 @@
 import pytest
 
 from diffcli.errors import UsageError
-from diffcli.options import Job, check_size_multiple, validate
+from diffcli.jobs import build
+from diffcli.plan import check_job as check
+from diffcli.options import check_size_multiple
 
 
 @pytest.mark.parametrize(
@@ -22,13 +24,13 @@ from diffcli.options import Job, check_size_multiple, validate
     ],
 )
 def test_validate_names_flag_and_value(changes, message):
-    job = Job(**{"prompt": "a red circle", **changes})
+    [job] = build("txt2img", {"prompt": "a red circle", **changes})
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate(job)
+        check(job)
 
 
 def test_validate_accepts_defaults_and_cuda_index():
-    assert validate(Job(prompt="x", device="cuda:1", dtype="bf16", seed=0)).device == "cuda:1"
+    assert check(build("txt2img", dict(prompt="x", device="cuda:1", dtype="bf16", seed=0))[0]).model.device == "cuda:1"
 
 
 def test_size_multiple_suggests_a_valid_size():

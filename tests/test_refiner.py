@@ -159,7 +159,7 @@ def test_refiner_must_match_the_base_family(cli, tiny_model, tiny_sdxl, tiny_sdx
 def test_batch_jobs_with_an_sd_refiner_share_calls_and_match_their_images_alone(cli, tiny_model, other_model,
                                                                                  tmp_path, monkeypatch):
     """The refiner's own text encoder reads every job's prompt of a shared call, row by row."""
-    from diffcli import generate
+    from diffcli import run as generate
 
     model = tmp_path / "with-refiner"
     shutil.copytree(other_model, model)

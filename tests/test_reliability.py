@@ -53,7 +53,7 @@ def test_malicious_pickle_never_runs(cli, pickled_model, allow):
 def test_out_of_memory_ladder_recovers_and_records_it(cli, tiny_model, monkeypatch):
     import torch
 
-    from diffcli import generate, pipeline
+    from diffcli import pipeline, run as generate
 
     monkeypatch.setattr(pipeline, "_CACHE", {})  # the remedies stay on the pipeline: keep it out of other tests
 
@@ -75,7 +75,7 @@ def test_out_of_memory_ladder_recovers_and_records_it(cli, tiny_model, monkeypat
 def test_out_of_memory_everywhere_is_a_clear_failure(cli, tiny_model, monkeypatch):
     import torch
 
-    from diffcli import generate, pipeline
+    from diffcli import pipeline, run as generate
 
     monkeypatch.setattr(pipeline, "_CACHE", {})
 

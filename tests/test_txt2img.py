@@ -108,7 +108,7 @@ def test_usage_errors_exit_2_with_one_line(cli, tiny_model, args, message):
 
 
 def test_interrupt_exits_130_and_keeps_finished_images(cli, tiny_model, monkeypatch):
-    from diffcli import generate
+    from diffcli import run as generate
 
     real = generate._generate_batch
     calls = []
@@ -127,16 +127,24 @@ def test_interrupt_exits_130_and_keeps_finished_images(cli, tiny_model, monkeypa
 
 def test_non_finite_latents_fail_without_saving(tiny_model):
     from diffcli.errors import RuntimeFailure
-    from diffcli.generate import plan_job, run_plan
-    from diffcli.options import Job
+    from diffcli import run
+    from diffcli.jobs import build
+    from diffcli.plan import plan_job
 
-    plan = plan_job(Job(prompt="a", model=str(tiny_model), steps=2, seed=1, out="nan.png"))
+    plan = plan_job(build("txt2img", dict(prompt="a", model=str(tiny_model), steps=2, seed=1, out="nan.png"))[0])
+    real_caller = run._caller
 
-    def poison(step, tensors):
-        tensors["latents"].fill_(float("nan"))
+    def caller(pipe, rows, one, steps, cfg, on_step_end):
+        def poisoned(pipeline, step, timestep, tensors):
+            tensors["latents"].fill_(float("nan"))
+            return on_step_end(pipeline, step, timestep, tensors)
 
-    with pytest.raises(RuntimeFailure, match="NaN/Inf"):
-        run_plan(plan, lambda record: None, step_hook=poison)
+        return real_caller(pipe, rows, one, steps, cfg, poisoned)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "_caller", caller)
+        with pytest.raises(RuntimeFailure, match="NaN/Inf"):
+            run.run_plan(plan, lambda record: None)
     assert not Path("nan.png").exists()
 
 

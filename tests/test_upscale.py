@@ -103,7 +103,7 @@ def x4_on_tiny_shapes(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.skipif(not BUNDLED_X4.exists(), reason="bundled upscaler absent")
 def test_bundled_x4_keeps_the_colours_and_shapes_of_tiny_shapes_outputs(x4_on_tiny_shapes):
-    """Target (a) of scripts/upscaler_check.py on two of its 24 cases: the 512 px result box-averaged back to 128 px
+    """Target (a) of lab/upscaler_check.py on two of its 24 cases: the 512 px result box-averaged back to 128 px
     is within 6/255 of the input (mean absolute difference; measured 2.75 on average, 4.31 at most over 24; the first
     weights, trained on 32 px scenes only, were 13-55 off and turned a purple background blue). Tiling must not
     repaint the image either: `--tile 32` stays within 3/255 of the untiled result (measured 1.24; those weights 51)."""

@@ -1,1 +1,2 @@
-"""Synthetic shapes world, training, judge and evaluation of the bundled tiny-shapes model."""
+"""Synthetic shapes world, judge, evaluation and prompt vocabulary of the bundled tiny-shapes model (its training
+lives in the repository's lab/, outside the package)."""

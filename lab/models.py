@@ -9,7 +9,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 # SD 1.x training noise schedule (epsilon prediction). Its t=999 keeps 0.068 of the latents, and a model trained on it
 # reads the scene's layout from that trace; sampling starts from pure noise, where there is none, so the seed decides
-# which object goes where (docs/bundled-model.md, "What limits accuracy").
+# which object goes where (lab/NOTEBOOK.md, "What limits accuracy").
 NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
              prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 # Zero terminal SNR (Lin et al. 2023): the t=999 trained on is the pure noise the pipeline starts from, so the model
@@ -34,7 +34,7 @@ def vae(smoke=False, blocks=4, attention=True, groups=None) -> AutoencoderKL:
 
 # Group norms of the x4 upscaler's networks. With SD's one group per 1-2 channels at full resolution (16 groups of
 # 16 channels in the VAE, 32 of 32 in the UNet), a flat region normalises to nothing but its borders' padding
-# effects, so the colour of a large flat area came back wrong and depended on the image size (docs/bundled-model.md).
+# effects, so the colour of a large flat area came back wrong and depended on the image size (lab/NOTEBOOK.md, "The x4 upscaler").
 UPSCALE_NORM_GROUPS = 4
 
 
@@ -69,7 +69,7 @@ def upscale_unet(cross_dim, smoke=False) -> UNet2DConditionModel:
     Convolutions only (no self- or cross-attention; the prompt is read by nobody): what a pixel becomes is decided by
     its neighbourhood of the low-res image, so the model works alike at every input size and a tile differs from the
     whole image only through its borders and the group norms' statistics (attention would tie every pixel to the
-    whole input, and costs 16 k x 16 k at 512 px out; docs/bundled-model.md, "The x4 upscaler")."""
+    whole input, and costs 16 k x 16 k at 512 px out; lab/NOTEBOOK.md, "The x4 upscaler")."""
     chans = (16, 16, 32) if smoke else (32, 64, 128)
     return UNet2DConditionModel(
         sample_size=32, in_channels=7, out_channels=4, block_out_channels=chans, layers_per_block=1,

@@ -1,4 +1,4 @@
-"""Train the bundled tiny-shapes model: `python -m diffcli.shapes.train --out DIR --seed S --minutes M`."""
+"""Train the bundled tiny-shapes model: `python -m lab.train --out DIR --seed S --minutes M` (from the repo root)."""
 
 import argparse
 import copy
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from diffcli.refiner import clean_and_noise, matched_timesteps
-from diffcli.shapes import models, world
-from diffcli.shapes.tokenizer import build_tokenizer
+from diffcli.shapes import world
+from lab import models
+from lab.tokenizer import build_tokenizer
 
 BASE, UPSCALER = "tiny-shapes", "tiny-shapes-x4"
 DEFAULTS = {"description": "Tiny text-to-image model of coloured shapes trained by diffcli (docs/bundled-model.md)",
@@ -265,7 +266,7 @@ def _relation_loss(head, states, marks):
     """Cross-entropy of a linear head reading the relation from the text encoder's output at the tokens after a
     two-object caption's relation word (`Pool.batch` marks). The encoder is causal, so only those tokens can carry
     which object goes where; trained on the diffusion loss alone it had all but erased it there (a change of 0.015
-    at the second object's words when "left of" became "right of", `scripts/relation_probe.py`)."""
+    at the second object's words when "left of" became "right of", `python -m lab.relation_probe`)."""
     chosen = marks > 0
     if not chosen.any():
         return states.new_zeros((), dtype=torch.float32)
@@ -583,7 +584,7 @@ UPSCALE_DEFAULTS = {**DEFAULTS, "description": "x4 upscaler for tiny-shapes: any
 
 def main(argv=None):
     """Parse arguments and run the stage(s) inside the time budget."""
-    ap = argparse.ArgumentParser(prog="python -m diffcli.shapes.train", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m lab.train", description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget, saving included")

@@ -1,10 +1,10 @@
 """Bundle a trained base model with a refiner that shares its text encoder (ensemble of expert denoisers).
 
-`python scripts/bundle_with_refiner.py BASE REFINER START OUT`: OUT/tiny-shapes is BASE (a training run's
+`python -m lab.bundle_with_refiner BASE REFINER START OUT`: OUT/tiny-shapes is BASE (a training run's
 tiny-shapes folder) whose diffcli.json names `tiny-shapes-refiner` as its refiner from START on; OUT/tiny-shapes-refiner
 is REFINER (e.g. the bundled tiny-shapes) without text encoder and tokenizer, so it reads BASE's prompt embeddings
 (its model_index names none: diffcli loads it as an "sd-refiner", plain diffusers with text_encoder=/tokenizer= from
-BASE). docs/bundled-model.md records how the bundled pair was made.
+BASE). lab/NOTEBOOK.md records how the bundled pair was made.
 """
 
 import argparse
@@ -18,7 +18,7 @@ BASE, REFINER = "tiny-shapes", "tiny-shapes-refiner"
 
 def main(argv=None):
     """Check the inputs, then write OUT's two folders via a draft folder; bad input exits 2 with one line."""
-    ap = argparse.ArgumentParser(prog="python scripts/bundle_with_refiner.py", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m lab.bundle_with_refiner", description=__doc__.splitlines()[0])
     ap.add_argument("base", type=Path)
     ap.add_argument("refiner", type=Path)
     ap.add_argument("start", type=float, help="fraction of the schedule before the refiner takes over, 0 to 1")

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffcli.shapes import train
+from lab import train
 
 pytestmark = pytest.mark.slow  # training runs (the lab's tests): `pytest -m "not slow"` leaves them out
 SMOKE = ["--smoke", "--max-steps", "1", "--minutes", "1"]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root, where `python -m lab.NAME` runs
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_focus_puts_the_named_object_into_the_given_share_of_scenes(tmp_path, ca
     from transformers import CLIPTokenizer
 
     from diffcli.shapes import world
-    from diffcli.shapes.tokenizer import build_tokenizer
+    from lab.tokenizer import build_tokenizer
 
     tok = CLIPTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok"))
     small, star = world.SIZES.index("small"), world.SHAPES.index("star")
@@ -125,7 +126,7 @@ def test_focus_puts_the_named_object_into_the_given_share_of_scenes(tmp_path, ca
 def test_relation_head_reads_only_the_tokens_after_a_relation_word(tmp_path):
     from transformers import CLIPTokenizer
 
-    from diffcli.shapes.tokenizer import build_tokenizer
+    from lab.tokenizer import build_tokenizer
 
     tok = CLIPTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok"))
     pool = train.Pool(300, 4, tok, torch.device("cpu"))
@@ -218,7 +219,7 @@ def test_distill_share_draws_that_share_of_timesteps_below_t():
 def test_teacher_targets_remake_the_noisy_latents_on_a_new_schedule(tmp_path, smoke_base):
     smoke = SMOKE
     copy_of(smoke_base, tmp_path)
-    from diffcli.shapes import models
+    from lab import models
 
     sched = models.noise_scheduler(models.ZERO_SNR_NOISE)
     teacher = train.Teacher(tmp_path / train.BASE, sched, torch.device("cpu"))
@@ -237,7 +238,7 @@ def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path)
 
     from safetensors.torch import load_file, save_file
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "average_weights.py"
+    script = ["-m", "lab.average_weights"]  # as the lab runs it, from the repository root
 
     def model(folder, value, shape=(2, 3)):
         for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
@@ -247,7 +248,7 @@ def test_average_weights_script_mixes_two_models_and_rejects_bad_input(tmp_path)
         return str(folder)
 
     def run(*args):
-        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
+        return subprocess.run([sys.executable, *script, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
     a, b, odd = model(tmp_path / "a", 1.0), model(tmp_path / "b", 3.0), model(tmp_path / "odd", 0.0, (3, 2))
     done = run(a, b, 0.25, tmp_path / "out")
@@ -271,7 +272,7 @@ def test_bundle_with_refiner_script_pairs_a_base_with_a_refiner_sharing_its_text
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bundle_with_refiner.py"
+    script = ["-m", "lab.bundle_with_refiner"]  # as the lab runs it, from the repository root
     smoke = SMOKE
     copy_of(smoke_base, tmp_path / "a")
     train.main(["--out", str(tmp_path / "b"), *smoke, "--stage", "unet", "--resume", str(tmp_path / "a"),
@@ -279,7 +280,7 @@ def test_bundle_with_refiner_script_pairs_a_base_with_a_refiner_sharing_its_text
     base, refiner, out = tmp_path / "b" / train.BASE, tmp_path / "a" / train.BASE, tmp_path / "bundle"
 
     def run(*args):
-        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
+        return subprocess.run([sys.executable, *script, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
     done = run(base, refiner, 0.5, out)
     assert done.returncode == 0, done.stderr
@@ -307,7 +308,7 @@ def test_upscaler_training_pairs_are_windows_of_the_zoomed_world_and_their_box_a
     from transformers import CLIPTokenizer
 
     from diffcli.shapes import world
-    from diffcli.shapes.tokenizer import build_tokenizer
+    from lab.tokenizer import build_tokenizer
 
     scenes = world.to_tensors([world.sample_scene(random.Random(i), i % 2 == 0) for i in range(4)])
     ones, zeros = torch.ones(4), torch.zeros(4)

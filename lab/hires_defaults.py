@@ -1,13 +1,13 @@
 """Measure `--hires 2` on the bundled tiny-shapes: which --hires-strength / --hires-steps keep its objects.
 
-Usage: python scripts/hires_defaults.py [--n 12] [--strengths 0.2,0.3,...] [--steps 14] [--upscalers latent,lanczos]
-                                       [--scale 2]
+Usage: python -m lab.hires_defaults [--n 12] [--strengths 0.2,0.3,...] [--steps 14] [--upscalers latent,lanczos]
+                                    [--scale 2]
 For n held-out captions (diffcli.shapes.evaluate.prompts, half one-object, half two-object) it runs
 `diffcli txt2img CAPTION --seed i --hires SCALE ...` through the CLI, reads the larger result (box-filtered to 128 px, the
 size the judge's thresholds are for) with the judge and prints
 one JSON line per setting: the share of images whose object count is right, whose object colours are right, that the
 judge reads fully right (`exact`), and that keep the first pass's objects (same count and colours as the 128 px image
-the hires pass started from: `--refiner none`, as a hires run's first pass is). docs/bundled-model.md records runs.
+the hires pass started from: `--refiner none`, as a hires run's first pass is). docs/bundled-model.md ("What it does not know") records runs.
 """
 
 import argparse

@@ -1,8 +1,8 @@
 """Average the UNet and text encoder of two fine-tunes of one model ("model soup", Wortsman et al. 2022).
 
-`python scripts/average_weights.py A B FRACTION OUT`: OUT is a copy of model folder A whose unet/ and
+`python -m lab.average_weights A B FRACTION OUT` (from the repo root): OUT is a copy of model folder A whose unet/ and
 text_encoder/ weights are (1 - FRACTION) * A + FRACTION * B, stored in A's dtype. A and B must share the
-architecture (both fine-tuned from the same weights). docs/bundled-model.md records where the bundled model used it.
+architecture (both fine-tuned from the same weights). lab/NOTEBOOK.md records where the bundled model used it.
 """
 
 import argparse
@@ -17,7 +17,7 @@ WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safet
 
 def main(argv=None):
     """Check every input, then write the averaged model folder; bad input exits 2 with one line."""
-    ap = argparse.ArgumentParser(prog="python scripts/average_weights.py", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m lab.average_weights", description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("fraction", type=float, help="share of B, 0 to 1")

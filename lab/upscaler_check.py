@@ -1,6 +1,6 @@
 """Measure the x4 upscaler on what users feed it: tiny-shapes outputs at 128 px, upscaled through the CLI.
 
-Usage: python scripts/upscaler_check.py [--model tiny-shapes-x4] [--n 24] [--mosaics 4] [--work DIR]
+Usage: python -m lab.upscaler_check [--model tiny-shapes-x4] [--n 24] [--mosaics 4] [--work DIR]
 
 Makes n tiny-shapes images (`diffcli txt2img`, bundled model at its defaults, held-out prompts of
 `diffcli.shapes.evaluate.prompts(n, 0)`, seeds 0..n-1), then `diffcli upscale`s each at the upscaler's defaults:

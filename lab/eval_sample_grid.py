@@ -1,5 +1,5 @@
 """Draw a 4x4 grid of bundled tiny-shapes generations (its refiner included) with their captions:
-docs/samples/tiny-shapes-grid.png."""
+docs/samples/tiny-shapes-grid.png (the model card's picture). `python -m lab.eval_sample_grid` after a retrain."""
 
 import textwrap
 from pathlib import Path

@@ -1,8 +1,8 @@
 """Judge a VAE's own round trip of rendered one-object scenes: the best a UNet could do with that decoder.
 
-Usage: python scripts/vae_roundtrip.py VAE_FOLDER [--n 1500] [--seed 5]
+Usage: python -m lab.vae_roundtrip VAE_FOLDER [--n 1500] [--seed 5]
 Encodes each render, decodes the latent mean, and prints one JSON line per (size, shape) and one for all: the
-share of round trips the judge reads fully right (every attribute of the scene). docs/bundled-model.md records runs.
+share of round trips the judge reads fully right (every attribute of the scene). lab/NOTEBOOK.md records runs.
 """
 
 import argparse

@@ -1,11 +1,11 @@
-"""Can the caption decide a two-object layout from pure noise? A CPU pilot (docs/bundled-model.md, "What limits
+"""Can the caption decide a two-object layout from pure noise? A CPU pilot (lab/NOTEBOOK.md, "What limits
 accuracy"). Trains the bundled text encoder and UNet on one thing only: the x0 estimate at t=999 from pure noise
 (as a zero-terminal-SNR v-prediction model makes it, x0 = -output), on 6000 fully captioned two-object training
-scenes, with or without the relation head of `python -m diffcli.shapes.train --relation-head`. Every 100 steps it
+scenes, with or without the relation head of `python -m lab.train --relation-head`. Every 100 steps it
 prints, for 64 held-out captions, how often the estimate (4x4-pooled, mean over 4 noise draws) is closer to the
 caption's layout than to the same pair swapped, the two errors, and the head's accuracy. Nothing is saved.
 
-`python scripts/relation_pilot.py --minutes 12 --relation-head 1.0 [--lr 5e-4 --seed 1]`
+`python -m lab.relation_pilot --minutes 12 --relation-head 1.0 [--lr 5e-4 --seed 1]`
 """
 
 import argparse
@@ -16,8 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffcli.shapes import train, world
+from diffcli.shapes import world
 from diffcli.shapes.evaluate import load
+from lab import train
 
 
 def scenes(rng, n, heldout):

@@ -1,4 +1,4 @@
-"""Where does a two-object layout come from: the caption or the seed? (docs/bundled-model.md, "What limits accuracy")
+"""Where does a two-object layout come from: the caption or the seed? (lab/NOTEBOOK.md, "What limits accuracy")
 
 For 16 seeds, prints where the red object lands against the blue one (L/R/U/D, ? if the judge misses one or neither
 axis dominates) for six captions that differ only in relation and word order; then, for the first caption, the same
@@ -7,7 +7,7 @@ left and with red right, as the model's training schedule does at t=999 (SD's ke
 none, so the two lines are the same). Last, how much the text encoder's output at each token changes when only the
 relation word flips ("left of" -> "right of") against when only the second colour does ("blue" -> "green"): the
 UNet can place the objects by the caption only if the tokens after the relation word carry it.
-`python scripts/relation_probe.py [MODEL_DIR]`
+`python -m lab.relation_probe [MODEL_DIR]`
 """
 
 import sys

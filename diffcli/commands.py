@@ -1,0 +1,158 @@
+"""What the generating commands do once Typer has parsed their options: build Jobs, plan them all (bad input fails
+before any model loads), report, run, print one line per image; `-o -` and --grid; replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from diffcli import jobs
+from diffcli.errors import RuntimeFailure, UsageError
+from diffcli.jobs import Job
+from diffcli.options import RANDOM_SEED, draw_seed
+from diffcli.output import emit_line
+from diffcli.sweep import Values
+
+REPORTING = ("as_json", "quiet", "grid")  # whole-run switches, not job settings
+
+
+def say(message: str, quiet: bool) -> None:
+    """Human-facing line on stderr."""
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def generate(command: str, values: dict) -> None:
+    """A generating command's body: values keyed by option name (flags.COMMANDS[command] plus REPORTING)."""
+    as_json, quiet, grid = (values.pop(name, False) for name in REPORTING)
+    values["seed"] = shared_seed(values.get("seed"))
+    made = jobs.build(command, values)
+    if len(made) > 1:
+        say(f"sweep: {len(made)} combinations", quiet)
+    records = run_jobs(made, as_json, quiet)
+    if grid and records:
+        from diffcli.sweep import write_grid
+
+        sheet = write_grid(records, made[0].output.overwrite)
+        emit_line(json.dumps(sheet, sort_keys=True) if as_json else sheet["grid"])
+
+
+def shared_seed(seed):
+    """A command's seeds: without --seed (or with -1) one random seed every sweep cell shares, so the cells differ only
+    in what is swept; -1 in a comma list is a random seed of its own."""
+    if isinstance(seed, Values) and len(seed) > 1:
+        return Values(draw_seed() if each == RANDOM_SEED else each for each in seed)
+    if seed is None or list(seed) == [RANDOM_SEED]:
+        return draw_seed()
+    return seed
+
+
+def run_jobs(made: list[Job], as_json: bool, quiet: bool, emit: bool = True) -> list[dict]:
+    """Plan every job first (so bad input fails before any model loads), then run them; returns the image records.
+    `emit`: print each image's line (path or JSON) on stdout."""
+    from diffcli.plan import plan_jobs
+    from diffcli.run import run_plan
+
+    if len(made) == 1 and made[0].output.out == "-":
+        return _run_to_stdout(made[0], as_json, quiet)
+    if any(job.output.out == "-" for job in made):
+        raise UsageError(f"--out - writes one image to stdout, got a sweep of {len(made)} combinations",
+                         "use a folder, or a template with {cfg}, {steps}, {seed} or {scheduler}")
+    plans = plan_jobs(made)
+    records: list[dict] = []
+    spec, plan = plans[0].spec, plans[0]  # the cells of a sweep share model, size and (unless swept) seed
+    if spec.source == "bundled" and not plan.job.model.name:
+        say(f"Using the bundled demo model {spec.name!r} (no download). For real images pass --model "
+            "with a Hub id, a diffusers folder or a .safetensors checkpoint.", quiet)
+    say(f"model {spec.name} ({spec.family}, {spec.source}), seed {plan.seeds[0]}, "
+        f"{plan.width}x{plan.height}, {sum(len(p.seeds) for p in plans)} image(s)", quiet)
+    said: set[str] = set()
+    for plan in plans:
+        for line in plan.notes + plan.warnings:  # once per run, not once per sweep cell
+            if line not in said:
+                said.add(line)
+                say(line, quiet)
+        first = True
+
+        def on_image(record: dict) -> None:
+            nonlocal first
+            if first:
+                say(f"device {record['device']}, dtype {record['dtype']}, scheduler {record['scheduler']}, "
+                    f"steps {record['steps']}, cfg {record['cfg']:g}", quiet)
+                first = False
+            records.append(record)
+            if emit:
+                emit_line(json.dumps(record, sort_keys=True) if as_json else record["path"])
+
+        run_plan(plan, on_image, progress_bar=not quiet and sys.stderr.isatty(), notify=lambda m: say(m, quiet))
+    return records
+
+
+def _run_to_stdout(job: Job, as_json: bool, quiet: bool) -> list[dict]:
+    """`-o -`: make the one image in a temporary folder, then write its PNG bytes to stdout."""
+    if job.sampling.num_images != 1:
+        raise UsageError(f"--out - writes one image to stdout, got --num-images {job.sampling.num_images}",
+                         "use a folder or a template")
+    if as_json:
+        raise UsageError("--out - and --json both want stdout", "drop one of them")
+    if sys.stdout.isatty():
+        raise UsageError("--out - would write PNG bytes to the terminal", "redirect stdout: > image.png, or | another program")
+    with tempfile.TemporaryDirectory(prefix="diffcli-stdout-") as folder:
+        job.output.out = str(Path(folder) / "image.png")
+        records = run_jobs([job], False, quiet, emit=False)
+        data = Path(records[0]["path"]).read_bytes()
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:  # the reader has gone (`| head -c 1`, a closed pipe)
+        try:  # what is left in the buffer goes nowhere, so Python's exit flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file descriptor (in-process tests)
+            pass
+        raise RuntimeFailure("stdout closed before the image was written (the reader of the pipe has gone)") from None
+    return records
+
+
+def replay(image: str, verify: bool, given: dict, as_json: bool, quiet: bool) -> None:
+    """`diffcli replay`: the image's recorded settings, overridden by the flags `given` (None: not given), built into
+    a Job by the same builder as txt2img/img2img, then planned and run like any other."""
+    from diffcli import replay as recorded
+    from diffcli.options import check_path
+
+    check_path("IMAGE", image)
+    meta, text = recorded.read_parameters(image)
+    if meta:
+        settings, unused = recorded.settings_from_diffcli(meta), []
+    elif text:
+        settings, unused = recorded.settings_from_a1111(text, image)
+    else:
+        raise UsageError(f"{image} has no generation parameters",
+                         "replay reads diffcli's metadata or the A1111 `parameters` text other tools write")
+    if unused:
+        say(f"replay: ignoring what diffcli does not use: {', '.join(unused)}", quiet)
+    if verify and given.get("out") == "-":
+        raise UsageError("--verify compares a saved image with IMAGE; --out - saves none", "drop one of them")
+    recorded.check_inputs(settings, image)
+    values = recorded.job_values(settings, image, given, lambda message: say(message, quiet))
+    command = settings.get("task", "txt2img")
+    if values["seed"] in (None, RANDOM_SEED):  # --seed -1, or parameters without a seed: random, reported as always
+        values["seed"] = draw_seed()
+    job = jobs.build(command, values)[0]
+    if command == "img2img":
+        recorded.fit_size(job, settings["input"], given.get("width"), given.get("height"))
+    for kind, folder in (("lora", job.adapters.lora_dir), ("embedding", job.adapters.embedding_dir)):
+        if settings.get(kind) and not (given.get(kind) or folder):  # the metadata names them, no file is at hand
+            say(f"replay: the image used {kind} {settings[kind]}; pass it again with --{kind} (or --{kind}-dir)", quiet)
+    if not given.get("model"):
+        recorded.note_model_hash(job, settings.get("model_hash"), lambda message: say(message, quiet))
+    records = run_jobs([job], as_json, quiet, emit=not verify)
+    if not verify:
+        return
+    result = recorded.difference(image, records[0]["path"])
+    emit_line(json.dumps(dict(records[0], verify=result), sort_keys=True) if as_json else records[0]["path"])
+    if not as_json:
+        say(recorded.summary(result), quiet)

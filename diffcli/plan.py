@@ -1,0 +1,171 @@
+"""Plan a job: every input check, every default resolved, every output path claimed, before any weights load.
+
+`plan_job(job)` is diffcli's single check_inputs (as a diffusers pipeline's): bad input stops here with exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffcli import adapters, hires, identity, jobs, limits, output, refiner, tasks
+from diffcli.errors import UsageError
+from diffcli.jobs import Job
+from diffcli.models import ModelSpec, resolve_model
+from diffcli.options import RANDOM_SEED, check_size_multiple, draw_seed
+
+
+@dataclass
+class Plan:
+    """A job with every default resolved and every output path decided, before any weights load."""
+
+    job: Job  # the plan's own copy: seed drawn, scheduler named, second-pass defaults filled in
+    spec: ModelSpec
+    seeds: list[int]
+    paths: list[Path]
+    width: int
+    height: int
+    cfg: float
+    scheduler: str | None  # table name, or None for the model's own scheduler
+    warnings: list[str] = field(default_factory=list)
+    helpers: dict[str, ModelSpec] = field(default_factory=dict)  # second-pass models: "refiner", "hires_upscaler"
+    name_template: str = ""  # output.name_template of --out, and the fields the paths were made with: with {index},
+    name_fields: dict = field(default_factory=dict)  # a name another run took meanwhile moves to the next free number
+    identity: str = ""  # identity.settings_digest: with a seed, the id of each image (manifest, PNG metadata)
+    vae: object = None  # vae.VaeSpec of --vae, resolved and checked; None: the model's own VAE
+    adapters: adapters.Resolved = field(default_factory=adapters.Resolved)
+    inputs: tasks.Prepared | None = None  # the task's input images, read and fitted
+    record: dict = field(default_factory=dict)  # settings beyond the core ones, for the metadata
+
+    @property
+    def notes(self) -> list[str]:
+        """Size and tiling decisions the user did not spell out: said once before the run."""
+        return list(self.inputs.notes.values()) if self.inputs else []
+
+
+def check_job(job: Job) -> Job:
+    """Every setting that needs no model; raises UsageError naming the flag and value."""
+    from diffcli import noise
+    from diffcli.options import check_core
+
+    check_core(job)
+    noise.check_variation(job.sampling)
+    hires.check_settings(job.second)
+    refiner.check_settings(job.second)
+    if job.inputs is not None:
+        tasks.check_inputs(job)
+    return job
+
+
+def plan_job(job: Job, index_offset: int = 0) -> Plan:
+    """Check a job and resolve model, size, seeds and output paths; loads no weights."""
+    job = job.copy()
+    sampling = job.sampling
+    if sampling.seed == RANDOM_SEED:  # --seed -1 not drawn by the command: random here, then reported as any drawn seed
+        sampling.seed = draw_seed()
+    check_job(job)
+    resolved_adapters = adapters.resolve(job)  # LoRA and embedding files checked now, loaded by the run
+    if sampling.scheduler is not None:
+        from diffcli.pipeline import normalize_scheduler_name
+
+        sampling.scheduler = normalize_scheduler_name(sampling.scheduler)
+    spec = resolve_model(tasks.model_name(job), job.model.config, job.model.allow_pickle)
+    refiner.apply_default(job, spec)
+    hires.apply_default(job, spec)  # --hires without --hires-strength: the model's recommendation
+    helpers = {}  # resolved once here, loaded by the second pass
+    if refiner.active(job.second):
+        helpers["refiner"] = refiner.check(job, spec)
+    if job.second.hires and job.second.hires_upscaler == "x4":
+        helpers["hires_upscaler"] = hires.check_upscaler(job)
+    vae = None
+    if job.model.vae:  # found, format and trust checked, latent channels the model's
+        from diffcli import vae as vaes
+
+        vae = vaes.resolve(job.model.vae, spec, job.model.allow_pickle)
+    prepared = tasks.prepare(job, spec) if job.inputs is not None else None
+    defaults = spec.defaults
+    width, height = prepared.size if prepared else (sampling.width or defaults.get("width") or spec.sample_size or 512,
+                                                    sampling.height or defaults.get("height") or spec.sample_size or 512)
+    check_size_multiple(width, height, spec.size_multiple)
+    if job.second.hires:  # the second pass's size too, before any weights load
+        hires.check_target(width, height, job.second.hires, spec.size_multiple)
+    warnings = limits.check(spec, job, width, height)  # what the model was not trained for (its diffcli.json)
+    if sampling.seed is None:
+        sampling.seed = draw_seed()
+    seeds = [sampling.seed + i for i in range(sampling.num_images)]
+    cfg = sampling.cfg if sampling.cfg is not None else defaults.get("cfg", 7.5)
+    scheduler = sampling.scheduler or defaults.get("scheduler")
+    if job.inputs is not None and hasattr(job.inputs, "strength"):  # against the steps the run will take, --steps or not
+        tasks.check_strength(job.inputs.strength, sampling.steps or default_steps_of(spec, scheduler),
+                             default=not sampling.steps)
+    fields = {
+        "slug": output.slugify(job.prompt.text),
+        "prompt": job.prompt.text[:80],
+        "model": output.slugify(Path(spec.name).stem, 30),
+        "steps": sampling.steps or defaults.get("steps") or "",
+        "cfg": f"{cfg:g}",
+        "scheduler": scheduler or "default",
+        "width": width,
+        "height": height,
+    }
+    out = job.output.out
+    try:
+        paths = output.plan_paths(out, seeds, fields, job.output.overwrite, index_offset)
+    except OSError as exc:  # a name the file system refuses (too long, a loop of links, no permission)
+        raise UsageError(f"--out {out or output.DEFAULT_DIR!r}: cannot use {exc.filename or 'it'}: {exc.strerror or exc}",
+                         "choose another --out") from None
+    record = dict(jobs.record(job), **resolved_adapters.record())
+    if prepared:
+        record.update(prepared.record, **prepared.notes)
+    plan = Plan(job, spec, seeds, paths, width, height, cfg, scheduler, warnings=warnings, helpers=helpers,
+                name_template=output.name_template(out, len(seeds)), name_fields=fields, vae=vae,
+                adapters=resolved_adapters, inputs=prepared, record=record)
+    plan.identity = identity.settings_digest(plan)
+    return plan
+
+
+def default_steps_of(spec: ModelSpec, scheduler: str | None) -> int | None:
+    """The steps the run takes without --steps, known before loading: the model's recommendation, else the default
+    of the scheduler class it will run (the named one, else the model's own); None when its config is not at hand."""
+    from diffcli.pipeline import CLASS_STEPS, SCHEDULERS
+
+    if spec.defaults.get("steps"):
+        return spec.defaults["steps"]
+    if scheduler in SCHEDULERS:
+        return CLASS_STEPS.get(SCHEDULERS[scheduler].class_name, 30)
+    config = Path(spec.config_dir or spec.location) / "scheduler" / "scheduler_config.json"
+    try:
+        class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return CLASS_STEPS.get(class_name, 30) if isinstance(class_name, str) else None
+
+
+def plan_jobs(jobs_: list[Job]) -> list[Plan]:
+    """Plan several jobs of one run (a sweep): {index} names continue across them and no two images share a path."""
+    plans, seen = [], {}
+    for job in jobs_:
+        plan = plan_job(job, sum(len(p.seeds) for p in plans))
+        for path in plan.paths:
+            if path in seen:
+                raise UsageError(f"--out {job.output.out or output.DEFAULT_DIR!r} gives several images the name {path}",
+                                 "use a folder, or a template with {index}, or with {cfg}, {steps}, {seed} or {scheduler} for a sweep")
+            seen[path] = True
+        plans.append(plan)
+    return plans
+
+
+def shared_call_key(plan: Plan):
+    """Plans with equal keys differ only in prompt, negative prompt, seeds and paths, so their images can share
+    pipeline calls; None for a plan whose settings need calls of its own (input images, second passes, per-job noise),
+    or that asked for one image per call."""
+    job = plan.job
+    if job.sampling.batch_size == 1 or plan.inputs is not None or job.second.hires or job.sampling.variation_seed is not None:
+        return None
+    if refiner.active(job.second) and plan.spec.family == "sdxl":  # its refiner pass reads one job's prompt
+        return None
+    settings = dict(plan.record, model=vars(job.model), steps=job.sampling.steps,
+                    batch_size=job.sampling.batch_size, weighting=job.prompt.weighting, clip_skip=job.prompt.clip_skip,
+                    adapters=[plan.adapters.loras, plan.adapters.embeddings], vae=job.model.vae)
+    return plan.spec, plan.width, plan.height, plan.cfg, plan.scheduler, json.dumps(settings, sort_keys=True, default=str)

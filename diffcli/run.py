@@ -1,0 +1,302 @@
+"""Run planned jobs, in numbered steps as a diffusers `__call__` reads: load, adapters, steps, then per pipeline call:
+noise, first pass, NaN recovery, second passes; each image saved as soon as its call is done."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from diffcli import __version__, adapters, hashes, hires, identity, masked, output, progress, refiner, speed, tasks
+from diffcli.errors import RuntimeFailure
+from diffcli.images import to_pil
+from diffcli.plan import Plan
+
+TASKS_SIZED_BY_IMAGE = ("img2img", "upscale")  # their pipelines take the size from the input image
+OOM_LADDER = ("attention slicing", "VAE tiling", "one image per call", "model CPU offload")
+
+
+def versions() -> dict:
+    """Library versions recorded with every image."""
+    import diffusers
+    import torch
+    import transformers
+
+    return {"diffcli": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def run_plan(plan: Plan, on_image: Callable[[dict], None], progress_bar: bool = False,
+             notify: Callable[[str], None] = lambda message: None) -> None:
+    """Load the model, generate every image of one plan in batches, save each as soon as its batch is done."""
+    run_plans([plan], on_image, progress_bar, notify)
+
+
+def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress_bar: bool = False,
+              notify: Callable[[str], None] = lambda message: None) -> None:
+    """Generate the images of plans that share a plan.shared_call_key (or of one plan), --batch-size images per call.
+
+    Images of different plans share a call only when their prompts encode to the same length, so each image
+    is the one its plan alone would make (up to batching noise).
+    """
+    from diffcli import prompts
+    from diffcli.pipeline import default_steps, is_loaded, load_for_job, resolve_device, resolve_dtype
+
+    plan = plans[0]
+    job = plan.job
+    device = resolve_device(job.model.device)
+    dtype = resolve_dtype(job.model.dtype, device)
+    # 1. The pipeline, loaded once per process, with this plan's scheduler and VAE.
+    started = time.perf_counter()
+    with progress.loading(plan.spec.name, not is_loaded(plan.spec, job.model, job.model.safety_checker, plan.vae),
+                          progress_bar, notify):
+        pipe = load_for_job(plan.spec, job.task, job.model, plan.scheduler, job.model.safety_checker, plan.vae)
+    # 2. Exactly this job's LoRAs and embeddings.
+    adapters.activate(pipe, plan.adapters)
+    load_s = time.perf_counter() - started
+    # 3. Steps: --steps, else the model's recommendation, else what suits the scheduler; checks that need them.
+    steps = job.sampling.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
+    if job.inputs is not None and hasattr(job.inputs, "strength"):
+        tasks.check_strength(job.inputs.strength, steps)
+    if refiner.active(job.second):
+        refiner.check_steps(steps, job.second.refiner_start)
+    common = {id(each): _metadata(each, pipe, steps, device, dtype) for each in plans}
+    # 4. Calls: images grouped by prompt length in chunks (one group for one plan), --batch-size per call.
+    groups: dict[int, list] = {}
+    for each in plans:
+        length = prompts.chunk_count(pipe, each.job.prompt) if len(plans) > 1 else 0
+        groups.setdefault(length, []).extend((each, index) for index in range(len(each.seeds)))
+    size = job.sampling.batch_size
+    calls = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+    for call in calls:
+        began = time.perf_counter()
+        pixels, warnings = _with_oom_ladder(pipe, [(each.seeds[index], each) for each, index in call],
+                                            lambda part: _generate_batch(pipe, plan, part, steps, progress_bar), notify)
+        generate_s = (time.perf_counter() - began) / len(call)
+        # 5. Save each image: atomic, never over another file unless --overwrite, metadata inside, one line out.
+        for image, (each, index) in zip(pixels, call):
+            timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3)}
+            _save(each, index, image, dict(common[id(each)], warnings=each.warnings + warnings), timings, on_image,
+                  notify)
+            load_s = 0.0
+
+
+def _metadata(plan: Plan, pipe, steps: int, device: str, dtype) -> dict:
+    """What every image of a plan records about how it was made (replay reads it back)."""
+    from diffcli.pipeline import CLASS_LABELS, SCHEDULERS
+
+    scheduler = plan.scheduler
+    meta = {
+        "task": plan.job.task, "steps": steps, "cfg": plan.cfg, "width": plan.width, "height": plan.height,
+        "scheduler": scheduler or type(pipe.scheduler).__name__,
+        "sampler": SCHEDULERS[scheduler].label if scheduler else CLASS_LABELS.get(type(pipe.scheduler).__name__, ""),
+        "model": plan.spec.name, "model_hash": hashes.model_hash(plan.spec), "model_family": plan.spec.family,
+        "device": device, "generator_device": "cpu", "dtype": str(dtype).removeprefix("torch."),
+        "optimizations": pipe.diffcli_optimizations, "versions": versions(),
+        "prompt": plan.job.prompt.text, "negative": plan.job.prompt.negative,
+    }
+    if plan.vae:
+        from diffcli import vae as vaes
+
+        meta["vae_hash"] = vaes.vae_hash(plan.vae)  # and "vae" (as given) from the record
+    return dict(meta, **plan.record)
+
+
+def _save(plan: Plan, index: int, image, meta: dict, timings: dict, on_image, notify) -> None:
+    seed, path = plan.seeds[index], plan.paths[index]
+    meta.update(seed=seed, index=index, id=identity.image_id(plan.identity, seed))
+    variation = plan.job.sampling.variation_seed
+    if variation is not None:  # image i varies toward variation_seed + i
+        meta["variation_seed"] = variation + seed - plan.job.sampling.seed
+    began = time.perf_counter()
+    data = output.encode_image(image, path, meta)
+    with output.signals_held():  # an image on disk is always also reported
+        written = output.write_new(path, data, plan.job.output.overwrite,
+                                   output.renumber(plan.name_template, plan.name_fields, seed, index + 1))
+        if written != path:
+            notify(f"{path} was taken meanwhile (another run writing there?); wrote {written}")
+            plan.paths[index] = path = written
+        on_image(dict(meta, path=str(path), timings=dict(timings, save_s=round(time.perf_counter() - began, 3))))
+
+
+def _with_oom_ladder(pipe, items: list, generate_batch, notify):
+    """Run a batch of (seed, plan) items; on CUDA out-of-memory free memory and retry with the next, cheaper setting."""
+    import gc
+
+    import torch
+
+    applied: list[str] = []
+    while True:
+        try:
+            if "one image per call" in applied:
+                parts = [generate_batch([item]) for item in items]
+                images, warnings = [image for part in parts for image in part[0]], parts[0][1]
+            else:
+                images, warnings = generate_batch(items)
+            return images, warnings + [f"out of memory: retried with {step}" for step in applied]
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(applied) == len(OOM_LADDER):
+                raise RuntimeFailure(f"out of GPU memory even with {', '.join(OOM_LADDER)}",
+                                     "lower --width/--height, or use --device cpu") from None
+            step = OOM_LADDER[len(applied)]
+            applied.append(step)
+            notify(f"out of GPU memory: retrying with {step}")
+            if step == "attention slicing":
+                pipe.enable_attention_slicing()
+            elif step == "VAE tiling":
+                pipe.vae.enable_tiling()
+            elif step == "model CPU offload":
+                pipe.enable_model_cpu_offload()
+
+
+def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: bool):
+    """One pipeline call for `items` (seed, plan of its prompt): one CPU generator each, a non-finite check with an
+    fp32 VAE retry, the second passes, and the task's postprocessing."""
+    import numpy as np
+    import torch
+
+    job = plan.job
+    seeds = [seed for seed, _ in items]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    last = {}
+    bar = progress.step_bar(steps) if progress_bar else None
+
+    def on_step_end(pipeline, step, timestep, tensors):
+        last["latents"] = tensors["latents"]
+        if bar is not None:
+            bar.advance(bar.task_ids[0])
+        return tensors
+
+    # 1. The call's inputs: the task's images, the size, variation noise.
+    kwargs = dict(plan.inputs.pipeline_kwargs) if plan.inputs else {}
+    if job.task not in TASKS_SIZED_BY_IMAGE:
+        kwargs.update(width=plan.width, height=plan.height)
+    variation = job.sampling.variation_seed
+    if variation is not None:  # image i: seed+i noise slerped toward variation_seed+i
+        from diffcli import noise
+
+        variation_seeds = [variation + seed - job.sampling.seed for seed in seeds]
+        kwargs["latents"] = noise.variation_latents(pipe, generators, variation_seeds, job.sampling.variation_strength,
+                                                    plan.width, plan.height, pipe.unet.dtype)
+    # 2. The first pass (tiled, handed to a refiner, or plain), with DeepCache and inpaint's latent fill around it.
+    rows = [each.job.prompt for _, each in items]
+    call = _caller(pipe, rows, job.prompt, steps, plan.cfg, on_step_end)
+    try:
+        if bar is not None:
+            bar.start()
+        with speed.deep_cache(pipe, job.model.deep_cache), \
+                masked.latent_content(pipe, getattr(job.inputs, "fill", None), kwargs.get("mask_image")):
+            images = _first_pass(pipe, plan, call, rows, kwargs, generators, steps, bar, on_step_end)
+    finally:
+        if bar is not None:
+            bar.stop()
+    # 3. NaN recovery: decode the last latents again with the VAE in fp32.
+    warnings = []
+    if not np.isfinite(images).all():
+        latents = last.get("latents")
+        if latents is None or not torch.isfinite(latents).all():
+            raise RuntimeFailure("the model produced NaN/Inf values; no image was saved",
+                                 "try --dtype fp32 (or bf16), another --scheduler, or a lower --cfg")
+        images = _decode_fp32(pipe, latents)
+        warnings.append("vae decode retried in fp32 after non-finite pixels")
+        if not np.isfinite(images).all():
+            raise RuntimeFailure("the VAE produced NaN/Inf pixels even in fp32; no image was saved")
+    # 4. Second passes: hires fix.
+    if job.second.hires:
+        images = hires.second_pass(pipe, plan, seeds, steps, last["latents"], images)
+        if not np.isfinite(images).all():
+            raise RuntimeFailure("the hires pass produced NaN/Inf values; no image was saved", "try --dtype fp32 or bf16")
+    # 5. The task's postprocessing (inpaint's exact paste-back).
+    postprocess = (plan.inputs.postprocess if plan.inputs else None) or (lambda image: image)
+    return [postprocess(to_pil(image)) for image in images], warnings
+
+
+def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, on_step_end):
+    """`call(kwargs, generators, output_type, step_end)`: the pipeline called the way its class takes inputs
+    (families.call_style), the prompts encoded once per batch size (tiles and retries reuse them)."""
+    from diffcli import families, prompts
+
+    style = families.call_style(type(pipe).__name__)
+    encoded: dict[int, dict] = {}
+
+    def call(call_kwargs: dict, call_generators: list, output_type: str = "np", step_end=on_step_end):
+        count = len(call_generators)
+        rows = prompts_of_images if count == len(prompts_of_images) else [one] * count  # tiles: one image of one job
+        if style.prompt_embeds:
+            if count not in encoded:
+                encoded[count] = prompts.pipeline_inputs(pipe, rows)
+            call_kwargs = dict(call_kwargs, **encoded[count])
+        else:
+            negatives = [each.negative for each in rows]
+            call_kwargs = dict(call_kwargs, prompt=[each.text for each in rows],
+                               negative_prompt=negatives if any(negatives) else None)
+        if style.repeat_image:
+            call_kwargs["image"] = [call_kwargs["image"]] * count
+        if style.step_end_callback:
+            call_kwargs["callback_on_step_end"] = step_end
+        else:
+            call_kwargs.update(callback=lambda i, t, latents: on_step_end(pipe, i, t, {"latents": latents}), callback_steps=1)
+        return pipe(num_inference_steps=steps, guidance_scale=cfg, generator=call_generators, output_type=output_type,
+                    **call_kwargs).images
+
+    return call
+
+
+def _first_pass(pipe, plan: Plan, call, rows: list, kwargs: dict, generators: list, steps: int, bar, on_step_end):
+    """Tiles (each with its region of the untiled call's noise, overlaps blended), an SDXL refiner finishing the base's
+    latents, an SD 1.x/2.x refiner's UNet taking over inside the call, or the plain call."""
+    import numpy as np
+
+    from diffcli import tiles
+
+    job, seeds = plan.job, [generator.initial_seed() for generator in generators]
+    tile = plan.record.get("tile")
+    if tile:
+        overlap, scale = plan.record["tile_overlap"], job.inputs.scale
+        if bar is not None:  # one pipeline call per tile and image
+            count = tiles.tile_count(pipe, kwargs["image"].size, tile, overlap)
+            bar.update(bar.task_ids[0], total=steps * count * len(seeds))
+        return np.stack([tiles.upscale_with_tiles(pipe, kwargs["image"], seed, tile, overlap, scale,
+                                                  lambda extra, generator: call(dict(kwargs, **extra), [generator])[0])
+                         for seed in seeds])
+    if refiner.active(job.second) and plan.spec.family == "sdxl":
+        latents = call(dict(kwargs, denoising_end=job.second.refiner_start), generators, output_type="latent")
+        return refiner.finish_sdxl(plan, latents, generators, steps, on_step_end)
+    if refiner.active(job.second):
+        return _call_with_sd_refiner(pipe, plan, rows, lambda step_end: call(kwargs, generators, step_end=step_end),
+                                     on_step_end)
+    return call(kwargs, generators)
+
+
+def _call_with_sd_refiner(pipe, plan: Plan, rows: list, call, on_step_end):
+    """`call(step_end)` with the plan's SD 1.x/2.x refiner taking over at --refiner-start; its own text encoder (if
+    any) reads the same prompts."""
+    from diffcli import prompts
+    from diffcli.pipeline import load_pipeline, resolve_device, resolve_dtype
+
+    settings = plan.job.model
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    unet, config, own = refiner.load_sd(  # the cached pipeline as it is: the base may be that very pipeline
+        plan.helpers["refiner"], lambda spec: load_pipeline(spec, "txt2img", device, dtype, False, settings.allow_pickle,
+                                                            settings.optimize, settings.low_vram, settings.threads),
+        device, dtype)
+    inputs = prompts.pipeline_inputs(own, rows) if own is not None else None
+    with refiner.sd_handover(pipe, unet, config, plan.job.second.refiner_start, inputs, on_step_end) as step_end:
+        return call(step_end)
+
+
+def _decode_fp32(pipe, latents):
+    """Decode latents with the VAE upcast to fp32 (fixes the fp16 SD/SDXL VAE overflow)."""
+    import torch
+
+    vae = pipe.vae
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        with torch.no_grad():
+            decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        vae.to(dtype)
+    return pipe.image_processor.postprocess(decoded, output_type="np")
