@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffcli import weights
+from diffcli import extras, weights
 from diffcli.errors import UsageError, first_line
 from diffcli.options import check_path
 from diffcli.models import HUB_ID
@@ -98,6 +98,8 @@ def resolve(job) -> Resolved:
     adapters, allow_pickle = job.adapters, job.model.allow_pickle
     prompt, negative = job.prompt.text, job.prompt.negative
     loras = []
+    if adapters.lora:
+        extras.require("peft", "--lora")
     for spec in adapters.lora:
         source, scale = split_scale(spec, "--lora")
         loras.append((_source(source, "--lora", allow_pickle), scale))
@@ -112,6 +114,7 @@ def resolve(job) -> Resolved:
         if not math.isfinite(scale):
             raise UsageError(f"<{kind}:{name}:{weight}> in the prompt: weight {weight!r} is not a finite number",
                              "e.g. <lora:name:0.8> (1 is full strength)")
+        extras.require("peft", f"<{kind}:{name}> in the prompt")
         if lora_dir:
             check_path("--lora-dir", lora_dir)
             check_path(f"<{kind}:{name}> in the prompt", name)
@@ -155,9 +158,9 @@ def _adapter_name(source: str) -> str:
 
 
 def activate(pipe, resolved: Resolved) -> None:
-    """Load what a job needs (once per process) and switch exactly its LoRAs on, at their scales."""
-    for path, token in resolved.embeddings:
-        _load_embedding(pipe, path, token, resolved.allow_pickle)
+    """Give the pipeline exactly the job's embeddings and switch exactly its LoRAs on, at their scales (the pipeline
+    is cached per process: an earlier job's adapters must not reach this one's images)."""
+    _own_embeddings(pipe, resolved)
     loras = resolved.loras
     loaded = getattr(pipe.unet, "diffcli_loras", set())  # on the U-Net: pipelines of other tasks share it
     if not loras and not loaded:
@@ -183,9 +186,9 @@ def activate(pipe, resolved: Resolved) -> None:
 
 def _load_lora(pipe, source: str, name: str, allow_pickle: bool) -> None:
     try:
-        import peft  # noqa: F401  (diffusers' LoRA loading needs the peft backend)
+        import peft  # noqa: F401  (diffusers' LoRA loading needs the peft backend; resolve() checked it is installed)
     except ImportError:
-        raise UsageError("--lora needs the peft package", "pip install peft") from None
+        raise extras.missing("peft", "--lora") from None
     try:
         if Path(source).is_file():
             pipe.load_lora_weights(weights.load_state_dict(source, "--lora", allow_pickle), adapter_name=name)
@@ -195,10 +198,35 @@ def _load_lora(pipe, source: str, name: str, allow_pickle: bool) -> None:
         raise UsageError(f"--lora {source!r} cannot be loaded into this model: {first_line(exc)}") from exc
 
 
+def _own_embeddings(pipe, resolved: Resolved) -> None:
+    """Unload the embeddings an earlier job loaded that this one does not use (their tokens would otherwise still
+    turn into the embedding), then load this job's; kept on the tokenizer, which pipelines of other tasks share."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:  # an SDXL refiner: it reads the base model's prompt embeddings
+        return
+    wanted = {token: path for path, token in resolved.embeddings}
+    loaded = getattr(tokenizer, "diffcli_embeddings", {})
+    stale = [token for token, path in loaded.items() if wanted.get(token) != path]
+    if stale:
+        for encoder, words in ((pipe.text_encoder, tokenizer), (getattr(pipe, "text_encoder_2", None),
+                                                                getattr(pipe, "tokenizer_2", None))):
+            vectors = [t for t in words.get_vocab() if any(re.fullmatch(rf"{re.escape(s)}(_\d+)?", t) for s in stale)] \
+                if words is not None else []  # a multi-vector embedding's tokens: NAME, NAME_1, NAME_2...
+            if vectors:
+                pipe.unload_textual_inversion(vectors, tokenizer=words, text_encoder=encoder)
+        loaded = {token: path for token, path in loaded.items() if token not in stale}
+    for token, path in wanted.items():
+        if token not in loaded:
+            _load_embedding(pipe, path, token, resolved.allow_pickle)
+            loaded[token] = path
+    tokenizer.diffcli_embeddings = loaded
+
+
 def _load_embedding(pipe, path: str, token: str, allow_pickle: bool) -> None:
     """One embedding file; SDXL files carry clip_l and clip_g tensors, one per text encoder."""
     if token in pipe.tokenizer.get_vocab():
-        return
+        raise UsageError(f"--embedding {path!r}: its token {token!r} is a word the model's tokenizer knows already",
+                         "give it another token: --embedding FILE:TOKEN")
     try:
         state = weights.load_state_dict(path, "--embedding", allow_pickle)
         if "clip_l" in state and "clip_g" in state:

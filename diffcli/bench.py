@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).parent / "configs"
+from diffcli.checkpoints import CONFIGS  # noqa: E402  (the packaged diffusers configs)
 ARCHITECTURES = {  # name -> (config folder, pipeline class, native size)
     "sd15": ("sd15", "StableDiffusionPipeline", 512),
     "sd21": ("sd2-v", "StableDiffusionPipeline", 768),
@@ -187,7 +187,9 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
 
     from diffcli.models import resolve_model
     from diffcli.pipeline import _load_weights, _place, pipeline_class_name, resolve_device, resolve_dtype
+    from diffcli.speed import check_deep_cache
 
+    check_deep_cache(deep_cache)  # before any weights load
     device = resolve_device(device)
     dtype = resolve_dtype(dtype_name, device)
     start = time.perf_counter()

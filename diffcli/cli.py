@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -21,6 +20,7 @@ from diffcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, Diffcl
 from diffcli.declare import Flag
 from diffcli.flags import COMMANDS, GRID, REPORTING, RUNTIME, SECOND_PASSES
 from diffcli.options import MAX_SEED
+from diffcli.shapes import SEED_STRIDE as EVAL_SEED_STRIDE
 
 app = typer.Typer(
     name="diffcli",
@@ -134,13 +134,10 @@ def batch(ctx: typer.Context, **values) -> None:
         raise typer.Exit(code)
 
 
-EVAL_SEED_STRIDE = 100_000  # shapes.evaluate seeds image i of --seed s with s * 100000 + i
-
-
 @app.command(name="eval")
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="A tiny-shapes style model (bundled name or folder).")] = "tiny-shapes",
-    # image i of seed s is drawn with generator seed s * EVAL_SEED_STRIDE + i (shapes.evaluate): both bounded so it fits
+    # image i of seed s is drawn with generator seed s * EVAL_SEED_STRIDE + i: both bounded so it fits
     n: Annotated[int, typer.Option("--n", min=2, max=EVAL_SEED_STRIDE, help="Held-out prompts (half one-object, half two-object).")] = 200,
     seed: Annotated[int, typer.Option("--seed", min=-1, max=MAX_SEED // EVAL_SEED_STRIDE - 1, help="Seed of the prompt draw and the images; -1: random (the report says which).")] = 0,
     steps: Steps = None,
@@ -155,34 +152,9 @@ def evaluate(
 
     For an x4 upscaler (tiny-shapes-x4): PSNR of upscaled 32 px renders against the 128 px truth, bicubic alongside.
     """
-    from diffcli import speed
-    from diffcli.models import resolve_model
-    from diffcli.options import check_threads
-    from diffcli.pipeline import normalize_scheduler_name, resolve_device
-    from diffcli.jobs import SecondPasses
-    from diffcli.refiner import check_settings
-    from diffcli.shapes.evaluate import evaluate as run_eval
-    from diffcli.shapes.evaluate import evaluate_upscaler
+    from diffcli.shapes.evaluate import run
 
-    check_threads(threads)
-    if seed == -1:  # random, as everywhere: the report's "seed" says which
-        from diffcli.options import draw_seed
-
-        seed = draw_seed()
-    spec = resolve_model(model)
-    if not (Path(spec.location) / "diffcli.json").is_file():
-        raise UsageError(f"--model {model!r} is not a shapes model (no diffcli.json)", "eval judges tiny-shapes models only")
-    name = normalize_scheduler_name(scheduler) if scheduler else None
-    if resolve_device(device) == "cpu":  # the lab's own loader places the pipelines: set the threads here, once
-        speed.configure_cpu_threads(threads)
-    if spec.family == "sd-x4-upscaler":
-        if cfg is not None:
-            raise UsageError("--cfg does not apply to an upscaler's eval", "it upscales without a prompt (cfg 1)")
-        report = evaluate_upscaler(spec.location, n, seed, steps, None, name, resolve_device(device))
-    else:
-        check_settings(SecondPasses(refiner=refiner, refiner_start=refiner_start))  # the range check
-        report = run_eval(spec.location, n, seed, steps, cfg, name, resolve_device(device), refiner=refiner,
-                          refiner_start=refiner_start)
+    report = run(model, n, seed, steps, cfg, scheduler, device, refiner, refiner_start, threads)
     print(json.dumps(report, sort_keys=True))
 
 

@@ -132,7 +132,8 @@ OUTPAINT = group(
 UPSCALE = group(
     Flag("scale", ("--scale",), int, 4, "Upscaling factor: 4 with --method x4, 2 with --method latent."),
     Flag("method", ("--method",), str, "x4", "x4 (SD x4 upscaler) or latent (SD x2 latent upscaler)."),
-    Flag("noise_level", ("--noise-level",), int, 20, "Noise added to the input (0-350): more invents more detail."),
+    Flag("noise_level", ("--noise-level",), int, None, "Noise added to the input (0-350): more invents more detail "
+         "(default: the model's recommendation, else 20)."),
     Flag("tile", ("--tile",), int, None, "Process the input in tiles of SIZE pixels; 0: whole image. Default: 256 (x4) "
          "or 512 (latent) when the input is larger."),
     Flag("tile_overlap", ("--tile-overlap",), int, None, "Input pixels shared by neighbouring tiles (default: an eighth "

@@ -6,7 +6,7 @@ import os
 
 from diffcli.errors import UsageError
 
-UPSCALERS = ("latent", "lanczos", "x4")  # x4: an SD x4 upscaler model, then Lanczos down to the target size
+HIRES_UPSCALERS = ("latent", "lanczos", "x4")  # x4: an SD x4 upscaler model, then Lanczos down to the target size
 DEFAULT_STRENGTH = 0.7  # A1111's default denoising strength for the hires pass, for models that recommend none
 
 
@@ -26,8 +26,8 @@ def check_settings(second) -> None:
         raise UsageError(f"--hires-steps must be between 1 and 1000, got {steps}")
     if strength is not None and not 0.0 < strength <= 1.0:
         raise UsageError(f"--hires-strength must be between 0 (exclusive) and 1, got {strength:g}")
-    if upscaler not in UPSCALERS:
-        raise UsageError(f"--hires-upscaler must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
+    if upscaler not in HIRES_UPSCALERS:
+        raise UsageError(f"--hires-upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {upscaler!r}")
     if steps is not None and strength is not None and int(steps * strength) < 1:
         raise UsageError(f"--hires-strength {strength:g} x --hires-steps {steps} is less than one denoising step")
     if upscaler == "x4":
@@ -60,7 +60,7 @@ def check_upscaler(job):
     """The x4 upscaler model's spec; it must exist and be one (checked before any weights load)."""
     from diffcli.models import resolve_model
 
-    spec = resolve_model(job.second.hires_upscaler_model, None, job.model.allow_pickle)
+    spec = resolve_model(job.second.hires_upscaler_model, None, job.model.allow_pickle, "--hires-upscaler-model")
     if spec.family != "sd-x4-upscaler":
         raise UsageError(f"--hires-upscaler-model {spec.name!r} is a {spec.family} model, not an SD x4 upscaler")
     return spec
@@ -115,12 +115,12 @@ def _x4(job, spec, images, seeds: list[int]) -> list:
     from diffcli import prompts, tiles
     from diffcli.images import to_pil
     from diffcli.pipeline import default_steps, load_for_job
-    from diffcli.tasks import AUTO_TILE
+    from diffcli.tasks import AUTO_TILE, DEFAULT_NOISE_LEVEL
 
     defaults = spec.defaults
     pipe = load_for_job(spec, "upscale", job.model, defaults.get("scheduler"))
     settings = dict(num_inference_steps=defaults.get("steps") or default_steps(pipe.scheduler),
-                    guidance_scale=defaults.get("cfg", 7.5), noise_level=defaults.get("noise_level", 20),
+                    guidance_scale=defaults.get("cfg", 7.5), noise_level=defaults.get("noise_level", DEFAULT_NOISE_LEVEL),
                     output_type="np", **prompts.pipeline_inputs(pipe, [job.prompt]))
 
     def call(extra: dict, generator):

@@ -111,7 +111,7 @@ class UpscaleInput:
     input: str = ""
     scale: int = 4
     method: str = "x4"
-    noise_level: int = 20
+    noise_level: int | None = None  # None: the model's diffcli.json noise_level, else DEFAULT_NOISE_LEVEL
     tile: int | None = None  # None: automatic (tasks.AUTO_TILE)
     tile_overlap: int | None = None
 
@@ -207,5 +207,5 @@ def record(job: Job) -> dict:
                    fill=inputs.fill)
     elif isinstance(inputs, UpscaleInput):
         out.update(input=inputs.input, scale=inputs.scale, method=inputs.method, tile=inputs.tile,
-                   tile_overlap=inputs.tile_overlap, **({"noise_level": inputs.noise_level} if inputs.method == "x4" else {}))
+                   tile_overlap=inputs.tile_overlap)
     return out

@@ -43,8 +43,19 @@ def bundled_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(BUNDLED_DIR.iterdir()) if (p / "model_index.json").is_file()}
 
 
-def resolve_model(spec: str | None, model_config: str | None = None, allow_pickle: bool = False) -> ModelSpec:
-    """Turn a --model value (or $DIFFCLI_MODEL, or the default) into a ModelSpec."""
+def resolve_model(spec: str | None, model_config: str | None = None, allow_pickle: bool = False,
+                  flag: str = "--model") -> ModelSpec:
+    """Turn a --model value (or $DIFFCLI_MODEL, or the default) into a ModelSpec; errors name `flag` (the option the
+    value came from: --refiner, --hires-upscaler-model...)."""
+    try:
+        return _resolve(spec, model_config, allow_pickle)
+    except ModelError as exc:
+        if flag == "--model" or not exc.message.startswith("--model "):
+            raise
+        raise type(exc)(flag + exc.message[len("--model"):], exc.hint) from None
+
+
+def _resolve(spec: str | None, model_config: str | None, allow_pickle: bool) -> ModelSpec:
     spec = spec or os.environ.get("DIFFCLI_MODEL") or DEFAULT_MODEL
     bundled = bundled_models()
     if spec in bundled:

@@ -85,6 +85,9 @@ def check_core(job) -> None:
     if model.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
     check_threads(model.threads)
+    from diffcli.speed import check_deep_cache
+
+    check_deep_cache(model.deep_cache)
 
 
 def check_threads(threads: int | None) -> None:

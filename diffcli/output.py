@@ -21,7 +21,7 @@ from diffcli.errors import RuntimeFailure, UsageError
 
 DEFAULT_DIR = "outputs"
 DEFAULT_TEMPLATE = "{index:05d}-{seed}-{slug}.png"
-FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 TEMPLATE_FIELDS = ("index", "seed", "slug", "prompt", "model", "steps", "cfg", "scheduler", "width", "height", "date", "time")
 EXIF_USER_COMMENT = 0x9286  # where A1111 stores `parameters` in JPEG and WebP files
 EXIF_IFD = 0x8769
@@ -104,7 +104,7 @@ def _check_template(template: str) -> None:
     if any(unicodedata.category(ch) == "Cc" for ch in template):
         raise UsageError(f"--out {template!r} contains control characters")
     suffix = Path(template).suffix.lower()
-    if suffix not in FORMATS:
+    if suffix not in IMAGE_FORMATS:
         raise UsageError(f"--out {template!r}: unsupported image type {suffix or '(none)'!r}", "use .png, .jpg or .webp")
 
 
@@ -195,7 +195,7 @@ def encode_image(image, path: Path, meta: dict) -> bytes:
 
     from PIL import Image, PngImagePlugin
 
-    fmt = FORMATS[path.suffix.lower()]
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
     buffer = io.BytesIO()
     if fmt == "PNG":
         info = PngImagePlugin.PngInfo()

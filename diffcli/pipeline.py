@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
 import warnings
 from dataclasses import dataclass
 
-from diffcli import families
+from diffcli import extras, families
 from diffcli.errors import ModelError, UsageError, first_line
 
 # Library chatter (deprecations, optional-backend notices) is not for our users; they may override.
@@ -60,19 +61,22 @@ SCHEDULERS: dict[str, SchedulerEntry] = {
 # Default steps and A1111 label for whatever scheduler class a model ships with (plain variant wins).
 CLASS_STEPS = {e.class_name: e.steps for e in reversed(SCHEDULERS.values())}
 CLASS_LABELS = {e.class_name: e.label for e in reversed(SCHEDULERS.values())}
+NEEDS = {"DPMSolverSDEScheduler": "torchsde"}  # scheduler class -> the optional package it imports (extras.py)
 
 def normalize_scheduler_name(name: str) -> str:
-    """Map user spellings ('DPM++ 2M Karras', 'euler_a', 'Euler a') onto table keys."""
+    """Map user spellings ('DPM++ 2M Karras', 'euler_a', 'Euler a') onto table keys; a scheduler whose optional
+    package is not installed (the SDE ones without torchsde) is a UsageError naming the pip command."""
     key = re.sub(r"[\s_]+", "-", name.strip().lower()).replace("dpm++-", "dpm++")
     key = {"euler-ancestral": "euler-a", "plms": "pndm"}.get(key, key)
     compact = key.replace("-", "")
-    for known in SCHEDULERS:
-        if known.replace("-", "") == compact:
-            return known
-    for known, entry in SCHEDULERS.items():
-        if entry.label.lower().replace(" ", "") == compact:
-            return known
-    raise UsageError(f"--scheduler {name!r} is unknown", f"choose one of: {', '.join(SCHEDULERS)} (see `diffcli schedulers`)")
+    found = next((known for known in SCHEDULERS if known.replace("-", "") == compact), None) or next(
+        (known for known, entry in SCHEDULERS.items() if entry.label.lower().replace(" ", "") == compact), None)
+    if found is None:
+        raise UsageError(f"--scheduler {name!r} is unknown", f"choose one of: {', '.join(SCHEDULERS)} (see `diffcli schedulers`)")
+    needs = NEEDS.get(SCHEDULERS[found].class_name)
+    if needs:  # checked with the name, before any model loads
+        extras.require(needs, f"--scheduler {name}")
+    return found
 
 
 def pipeline_class_name(spec: ModelSpec, task: str) -> str:
@@ -122,12 +126,12 @@ def build_scheduler(current, name: str | None):
     if name is None:
         return type(current).from_config(current.config)
 
-    entry = SCHEDULERS[normalize_scheduler_name(name)]
-    if entry.class_name == "DPMSolverSDEScheduler":
+    entry = SCHEDULERS[normalize_scheduler_name(name)]  # (also checks the scheduler's optional package is installed)
+    if entry.class_name in NEEDS:
         try:
-            import torchsde  # noqa: F401  (the SDE scheduler needs it)
+            importlib.import_module(NEEDS[entry.class_name])
         except ImportError:
-            raise UsageError(f"--scheduler {name} needs the torchsde package", "pip install torchsde") from None
+            raise extras.missing(NEEDS[entry.class_name], f"--scheduler {name}") from None
     return getattr(diffusers, entry.class_name).from_config(current.config, **dict(entry.options))
 
 

@@ -96,6 +96,10 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     seeds = [sampling.seed + i for i in range(sampling.num_images)]
     cfg = sampling.cfg if sampling.cfg is not None else defaults.get("cfg", 7.5)
     scheduler = sampling.scheduler or defaults.get("scheduler")
+    if scheduler and not sampling.scheduler:  # the model's recommended scheduler: checked (and its package) too
+        from diffcli.pipeline import normalize_scheduler_name
+
+        normalize_scheduler_name(scheduler)
     if job.inputs is not None and hasattr(job.inputs, "strength"):  # against the steps the run will take, --steps or not
         tasks.check_strength(job.inputs.strength, sampling.steps or default_steps_of(spec, scheduler),
                              default=not sampling.steps)

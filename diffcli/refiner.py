@@ -72,7 +72,7 @@ def check(job, spec):
         raise UsageError(f"--refiner needs an SD 1.x, 2.x or XL base model; {spec.name!r} is a {spec.family} model")
     if job.second.hires:
         raise UsageError("--refiner and --hires cannot be combined yet", "run the hires pass with img2img afterwards")
-    refiner = resolve_model(job.second.refiner, None, job.model.allow_pickle)
+    refiner = resolve_model(job.second.refiner, None, job.model.allow_pickle, "--refiner")
     if refiner.family not in takes or refiner.inpaint:
         kind = "an SDXL refiner or SDXL model" if spec.family == "sdxl" else "an SD 1.x/2.x text-to-image model"
         raise UsageError(f"--refiner {refiner.name!r} is a {refiner.family} model, not {kind} (the base is {spec.family})")

@@ -32,7 +32,15 @@ def run_plan(plan: Plan, on_image: Callable[[dict], None], progress_bar: bool = 
 
 def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress_bar: bool = False,
               notify: Callable[[str], None] = lambda message: None) -> None:
-    """Generate the images of plans that share a plan.shared_call_key (or of one plan), --batch-size images per call.
+    """Generate the images of plans that share a plan.shared_call_key (or of one plan) and save each as soon as its
+    pipeline call is done: atomic, never over another file unless --overwrite, metadata inside, one record out."""
+    for plan, index, image, meta in images(plans, progress_bar, notify):
+        _save(plan, index, image, meta, on_image, notify)
+
+
+def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str], None] = lambda message: None):
+    """Yield (plan, index, PIL image, metadata) for every image of plans that share a plan.shared_call_key (or of one
+    plan), --batch-size images per call; nothing is saved (run_plans saves; `diffcli eval` judges them in memory).
 
     Images of different plans share a call only when their prompts encode to the same length, so each image
     is the one its plan alone would make (up to batching noise).
@@ -71,11 +79,9 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress_bar:
         pixels, warnings = _with_oom_ladder(pipe, [(each.seeds[index], each) for each, index in call],
                                             lambda part: _generate_batch(pipe, plan, part, steps, progress_bar), notify)
         generate_s = (time.perf_counter() - began) / len(call)
-        # 5. Save each image: atomic, never over another file unless --overwrite, metadata inside, one line out.
         for image, (each, index) in zip(pixels, call):
             timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3)}
-            _save(each, index, image, dict(common[id(each)], warnings=each.warnings + warnings), timings, on_image,
-                  notify)
+            yield each, index, image, dict(common[id(each)], warnings=each.warnings + warnings, timings=timings)
             load_s = 0.0
 
 
@@ -100,8 +106,9 @@ def _metadata(plan: Plan, pipe, steps: int, device: str, dtype) -> dict:
     return dict(meta, **plan.record)
 
 
-def _save(plan: Plan, index: int, image, meta: dict, timings: dict, on_image, notify) -> None:
+def _save(plan: Plan, index: int, image, meta: dict, on_image, notify) -> None:
     seed, path = plan.seeds[index], plan.paths[index]
+    timings = meta.pop("timings")
     meta.update(seed=seed, index=index, id=identity.image_id(plan.identity, seed))
     variation = plan.job.sampling.variation_seed
     if variation is not None:  # image i varies toward variation_seed + i

@@ -121,6 +121,15 @@ def cpu_settings(threads: int) -> list[str]:
     return [f"cpu threads {threads}", *(f"{name}={os.environ[name]}" for name in WAIT_SETTINGS if name in os.environ)]
 
 
+def check_deep_cache(interval: int | None) -> None:
+    """--deep-cache needs the DeepCache package (the `deepcache` extra): checked with the other settings, before any
+    model loads."""
+    if interval:
+        from diffcli import extras
+
+        extras.require("DeepCache", "--deep-cache")
+
+
 @contextlib.contextmanager
 def deep_cache(pipe, interval: int | None):
     """DeepCache (Ma et al. 2023) during the block: every `interval`-th step runs the whole U-Net, the steps
@@ -128,7 +137,12 @@ def deep_cache(pipe, interval: int | None):
     if not interval or interval < 2:
         yield
         return
-    from DeepCache import DeepCacheSDHelper
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError:
+        from diffcli import extras
+
+        raise extras.missing("DeepCache", "--deep-cache") from None
 
     before = {module: vars(module).get("forward") for module in pipe.unet.modules()}  # e.g. accelerate's offload hooks
     helper = DeepCacheSDHelper(pipe=pipe)

@@ -19,6 +19,7 @@ DEFAULT_UPSCALER = "tiny-shapes-x4"  # bundled; $DIFFCLI_UPSCALE_MODEL or --mode
 # Inputs with a longer side above this (input pixels) are tiled unless --tile says otherwise: the VAE decode at the
 # output size is the memory peak (a 512 px input is 2048 px out of the x4 upscaler).
 AUTO_TILE = {"x4": 256, "latent": 512}
+DEFAULT_NOISE_LEVEL = 20  # the SD x4 upscaler's own default, for models that recommend none
 
 
 @dataclass
@@ -215,8 +216,9 @@ def _upscale(job: Job, spec: ModelSpec, inputs: UpscaleInput) -> Prepared:
         raise UsageError(f"--model {spec.name!r} is a {spec.family} model, not an {method} upscaler",
                          f"use {DEFAULT_UPSCALER} or an SD x4 upscaler" if method == "x4" else "use an SD x2 latent upscaler")
     top = max_noise_level(spec)
-    if method == "x4" and not 0 <= inputs.noise_level <= top:
-        raise UsageError(f"--noise-level must be between 0 and {top} for this model, got {inputs.noise_level}")
+    noise = spec.defaults.get("noise_level", DEFAULT_NOISE_LEVEL) if inputs.noise_level is None else inputs.noise_level
+    if method == "x4" and not 0 <= noise <= top:
+        raise UsageError(f"--noise-level must be between 0 and {top} for this model, got {noise}")
     image = images.load_image(inputs.input)
     fitted = images.fit_to_multiple(image, None, None, 8, "stretch")
     notes = _resized(image.size, fitted.size)
@@ -233,8 +235,9 @@ def _upscale(job: Job, spec: ModelSpec, inputs: UpscaleInput) -> Prepared:
     if max(size) > MAX_SIDE:
         raise UsageError(f"INPUT {inputs.input} is {fitted.size[0]}x{fitted.size[1]}: x{scale} would be {size[0]}x{size[1]}, "
                          f"over the {MAX_SIDE} px limit", "downscale the input first")
-    kwargs = {"image": fitted, "noise_level": inputs.noise_level} if method == "x4" else {"image": fitted}
-    return Prepared(size, kwargs, notes=notes, record={"tile": tile, "tile_overlap": overlap})
+    kwargs = {"image": fitted, "noise_level": noise} if method == "x4" else {"image": fitted}
+    record = {"tile": tile, "tile_overlap": overlap, **({"noise_level": noise} if method == "x4" else {})}
+    return Prepared(size, kwargs, notes=notes, record=record)
 
 
 def _resized(before: tuple[int, int], after: tuple[int, int]) -> dict:

@@ -5,10 +5,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from diffcli.shapes.evaluate import defaults, generate, load, load_refiner, prompts
+from diffcli.shapes.evaluate import _images, defaults, prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, OUT = ROOT / "diffcli" / "bundled" / "tiny-shapes", ROOT / "docs" / "samples" / "tiny-shapes-grid.png"
@@ -18,10 +17,10 @@ CELL, TEXT = 128, 40
 def main():
     """Generate 16 held-out prompts (seeds 0..15) at the model's defaults and save the captioned grid."""
     d = defaults(MODEL)
-    pipe = load(MODEL, d["scheduler"], "cpu")
     items = prompts(16, seed=1)
-    gens = [torch.Generator("cpu").manual_seed(i) for i in range(16)]
-    images = generate(pipe, [t for t, _ in items], gens, d["steps"], d["cfg"], load_refiner(MODEL, "cpu"))
+    values = [dict(prompt=text, model=str(MODEL), seed=i, device="cpu", steps=d["steps"], cfg=d["cfg"],
+                   scheduler=d["scheduler"]) for i, (text, _) in enumerate(items)]
+    images = _images("txt2img", values, batch_size=16)  # diffcli's own plan and run, its refiner included
     grid = Image.new("RGB", (4 * CELL, 4 * (CELL + TEXT)), "white")
     draw = ImageDraw.Draw(grid)
     for i, ((text, _), img) in enumerate(zip(items, images)):

@@ -24,7 +24,7 @@ python3 -m lab.train --out "$run" --resume diffcli/bundled --stage unet --seed 3
 grep "unet step" "$OUT/train.txt" | tail -n 3
 cp "$run/log_unet.json" "$OUT/"
 for seed in 0 1; do
-  python3 -m diffcli.shapes.evaluate --model "$run/tiny-shapes" --n "${EVAL_N:-200}" --seed "$seed" \
+  python3 -m diffcli eval --model "$run/tiny-shapes" --n "${EVAL_N:-200}" --seed "$seed" \
     --refiner diffcli/bundled/tiny-shapes-refiner --refiner-start 0.5 2>/dev/null \
     | tee "$OUT/eval-seed$seed.json"
 done

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from diffcli.shapes import evaluate, judge, world
+from lab.plain import load
 
 CAPTIONS = ["a red circle left of a blue square on white", "a red circle right of a blue square on white",
             "a blue square left of a red circle on white", "a blue square right of a red circle on white",
@@ -60,7 +61,7 @@ def token_changes(pipe, caption: str, other: str) -> str:
 
 def main(model="diffcli/bundled/tiny-shapes"):
     d = evaluate.defaults(model)
-    pipe = evaluate.load(model, d["scheduler"])
+    pipe = load(model, d["scheduler"])
     run = dict(num_inference_steps=d["steps"], guidance_scale=d["cfg"], height=128, width=128, output_type="np")
     for caption in CAPTIONS:
         images = pipe([caption] * 16, generator=[torch.Generator().manual_seed(i) for i in range(16)], **run).images

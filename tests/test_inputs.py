@@ -378,3 +378,10 @@ def test_upscale_tile_out_of_range(cli, no_run, picture, args, message):
 def test_hires_out_of_range(cli, no_run, args, message):
     refused(cli("txt2img", "a", *args), message)
     assert not no_run
+
+
+@pytest.mark.parametrize(("args", "flag"), [(["--refiner", "nope/x.safetensors"], "--refiner"),
+                                           (["--hires", "2", "--hires-upscaler", "x4", "--hires-upscaler-model",
+                                             "nope/x.safetensors"], "--hires-upscaler-model")])
+def test_a_second_models_error_names_its_own_flag(cli, no_run, args, flag):
+    refused(cli("txt2img", "a", *args), f"{flag} 'nope/x.safetensors': no such file or folder")

@@ -110,7 +110,7 @@ def test_stdin_jobs_for_processes_go_to_a_new_file_of_their_own(cli, isolated, m
         Path("outputs", name).write_text("someone else's file\n")
     seen = {}
 
-    def fake_spawn(processes, argv, quiet, threads=None):  # the children would read the file named last
+    def fake_spawn(processes, argv, threads=None):  # the children would read the file named last
         source = Path(argv[-1])
         seen.update(source=source, text=source.read_text(), others=sorted(p.name for p in source.parent.iterdir()))
         return 0

@@ -31,6 +31,19 @@ def test_upscale_x4_batch_records_noise_level(cli, tiny_x4_upscaler, tmp_path):
     assert pixels("u-3.png").tolist() != pixels("u-4.png").tolist()
 
 
+def test_noise_level_defaults_to_the_models_recommendation(cli, tiny_x4_upscaler, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "x4"
+    shutil.copytree(tiny_x4_upscaler, model)
+    (model / "diffcli.json").write_text(json.dumps({"noise_level": 45}))
+    own = cli("upscale", smooth(tmp_path), "--model", model, "--json", *FAST)
+    plain = cli("upscale", smooth(tmp_path), "--model", tiny_x4_upscaler, "--json", *FAST)
+    assert own.exit_code == plain.exit_code == 0, own.stderr
+    assert (own.json_lines()[0]["noise_level"], plain.json_lines()[0]["noise_level"]) == (45, 20)
+
+
 def test_one_tile_covering_the_image_reproduces_the_untiled_result(cli, tiny_x4_upscaler, tmp_path):
     """The tile path draws the untiled call's noise (low-res noise, then latents) from the seed and slices it, so one
     tile covering the image computes the untiled result. Not bit for bit: the same values reach the kernels through

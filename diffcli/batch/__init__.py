@@ -137,11 +137,11 @@ def run_batch(options: BatchOptions, argv_for_children) -> int:
             if todo == 0:
                 return 0
             if stdin is None:
-                return spawn(options.processes, argv_for_children(base, options.source), options.quiet,
+                return spawn(options.processes, argv_for_children(base, options.source),
                              options.defaults.get("threads"))
             source = _stdin_to_file(options, stdin, manifest)
             try:
-                return spawn(options.processes, argv_for_children(base, str(source)), options.quiet,
+                return spawn(options.processes, argv_for_children(base, str(source)),
                              options.defaults.get("threads"))
             finally:
                 source.unlink(missing_ok=True)

@@ -10,10 +10,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffcli import extras
 from diffcli.errors import UsageError, first_line
 from diffcli.options import check_path
 
-FORMATS = {".txt": "text", ".prompts": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
+JOB_FORMATS = {".txt": "text", ".prompts": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 MAX_EXPANSION = 100_000  # one template line may not make more jobs than this (typo guard)
 TEMPLATE_MARK = re.compile(r"\{[^{}]*\|[^{}]*\}|__[\w./*-]+__")
 WILDCARD = re.compile(r"__([\w./*-]+)__")
@@ -57,7 +58,7 @@ def detect_format(source: str, fmt: str | None, text: str) -> str:
         if fmt not in ("text", "jsonl", "csv"):
             raise UsageError(f"--format must be text, jsonl or csv, got {fmt!r}")
         return fmt
-    by_suffix = FORMATS.get(Path(source).suffix.lower()) if source != "-" else None
+    by_suffix = JOB_FORMATS.get(Path(source).suffix.lower()) if source != "-" else None
     if by_suffix:
         return by_suffix
     first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
@@ -121,6 +122,7 @@ def expand_templates(entries: list[Entry], wildcards: str | None, random: int | 
             out.append(entry)
             continue
         if manager is None:
+            extras.require("dynamicprompts", f"line {entry.line}: the prompt template ({{a|b}} or __name__)")
             from dynamicprompts.wildcards import WildcardManager
 
             manager = WildcardManager(Path(wildcards) if wildcards else None)

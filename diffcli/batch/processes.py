@@ -18,7 +18,6 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local: int = 0
-    state: object = None
 
     def broadcast(self, value):
         """Rank 0's value on every rank (the base seed), over the process group."""
@@ -51,10 +50,10 @@ def ranks_from_env() -> Ranks:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # accelerate's OMP_NUM_THREADS notice
         state = PartialState(cpu=not torch.cuda.is_available())
-    return Ranks(state.process_index, state.num_processes, state.local_process_index, state)
+    return Ranks(state.process_index, state.num_processes, state.local_process_index)
 
 
-def spawn(processes: int, argv: list[str], quiet: bool, threads: int | None = None) -> int:
+def spawn(processes: int, argv: list[str], threads: int | None = None) -> int:
     """Start `processes` local ranks of `diffcli batch` (env:// rendezvous, as torchrun would) and wait; each gets
     --threads (in `argv` too) or, unless OMP_NUM_THREADS is set, its share of the cores."""
     import socket

@@ -1,12 +1,10 @@
-"""Generate images for held-out captions with a model folder and score them with the judge.
-
-`python -m diffcli.shapes.evaluate --model DIR --n 200 --seed 0 [--steps --cfg --scheduler --device]`;
-an x4 upscaler folder is scored on upscaling 32 px renders instead (PSNR against the 128 px truth, and the judge).
+"""`diffcli eval`: generate images for held-out captions through diffcli's own plan and run, score them with the
+pixel judge; an x4 upscaler is scored on upscaling 32 px renders instead (PSNR against the 128 px truth, and the judge).
 """
 
-import argparse
 import json
 import random
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -14,19 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffcli.models import resolve_model
-from diffcli.shapes import judge, world
-
-SCHEDULERS = {  # diffcli name -> (diffusers class, extra config)
-    "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}), "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}), "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-}
-GRID = [("dpm++2m", st, c) for st in (8, 12, 20) for c in (2.0, 4.0, 6.0)] + \
-    [("unipc", 8, 4.0), ("unipc", 12, 4.0), ("euler-a", 12, 4.0), ("dpm++2m-karras", 12, 4.0)]
+from diffcli.shapes import SEED_STRIDE, judge, world
 
 
 def prompts(n: int, seed: int, two_object: bool = True):
@@ -47,17 +33,29 @@ def prompts(n: int, seed: int, two_object: bool = True):
     return out
 
 
-def load(model_dir, scheduler=None, device="cpu", pipeline="StableDiffusionPipeline"):
-    """Plain diffusers `pipeline`.from_pretrained (fp16 on CUDA, else fp32), with a named scheduler swapped in."""
-    import diffusers
+def run(model: str, n: int, seed: int, steps, cfg, scheduler, device: str, refiner, refiner_start, threads) -> dict:
+    """`diffcli eval`'s body: check its options (exit 2 before any model loads), then evaluate the model."""
+    from diffcli.errors import UsageError
+    from diffcli.jobs import SecondPasses
+    from diffcli.models import resolve_model
+    from diffcli.options import check_threads, draw_seed
+    from diffcli.pipeline import normalize_scheduler_name, resolve_device
+    from diffcli.refiner import check_settings
 
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipe = getattr(diffusers, pipeline).from_pretrained(model_dir, dtype=dtype)
-    if scheduler:
-        cls, extra = SCHEDULERS[scheduler]
-        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    check_threads(threads)
+    seed = draw_seed() if seed == -1 else seed  # random, as everywhere: the report's "seed" says which
+    spec = resolve_model(model)
+    if not (Path(spec.location) / "diffcli.json").is_file():
+        raise UsageError(f"--model {model!r} is not a shapes model (no diffcli.json)", "eval judges tiny-shapes models only")
+    name = normalize_scheduler_name(scheduler) if scheduler else None
+    device = resolve_device(device)
+    if spec.family == "sd-x4-upscaler":
+        if cfg is not None:
+            raise UsageError("--cfg does not apply to an upscaler's eval", "it upscales without a prompt (cfg 1)")
+        return evaluate_upscaler(spec.location, n, seed, steps, None, name, device, threads=threads)
+    check_settings(SecondPasses(refiner=refiner, refiner_start=refiner_start))  # the range check
+    return evaluate(spec.location, n, seed, steps, cfg, name, device, refiner=refiner, refiner_start=refiner_start,
+                    threads=threads)
 
 
 def defaults(model_dir) -> dict:
@@ -65,57 +63,45 @@ def defaults(model_dir) -> dict:
     return json.loads((Path(model_dir) / "diffcli.json").read_text())
 
 
+def _images(command: str, values: list[dict], batch_size: int = 1) -> list[np.ndarray]:
+    """The images of one Job per `values` (jobs.build's keys), planned and run as the CLI runs them, in memory (HxWx3
+    floats in [0, 1]); calls of up to `batch_size` images where the plans allow."""
+    from diffcli.jobs import build
+    from diffcli.plan import plan_job, shared_call_key
+    from diffcli.run import images
+
+    with tempfile.TemporaryDirectory(prefix="diffcli-eval-") as folder:  # plans claim paths; nothing is written
+        plans = [plan_job(build(command, dict(each, out=f"{folder}/{i}.png", batch_size=batch_size))[0])
+                 for i, each in enumerate(values)]
+        groups: dict = {}
+        for plan in plans:
+            key = shared_call_key(plan)
+            groups.setdefault(key if key is not None else id(plan), []).append(plan)
+        made = {id(plan): image for group in groups.values() for plan, _, image, _ in images(group)}
+    return [np.asarray(made[id(plan)], dtype=np.float32) / 255 for plan in plans]
+
+
 def evaluate(model_dir, n=200, seed=0, steps=None, cfg=None, scheduler=None, device="cpu", *, two_object=True,
-             batch_size=25, pipe=None, refiner=None, refiner_start=None) -> dict:
+             batch_size=25, refiner=None, refiner_start=None, threads=None) -> dict:
     """Generate n held-out prompts (seeds seed*100000+i) and return per-attribute accuracies and exact match; the
     model's default refiner (diffcli.json) takes part unless `refiner` names another or "none"."""
+    from diffcli import refiner as refiners
+
     d = defaults(model_dir)
     steps, cfg, scheduler = steps or d["steps"], cfg if cfg is not None else d["cfg"], scheduler or d["scheduler"]
-    pipe = pipe or load(model_dir, scheduler, device)
-    expert = load_refiner(model_dir, device, refiner, refiner_start)
+    name = refiner or refiners.default_refiner(d, model_dir)
+    name = None if name == refiners.NO_REFINER else name
+    start = (refiner_start or d.get("refiner_start", 0.8)) if name else None
     items = prompts(n, seed, two_object)
+    common = dict(model=str(model_dir), steps=steps, cfg=cfg, scheduler=scheduler, device=device, threads=threads,
+                  width=world.SIZE, height=world.SIZE, refiner=name or refiners.NO_REFINER, refiner_start=start)
     acc, t0 = defaultdict(list), time.time()
-    for start in range(0, n, batch_size):
-        chunk = items[start:start + batch_size]
-        gens = [torch.Generator("cpu").manual_seed(seed * 100_000 + start + i) for i in range(len(chunk))]
-        for (_, s), img in zip(chunk, generate(pipe, [t for t, _ in chunk], gens, steps, cfg, expert)):
-            _judge(acc, s, img)
-    res = _means(acc)
+    values = [dict(common, prompt=text, seed=seed * SEED_STRIDE + i) for i, (text, _) in enumerate(items)]
+    for (_, scene), image in zip(items, _images("txt2img", values, batch_size)):
+        _judge(acc, scene, image)
     return {"model": str(model_dir), "n": n, "seed": seed, "steps": steps, "cfg": cfg, "scheduler": scheduler,
-            "refiner": expert and expert["name"], "refiner_start": expert and expert["start"],
-            "device": str(device), "seconds": round(time.time() - t0, 1), "accuracy": res}
-
-
-def load_refiner(model_dir, device, name=None, start=None) -> dict | None:
-    """The refiner that finishes the model's images: diffcli.json's unless `name` names another, none for "none";
-    a dict of its name, switch, UNet, scheduler config and pipeline (None when it reads the base's embeddings)."""
-    from diffcli import refiner
-
-    d = defaults(model_dir)
-    name = name or refiner.default_refiner(d, model_dir)
-    if name is None or name == refiner.NO_REFINER:
-        return None
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    unet, config, own = refiner.load_sd(resolve_model(name), lambda spec: load(spec.location, None, device), device, dtype)
-    return {"name": name, "start": start or d.get("refiner_start", 0.8), "unet": unet, "config": config, "pipe": own}
-
-
-def generate(pipe, texts, generators, steps, cfg, expert=None):
-    """One pipeline call at the world's size, as float images; `expert` (load_refiner) finishes them."""
-    import contextlib
-
-    from diffcli import refiner
-
-    handover = contextlib.nullcontext(None)
-    if expert is not None:
-        inputs, own = None, expert["pipe"]
-        if own is not None:  # its own text encoder reads the prompts
-            embeds, negative = own.encode_prompt(texts, own.device, 1, cfg > 1)
-            inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
-        handover = refiner.sd_handover(pipe, expert["unet"], expert["config"], expert["start"], inputs, None)
-    with handover as callback:
-        return pipe(texts, num_inference_steps=steps, guidance_scale=cfg, generator=generators, height=world.SIZE,
-                    width=world.SIZE, output_type="np", callback_on_step_end=callback).images
+            "refiner": name, "refiner_start": start, "device": str(device), "seconds": round(time.time() - t0, 1),
+            "accuracy": _means(acc)}
 
 
 def judged(scene, image: np.ndarray) -> dict:
@@ -135,7 +121,8 @@ def _means(acc: dict) -> dict:
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())}
 
 
-def evaluate_upscaler(model_dir, n=32, seed=0, steps=None, noise_level=None, scheduler=None, device="cpu") -> dict:
+def evaluate_upscaler(model_dir, n=32, seed=0, steps=None, noise_level=None, scheduler=None, device="cpu",
+                      threads=None) -> dict:
     """Upscale n held-out 32 px scenes x4 and compare with the true 128 px render: mean PSNR (bicubic alongside)
     and the judge's accuracy on the upscaled images."""
     from PIL import Image
@@ -145,15 +132,19 @@ def evaluate_upscaler(model_dir, n=32, seed=0, steps=None, noise_level=None, sch
     d = defaults(model_dir)
     steps, scheduler = steps or d["steps"], scheduler or d["scheduler"]
     noise_level = d["noise_level"] if noise_level is None else noise_level
-    pipe = load(model_dir, scheduler, device, "StableDiffusionUpscalePipeline")
     scenes = [s for _, s in prompts(n, seed)]
     truth = world.render(world.to_tensors(scenes)).permute(0, 2, 3, 1).numpy()  # n x 128 x 128 x 3 in [0, 1]
     small = torch.nn.functional.interpolate(torch.from_numpy(truth).permute(0, 3, 1, 2), scale_factor=0.25, mode="area")
     lows = [Image.fromarray(np.round(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for x in small]
     t0 = time.time()
-    gens = [torch.Generator("cpu").manual_seed(seed * 100_000 + i) for i in range(n)]
-    images = pipe([""] * n, image=lows, num_inference_steps=steps, guidance_scale=1.0, noise_level=noise_level,
-                  generator=gens, output_type="np").images
+    with tempfile.TemporaryDirectory(prefix="diffcli-eval-") as folder:
+        for i, low in enumerate(lows):
+            low.save(f"{folder}/{i}.png")
+        values = [dict(input=f"{folder}/{i}.png", prompt="", model=str(model_dir), steps=steps, cfg=1.0,
+                       scheduler=scheduler, noise_level=noise_level, tile=0, device=device, threads=threads,
+                       seed=seed * SEED_STRIDE + i)
+                  for i in range(n)]
+        images = _images("upscale", values)
     seconds = time.time() - t0
     bicubic = [np.asarray(low.resize((world.SIZE, world.SIZE), Image.BICUBIC), dtype=np.float32) / 255 for low in lows]
     acc = defaultdict(list)
@@ -164,36 +155,3 @@ def evaluate_upscaler(model_dir, n=32, seed=0, steps=None, noise_level=None, sch
             "psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(images, truth)])), 2),
             "bicubic_psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(bicubic, truth)])), 2),
             "accuracy": _means(acc)}
-
-
-def main(argv=None):
-    """CLI: print the evaluation as JSON on stdout."""
-    ap = argparse.ArgumentParser(prog="python -m diffcli.shapes.evaluate", description=__doc__)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--cfg", type=float)
-    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--grid", action="store_true", help="also try a few steps/cfg/scheduler settings")
-    ap.add_argument("--noise-level", type=int, help="x4 upscaler models only")
-    ap.add_argument("--refiner", help="SD refiner (as --model) finishing each image; 'none' turns off the model's own")
-    ap.add_argument("--refiner-start", type=float, help="fraction of the schedule before the refiner takes over")
-    a = ap.parse_args(argv)
-    upscaler = resolve_model(a.model).family == "sd-x4-upscaler"
-    if (upscaler and (a.cfg is not None or a.grid)) or (not upscaler and a.noise_level is not None):
-        ap.error("--cfg and --grid are for text-to-image models, --noise-level for x4 upscalers")
-    if upscaler:
-        print(json.dumps(evaluate_upscaler(a.model, a.n, a.seed, a.steps, a.noise_level, a.scheduler, a.device)))
-        return
-    print(json.dumps(evaluate(a.model, a.n, a.seed, a.steps, a.cfg, a.scheduler, a.device, refiner=a.refiner,
-                              refiner_start=a.refiner_start)), flush=True)
-    if a.grid:
-        for sched, steps, cfg in GRID:
-            pipe = load(a.model, sched, a.device)
-            print(json.dumps(evaluate(a.model, a.n, a.seed, steps, cfg, sched, a.device, pipe=pipe, batch_size=100)),
-                  flush=True)
-
-if __name__ == "__main__":
-    main()
