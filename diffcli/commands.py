@@ -64,7 +64,7 @@ def run_jobs(made: list[Job], as_json: bool, quiet: bool, emit: bool = True) -> 
     plans = plan_jobs(made)
     records: list[dict] = []
     spec, plan = plans[0].spec, plans[0]  # the cells of a sweep share model, size and (unless swept) seed
-    if spec.source == "bundled" and not plan.job.model.name:
+    if spec.source == "bundled" and not plan.job.model.name and plan.job.command != "upscale":  # (its own default)
         say(f"Using the bundled demo model {spec.name!r} (no download). For real images pass --model "
             "with a Hub id, a diffusers folder or a .safetensors checkpoint.", quiet)
     say(f"model {spec.name} ({spec.family}, {spec.source}), seed {plan.seeds[0]}, "

@@ -31,6 +31,8 @@ def settings_digest(plan) -> str:
         "steps": job.sampling.steps or spec.defaults.get("steps"),
         "extra": stable(dict(plan.record, loras=plan.adapters.loras, embeddings=plan.adapters.embeddings)),
     }
+    if plan.inputs is not None and plan.inputs.postprocess is not None:  # as diffcli 0.1 wrote inpaint's paste-back, so
+        settings["extra"]["postprocess"] = "function"  # that version's inpaint/outpaint batches resume, not redo
     if plan.vae is not None:  # only then: the ids of images made without --vae stay what they were
         from diffcli import vae
 

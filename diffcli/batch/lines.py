@@ -61,8 +61,9 @@ def build_jobs(entries: list[Entry], command: str, defaults: dict, extra_args: l
                                  "trust flags come from the command line only: pass --allow-pickle to batch itself")
             flag = keys.get(str(key))
             if flag is None:
-                close = difflib.get_close_matches(str(key), [k for k in keys if "-" not in k], n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"keys for {name}: {', '.join(sorted(k for k in keys if '-' not in k))}"
+                names = sorted(k for k in keys if "-" not in k and k not in TRUST_KEYS)
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"keys for {name}: {', '.join(names)}"
                 raise UsageError(f"{where}: unknown key {key!r}", hint)
             merged[flag.name] = flag.convert(value, where)
         for flag in options.values():
