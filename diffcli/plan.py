@@ -169,7 +169,16 @@ def shared_call_key(plan: Plan):
         return None
     if refiner.active(job.second) and plan.spec.family == "sdxl":  # its refiner pass reads one job's prompt
         return None
-    settings = dict(plan.record, model=vars(job.model), steps=job.sampling.steps,
-                    batch_size=job.sampling.batch_size, weighting=job.prompt.weighting, clip_skip=job.prompt.clip_skip,
-                    adapters=[plan.adapters.loras, plan.adapters.embeddings], vae=job.model.vae)
+    settings = dict(plan.record, model=vars(job.model), steps=job.sampling.steps, batch_size=job.sampling.batch_size,
+                    adapters=[plan.adapters.loras, plan.adapters.embeddings])  # (the record holds weighting, clip skip)
     return plan.spec, plan.width, plan.height, plan.cfg, plan.scheduler, json.dumps(settings, sort_keys=True, default=str)
+
+
+def share_calls(items: list, plan_of=lambda item: item) -> list[list]:
+    """`items` (plans, or what `plan_of` finds a plan in) whose images can share pipeline calls, grouped in order of
+    first appearance (equal shared_call_key); every other item alone."""
+    groups: dict = {}
+    for item in items:
+        key = shared_call_key(plan_of(item))
+        groups.setdefault(key if key is not None else id(item), []).append(item)
+    return list(groups.values())

@@ -67,7 +67,7 @@ def check_inputs(job: Job) -> None:
         if inputs.method == "latent" and not job.model.name:
             raise UsageError("--method latent needs --model (an SD x2 latent upscaler, e.g. stabilityai/sd-x2-latent-upscaler)")
         return
-    check_strength(inputs.strength, job.sampling.steps)
+    check_strength(inputs.strength, None)  # x steps: at plan time, once the model's default steps are known
     if isinstance(inputs, MaskInput):
         masked.check(inputs.fill)
         if inputs.mask_blur < 0 or inputs.padding < 0:

@@ -37,6 +37,7 @@ from diffcli.batch.processes import Ranks, StopOnSignal, children_argv, ranks_fr
 from diffcli.errors import Interrupted, UsageError
 from diffcli.options import MAX_SEED, RANDOM_SEED, check_path, check_threads
 from diffcli.output import emit_line
+from diffcli.plan import share_calls
 
 # Batch options that are defaults for every line's job (when given on the command line or by their env var).
 PER_JOB = ("negative", "cfg", "steps", "width", "height", "num_images", "batch_size", "scheduler", "model",
@@ -181,7 +182,7 @@ def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: 
         _own_device(mine, ranks)
     made = 0
     with StopOnSignal(say) as stop:
-        for group in share_calls(mine):
+        for group in share_calls(mine, lambda item: item.plan):  # jobs that can share pipeline calls
             if stop.requested:
                 break
             for item in group:  # size and tiling decisions the line did not spell out, what the model was not trained for
@@ -209,18 +210,6 @@ def run_share(batch: list[BatchJob], manifest: Manifest, ranks: Ranks, options: 
                           "run the same command again to make the rest")
     say(f"batch: made {made} image(s)" + (f" on rank {ranks.rank}" if ranks.world > 1 else ""))
     return 0
-
-
-def share_calls(items: list[BatchJob]) -> list[list[BatchJob]]:
-    """Jobs whose images can share pipeline calls (same settings but prompt and seed), grouped in order of
-    first appearance; every other job alone."""
-    from diffcli.plan import shared_call_key
-
-    groups: dict = {}
-    for item in items:
-        key = shared_call_key(item.plan)
-        groups.setdefault(key if key is not None else id(item), []).append(item)
-    return list(groups.values())
 
 
 def _own_device(items: list[BatchJob], ranks: Ranks) -> None:

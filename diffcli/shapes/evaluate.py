@@ -67,17 +67,13 @@ def _images(command: str, values: list[dict], batch_size: int = 1) -> list[np.nd
     """The images of one Job per `values` (jobs.build's keys), planned and run as the CLI runs them, in memory (HxWx3
     floats in [0, 1]); calls of up to `batch_size` images where the plans allow."""
     from diffcli.jobs import build
-    from diffcli.plan import plan_job, shared_call_key
+    from diffcli.plan import plan_job, share_calls
     from diffcli.run import images
 
     with tempfile.TemporaryDirectory(prefix="diffcli-eval-") as folder:  # plans claim paths; nothing is written
         plans = [plan_job(build(command, dict(each, out=f"{folder}/{i}.png", batch_size=batch_size))[0])
                  for i, each in enumerate(values)]
-        groups: dict = {}
-        for plan in plans:
-            key = shared_call_key(plan)
-            groups.setdefault(key if key is not None else id(plan), []).append(plan)
-        made = {id(plan): image for group in groups.values() for plan, _, image, _ in images(group)}
+        made = {id(plan): image for group in share_calls(plans) for plan, _, image, _ in images(group)}
     return [np.asarray(made[id(plan)], dtype=np.float32) / 255 for plan in plans]
 
 
