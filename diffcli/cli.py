@@ -18,7 +18,7 @@ from typer.exceptions import TyperException
 from diffcli import __version__, declare, flags
 from diffcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, DiffcliError, Interrupted, UsageError
 from diffcli.declare import Flag
-from diffcli.flags import COMMANDS, GRID, REPORTING, RUNTIME, SECOND_PASSES
+from diffcli.flags import COMMANDS, GRID, REPORTING, RUNTIME, SECOND_PASSES, SERVER
 from diffcli.options import MAX_SEED
 from diffcli.shapes import SEED_STRIDE as EVAL_SEED_STRIDE
 
@@ -53,7 +53,7 @@ def _generating(name: str) -> None:
 
         commands.generate(name, values)
 
-    declare.command(app, name, {**COMMANDS[name], **REPORTING, "grid": GRID}, GENERATING[name])(body)
+    declare.command(app, name, {**COMMANDS[name], **REPORTING, "grid": GRID, "server": SERVER}, GENERATING[name])(body)
 
 
 for _name in GENERATING:
@@ -132,6 +132,14 @@ def batch(ctx: typer.Context, **values) -> None:
     code = run_command(ctx, values)
     if code:
         raise typer.Exit(code)
+
+
+@declare.command(app, "serve", flags.SERVE, "Keep a model warm behind AUTOMATIC1111's web API (/sdapi/v1) and "
+                 "diffcli's own (/diffcli/v1); `--server URL` on the other commands uses it.")
+def serve(**values) -> None:
+    from diffcli.server import ServeOptions, serve as run_server
+
+    run_server(ServeOptions(**values))
 
 
 @app.command(name="eval")

@@ -16,7 +16,7 @@ from diffcli.options import RANDOM_SEED, draw_seed
 from diffcli.output import emit_line
 from diffcli.sweep import Values
 
-REPORTING = ("as_json", "quiet", "grid")  # whole-run switches, not job settings
+REPORTING = ("as_json", "quiet", "grid", "server")  # whole-run switches, not job settings
 
 
 def say(message: str, quiet: bool) -> None:
@@ -27,8 +27,15 @@ def say(message: str, quiet: bool) -> None:
 
 def generate(command: str, values: dict) -> None:
     """A generating command's body: values keyed by option name (flags.COMMANDS[command] plus REPORTING)."""
-    as_json, quiet, grid = (values.pop(name, False) for name in REPORTING)
+    as_json, quiet, grid, server = (values.pop(name, None) for name in REPORTING)
     values["seed"] = shared_seed(values.get("seed"))
+    if server:
+        from diffcli.server import client
+
+        url = client.server_url(server)
+        if url:
+            client.generate(url, command, values, as_json, quiet, grid)
+            return
     made = jobs.build(command, values)
     if len(made) > 1:
         say(f"sweep: {len(made)} combinations", quiet)

@@ -77,6 +77,9 @@ REPORTING = group(  # whole-run switches: how results are shown, never settings 
     Flag("as_json", ("--json",), bool, False, "One JSON object per image on stdout instead of paths."),
     Flag("quiet", ("--quiet", "-q"), bool, False, "Nothing on stderr but errors."),
 )
+SERVER = Flag("server", ("--server",), str, None, "Send the jobs to a running `diffcli serve` at URL (http://user:pass@host:port "
+              "with --api-auth) and write the files here; auto: the local server when it answers, else run here.",
+              envvar="DIFFCLI_SERVER", metavar="URL")
 GRID = Flag("grid", ("--grid",), bool, False, "Also write an X/Y contact sheet of a sweep, with axis labels.")
 ADAPTERS = group(
     Flag("lora", ("--lora",), "texts", None, "LoRA file, folder or Hub id, with an optional :SCALE (default 1); "
@@ -216,3 +219,28 @@ BATCH = {  # batch's own options, then the per-job ones that are defaults for ev
 }
 
 
+SERVE = {  # `diffcli serve`: the server's command line is the only source of trust and file access
+    "host": Flag("host", ("--host",), str, "127.0.0.1", "Address to listen on; another than loopback needs --api-auth "
+                 "or --no-auth."),
+    "port": Flag("port", ("--port",), int, 7860, "Port (A1111's default)."),
+    "model": replace(MODEL, help="Model loaded at start and used when a request names none (default: the bundled "
+                     "model)."),
+    "models_dir": Flag("models_dir", ("--models-dir",), str, None, "Folder of models (diffusers folders, .safetensors) "
+                       "requests may name; nothing outside it is reachable.", envvar="DIFFCLI_MODELS_DIR"),
+    "lora_dir": replace(ADAPTERS["lora_dir"], help="Folder for <lora:name:weight> tags in prompts."),
+    "api_auth": Flag("api_auth", ("--api-auth",), str, None, "HTTP Basic users: user:pass[,user2:pass2].",
+                     envvar="DIFFCLI_API_AUTH"),
+    "no_auth": Flag("no_auth", ("--no-auth",), bool, False, "Allow a non-loopback --host without --api-auth."),
+    "queue": Flag("queue", ("--queue",), int, 8, "Requests that may wait; more are answered 503 with Retry-After."),
+    "devices": Flag("devices", ("--devices",), str, "auto", "One worker per device: cuda:0,cuda:1; auto: the best one."),
+    "threads": RUNTIME["threads"],
+    "keep_models": Flag("keep_models", ("--keep-models",), int, 2, "Models kept loaded per worker (least recently "
+                        "used dropped)."),
+    "max_steps": Flag("max_steps", ("--max-steps",), int, 150, "Most steps a request may ask for."),
+    "max_pixels": Flag("max_pixels", ("--max-pixels",), int, 2048 * 2048, "Most pixels of one image (hires included)."),
+    "max_images": Flag("max_images", ("--max-images",), int, 16, "Most images one request may make."),
+    "max_body_mb": Flag("max_body_mb", ("--max-body-mb",), float, 64.0, "Largest request body (base64 images "
+                        "included), in MB."),
+    "allow_pickle": replace(RUNTIME["allow_pickle"], help="Also offer .ckpt/.bin files of --models-dir (unsafe for "
+                            "untrusted files)."),
+}

@@ -150,7 +150,8 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
     set when a pipeline is placed on the CPU; torch has one thread pool per process, and a command's jobs share one.
     `vae` (a vae.VaeSpec, --vae) replaces the model's VAE: a model is cached once per VAE."""
     low_vram = needs_low_vram(spec, device) if low_vram is None else low_vram
-    loaded = _CACHE.setdefault((spec, device, str(dtype), safety_checker, allow_pickle, optimize, low_vram, threads, vae), {})
+    key = (spec, device, str(dtype), safety_checker, allow_pickle, optimize, low_vram, threads, vae)
+    loaded = _CACHE[key] = _CACHE.pop(key, None) or {}  # most recently used last (trim_cache drops the first)
     if task not in loaded:
         import diffusers
 
@@ -168,6 +169,24 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
     return loaded[task]
 
 
+def trim_cache(keep: int) -> list[str]:
+    """Drop all but the `keep` most recently used models from memory (a server's small LRU); their names."""
+    import gc
+
+    dropped = []
+    while len(_CACHE) > max(keep, 0):
+        key = next(iter(_CACHE))
+        del _CACHE[key]
+        dropped.append(key[0].name)
+    if dropped:
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return dropped
+
+
 def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_checker: bool = False, vae=None):
     """The cached pipeline of `spec` for `task` under the job's device, dtype and loading options (the key the job's
     own model was loaded under, so shared components are not loaded again), with a fresh `scheduler`; `vae`: the
@@ -175,6 +194,10 @@ def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_
     device = resolve_device(job.device)
     pipe = load_pipeline(spec, task, device, resolve_dtype(job.dtype, device), safety_checker, job.allow_pickle,
                          job.optimize, job.low_vram, job.threads, vae)
+    if device == "cpu":  # OpenMP's thread count is per calling thread: a server's worker sets its own, as the loader did
+        from diffcli import speed
+
+        speed.configure_cpu_threads(job.threads)
     pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, scheduler)
     return pipe
 

@@ -38,9 +38,12 @@ def run_plans(plans: list[Plan], on_image: Callable[[dict], None], progress_bar:
         _save(plan, index, image, meta, on_image, notify)
 
 
-def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str], None] = lambda message: None):
+def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str], None] = lambda message: None,
+           on_step: Callable[[int, int, object], None] | None = None):
     """Yield (plan, index, PIL image, metadata) for every image of plans that share a plan.shared_call_key (or of one
-    plan), --batch-size images per call; nothing is saved (run_plans saves; `diffcli eval` judges them in memory).
+    plan), --batch-size images per call; nothing is saved (run_plans saves; `diffcli eval` judges them in memory;
+    the server encodes them). `on_step(step, steps, latents)` is called after each denoising step; an exception it
+    raises stops the run (the server's interrupt and skip).
 
     Images of different plans share a call only when their prompts encode to the same length, so each image
     is the one its plan alone would make (up to batching noise).
@@ -77,7 +80,8 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     for call in calls:
         began = time.perf_counter()
         pixels, warnings = _with_oom_ladder(pipe, [(each.seeds[index], each) for each, index in call],
-                                            lambda part: _generate_batch(pipe, plan, part, steps, progress_bar), notify)
+                                            lambda part: _generate_batch(pipe, plan, part, steps, progress_bar, on_step),
+                                            notify)
         generate_s = (time.perf_counter() - began) / len(call)
         for image, (each, index) in zip(pixels, call):
             timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3)}
@@ -106,13 +110,20 @@ def _metadata(plan: Plan, pipe, steps: int, device: str, dtype) -> dict:
     return dict(meta, **plan.record)
 
 
-def _save(plan: Plan, index: int, image, meta: dict, on_image, notify) -> None:
-    seed, path = plan.seeds[index], plan.paths[index]
-    timings = meta.pop("timings")
-    meta.update(seed=seed, index=index, id=identity.image_id(plan.identity, seed))
+def image_record(plan: Plan, index: int, meta: dict) -> dict:
+    """`meta` (from images) completed with image `index`'s own seed, index and id: what its file records."""
+    seed = plan.seeds[index]
+    meta = dict(meta, seed=seed, index=index, id=identity.image_id(plan.identity, seed))
     variation = plan.job.sampling.variation_seed
     if variation is not None:  # image i varies toward variation_seed + i
         meta["variation_seed"] = variation + seed - plan.job.sampling.seed
+    return meta
+
+
+def _save(plan: Plan, index: int, image, meta: dict, on_image, notify) -> None:
+    seed, path = plan.seeds[index], plan.paths[index]
+    timings = meta.pop("timings")
+    meta = image_record(plan, index, meta)
     began = time.perf_counter()
     data = output.encode_image(image, path, meta)
     with output.signals_held():  # an image on disk is always also reported
@@ -157,7 +168,7 @@ def _with_oom_ladder(pipe, items: list, generate_batch, notify):
                 pipe.enable_model_cpu_offload()
 
 
-def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: bool):
+def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: bool, on_step=None):
     """One pipeline call for `items` (seed, plan of its prompt): one CPU generator each, a non-finite check with an
     fp32 VAE retry, the second passes, and the task's postprocessing."""
     import numpy as np
@@ -173,6 +184,8 @@ def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: boo
         last["latents"] = tensors["latents"]
         if bar is not None:
             bar.advance(bar.task_ids[0])
+        if on_step is not None:
+            on_step(step + 1, steps, tensors["latents"])
         return tensors
 
     # 1. The call's inputs: the task's images, the size, variation noise.

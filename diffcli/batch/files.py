@@ -26,6 +26,11 @@ class Entry:
 
     line: int
     values: dict
+    label: str = ""  # how messages name it; default "line N" (a server request says "request")
+
+    @property
+    def where(self) -> str:
+        return self.label or f"line {self.line}"
 
 
 

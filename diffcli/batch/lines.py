@@ -44,7 +44,7 @@ def build_jobs(entries: list[Entry], command: str, defaults: dict, extra_args: l
     given) first, then `extra_args` (flags after FILE), then the line's own values."""
     result, passed = [], {}
     for entry in entries:
-        where = f"line {entry.line}"
+        where = entry.where
         values = dict(entry.values)
         name = values.pop("command", None) or values.pop("task", None) or command
         if name not in TASKS:

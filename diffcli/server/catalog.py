@@ -1,0 +1,90 @@
+"""The models a server offers, by name: the bundled ones, the --model it started with, and what --models-dir holds.
+
+A request names a model from this list and nothing else, so no request can reach a file outside --models-dir.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffcli.errors import UsageError
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")  # single files a request may name (pickles only with --allow-pickle)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # what requests say: a bundled name, a file or folder name relative to --models-dir
+    spec: str  # what --model gets: the bundled name, a Hub id, or the path
+
+
+class Catalog:
+    """Model names -> --model values; `default` is the model a request without one gets."""
+
+    def __init__(self, default: str | None, models_dir: str | None, allow_pickle: bool = False):
+        from diffcli.models import DEFAULT_MODEL, bundled_models
+
+        self.entries: dict[str, Entry] = {name: Entry(name, name) for name in bundled_models()}
+        self.models_dir = Path(models_dir).resolve() if models_dir else None
+        if self.models_dir is not None:
+            if not self.models_dir.is_dir():
+                raise UsageError(f"--models-dir {models_dir!r} is not a folder")
+            for path in _weights(self.models_dir, WEIGHT_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())):
+                name = path.relative_to(self.models_dir).as_posix()
+                self.entries.setdefault(name, Entry(name, str(path)))
+        self.default = self.add(default) if default else self.entries.get(DEFAULT_MODEL) or Entry(DEFAULT_MODEL, DEFAULT_MODEL)
+
+    def add(self, spec: str) -> Entry:
+        """The server's own --model (any --model value: trusted, it comes from the command line)."""
+        name = Path(spec).name if Path(spec).exists() else spec
+        entry = self.entries.setdefault(name, Entry(name, spec))
+        return entry
+
+    def find(self, asked: str, field: str = "sd_model_checkpoint") -> Entry:
+        """The entry a request names: its name, its A1111 title ("name [hash]"), or its name without the suffix."""
+        asked = str(asked).strip()
+        plain = asked.rsplit(" [", 1)[0] if asked.endswith("]") else asked
+        for candidate in (asked, plain):
+            if candidate in self.entries:
+                return self.entries[candidate]
+        stems = {Path(name).with_suffix("").as_posix(): entry for name, entry in self.entries.items()}
+        if plain in stems:
+            return stems[plain]
+        raise UsageError(f"{field} {asked[:120]!r} is not one of this server's models",
+                         f"GET /sdapi/v1/sd-models lists them: {', '.join(list(self.entries)[:10])}")
+
+    def title(self, entry: Entry) -> str:
+        """A1111's title: name and short hash (hashed once, then cached on disk)."""
+        return f"{entry.name} [{self.short_hash(entry)}]"
+
+    def short_hash(self, entry: Entry) -> str:
+        from diffcli import hashes
+        from diffcli.models import resolve_model
+
+        try:
+            return hashes.model_hash(resolve_model(entry.spec))
+        except UsageError:
+            return "unknown"
+
+
+def _weights(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Diffusers folders (not the files inside them) and single weight files under `root`; links leading out of
+    `root` are left out."""
+    import os
+
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        here = Path(folder)
+        if not here.resolve().is_relative_to(root):
+            subfolders.clear()
+            continue
+        if "model_index.json" in files and here != root:
+            found.append(here)
+            subfolders.clear()  # its unet/vae files are parts, not models
+            continue
+        found += [here / name for name in files if Path(name).suffix.lower() in suffixes
+                  and (here / name).resolve().is_relative_to(root)]
+        subfolders.sort()
+    return sorted(found)

@@ -1,0 +1,111 @@
+"""From a request's values to plans, as a batch line becomes plans: the same Flag conversion and Job builder, plus
+what a server must add. Images arrive as base64 and are decoded into the request's own folder; models are names from
+the catalog; no request sets trust, files, devices or output paths; the server's per-request limits hold.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffcli.errors import UsageError
+
+# Keys a request may not set: trust and weight files come from the server's command line, devices and threads are the
+# workers', and the server writes no files (the client names and writes them).
+REFUSED = {"allow_pickle": "trust comes from the server's command line only",
+           "model_config": "files are the server's: name a model from GET /sdapi/v1/sd-models",
+           "vae": "files are the server's", "lora": "use <lora:NAME:WEIGHT> in the prompt (the server's --lora-dir)",
+           "lora_dir": "the server's --lora-dir is used", "embedding": "files are the server's",
+           "embedding_dir": "files are the server's", "device": "the server's workers choose the device",
+           "threads": "the server's --threads is used", "optimize": "the server's setting", "low_vram": "the server's setting",
+           "out": "the client names and writes the files", "overwrite": "the client names and writes the files"}
+MODEL_KEYS = ("model", "refiner", "hires_upscaler_model")  # names from the catalog, never paths
+IMAGE_KEYS = ("input", "mask")  # base64 image data (a data: URL prefix is allowed)
+DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+
+
+class TooLarge(UsageError):
+    """A body or image over --max-body-mb (HTTP 413)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds (server flags): a request over one is refused before it is queued."""
+
+    max_steps: int = 150
+    max_pixels: int = 2048 * 2048  # width x height of one image
+    max_images: int = 16  # images one request makes (batch size x iterations, a sweep's cells)
+    max_body_mb: float = 64.0  # request body, base64 images included
+
+
+def decode_image(data, field: str, folder: Path, name: str, limits: Limits) -> str:
+    """Base64 image data written to folder/name; its format is judged later, from its bytes, by images.open_image."""
+    if not isinstance(data, str) or not data.strip():
+        raise UsageError(f"{field}: expected base64 image data, got {type(data).__name__}")
+    text = DATA_URL.sub("", data.strip(), count=1)
+    if len(text) * 3 / 4 > limits.max_body_mb * 2**20:
+        raise TooLarge(f"{field}: image data over {limits.max_body_mb:g} MB")
+    try:
+        raw = base64.b64decode(re.sub(r"\s+", "", text), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"{field}: not valid base64 data") from None
+    path = folder / name
+    path.write_bytes(raw)
+    return str(path)
+
+
+def build(command: str, values: dict, catalog, folder: Path, limits: Limits, lora_dir: str | None,
+          threads: int | None = None) -> list:
+    """The request's Jobs (jobs.build through the batch line conversion): images decoded, names looked up, refused
+    keys refused; `values` keyed by option name or flag spelling, as a batch line."""
+    from diffcli.batch.files import Entry
+    from diffcli.batch.lines import TASKS, build_jobs
+
+    if command not in TASKS:
+        raise UsageError(f"command {command!r} cannot run on the server", f"available: {', '.join(TASKS)}")
+    values = dict(values)
+    for key in list(values):
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in REFUSED:
+            raise UsageError(f"{key!r} cannot be set in a request", REFUSED[name])
+        if name in MODEL_KEYS and values[key] is not None:
+            values[key] = catalog.find(values[key], key).spec
+        if name in IMAGE_KEYS and values[key] is not None:
+            values[key] = decode_image(values[key], key, folder, f"{name}.img", limits)
+    if command != "upscale":  # upscale's default is its own (the bundled x4 upscaler)
+        values.setdefault("model", catalog.default.spec)
+    made = [job for _, job in build_jobs([Entry(1, values, "request")], command, {}, [])]
+    for job in made:
+        job.output.out, job.output.overwrite = str(folder / "{index}.png"), True  # paths are planned, never written
+        job.adapters.lora_dir, job.model.threads = lora_dir, threads
+    return made
+
+
+def plan(made: list, limits: Limits) -> list:
+    """Plans of the request's Jobs (plan.plan_jobs: every check a local run makes), then the server's limits."""
+    from diffcli.plan import default_steps_of, plan_jobs
+
+    plans = plan_jobs(made)
+    count = sum(len(each.seeds) for each in plans)
+    if count > limits.max_images:
+        raise UsageError(f"the request makes {count} images; this server allows {limits.max_images} per request",
+                         "send several requests (the server's --max-images)")
+    for each in plans:
+        steps = each.job.sampling.steps or default_steps_of(each.spec, each.scheduler) or 0
+        hires = each.job.second.hires or 1
+        if steps > limits.max_steps or (each.job.second.hires_steps or 0) > limits.max_steps:
+            raise UsageError(f"steps {max(steps, each.job.second.hires_steps or 0)} over this server's limit of "
+                             f"{limits.max_steps}", "the server's --max-steps")
+        pixels = each.width * each.height * hires * hires
+        if pixels > limits.max_pixels:
+            raise UsageError(f"{each.width}x{each.height}" + (f" (x{hires:g} hires)" if hires != 1 else "") +
+                             f" is over this server's limit of {limits.max_pixels:,} pixels", "the server's --max-pixels")
+    return plans
+
+
+def public(message: str, folder: Path) -> str:
+    """A message without the request folder's path (the server's file system is not the client's business)."""
+    return message.replace(str(folder) + "/", "").replace(str(folder), "")

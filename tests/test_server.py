@@ -1,0 +1,420 @@
+"""`diffcli serve` and `--server URL`: A1111's API through a real A1111 client (webuiapi), the diffcli client for every
+command, limits, auth, hostile requests, a bounded load test and SIGTERM. The server runs in-process on a free
+loopback port (uvicorn in a thread) with the bundled model; the SIGTERM test starts a real process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+webuiapi = pytest.importorskip("webuiapi")
+pytest.importorskip("fastapi")
+
+FAST = {"steps": 3, "cfg_scale": 3, "width": 128, "height": 128, "sampler_name": "Euler a"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(**options):
+    """A diffcli server in this process; yields (url, app)."""
+    import uvicorn
+
+    from diffcli.server import ServeOptions, build, check
+
+    settings = ServeOptions(port=free_port(), preload=False, **options)
+    app, broker = build(settings, check(settings))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield url, app
+    finally:
+        broker.drain()
+        server.should_exit = True
+        thread.join(30)
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_model) -> Path:
+    folder = tmp_path_factory.mktemp("served")
+    shutil.copytree(tiny_model, folder / "tiny-sd")
+    (folder / "notes.txt").write_text("not a model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(models_dir):
+    with serving(models_dir=str(models_dir), queue=8) as (url, app):
+        yield url
+
+
+def api_of(url: str, **auth):
+    port = int(url.rsplit(":", 1)[1])
+    return webuiapi.WebUIApi(host="127.0.0.1", port=port, **auth)
+
+
+def post(url: str, route: str, body, headers: dict | None = None, raw: bytes | None = None):
+    """(status, parsed JSON or text) of a POST."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url + route, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            text = response.read()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        text, status = exc.read(), exc.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text.decode()
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# --- A1111's API through webuiapi ---------------------------------------------------------------------------------
+
+def test_webuiapi_txt2img_matches_a_local_run(server, cli, isolated):
+    result = api_of(server).txt2img(prompt="a red circle on a blue background", seed=7, **FAST)
+    assert result.image.size == (128, 128)
+    assert result.info["all_seeds"] == [7]
+    text = result.image.info["parameters"]
+    assert "Seed: 7" in text and "Steps: 3" in text and "Sampler: Euler a" in text and "Model: tiny-shapes" in text
+    local = cli("txt2img", "a red circle on a blue background", "--seed", "7", "--steps", "3", "--cfg", "3",
+                "--scheduler", "euler-a", "-o", "local.png", "-q")
+    assert local.exit_code == 0, local.stderr
+    # same process, same code path, same threads: the same pixels
+    assert np.array_equal(np.asarray(result.image.convert("RGB"), dtype=np.int16), pixels("local.png"))
+
+
+def test_webuiapi_img2img_with_mask_inpaints_and_keeps_the_rest(server):
+    api = api_of(server)
+    source = Image.new("RGB", (128, 128), (200, 40, 40))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    result = api.img2img(images=[source], mask_image=mask, prompt="a blue square", seed=3, denoising_strength=0.9,
+                         inpainting_fill=1, mask_blur=0, **FAST)
+    out = np.asarray(result.image.convert("RGB"), dtype=np.int16)
+    assert out.shape == (128, 128, 3)
+    assert np.array_equal(out[:16, :16], np.asarray(source, dtype=np.int16)[:16, :16])  # outside the mask: exact
+    assert "Denoising strength: 0.9" in result.info["infotexts"][0]
+    plain = api.img2img(images=[source], prompt="a blue square", seed=3, denoising_strength=0.5, **FAST)
+    assert plain.image.size == (128, 128)
+
+
+def test_options_switch_the_model_and_sd_models_lists_the_folder(server):
+    api = api_of(server)
+    titles = [model["title"] for model in api.get_sd_models()]
+    assert any(title.startswith("tiny-sd [") for title in titles)
+    assert not any("notes" in title for title in titles)
+    api.set_options({"sd_model_checkpoint": "tiny-sd"})
+    try:
+        assert api.get_options()["sd_model_checkpoint"].startswith("tiny-sd [")
+        result = api.txt2img(prompt="a cat", seed=1, steps=2, width=64, height=64)
+        assert result.info["sd_model_name"] == "tiny-sd"
+    finally:
+        api.set_options({"sd_model_checkpoint": "tiny-shapes"})
+    override = api.txt2img(prompt="a cat", seed=1, steps=2, width=64, height=64,
+                           override_settings={"sd_model_checkpoint": "tiny-sd"})
+    assert override.info["sd_model_name"] == "tiny-sd"
+    assert api.get_options()["sd_model_checkpoint"].startswith("tiny-shapes [")
+
+
+def test_png_info_reads_back_the_parameters(server):
+    api = api_of(server)
+    made = api.txt2img(prompt="a green star", seed=11, **FAST)
+    info = api.png_info(made.image)
+    assert info.parameters["Seed"] == "11" and info.parameters["Prompt"] == "a green star"
+    assert json.loads(info.json["items"]["diffcli"])["seed"] == 11
+
+
+def test_lists_and_extras(server):
+    api = api_of(server)
+    assert {"name": "Euler a", "aliases": ["euler-a"], "options": {}} in api.get_samplers()
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    source = Image.new("RGB", (32, 32), (10, 200, 10))
+    assert api.extra_single_image(image=source, upscaler_1="Lanczos", upscaling_resize=2).image.size == (64, 64)
+    assert api.extra_single_image(image=source, upscaler_1="SD x4", upscaling_resize=4).image.size == (128, 128)
+    status, body = post(server, "/sdapi/v1/extra-single-image", {"image": b64(source), "upscaler_1": "R-ESRGAN 4x+"})
+    assert status == 422 and "upscaler_1" in body["detail"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "steps": "many"}, "steps"),
+    ({"prompt": "x", "sampler_name": "Nope"}, "sampler_name"),
+    ({"prompt": "x", "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "sd_model_checkpoint"),
+    ({"prompt": "x", "override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
+    ({"prompt": "x", "restore_faces": True}, "restore_faces"),
+    ({"prompt": "x", "steps": 500}, "steps"),
+    ({"prompt": "x", "width": 4096, "height": 4096}, "pixels"),
+    ({"prompt": "x", "batch_size": 8, "n_iter": 8}, "images"),
+])
+def test_bad_requests_are_422_naming_the_field(server, body, field):
+    status, answer = post(server, "/sdapi/v1/txt2img", body)
+    assert status == 422, answer
+    assert field in answer["detail"]
+
+
+def test_unknown_fields_are_ignored_as_a1111_does(server):
+    status, answer = post(server, "/sdapi/v1/txt2img", {"prompt": "a circle", "seed": 1, "steps": 2, "width": 64,
+                                                         "height": 64, "some_future_field": {"x": 1}})
+    assert status == 200 and len(answer["images"]) == 1
+
+
+def test_hostile_images_and_bodies(server):
+    status, answer = post(server, "/sdapi/v1/img2img", {"prompt": "x", "init_images": ["not base64 !!"]})
+    assert status == 422 and "base64" in answer["detail"]
+    status, answer = post(server, "/sdapi/v1/img2img", {"prompt": "x", "init_images": [base64.b64encode(b"GIF89a broken").decode()]})
+    assert status == 422 and "diffcli-request" not in answer["detail"]  # no server paths in messages
+    status, answer = post(server, "/sdapi/v1/txt2img", None, raw=b"{not json")
+    assert status == 422
+    port = int(server.rsplit(":", 1)[1])
+    for headers, body in ((f"Content-Length: {65 * 2**20}\r\n", b""),  # declared too large: refused before reading
+                          ("Transfer-Encoding: chunked\r\n", b"".join(  # chunked: counted while it arrives
+                              b"100000\r\n" + b"x" * 2**20 + b"\r\n" for _ in range(66)) + b"0\r\n\r\n")):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+            connection.sendall(f"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+            try:
+                connection.sendall(body)
+            except OSError:  # the server may answer and close before all of it is sent
+                pass
+            assert connection.recv(200).startswith(b"HTTP/1.1 413")
+
+
+def test_native_requests_refuse_trust_files_and_paths(server):
+    for body in ({"prompt": "x", "allow_pickle": True}, {"prompt": "x", "model": "/etc/passwd"},
+                 {"prompt": "x", "vae": "/etc/passwd"}, {"prompt": "x", "out": "/tmp/x.png"},
+                 {"prompt": "x", "lora": ["/etc/passwd"]}, {"command": "batch", "prompt": "x"}):
+        status, answer = post(server, "/diffcli/v1/plan", body)
+        assert status == 422, (body, answer)
+    status, answer = post(server, "/diffcli/v1/plan", {"prompt": "a <lora:../../etc/passwd:1> cat"})
+    assert status == 422
+
+
+def test_a_failed_job_answers_with_an_error_and_the_server_keeps_serving(server, monkeypatch):
+    from diffcli import run
+    from diffcli.errors import RuntimeFailure
+
+    real = run.images
+
+    def failing(*args, **kwargs):
+        raise RuntimeFailure("the model produced NaN/Inf values; no image was saved")
+        yield  # a generator, as run.images
+
+    monkeypatch.setattr(run, "images", failing)
+    status, answer = post(server, "/sdapi/v1/txt2img", {"prompt": "a circle", "seed": 1, "steps": 2})
+    assert status == 500 and "NaN" in answer["detail"]
+    monkeypatch.setattr(run, "images", real)
+    status, answer = post(server, "/sdapi/v1/txt2img", {"prompt": "a circle", "seed": 1, "steps": 2})
+    assert status == 200
+
+
+def test_progress_preview_and_interrupt(server):
+    api = api_of(server)
+    results = {}
+    worker = threading.Thread(target=lambda: results.setdefault("r", post(server, "/sdapi/v1/txt2img", {
+        "prompt": "a circle", "seed": 1, "steps": 120, "n_iter": 3, "width": 128, "height": 128})))
+    worker.start()
+    seen = None
+    for _ in range(600):
+        state = api.get_progress()
+        if state["state"]["sampling_step"] > 1:
+            seen = state
+            break
+        time.sleep(0.05)
+    assert seen is not None and 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 120
+    assert seen["current_image"] is not None and Image.open(io.BytesIO(base64.b64decode(seen["current_image"]))).size == (16, 16)
+    api.interrupt()
+    worker.join(60)
+    status, answer = results["r"]
+    assert status == 200 and len(answer["images"]) < 3  # stopped early; what was finished is kept
+
+
+# --- the diffcli client --------------------------------------------------------------------------------------------
+
+def test_client_txt2img_names_writes_and_matches_local(server, cli, isolated):
+    remote = cli("txt2img", "a red circle", "--seed", "5", "--steps", "3", "-N", "2", "--server", server, "--json", "-q")
+    assert remote.exit_code == 0, remote.stderr
+    records = remote.json_lines()
+    assert [Path(r["path"]).name for r in records] == ["00000-5-a-red-circle.png", "00001-6-a-red-circle.png"]
+    local = cli("txt2img", "a red circle", "--seed", "5", "--steps", "3", "-N", "2", "-o", "local/", "--json", "-q")
+    for mine, theirs in zip(records, local.json_lines()):
+        assert np.array_equal(pixels(mine["path"]), pixels(theirs["path"]))
+        assert mine["id"] == theirs["id"]
+        assert json.loads(Image.open(mine["path"]).info["diffcli"])["seed"] == mine["seed"]
+    again = cli("txt2img", "a red circle", "--seed", "5", "--steps", "3", "-o", records[0]["path"], "--server", server)
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    sweep = cli("txt2img", "a red circle", "--seed", "5", "--steps", "2,3", "-o", "sweep/{steps}.png", "--server", server,
+                "--grid")
+    assert sweep.exit_code == 0, sweep.stderr
+    lines = sweep.stdout.split()
+    assert lines[:2] == ["sweep/2.png", "sweep/3.png"] and Path(lines[2]).is_file()  # the images, then the grid
+
+
+def test_client_every_image_command(server, cli, isolated):
+    Image.new("RGB", (64, 64), (200, 40, 40)).save("in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save("mask.png")
+    runs = {
+        "img2img": ("img2img", "in.png", "a blue square", "--strength", "0.6"),
+        "inpaint": ("inpaint", "in.png", "a blue square", "--mask", "mask.png"),
+        "outpaint": ("outpaint", "in.png", "more", "--extend", "all=32"),
+        "upscale": ("upscale", "in.png", "--steps", "2"),
+    }
+    for name, args in runs.items():
+        steps = () if name == "upscale" else ("--steps", "3")
+        remote = cli(*args, *steps, "--seed", "2", "-o", f"{name}.png", "--server", server, "--json", "-q")
+        assert remote.exit_code == 0, (name, remote.stderr)
+        record = remote.json_lines()[0]
+        assert record["task"] == ("inpaint" if name == "outpaint" else name) and record["input"] == "in.png"
+        local = cli(*args, *steps, "--seed", "2", "-o", f"local-{name}.png", "--json", "-q")
+        assert local.exit_code == 0, local.stderr
+        assert np.array_equal(pixels(f"{name}.png"), pixels(f"local-{name}.png")), name
+        assert record["id"] == local.json_lines()[0]["id"]
+
+
+def test_client_refusals_and_errors(server, cli, isolated, tiny_model):
+    bad = cli("txt2img", "a cat", "--vae", str(tiny_model / "vae"), "--server", server)
+    assert bad.exit_code == 2 and "--vae" in bad.stderr
+    missing = cli("img2img", "nope.png", "a cat", "--server", server)
+    assert missing.exit_code == 2 and "nope.png" in missing.stderr
+    unknown = cli("txt2img", "a cat", "--model", "no-such-model", "--server", server)
+    assert unknown.exit_code == 2 and "not one of this server's models" in unknown.stderr
+    down = cli("txt2img", "a cat", "--server", f"http://127.0.0.1:{free_port()}")
+    assert down.exit_code == 1 and "cannot reach the server" in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1
+    not_url = cli("txt2img", "a cat", "--server", "ftp://x")
+    assert not_url.exit_code == 2
+
+
+def test_server_auto_runs_locally_when_no_server_answers(cli, isolated, monkeypatch):
+    from diffcli.server import client
+
+    monkeypatch.setattr(client, "AUTO_URL", f"http://127.0.0.1:{free_port()}")
+    result = cli("txt2img", "a red circle", "--seed", "1", "--steps", "2", "--server", "auto", "-q")
+    assert result.exit_code == 0 and Path(result.stdout.strip()).is_file()
+
+
+def test_client_imports_no_torch(server, isolated):
+    import subprocess
+    import sys
+
+    code = ("import sys; from diffcli.cli import main; code = main(['txt2img', 'a circle', '--seed', '1', '--steps', '2', "
+            f"'--server', '{server}', '-q']); assert code == 0, code; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'fastapi') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=isolated)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --- auth, limits, load --------------------------------------------------------------------------------------------
+
+def test_auth(cli, isolated):
+    with serving(api_auth="alice:secret") as (url, app):
+        status, _ = post(url, "/sdapi/v1/txt2img", {"prompt": "x"})
+        assert status == 401
+        wrong = "Basic " + base64.b64encode(b"alice:nope").decode()
+        assert post(url, "/sdapi/v1/options", {}, headers={"Authorization": wrong})[0] == 401
+        api = api_of(url)
+        api.set_auth("alice", "secret")
+        assert api.get_options()["sd_model_checkpoint"].startswith("tiny-shapes")
+        denied = cli("txt2img", "a cat", "--steps", "2", "--server", url)
+        assert denied.exit_code == 2 and "password" in denied.stderr
+        allowed = cli("txt2img", "a cat", "--steps", "2", "--server", url.replace("http://", "http://alice:secret@"), "-q")
+        assert allowed.exit_code == 0, allowed.stderr
+        assert "secret" not in allowed.stderr
+
+
+def test_open_host_needs_auth(cli):
+    result = cli("serve", "--host", "0.0.0.0")
+    assert result.exit_code == 2 and "--api-auth" in result.stderr
+    assert cli("serve", "--api-auth", "nocolon").exit_code == 2
+
+
+def test_load_four_clients_forty_requests_none_lost():
+    with serving(queue=2) as (url, app):
+        def one(i):
+            return post(url, "/sdapi/v1/txt2img", {"prompt": "a circle", "seed": i, "steps": 2, "width": 64, "height": 64})
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(one, range(40)))
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) >= 4
+    for status, body in answers:
+        if status == 200:
+            assert len(body["images"]) == 1 and json.loads(body["info"])["all_seeds"] == [json.loads(body["info"])["seed"]]
+        else:
+            assert "queue is full" in body["detail"]
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_running_job_and_exits_0(isolated):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", "from diffcli.cli import entry; entry()", "serve", "--port", str(port)],
+                               stderr=subprocess.DEVNULL, cwd=isolated, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/diffcli/v1/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        results = {}
+        worker = threading.Thread(target=lambda: results.setdefault("r", post(url, "/sdapi/v1/txt2img", {
+            "prompt": "a circle", "seed": 1, "steps": 60, "width": 128, "height": 128})))
+        worker.start()
+        api = api_of(url)
+        for _ in range(600):
+            if api.get_progress()["state"]["sampling_step"] > 0:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        worker.join(120)
+        assert process.wait(120) == 0
+        status, answer = results["r"]
+        assert status == 200 and len(answer["images"]) == 1
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url + "/diffcli/v1/health", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
