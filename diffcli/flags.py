@@ -215,7 +215,7 @@ BATCH = {  # batch's own options, then the per-job ones that are defaults for ev
     "model": MODEL, **{name: RUNTIME[name] for name in ("model_config", "device", "dtype", "safety_checker",
                                                               "allow_pickle", "threads", "vae")},
     "out": replace(OUTPUT["out"], help="Folder or template; default outputs/{job:05d}-{seed}-{slug}.png."),
-    "overwrite": OUTPUT["overwrite"], **REPORTING,
+    "overwrite": OUTPUT["overwrite"], **REPORTING, "server": SERVER,
 }
 
 

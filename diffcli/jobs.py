@@ -161,10 +161,7 @@ def build(command: str, values: dict) -> list[Job]:
     job = Job(command)
     if command in INPUTS:
         job.inputs = INPUTS[command]()
-    places = dict(RENAMED)
-    for section, cls in SECTIONS.items():
-        places.update({f.name: (section, f.name) for f in fields(cls) if f.name not in places})
-    places.update({f.name: ("inputs", f.name) for f in fields(INPUTS.get(command, ImageInput))} if job.inputs else {})
+    places = _places(command)
     for name, value in values.items():
         if name not in places:
             raise UsageError(f"{command} does not take {name!r}")
@@ -176,6 +173,22 @@ def build(command: str, values: dict) -> list[Job]:
     lists = {name: (value if isinstance(value, sweep.Values) else sweep.Values([value])) for name, value in swept.items()
              if value is not None}
     return sweep.expand(job, **lists)
+
+
+def _places(command: str) -> dict[str, tuple[str, str]]:
+    """Option name -> (section, attribute) of a command's Job."""
+    places = dict(RENAMED)
+    for section, cls in SECTIONS.items():
+        places.update({f.name: (section, f.name) for f in fields(cls) if f.name not in places})
+    if command in INPUTS:
+        places.update({f.name: ("inputs", f.name) for f in fields(INPUTS[command])})
+    return places
+
+
+def values_of(job: Job) -> dict:
+    """The option values build(job.command, values) makes this very job from (one sweep cell): build's inverse, for
+    sending a job on (the --server client)."""
+    return {name: getattr(getattr(job, section), attribute) for name, (section, attribute) in _places(job.command).items()}
 
 
 def record(job: Job) -> dict:

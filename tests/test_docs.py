@@ -39,6 +39,7 @@ SECTIONS = {
     "eval": ["## The bundled model"],
     "schedulers": ["## Other commands and global flags"],
     "info": ["## Other commands and global flags"],
+    "serve": ["## Server and client"],
 }
 # `--flags` the documents mention that are not diffcli's, each with its tool.
 FOREIGN = {

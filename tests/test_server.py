@@ -306,6 +306,44 @@ def test_client_every_image_command(server, cli, isolated):
         assert record["id"] == local.json_lines()[0]["id"]
 
 
+def test_client_batch_names_ids_and_resume_like_a_local_batch(server, cli, isolated):
+    Path("jobs.jsonl").write_text('{"prompt": "a red circle", "steps": 2}\n'
+                                  '{"prompt": "a blue square", "steps": 2, "num_images": 2}\n'
+                                  '{"prompt": "a green star", "cfg": "3,4", "steps": 2}\n')
+    dry = cli("batch", "jobs.jsonl", "--seed", "10", "-o", "b/", "--dry-run")
+    expected = {path: image for job in dry.json_lines() for path, image in zip(job["paths"], job["ids"])}
+    first = cli("batch", "jobs.jsonl", "--seed", "10", "-o", "b/", "--server", server, "--json", "-q")
+    assert first.exit_code == 0, first.stderr
+    assert {r["path"]: r["id"] for r in first.json_lines()} == expected  # same names, same ids as a local batch
+    manifest = [json.loads(line) for line in Path("b/diffcli-manifest.jsonl").read_text().splitlines()]
+    assert {r["path"]: r["id"] for r in manifest if "id" in r} == expected
+    again = cli("batch", "jobs.jsonl", "--seed", "10", "-o", "b/", "--server", server)
+    assert again.exit_code == 0 and again.stdout == "" and "0 to make" in again.stderr
+    gone = sorted(expected)[1]
+    Path(gone).unlink()
+    resumed = cli("batch", "jobs.jsonl", "--seed", "10", "-o", "b/", "--server", server)
+    assert resumed.exit_code == 0 and resumed.stdout.split() == [gone]
+    refused = cli("batch", "jobs.jsonl", "--server", server, "--processes", "2")
+    assert refused.exit_code == 2
+
+
+def test_skip_moves_on_to_the_next_image(server):
+    api = api_of(server)
+    results = {}
+    worker = threading.Thread(target=lambda: results.setdefault("r", post(server, "/sdapi/v1/txt2img", {
+        "prompt": "a circle", "seed": 1, "steps": 60, "n_iter": 2, "width": 128, "height": 128})))
+    worker.start()
+    for _ in range(600):
+        state = api.get_progress()["state"]
+        if state["sampling_step"] > 1 and state["job_no"] == 0:
+            break
+        time.sleep(0.05)
+    api.skip()
+    worker.join(120)
+    status, answer = results["r"]
+    assert status == 200 and json.loads(answer["info"])["all_seeds"] == [2]  # the first image skipped, the second made
+
+
 def test_client_refusals_and_errors(server, cli, isolated, tiny_model):
     bad = cli("txt2img", "a cat", "--vae", str(tiny_model / "vae"), "--server", server)
     assert bad.exit_code == 2 and "--vae" in bad.stderr

@@ -81,11 +81,24 @@ def run_command(ctx, values: dict) -> int:
                            None if seed == RANDOM_SEED else seed,  # -1 is the default: the manifest's, else random
                            values["out"], values["manifest"], values["wildcards"], values["random"], values["dry_run"],
                            values["force"], values["processes"], values["as_json"], values["quiet"])
+    if values.get("server"):
+        from diffcli.server import client
+
+        url = client.server_url(values["server"])
+        if url:
+            return client.batch(url, options, (lambda message: None) if options.quiet else
+                                (lambda message: print(message, file=sys.stderr, flush=True)))
     return run_batch(options, lambda base, source: children_argv(BATCH, values, list(ctx.args), base, source))
 
 
 def prepare(options: BatchOptions, ranks: Ranks, text: str | None = None) -> tuple[list[BatchJob], Manifest, int, str]:
     """Everything up to the plans and ids, identical on every rank; loads no weights. `text`: the jobs, read already."""
+    pairs, manifest, base, how, out = prepare_jobs(options, ranks, text)
+    return plan_batch(pairs, base, out), manifest, base, how
+
+
+def prepare_jobs(options: BatchOptions, ranks: Ranks, text: str | None = None):
+    """The model-free part of prepare: (entry, Job) pairs, the manifest, the base seed, how it was chosen, --out."""
     text = read_source(options.source) if text is None else text
     fmt = detect_format(options.source, options.fmt, text)
     entries = parse_entries(text, fmt)
@@ -99,8 +112,7 @@ def prepare(options: BatchOptions, ranks: Ranks, text: str | None = None) -> tup
     base, how = resolve_base_seed(options.seed, manifest) if ranks.rank == 0 else (None, "")
     base = ranks.broadcast(base)  # every rank must derive the same seeds, hence the same ids
     entries = expand_templates(entries, options.wildcards, options.random, base)
-    batch = plan_batch(build_jobs(entries, options.command, options.defaults, options.extra_args), base, out)
-    return batch, manifest, base, how
+    return build_jobs(entries, options.command, options.defaults, options.extra_args), manifest, base, how, out
 
 
 def run_batch(options: BatchOptions, argv_for_children) -> int:

@@ -117,13 +117,12 @@ def output_folder(template: str) -> Path:
     return Path(head) if head.endswith(("/", os.sep)) else Path(head).parent
 
 
-def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list[BatchJob]:
-    """Seeds `base + images before`, stable paths, plans (no weights) and ids; clashes are errors."""
-    from diffcli.plan import plan_job
-
-    batch, owners, position, line_seeds, drawn = [], {}, 0, {}, {}
+def assign_seeds(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list[tuple[Entry, Job, bool]]:
+    """Each job's seed (base + images before it; a line's sweep cells share one) and --out with {job} filled in: the
+    half of planning that needs no model (a --server batch plans the rest on the server). The bool: from the base."""
+    result, position, line_seeds, drawn = [], 0, {}, {}
     for number, (entry, job) in enumerate(pairs):
-        where, sampling = f"line {entry.line}", job.sampling
+        sampling = job.sampling
         from_base = sampling.seed is None or sampling.seed == RANDOM_SEED
         if sampling.seed == RANDOM_SEED:  # "seed": -1: random, yet drawn from the base seed and the line's first job so a
             if id(entry) not in drawn:  # rerun resumes; a line's cells share it, as --seed -1 on the command line
@@ -137,18 +136,33 @@ def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list
                 sampling.seed = line_seeds[id(entry)] = base_seed + position
             position += sampling.num_images
         job.output.out = job_out(job.output.out or out, number, entry.line)
+        result.append((entry, job, from_base))
+    return result
+
+
+def claim_paths(owners: dict, paths: list[Path], where: str, line: int) -> None:
+    """No two jobs of a batch write the same file."""
+    for path in paths:
+        if path in owners:
+            raise UsageError(f"{where}: writes {path}, as line {owners[path]} does",
+                             "put {job} or {seed} in --out so every image has its own name")
+        owners[path] = line
+
+
+def plan_batch(pairs: list[tuple[Entry, Job]], base_seed: int, out: str) -> list[BatchJob]:
+    """Seeds `base + images before`, stable paths, plans (no weights) and ids; clashes are errors."""
+    from diffcli.plan import plan_job
+
+    batch, owners = [], {}
+    for number, (entry, job, from_base) in enumerate(assign_seeds(pairs, base_seed, out)):
         wanted = job.output.overwrite
         job.output.overwrite = True  # existing files are judged later, with the manifest
         try:
             plan = plan_job(job)
         except UsageError as exc:
-            raise type(exc)(f"{where}: {exc.message}", exc.hint) from None
+            raise type(exc)(f"{entry.where}: {exc.message}", exc.hint) from None
         plan.job.output.overwrite = job.output.overwrite = wanted
-        for path in plan.paths:
-            if path in owners:
-                raise UsageError(f"{where}: writes {path}, as line {owners[path]} does",
-                                 "put {job} or {seed} in --out so every image has its own name")
-            owners[path] = entry.line
+        claim_paths(owners, plan.paths, entry.where, entry.line)
         batch.append(BatchJob(number, entry.line, plan, [identity.image_id(plan.identity, seed) for seed in plan.seeds],
                               from_base=from_base))
     return batch

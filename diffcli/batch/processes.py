@@ -118,7 +118,7 @@ def children_argv(options: dict, values: dict, extra: list[str], base: int, sour
     argv = []
     for name, value in values.items():
         flag = options[name]
-        if name in ("file", "processes", "seed") or value is None:
+        if name in ("file", "processes", "seed", "server") or value is None:
             continue
         if flag.kind in (bool, "bools"):
             if value or flag.off:

@@ -263,7 +263,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/diffcli/v1/plan")
     async def plan(request: Request):
-        """What a job line would make: per job its seeds and name fields (the client names its files from them)."""
+        """What a job line would make: per job its seeds, name fields (the client names its files from them) and ids."""
         async def work():
             command, values = _native(await body_of(request))
             return await run_in_threadpool(plan_only, command, values)
@@ -279,7 +279,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return {"jobs": [{"seeds": each.seeds, "fields": each.name_fields} for each in plans]}
+        from diffcli.identity import image_id
+
+        return {"jobs": [{"seeds": each.seeds, "fields": each.name_fields,
+                          "ids": [image_id(each.identity, seed) for seed in each.seeds]} for each in plans]}
 
     @app.post("/diffcli/v1/jobs")
     async def native_jobs(request: Request):

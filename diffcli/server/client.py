@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffcli import flags, output
@@ -52,7 +53,7 @@ def request_values(command: str, values: dict, say) -> dict:
     declared = flags.COMMANDS[command]
     for name, value in values.items():
         flag = declared.get(name)
-        if name in LOCAL or value is None or (flag is not None and value == flag.default):
+        if name in LOCAL or value in (None, [], ()) or (flag is not None and value == flag.default):
             continue
         if name in REFUSED:
             raise UsageError(f"{flag.long if flag else name} names a local file the server cannot read",
@@ -67,6 +68,77 @@ def request_values(command: str, values: dict, say) -> dict:
         else:
             body[name] = list(value) if isinstance(value, tuple) else value
     return body
+
+
+@dataclass
+class RemotePlan:
+    """What a batch needs of a job planned on the server (plan.Plan's fields of the same names)."""
+
+    job: object  # jobs.Job, as built here
+    seeds: list[int]
+    paths: list[Path]
+    name_template: str
+    name_fields: dict
+
+
+def batch(url: str, options, say) -> int:
+    """`diffcli batch --server URL`: jobs, seeds, names and the manifest here (resumable as a local batch); each job
+    planned and run on the server; finished images recorded as they arrive."""
+    from diffcli import jobs
+    from diffcli.batch import prepare_jobs
+    from diffcli.batch.lines import BatchJob, assign_seeds, claim_paths
+    from diffcli.batch.manifest import mark_finished, record, record_base_seed
+    from diffcli.batch.processes import Ranks, StopOnSignal
+    from diffcli.errors import Interrupted
+
+    if options.processes > 1 or options.dry_run:
+        raise UsageError("batch --server runs on the server's workers: --processes and --dry-run are for local batches",
+                         "drop --server for a dry run")
+    pairs, manifest, base, how, out = prepare_jobs(options, Ranks())
+    items, bodies, owners = [], [], {}
+    for number, (entry, job, from_base) in enumerate(assign_seeds(pairs, base, out)):
+        values = jobs.values_of(job)
+        body = request_values(job.command, values, say)
+        try:
+            planned = _json(_request(url, "/diffcli/v1/plan", body))["jobs"][0]
+        except UsageError as exc:
+            raise UsageError(f"{entry.where}: {exc.message}", exc.hint) from None
+        template = output.name_template(job.output.out, len(planned["seeds"]))
+        paths = output.plan_paths(job.output.out, planned["seeds"], planned["fields"], True)
+        claim_paths(owners, paths, entry.where, entry.line)
+        plan = RemotePlan(job, planned["seeds"], paths, template, planned["fields"])
+        items.append(BatchJob(number, entry.line, plan, planned["ids"], from_base=from_base))
+        bodies.append((body, values))
+    record_base_seed(manifest, base)
+    mark_finished(items, manifest, options.force, say)
+    todo = sum(len(item.pending) for item in items)
+    say(f"batch on {_safe(url)}: {len(items)} job(s), {sum(len(i.ids) for i in items)} image(s); base seed {base} "
+        f"({how}); {todo} to make")
+    made = 0
+    with StopOnSignal(say) as stop:
+        for item, (body, values) in zip(items, bodies):
+            if stop.requested:
+                break
+            if not item.pending:
+                continue
+            for event in _stream(url, body):
+                index = event["index"]
+                if index not in item.pending:  # made before (the server makes the whole job again)
+                    continue
+                path = item.plan.paths[index]
+                result = _write_image(event, path, item.plan.name_template, item.plan.name_fields, values,
+                                      item.plan.job.output.overwrite)
+                manifest.append(record(item, item.ids[index], Path(result["path"]), result["seed"]))
+                made += 1
+                result = dict(result, id=item.ids[index], job=item.number, line=item.line, index=index)
+                output.emit_line(json.dumps(result, sort_keys=True) if options.as_json else result["path"])
+                if stop.requested:
+                    break
+    if stop.requested:
+        raise Interrupted(f"interrupted: {made} image(s) made and recorded in {manifest.path}; "
+                          "run the same command again to make the rest")
+    say(f"batch: made {made} image(s)")
+    return 0
 
 
 def generate(url: str, command: str, values: dict, as_json: bool, quiet: bool, grid: bool) -> None:
@@ -85,14 +157,17 @@ def generate(url: str, command: str, values: dict, as_json: bool, quiet: bool, g
     count = sum(len(job["seeds"]) for job in planned)
     say(f"server {_safe(url)}: {count} image(s), seed {planned[0]['seeds'][0]}" if planned else f"server {_safe(url)}")
     records = []
-    with _request(url, "/diffcli/v1/jobs", body) as response:
-        for line in response:
-            event = json.loads(line)
-            if event["event"] == "error":
-                raise (UsageError if event.get("exit_code") == 2 else RuntimeFailure)(f"server: {event['message']}")
-            if event["event"] == "done":
-                break
-            records.append(_write(event, paths, planned, values, overwrite, to_stdout, as_json))
+    for event in _stream(url, body):
+        if to_stdout:
+            record = _local_record(event, values)
+            image = _decode(event)
+            sys.stdout.buffer.write(output.encode_image(image, Path("image.png"), record))
+            sys.stdout.buffer.flush()
+            continue
+        path, template, fields = paths[event["job"]][event["index"]]
+        record = _write_image(event, path, template, fields, values, overwrite)
+        output.emit_line(json.dumps(record, sort_keys=True) if as_json else record["path"])
+        records.append(record)
     if grid and records and not to_stdout:
         from diffcli.sweep import write_grid
 
@@ -100,29 +175,48 @@ def generate(url: str, command: str, values: dict, as_json: bool, quiet: bool, g
         output.emit_line(json.dumps(sheet, sort_keys=True) if as_json else sheet["grid"])
 
 
-def _write(event: dict, paths: list, planned: list, values: dict, overwrite: bool, to_stdout: bool, as_json: bool) -> dict:
-    """One streamed image: the record made local (input paths as given here), encoded and written as run._save does."""
-    from PIL import Image
+def _stream(url: str, body: dict):
+    """The image events of a job run on the server, in order; its error event as our error."""
+    with _request(url, "/diffcli/v1/jobs", body) as response:
+        for line in response:
+            event = json.loads(line)
+            if event["event"] == "error":
+                raise (UsageError if event.get("exit_code") == 2 else RuntimeFailure)(f"server: {event['message']}")
+            if event["event"] == "done":
+                return
+            yield event
+    raise RuntimeFailure("the server closed the connection before the job was done")
 
-    record, number, index = event["record"], event["job"], event["index"]
-    timings = record.pop("timings", {})
+
+def _local_record(event: dict, values: dict) -> dict:
+    """The image's record as a local run writes it: input files named as given here (`values`: the job's option
+    values), not as the server kept them."""
+    record = dict(event["record"])
     for name in IMAGE_KEYS:
         if name in record and values.get(name):
             record[name] = values[name]
+    return record
+
+
+def _decode(event: dict):
+    from PIL import Image
+
     image = Image.open(io.BytesIO(base64.b64decode(event["png"])))
     image.load()
+    return image
+
+
+def _write_image(event: dict, path: Path, template: str, fields: dict, values: dict, overwrite: bool) -> dict:
+    """One streamed image written as run._save writes it (atomic, never over a file without overwrite, renumbered
+    when a {index} name was taken meanwhile); its record with path and timings."""
+    record = _local_record(event, values)
+    timings = record.pop("timings", {})
     began = time.perf_counter()
-    if to_stdout:
-        sys.stdout.buffer.write(output.encode_image(image, Path("image.png"), record))
-        sys.stdout.buffer.flush()
-        return record
-    path, template, fields = paths[number][index]
-    data = output.encode_image(image, path, record)
+    data = output.encode_image(_decode(event), path, record)
     with output.signals_held():
-        written = output.write_new(path, data, overwrite, output.renumber(template, fields, record["seed"], index + 1))
-    result = dict(record, path=str(written), timings=dict(timings, save_s=round(time.perf_counter() - began, 3)))
-    output.emit_line(json.dumps(result, sort_keys=True) if as_json else str(written))
-    return result
+        written = output.write_new(path, data, overwrite, output.renumber(template, fields, record["seed"],
+                                                                           event["index"] + 1))
+    return dict(record, path=str(written), timings=dict(timings, save_s=round(time.perf_counter() - began, 3)))
 
 
 def _plan_paths(planned: list, out: str | None, overwrite: bool) -> list:
