@@ -17,6 +17,8 @@ EXTRAS = {  # import name -> (pip package, extra)
     "peft": ("peft", "lora"),  # --lora, <lora:name> (diffusers' load_lora_weights)
     "DeepCache": ("DeepCache", "deepcache"),  # --deep-cache
     "dynamicprompts": ("dynamicprompts", "templates"),  # batch: {a|b} and __name__ templates
+    "fastapi": ("fastapi", "server"),  # diffcli serve (with uvicorn)
+    "uvicorn": ("uvicorn", "server"),
 }
 
 

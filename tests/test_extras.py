@@ -57,12 +57,18 @@ def tiny_lora_file(folder: Path) -> Path:
 def test_pyproject_declares_every_extra_and_dev_installs_them_all():
     optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     required = " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
-    names = sorted(extra for _, extra in extras.EXTRAS.values())
+    names = sorted(set(extra for _, extra in extras.EXTRAS.values()))
     for package, extra in extras.EXTRAS.values():
         assert [spec for spec in optional[extra] if spec.startswith(package)], f"[{extra}] should install {package}"
         assert package.lower() not in required.lower(), f"{package} is optional, not a dependency"
     assert optional["all"] == [f"diffcli[{','.join(sorted(names, key=list(optional).index))}]"]
     assert "diffcli[all]" in optional["dev"]
+
+
+@pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
+def test_serve_without_the_server_extra(cli, monkeypatch, module):
+    lines = refused_before_loading(cli, monkeypatch, module, "serve", "--port", "7999")
+    assert lines == [line("diffcli serve", module)]
 
 
 @pytest.mark.parametrize("command", ["txt2img", "img2img"])

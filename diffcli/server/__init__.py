@@ -130,9 +130,13 @@ def preload(settings) -> None:
 
 def serve(options: ServeOptions) -> None:
     """Run until SIGTERM/SIGINT: then finish the running requests, answer queued ones 503, and return (exit 0)."""
-    import uvicorn
+    from diffcli import extras
 
     users = check(options)
+    for module in ("fastapi", "uvicorn"):
+        extras.require(module, "diffcli serve")
+    import uvicorn
+
     with socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET) as probe:  # before loading a model
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: old connections may linger
         try:
