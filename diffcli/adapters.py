@@ -162,7 +162,8 @@ def activate(pipe, resolved: Resolved) -> None:
     is cached per process: an earlier job's adapters must not reach this one's images)."""
     _own_embeddings(pipe, resolved)
     loras = resolved.loras
-    loaded = getattr(pipe.unet, "diffcli_loras", set())  # on the U-Net: pipelines of other tasks share it
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer  # SD3 and FLUX.1 denoise with a transformer
+    loaded = getattr(denoiser, "diffcli_loras", set())  # on the denoiser: pipelines of other tasks share it
     if not loras and not loaded:
         return
     names, weights = [], []
@@ -176,7 +177,7 @@ def activate(pipe, resolved: Resolved) -> None:
             weights.append(scale)
         else:
             weights[names.index(name)] += scale
-    pipe.unet.diffcli_loras = loaded
+    denoiser.diffcli_loras = loaded
     if names:
         pipe.enable_lora()
         pipe.set_adapters(names, weights)

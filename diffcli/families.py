@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from diffcli.errors import ModelError, UsageError
 
 # The tasks a family names a pipeline class for (outpaint runs the inpaint pipeline, hires the img2img one).
 TASKS = ("txt2img", "img2img", "inpaint", "upscale")
-# What prompts.encode makes for a family's text encoders: hidden states, hidden states plus a pooled embedding
-# (SDXL's added conditioning), or nothing (no text encoder of its own).
-PROMPT_ENCODERS = ("clip", "clip+clip-pooled", "none")
+# What encodes a family's prompts: prompts.encode's CLIP hidden states, or those plus a pooled embedding (SDXL's added
+# conditioning); the pipeline's own CLIP and T5 encoders (SD3: two CLIPs and T5; FLUX.1: CLIP pooled and T5); nothing.
+PROMPT_ENCODERS = ("clip", "clip+clip-pooled", "clip+clip+t5", "clip-pooled+t5", "none")
+# What --cfg sets: classifier-free guidance with the negative prompt; the guidance a distilled model takes as an input
+# (FLUX.1 dev: one pass per step, no negative prompt); nothing (FLUX.1 schnell is distilled to need no guidance).
+GUIDANCE = ("cfg", "distilled", "none")
+DENOISERS = ("unet", "transformer")  # the pipeline component that denoises, whose config/ tells variants and sizes
 # GPUs with less memory than this get --low-vram automatically, unless the family says otherwise.
 LOW_VRAM_GIB = 6.0
 
@@ -23,6 +27,9 @@ class CallStyle:
     prompt_embeds: bool = True  # our (weighted) embeddings; False: plain strings, the pipeline encodes them itself
     repeat_image: bool = False  # one input image per generator: the pipeline does not repeat it for a prompt batch
     step_end_callback: bool = True  # callback_on_step_end; False: the older per-step `callback(i, t, latents)`
+    negative_prompt: bool = True  # strings only: it uses the negative prompt; False: FLUX.1 without true CFG ignores it
+    clip_skip: bool = False  # strings only: it takes --clip-skip as its own clip_skip (SD3), else it is refused
+    size: bool = False  # width/height passed with an input image too: SD3/FLUX img2img resize it to the native size
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,23 @@ class SingleFile:
         if inpaint:
             return self.config_inpaint
         return self.config_v if prediction_type == "v_prediction" and self.config_v else self.config
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A kind of model within a family, told apart by its denoiser's config, with its makers' recommended settings."""
+
+    name: str  # e.g. "schnell"
+    defaults: dict  # steps, cfg: as a model folder's diffcli.json says them (that file, when present, wins)
+    when: tuple = ()  # (config key, values that tell it) pairs, all must hold; (): the family's other models
+    guidance: str | None = None  # one of GUIDANCE, when not the family's
+
+    def __post_init__(self):
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def fits(self, denoiser: dict) -> bool:
+        """Whether a denoiser config (unet/ or transformer/config.json) is of this variant."""
+        return all(denoiser.get(key) in values for key, values in self.when)
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,12 @@ class Family:
     safety_checker: bool = False  # its folders ship a safety checker, which is left out unless --safety-checker
     lora: bool = True  # its pipelines load LoRAs (load_lora_weights)
     task_hint: str | None = None  # said when a task it has no pipeline for is asked
+    denoiser: str = "unet"  # one of DENOISERS; U-Net only: --hires, --refiner, --deep-cache, --variation-seed
+    guidance: str = "cfg"  # one of GUIDANCE: what --cfg sets
+    flow_match: bool = False  # trained for flow matching: it takes the flow-matching schedulers only (pipeline.py)
+    latent_patch: int | None = None  # latent pixels per token side its pipeline packs (FLUX.1: 2x2) whatever the
+    # denoiser config says; None: the config's patch_size (SD3), else 1. Sizes are multiples of it x the VAE's factor
+    variants: tuple[Variant, ...] = ()  # the first that fits a model gives its defaults; none fits: no defaults
 
     def __post_init__(self):
         object.__setattr__(self, "pipelines", MappingProxyType(dict(self.pipelines)))
@@ -87,6 +117,15 @@ _SD_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusi
 _SD_STYLES = {"StableDiffusionInpaintPipeline": CallStyle(repeat_image=True)}
 _XL_STYLES = {"StableDiffusionXLInpaintPipeline": CallStyle(repeat_image=True)}
 _SD_REFINERS = ("sd1", "sd2", "sd-refiner")  # SD 1.x/2.x UNets take over inside the base pipeline's loop
+# SD3 and FLUX.1 pipelines encode the prompt strings themselves (CLIP and T5); their img2img resizes its input to the
+# native size unless given a size, and their VAE encodes one input image with the first generator only (as SD's inpaint).
+_SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True)
+_SD3_STYLES = {"StableDiffusion3Pipeline": _SD3_TEXT,
+               **dict.fromkeys(("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+                               replace(_SD3_TEXT, repeat_image=True, size=True))}
+_FLUX_TEXT = CallStyle(prompt_embeds=False, negative_prompt=False)  # no true CFG (a negative prompt) yet
+_FLUX_IMAGE = replace(_FLUX_TEXT, repeat_image=True, size=True)
+_FLUX_STYLES = {"FluxPipeline": _FLUX_TEXT, "FluxImg2ImgPipeline": _FLUX_IMAGE, "FluxInpaintPipeline": _FLUX_IMAGE}
 
 _ENTRIES = (
     Family(
@@ -164,6 +203,51 @@ _ENTRIES = (
                                                                        step_end_callback=False)},
         lora=False,
     ),
+    Family(
+        name="sd3",  # SD3 Medium, SD3.5 Medium and Large (MMDiT)
+        pipelines={"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline",
+                   "inpaint": "StableDiffusion3InpaintPipeline"},
+        text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+        prompt_encoder="clip+clip+t5",
+        native_size=1024,
+        call_styles=_SD3_STYLES,
+        low_vram_gib=24.0,  # SD3.5 Large: an 8B transformer and T5-XXL, about 27 GiB in bf16
+        denoiser="transformer",
+        flow_match=True,
+        variants=(Variant("sd3.5", {"steps": 28, "cfg": 4.5}, when=(("qk_norm", ("rms_norm",)),)),  # 3.5 added QK norm
+                  Variant("sd3", {"steps": 28, "cfg": 7.0})),  # SD3 Medium's model card
+    ),
+    Family(
+        name="flux",  # FLUX.1 dev and schnell
+        pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
+        text_encoders=("text_encoder", "text_encoder_2"),
+        prompt_encoder="clip-pooled+t5",
+        native_size=1024,
+        call_styles=_FLUX_STYLES,
+        low_vram_gib=40.0,  # a 12B transformer (24 GiB in bf16) and T5-XXL (9.5 GiB)
+        denoiser="transformer",
+        guidance="distilled",
+        flow_match=True,
+        latent_patch=2,
+        # schnell has no guidance embedding: --cfg does nothing (its config says false, or nothing: the class default)
+        variants=(Variant("schnell", {"steps": 4, "cfg": 0.0}, when=(("guidance_embeds", (False, None)),), guidance="none"),
+                  Variant("dev", {"steps": 28, "cfg": 3.5})),
+    ),
+    Family(
+        name="flux-fill",  # FLUX.1 Fill dev: the masked image and the mask packed beside the latents
+        pipelines={"inpaint": "FluxFillPipeline"},
+        text_encoders=("text_encoder", "text_encoder_2"),
+        prompt_encoder="clip-pooled+t5",
+        native_size=1024,
+        call_styles={"FluxFillPipeline": _FLUX_IMAGE},
+        low_vram_gib=40.0,  # as FLUX.1 dev
+        task_hint="a FLUX.1 Fill model only inpaints (inpaint, outpaint)",
+        denoiser="transformer",
+        guidance="distilled",
+        flow_match=True,
+        latent_patch=2,
+        variants=(Variant("fill-dev", {"steps": 50, "cfg": 30.0}),),  # its model card
+    ),
 )
 # By name, in the order above (detection of single files and messages list them so).
 FAMILIES: MappingProxyType[str, Family] = MappingProxyType({f.name: f for f in _ENTRIES})
@@ -207,17 +291,26 @@ def upscaler(method: str) -> tuple[str, int]:
     raise UsageError(f"unknown upscale method {method!r}", f"choose one of: {', '.join(upscale_methods())}")
 
 
-def detect(model_index: dict, unet: dict) -> str:
-    """SD1/SD2/SDXL or an upscaler, from a diffusers folder's pipeline class and UNet config (first rule that fits;
-    a new family whose folders these rules do not tell apart adds one)."""
+def variant(family_name: str, denoiser: dict) -> Variant | None:
+    """The family's variant a model of that denoiser config is (the first that fits), or None."""
+    return next((v for v in get(family_name).variants if v.fits(denoiser)), None)
+
+
+def detect(model_index: dict, denoiser: dict) -> str:
+    """The family of a diffusers folder, from its pipeline class and denoiser (UNet or transformer) config (first rule
+    that fits; a new family whose folders these rules do not tell apart adds one)."""
     pipeline_class = model_index.get("_class_name", "")
+    for family in _ENTRIES:  # the transformer families: their pipeline classes are their own
+        if family.denoiser == "transformer" and pipeline_class in family.pipelines.values():
+            return family.name
     if "Upscale" in pipeline_class:
         return "sd-latent-upscaler" if "Latent" in pipeline_class else "sd-x4-upscaler"
     no_text_encoder = (model_index.get("text_encoder") or [None])[0] is None
-    if "XL" in pipeline_class or unet.get("addition_embed_type") == "text_time":
+    if "XL" in pipeline_class or denoiser.get("addition_embed_type") == "text_time":
         return "sdxl-refiner" if no_text_encoder and "text_encoder_2" in model_index else "sdxl"
-    if not pipeline_class.startswith("StableDiffusion"):
-        raise ModelError(f"unsupported pipeline class {pipeline_class!r}", "diffcli runs Stable Diffusion 1.x, 2.x and XL models")
+    if not pipeline_class.startswith("StableDiffusion") or pipeline_class.startswith("StableDiffusion3"):
+        raise ModelError(f"unsupported pipeline class {pipeline_class!r}",
+                         "diffcli runs Stable Diffusion 1.x, 2.x, XL and 3.x, and FLUX.1 (dev, schnell) models")
     if no_text_encoder:
         return "sd-refiner"  # a UNet that reads another model's prompt embeddings: only a --refiner
-    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"  # OpenCLIP ViT-H's width, else CLIP ViT-L
+    return "sd2" if denoiser.get("cross_attention_dim") == 1024 else "sd1"  # OpenCLIP ViT-H's width, else CLIP ViT-L

@@ -25,15 +25,16 @@ class ModelSpec:
     source: str  # "bundled" | "folder" | "single_file" | "hub"
     location: str  # folder or file path, or Hub repo id
     name: str  # how the user named it; recorded in metadata
-    family: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner" | "sd-refiner" | "sd-x4-upscaler" | "sd-latent-upscaler"
+    family: str  # a name in families.FAMILIES: "sd1", "sdxl", "sd3", "flux"...
     inpaint: bool = False  # a 9-channel inpainting UNet
     prediction_type: str = "epsilon"
     sample_size: int | None = None  # native image side in pixels, when known
-    size_multiple: int = 8  # the VAE's downsampling factor: sizes must be multiples of it
+    size_multiple: int = 8  # the VAE's downsampling factor (x the latent patch of a transformer): sizes are multiples
     config_dir: str | None = None  # diffusers config folder for single files
     model_config: str | None = None  # the user's --model-config folder, if any
     defaults: dict = field(default_factory=dict, compare=False, hash=False)  # bundled recommendations
     revision: str | None = None  # a Hub model's snapshot (commit) in the cache
+    guidance: str = "cfg"  # what --cfg sets (families.GUIDANCE): the family's, or its variant's
 
 
 def bundled_models() -> dict[str, Path]:
@@ -94,18 +95,25 @@ def _from_folder(path: Path, name: str, source: str, allow_pickle: bool) -> Mode
     return _spec_from_configs(path, name, source, str(path))
 
 
+def denoiser_folder(model_index: dict) -> str:
+    """The component that denoises in a folder of this model_index.json: its transformer/, else its unet/."""
+    return "transformer" if "transformer" in model_index else "unet"
+
+
 def _spec_from_configs(folder: Path, name: str, source: str, location: str) -> ModelSpec:
     """Build a ModelSpec from a folder holding model_index.json and component configs."""
     model_index = read_json(folder / "model_index.json")
-    unet = read_json(folder / "unet" / "config.json")
+    denoiser = read_json(folder / denoiser_folder(model_index) / "config.json")
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
     vae_path = folder / "vae" / "config.json"
     vae_blocks = len(read_json(vae_path).get("block_out_channels", [1] * 4)) if vae_path.is_file() else None
     defaults_path = folder / "diffcli.json"
-    family = families.get(families.detect(model_index, unet))
-    size_multiple = family.size_multiple if vae_blocks is None else 2 ** (vae_blocks - 1)
-    sample_size = unet.get("sample_size")
+    family = families.get(families.detect(model_index, denoiser))
+    variant = families.variant(family.name, denoiser)
+    vae_factor = family.size_multiple if vae_blocks is None else 2 ** (vae_blocks - 1)
+    patch = family.latent_patch or denoiser.get("patch_size") or 1  # SD3 cuts latents into patches, FLUX.1 packs 2x2
+    sample_size = denoiser.get("sample_size")
     if isinstance(sample_size, list):
         sample_size = sample_size[0]
     return ModelSpec(
@@ -113,11 +121,12 @@ def _spec_from_configs(folder: Path, name: str, source: str, location: str) -> M
         location=location,
         name=name,
         family=family.name,
-        inpaint=unet.get("in_channels") == 9,
+        inpaint=denoiser.get("in_channels") == 9 and family.denoiser == "unet",
         prediction_type=scheduler.get("prediction_type", "epsilon"),
-        sample_size=None if family.upscale or not sample_size else sample_size * size_multiple,
-        size_multiple=size_multiple,
-        defaults=read_json(defaults_path) if defaults_path.is_file() else {},
+        sample_size=None if family.upscale else sample_size * vae_factor if sample_size else family.native_size,
+        size_multiple=vae_factor * patch,
+        defaults={**(variant.defaults if variant else {}), **(read_json(defaults_path) if defaults_path.is_file() else {})},
+        guidance=(variant and variant.guidance) or family.guidance,
     )
 
 
@@ -188,7 +197,8 @@ def _from_hub(repo_id: str) -> ModelSpec:
     index = fetch("model_index.json")
     if index is None:
         raise ModelError(f"--model {repo_id!r} has no model_index.json", "is it a diffusers pipeline repository?")
-    for filename in ("unet/config.json", "scheduler/scheduler_config.json", "vae/config.json"):
+    denoiser = denoiser_folder(read_json(index))
+    for filename in (f"{denoiser}/config.json", "scheduler/scheduler_config.json", "vae/config.json"):
         fetch(filename)
     return replace(_spec_from_configs(index.parent, repo_id, "hub", repo_id), revision=index.parent.name)
 
@@ -220,8 +230,9 @@ def model_hash(spec: ModelSpec, cache_dir: Path) -> str:
     """A1111-style short hash (sha256, 10 hex digits) of the weights."""
     target = Path(spec.location)
     if spec.source in ("folder", "bundled"):
-        unet_files = sorted((target / "unet").glob("*.safetensors")) or sorted((target / "unet").glob("*.bin"))
-        target = unet_files[0] if unet_files else target / "model_index.json"
+        denoiser = target / ("transformer" if (target / "transformer").is_dir() else "unet")
+        files = sorted(denoiser.glob("*.safetensors")) or sorted(denoiser.glob("*.bin"))
+        target = files[0] if files else target / "model_index.json"
     elif spec.source == "hub":
         return ""  # the Hub records the revision; hashing multi-GB cached blobs is not worth the wait
     return file_sha256(target, cache_dir)[:10]

@@ -159,12 +159,14 @@ def a1111_parameters(meta: dict) -> str:
     from diffcli.vae import a1111_name
 
     lines = [meta["prompt"]]
+    distilled = meta.get("guidance") in ("distilled", "none")  # FLUX.1: --cfg is the embedded guidance, as Forge writes
     if meta.get("negative"):
         lines.append(f"Negative prompt: {meta['negative']}")
     fields = {
         "Steps": meta["steps"],
         "Sampler": meta["sampler"],
-        "CFG scale": f"{meta['cfg']:g}",
+        "CFG scale": "1" if distilled else f"{meta['cfg']:g}",
+        "Distilled CFG Scale": f"{meta['cfg']:g}" if distilled else None,
         "Seed": meta["seed"],
         "Size": f"{meta['width']}x{meta['height']}",
         "Model hash": meta.get("model_hash"),

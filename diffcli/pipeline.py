@@ -27,6 +27,7 @@ class SchedulerEntry:
     options: tuple = ()  # (key, value) pairs passed to from_config
     steps: int = 30  # default --steps
     label: str = ""  # A1111's sampler name, for the `parameters` metadata
+    flow_match: bool = False  # for flow-matching models (families.Family.flow_match: SD3, FLUX.1); else for SD's
 
 
 SCHEDULERS: dict[str, SchedulerEntry] = {
@@ -56,6 +57,8 @@ SCHEDULERS: dict[str, SchedulerEntry] = {
     "deis": SchedulerEntry("DEISMultistepScheduler", steps=25, label="DEIS"),
     "lcm": SchedulerEntry("LCMScheduler", steps=4, label="LCM"),
     "ddpm": SchedulerEntry("DDPMScheduler", steps=100, label="DDPM"),
+    # SD3's and FLUX.1's own; "Euler", as Forge labels it in FLUX.1 images
+    "flow-euler": SchedulerEntry("FlowMatchEulerDiscreteScheduler", steps=28, label="Euler", flow_match=True),
 }
 
 # Default steps and A1111 label for whatever scheduler class a model ships with (plain variant wins).
@@ -77,6 +80,18 @@ def normalize_scheduler_name(name: str) -> str:
     if needs:  # checked with the name, before any model loads
         extras.require(needs, f"--scheduler {name}")
     return found
+
+
+def check_scheduler(name: str, spec: ModelSpec) -> None:
+    """A scheduler table name fits the model's kind: flow-matching ones for SD3/FLUX.1, the others for SD 1.x/2.x/XL."""
+    flow_match = families.get(spec.family).flow_match
+    if SCHEDULERS[name].flow_match == flow_match:
+        return
+    flow = ", ".join(known for known, entry in SCHEDULERS.items() if entry.flow_match)
+    takes = flow if flow_match else f"every scheduler but {flow}"
+    kind = "a flow-matching" if flow_match else "a noise-prediction"
+    raise UsageError(f"--scheduler: {spec.name!r} is {kind} model ({spec.family}) and takes {takes}, got {name}",
+                     "leave --scheduler out for the model's own (see `diffcli schedulers`)")
 
 
 def pipeline_class_name(spec: ModelSpec, task: str) -> str:

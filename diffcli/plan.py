@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffcli import adapters, hires, identity, jobs, limits, output, refiner, tasks
+from diffcli import adapters, hires, identity, jobs, limits, output, refiner, support, tasks
 from diffcli.errors import UsageError
 from diffcli.jobs import Job
 from diffcli.models import ModelSpec, resolve_model
@@ -71,6 +71,8 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
 
         sampling.scheduler = normalize_scheduler_name(sampling.scheduler)
     spec = resolve_model(tasks.model_name(job), job.model.config, job.model.allow_pickle)
+    # what the model's family cannot do stops here; what it reads otherwise is said
+    family_warnings = support.check(job, spec, sampling.scheduler or spec.defaults.get("scheduler"), resolved_adapters)
     refiner.apply_default(job, spec)
     hires.apply_default(job, spec)  # --hires without --hires-strength: the model's recommendation
     helpers = {}  # resolved once here, loaded by the second pass
@@ -90,7 +92,7 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     check_size_multiple(width, height, spec.size_multiple)
     if job.second.hires:  # the second pass's size too, before any weights load
         hires.check_target(width, height, job.second.hires, spec.size_multiple)
-    warnings = limits.check(spec, job, width, height)  # what the model was not trained for (its diffcli.json)
+    warnings = family_warnings + limits.check(spec, job, width, height)  # and what it was not trained for (diffcli.json)
     if sampling.seed is None:
         sampling.seed = draw_seed()
     seeds = [sampling.seed + i for i in range(sampling.num_images)]
@@ -120,6 +122,8 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
         raise UsageError(f"--out {out or output.DEFAULT_DIR!r}: cannot use {exc.filename or 'it'}: {exc.strerror or exc}",
                          "choose another --out") from None
     record = dict(jobs.record(job), **resolved_adapters.record())
+    if spec.guidance != "cfg":  # --cfg is FLUX.1's distilled guidance (A1111 text: Distilled CFG Scale), or unused
+        record["guidance"] = spec.guidance
     if prepared:
         record.update(prepared.record, **prepared.notes)
     plan = Plan(job, spec, seeds, paths, width, height, cfg, scheduler, warnings=warnings, helpers=helpers,

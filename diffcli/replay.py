@@ -19,9 +19,9 @@ A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
 EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
 A1111_UPSCALERS = {"latent": "latent", "lanczos": "lanczos", "sd x4": "x4"}  # A1111's "Hires upscaler" -> ours
 # A1111 fields replay reads, or knows it need not (hashes name files it finds by other means; Version is the writer)
-A1111_KNOWN = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Model hash", "Clip skip",
-               "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Variation seed",
-               "Variation seed strength", "Refiner", "Refiner switch at", "VAE", "VAE hash", "Lora hashes", "TI hashes",
+A1111_KNOWN = {"Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Seed", "Size", "Model",
+               "Model hash", "Clip skip", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
+               "Variation seed", "Variation seed strength", "Refiner", "Refiner switch at", "VAE", "VAE hash", "Lora hashes", "TI hashes",
                "Version", "Mask blur", "Masked content", "Inpaint area", "Only masked padding, pixels"}
 DIFFCLI_KEYS = ("task", "prompt", "negative", "steps", "cfg", "seed", "width", "height", "model", "model_hash", "sampler",
                 "clip_skip", "variation_seed", "variation_strength", "hires_scale", "hires_steps", "hires_strength",
@@ -109,6 +109,8 @@ def settings_from_a1111(text: str, image: str) -> tuple[dict, list[str]]:
                             ("Hires steps", "hires_steps", int), ("Refiner switch at", "refiner_start", float)):
         if key in fields:
             settings[name] = number(key, kind)
+    if "Distilled CFG Scale" in fields:  # Forge's FLUX.1 images: what diffcli's --cfg sets on them
+        settings["cfg"] = number("Distilled CFG Scale", float)
     if "Size" in fields:
         match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", fields["Size"])
         if not match:

@@ -247,10 +247,15 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
             if count not in encoded:
                 encoded[count] = prompts.pipeline_inputs(pipe, rows)
             call_kwargs = dict(call_kwargs, **encoded[count])
-        else:
-            negatives = [each.negative for each in rows]
-            call_kwargs = dict(call_kwargs, prompt=[each.text for each in rows],
-                               negative_prompt=negatives if any(negatives) else None)
+        else:  # the strings, without <lora:> tags (they chose the adapters)
+            negatives = [prompts.strip_extra_networks(each.negative) for each in rows] if style.negative_prompt else []
+            call_kwargs = dict(call_kwargs, prompt=[prompts.strip_extra_networks(each.text) for each in rows])
+            if any(negatives):
+                call_kwargs["negative_prompt"] = negatives
+            if style.clip_skip and (one.clip_skip or 1) > 1:
+                call_kwargs["clip_skip"] = one.clip_skip - 1  # diffusers counts layers skipped, A1111 the layer used
+        if style.size and "image" in call_kwargs and "width" not in call_kwargs:  # the input's size, not the native
+            call_kwargs.update(width=call_kwargs["image"].width, height=call_kwargs["image"].height)
         if style.repeat_image:
             call_kwargs["image"] = [call_kwargs["image"]] * count
         if style.step_end_callback:

@@ -13,7 +13,7 @@ def compile_cache_dir() -> Path:
 
 
 def optimize_cuda(pipe) -> list[str]:
-    """channels_last, fused QKV projections, and the U-Net and VAE decoder compiled with CUDA graphs.
+    """channels_last, fused QKV projections, and the U-Net (or transformer) and VAE decoder compiled with CUDA graphs.
 
     Follows diffusers' "accelerate inference of text-to-image diffusion models" recipe; returns what was applied.
     """
@@ -28,15 +28,16 @@ def optimize_cuda(pipe) -> list[str]:
     inductor.epilogue_fusion = False
     inductor.coordinate_descent_check_all_directions = True
     applied = ["channels_last"]
-    pipe.unet.to(memory_format=torch.channels_last)
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"  # SD3 and FLUX.1: a transformer
+    getattr(pipe, name).to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     if hasattr(pipe, "fuse_qkv_projections"):
         pipe.fuse_qkv_projections()
         applied.append("fused_qkv")
     # fullgraph=False: a graph break costs speed instead of failing the run (not yet measured on a GPU, see docs/performance.md)
-    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+    setattr(pipe, name, torch.compile(getattr(pipe, name), mode="reduce-overhead"))
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead")
-    applied.append("torch.compile(unet, vae.decode, cuda graphs)")
+    applied.append(f"torch.compile({name}, vae.decode, cuda graphs)")
     return applied
 
 

@@ -17,6 +17,9 @@ from diffcli import weights
 from diffcli.errors import ModelError, first_line
 
 DECODER_IN = "decoder.conv_in.weight"  # (channels, latent channels, 3, 3) in both layouts: tells a VAE's latent width
+QUANT_CONV = "quant_conv.weight"  # SD 1.x/2.x/XL VAEs have it; SD3's and FLUX.1's (use_quant_conv false) have none
+# The latent layouts by quant conv, for the message refusing a VAE of another one.
+LAYOUTS = {True: "the SD 1.x/2.x/XL layout (quant convs)", False: "the SD3/FLUX.1 layout (no quant convs)"}
 FILE_PREFIXES = ("", "first_stage_model.", "vae.")  # a VAE alone, or the VAE inside a full checkpoint
 
 
@@ -48,20 +51,25 @@ def resolve(value: str, spec, allow_pickle: bool) -> VaeSpec:
                              "(save_pretrained), or a single .safetensors file")
         weights.check_folder(folder, "--vae", allow_pickle)
         vae = VaeSpec("folder", str(path), value, subfolder=subfolder)
-        channels = _config_channels(folder / "config.json")
+        channels, quant = _config_channels(folder / "config.json"), _config_quant(folder / "config.json")
     elif path.is_file():
         fmt = weights.check(path, "--vae", allow_pickle)
         vae = VaeSpec("single_file", str(path), value, fmt=fmt, config_dir=str(model_config))
         channels = _file_channels(path) if fmt == weights.SAFETENSORS else None  # a pickle's shapes show when it loads
+        quant = _file_quant(path) if fmt == weights.SAFETENSORS else None
     elif value.lower().endswith(weights.WEIGHT_SUFFIXES) or value.startswith((".", "/", "~")) or not HUB_ID.match(value):
         raise ModelError(f"--vae {value!r}: no such file or folder", "give a VAE .safetensors file, a diffusers folder or a Hub id")
     else:
         vae, config = _from_hub(value)
-        channels = _config_channels(config)
+        channels, quant = _config_channels(config), _config_quant(config)
     own = _config_channels(model_config / "config.json")
     if channels is not None and channels != own:
         raise ModelError(f"--vae {value!r} has {channels} latent channels, the model {spec.name!r} has {own}",
                          "use a VAE made for this model family")
+    own_quant = _config_quant(model_config / "config.json")
+    if quant is not None and quant != own_quant:
+        raise ModelError(f"--vae: the model {spec.name!r} needs a VAE of {LAYOUTS[own_quant]}, got {value!r} of "
+                         f"{LAYOUTS[quant]}", "use a VAE made for this model family")
     return vae
 
 
@@ -86,6 +94,19 @@ def _config_channels(path: Path) -> int:
     from diffcli.models import read_json
 
     return int(read_json(Path(path)).get("latent_channels", 4))
+
+
+def _config_quant(path: Path) -> bool:
+    """Whether a VAE config has quant convs (the SD layout; diffusers' default when it does not say)."""
+    from diffcli.models import read_json
+
+    return bool(read_json(Path(path)).get("use_quant_conv", True))
+
+
+def _file_quant(path: Path) -> bool:
+    """Whether a safetensors VAE has quant convs (the SD layout), from its header."""
+    header = weights.read_safetensors_header(path)
+    return any(prefix + QUANT_CONV in header for prefix in FILE_PREFIXES)
 
 
 def _file_channels(path: Path) -> int:

@@ -13,7 +13,8 @@ from diffcli.errors import ModelError, UsageError
 from diffcli.models import BUNDLED_DIR, ModelSpec
 
 # Recorded in image metadata as model_family: a rename breaks every image made before it.
-NAMES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd-refiner", "sd-x4-upscaler", "sd-latent-upscaler")
+NAMES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd-refiner", "sd-x4-upscaler", "sd-latent-upscaler", "sd3", "flux",
+         "flux-fill")
 ENTRIES = list(families.FAMILIES.values())
 
 
@@ -48,6 +49,12 @@ def test_entry_is_complete(family):
     assert family.task_hint is None or set(family.pipelines) != set(families.TASKS)
     assert family.img2img == ("img2img" in family.pipelines) and family.inpaint == ("inpaint" in family.pipelines)
     assert family.takes_refiner == bool(family.refiners)
+    assert family.denoiser in families.DENOISERS and family.guidance in families.GUIDANCE
+    assert all(v.guidance in (None, *families.GUIDANCE) and "steps" in v.defaults for v in family.variants)
+    assert not family.variants or not family.variants[-1].when  # the last variant takes the family's other models
+    if family.denoiser == "transformer":  # what needs a U-Net is not declared for it
+        assert not family.refiners and not family.single_file and family.flow_match
+        assert all(not style.prompt_embeds for style in family.call_styles.values())
 
 
 def test_one_call_style_per_pipeline_class():
@@ -129,16 +136,21 @@ NO_TEXT = {"text_encoder": [None, None]}
     ({"_class_name": "StableDiffusionXLImg2ImgPipeline", **NO_TEXT}, {}, "sdxl"),
     ({"_class_name": "StableDiffusionUpscalePipeline"}, {}, "sd-x4-upscaler"),
     ({"_class_name": "StableDiffusionLatentUpscalePipeline"}, {}, "sd-latent-upscaler"),
+    ({"_class_name": "StableDiffusion3Pipeline"}, {"qk_norm": "rms_norm"}, "sd3"),
+    ({"_class_name": "StableDiffusion3InpaintPipeline"}, {}, "sd3"),
+    ({"_class_name": "FluxPipeline"}, {"guidance_embeds": True}, "flux"),
+    ({"_class_name": "FluxImg2ImgPipeline"}, {}, "flux"),
+    ({"_class_name": "FluxFillPipeline"}, {"in_channels": 384}, "flux-fill"),
 ])
 def test_detect(index, unet, expected):
     assert families.detect(index, unet) == expected
 
 
-@pytest.mark.parametrize("class_name", ["KandinskyPipeline", "FluxPipeline", ""])
+@pytest.mark.parametrize("class_name", ["KandinskyPipeline", "FluxKontextPipeline", "StableDiffusion3ControlNetPipeline", ""])
 def test_detect_refuses_other_pipelines(class_name):
     with pytest.raises(ModelError, match=f"unsupported pipeline class '{class_name}'") as err:
         families.detect({**SD_INDEX, "_class_name": class_name}, {})
-    assert "Stable Diffusion 1.x, 2.x and XL" in err.value.hint
+    assert "Stable Diffusion 1.x, 2.x, XL and 3.x, and FLUX.1" in err.value.hint
 
 
 @pytest.mark.parametrize("name, expected", [("tiny-shapes", "sd1"), ("tiny-shapes-refiner", "sd-refiner"),
@@ -146,6 +158,15 @@ def test_detect_refuses_other_pipelines(class_name):
 def test_bundled_models(name, expected):
     folder = BUNDLED_DIR / name
     assert families.detect(read(folder, "model_index.json"), read(folder, "unet/config.json")) == expected
+
+
+@pytest.mark.parametrize("family, denoiser, expected", [
+    ("flux", {"guidance_embeds": True}, "dev"), ("flux", {"guidance_embeds": False}, "schnell"), ("flux", {}, "schnell"),
+    ("sd3", {"qk_norm": "rms_norm"}, "sd3.5"), ("sd3", {"qk_norm": None}, "sd3"), ("sdxl", {}, None),
+])
+def test_variants(family, denoiser, expected):
+    variant = families.variant(family, denoiser)
+    assert (variant.name if variant else None) == expected
 
 
 # -- lookups ---------------------------------------------------------------------------------------------
@@ -189,6 +210,6 @@ def test_pipeline_refuses_a_task_the_family_lacks():
 
 @pytest.mark.parametrize("call", [families.get, families.refiners_of, lambda n: families.pipeline_class(n, "txt2img")])
 def test_unknown_family(call):
-    with pytest.raises(ModelError, match="unknown model family 'sd3'") as err:
-        call("sd3")
+    with pytest.raises(ModelError, match="unknown model family 'sd9'") as err:
+        call("sd9")
     assert "sd1" in err.value.hint

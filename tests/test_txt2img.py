@@ -41,7 +41,7 @@ def test_same_seed_same_image_and_batch_equals_single(cli, tiny_model):
     assert not np.array_equal(pixels("b-10.png"), pixels("b-11.png"))
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(name for name, entry in SCHEDULERS.items() if not entry.flow_match))
 def test_every_scheduler_runs(cli, tiny_model, name):
     result = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "1", "--scheduler", name, "--json", *FAST)
     assert result.exit_code == 0, result.stderr
@@ -246,5 +246,5 @@ def test_deep_cache_reuses_features_between_full_steps_only(cli, tiny_model):
     from diffcli import pipeline  # the hooks are gone after the run: the cached pipeline is plain again
 
     for loaded in pipeline._CACHE.values():
-        for pipe in loaded.values():
-            assert "forward" not in vars(pipe.unet.mid_block)
+        for pipe in loaded.values():  # (the U-Net ones: SD3/FLUX.1 pipelines other tests loaded have none)
+            assert getattr(pipe, "unet", None) is None or "forward" not in vars(pipe.unet.mid_block)

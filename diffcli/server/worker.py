@@ -75,7 +75,7 @@ class Progress:
 class Broker:
     """`submit(plans)` -> Task; one worker thread per device takes tasks from a queue of at most `queue_size`."""
 
-    def __init__(self, devices: list[str], queue_size: int, keep_models: int, preview=None):
+    def __init__(self, devices: list[str], queue_size: int, keep_models: int):
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.keep_models = keep_models
         self.draining = False

@@ -1,0 +1,73 @@
+"""What a model's family supports, checked against a job before any weights load: one exit-2 line for a setting the
+family cannot honour, one warning line for a setting it reads otherwise (families.py declares what each supports)."""
+
+from __future__ import annotations
+
+from diffcli import families, prompts
+from diffcli.errors import UsageError
+
+LATENT_FILLS = ("latent-noise", "latent-nothing")  # masked.py's modes: they noise latents with scheduler.add_noise
+# What to do instead of a U-Net-only setting on a transformer model (SD3, FLUX.1).
+UNET_ONLY_HINTS = {
+    "--hires": "generate at the size you want with --width/--height",
+    "--refiner": "leave --refiner out",
+    "--deep-cache": "leave --deep-cache out",
+    "--variation-seed": "vary --seed instead",
+}
+
+
+def check(job, spec, scheduler: str | None, adapters) -> list[str]:
+    """Refuse (UsageError) what the family of `spec` cannot do for `job`, with `scheduler` (a table name or None) and
+    the resolved `adapters`; return the warning lines for what it reads otherwise."""
+    family = families.get(spec.family)
+    if scheduler:
+        from diffcli.pipeline import check_scheduler, normalize_scheduler_name
+
+        check_scheduler(normalize_scheduler_name(scheduler), spec)
+    if family.denoiser != "unet":
+        _unet_only(job, spec)
+    fill = getattr(job.inputs, "fill", None)
+    if family.flow_match and fill in LATENT_FILLS:
+        raise UsageError(f"--fill: {spec.name!r} ({spec.family}) is a flow-matching model, whose scheduler cannot noise "
+                         f"latents as the latent fills need, got {fill}", "use --fill original or fill")
+    style = families.call_style(family.pipelines.get(job.task, ""))
+    return [] if style.prompt_embeds else _own_prompts(job, spec, style, adapters)
+
+
+def _unet_only(job, spec) -> None:
+    """Refuse the settings that work on a U-Net only (second passes, DeepCache's hooks, variation noise's layout)."""
+    from diffcli import refiner
+
+    used = {"--hires": job.second.hires, "--refiner": refiner.active(job.second), "--deep-cache": job.model.deep_cache,
+            "--variation-seed": job.sampling.variation_seed is not None}
+    for flag, value in used.items():
+        if value:
+            raise UsageError(f"{flag}: works with U-Net models (SD 1.x, 2.x, XL) only, got {spec.name!r} "
+                             f"({spec.family}, a transformer)", UNET_ONLY_HINTS[flag])
+
+
+def _own_prompts(job, spec, style, adapters) -> list[str]:
+    """A pipeline that encodes the prompt strings itself: no embeddings, --clip-skip only where it takes one; warnings
+    for attention brackets it reads as text, a negative prompt it ignores, and a --cfg it does not use."""
+    prompt, family = job.prompt, spec.family
+    if adapters.embeddings:
+        raise UsageError(f"--embedding: textual inversion works with the CLIP prompts diffcli encodes (SD 1.x, 2.x, XL), "
+                         f"got {spec.name!r} ({family}) for {adapters.embeddings[0][1]}", "leave --embedding out")
+    if (prompt.clip_skip or 1) > 1 and not style.clip_skip:
+        raise UsageError(f"--clip-skip: {spec.name!r} ({family}) takes no CLIP skip, got {prompt.clip_skip}",
+                         "leave --clip-skip out")
+    warnings = []
+    if prompt.weighting and any(_weighted(text) for text in (prompt.text, prompt.negative)):
+        warnings.append(f"{family} models read attention brackets like (word:1.2) and BREAK as plain text: their "
+                        "pipeline encodes the prompt itself (--no-weighting silences this)")
+    if not style.negative_prompt and prompt.negative.strip():
+        warnings.append(f"--negative has no effect on {family} models: diffcli runs them without true CFG")
+    cfg = job.sampling.cfg
+    if spec.guidance == "none" and cfg:
+        warnings.append(f"--cfg {cfg:g} has no effect on {spec.name}: it takes no guidance (as FLUX.1 schnell)")
+    return warnings
+
+
+def _weighted(text: str) -> bool:
+    """Whether A1111 attention syntax changes the weight of some of `text` (or BREAKs it)."""
+    return any(weight != 1.0 for _, weight in prompts.parse_weights(prompts.strip_extra_networks(text)))
