@@ -142,6 +142,14 @@ def serve(**values) -> None:
     run_server(ServeOptions(**values))
 
 
+@declare.command(app, "preprocess", flags.PREPROCESS, "Make a ControlNet control map from an image (canny edges, "
+                 "scribble, threshold, lineart, tile...) and write it, to inspect or to reuse as a map.")
+def preprocess(**values) -> None:
+    from diffcli.control import preprocess as make_map
+
+    make_map(**values)
+
+
 @app.command(name="eval")
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="A tiny-shapes style model (bundled name or folder).")] = "tiny-shapes",

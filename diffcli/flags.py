@@ -244,3 +244,19 @@ SERVE = {  # `diffcli serve`: the server's command line is the only source of tr
     "allow_pickle": replace(RUNTIME["allow_pickle"], help="Also offer .ckpt/.bin files of --models-dir (unsafe for "
                             "untrusted files)."),
 }
+
+
+PREPROCESS = {  # `diffcli preprocess`: a control map for ControlNet; types and parameters are diffcli.control's
+    "image": Flag("image", (), str, None, "Input image (PNG, JPEG, WebP...; EXIF orientation applied)."),
+    "type": Flag("type", ("--type", "-t"), str, "canny", "The map: canny[:low=100,high=200], "
+                 "scribble[:level=32,thicken=1], threshold[:level=127], lineart[:sigma=6], tile[:factor=2], "
+                 "blur[:sigma=9], none; with controlnet_aux and weights in $DIFFCLI_ANNOTATORS: depth, openpose, "
+                 "normal, mlsd, hed, softedge, lineart_anime.", metavar="TYPE[:KEY=VALUE,...]"),
+    "out": Flag("out", ("--out", "-o"), str, None, "A .png file (lossless) or a folder. Default: "
+                "outputs/<image stem>-<type>.png."),
+    "overwrite": OUTPUT["overwrite"],
+    "allow_pickle": replace(RUNTIME["allow_pickle"], help="Allow the model-based types, whose annotator weights "
+                            "(.pth) are pickles; only for files you trust."),
+    "as_json": replace(REPORTING["as_json"], help="One JSON object on stdout (path, type, parameters, size) "
+                       "instead of the path."),
+}

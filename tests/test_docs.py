@@ -40,6 +40,7 @@ SECTIONS = {
     "schedulers": ["## Other commands and global flags"],
     "info": ["## Other commands and global flags"],
     "serve": ["## Server and client"],
+    "preprocess": ["## Control maps"],
 }
 # `--flags` the documents mention that are not diffcli's, each with its tool.
 FOREIGN = {

@@ -116,7 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
         task, folder = start(command, dict(values, model=entry.name))
         started = time.strftime("%Y%m%d%H%M%S")
         images = collect(task, folder)
-        records = [event[4] for event in images]
+        records = [{key: value for key, value in event[4].items() if key != "timings"} for event in images]
         return {"images": [base64.b64encode(event[3]).decode() for event in images], "parameters": body,
                 "info": a1111.info(records, values, started, entry.name)}
 

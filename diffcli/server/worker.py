@@ -165,10 +165,10 @@ class Broker:
             task.skip = False
             try:
                 for _, index, image, meta in run.images([part], on_step=on_step):
-                    meta.pop("timings")
+                    timings = meta.pop("timings")  # the client's --json reports them; the file does not keep them
                     record = run.image_record(plan, start + index, meta)
                     task.events.put(("image", number, start + index, output.encode_image(image, Path("image.png"), record),
-                                     record))
+                                     dict(record, timings=timings)))
             except _Stop as stop:
                 if not stop.skip:
                     break
