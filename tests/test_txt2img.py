@@ -187,11 +187,12 @@ def test_help_imports_no_heavy_library():
     code = (
         "import sys\n"
         "from diffcli.cli import main\n"
-        "for command in ('txt2img', 'img2img', 'inpaint', 'outpaint', 'upscale', 'batch', 'bench', 'eval', 'schedulers', 'info'):\n"
+        "for command in ('txt2img', 'img2img', 'inpaint', 'outpaint', 'upscale', 'batch', 'bench', 'eval', 'schedulers', 'info',\n"
+        "                'serve', 'preprocess'):\n"
         "    assert main([command, '--help']) == 0, command\n"
         "for args in (['--help'], ['--version']):\n"
         "    assert main(args) == 0, args\n"
-        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'fastapi', 'uvicorn', 'numpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     import subprocess
