@@ -270,7 +270,7 @@ def output_path(out: str | None, image: str, name: str, overwrite: bool) -> Path
     """--out as a .png file or a folder (existing, or ending in /); default outputs/STEM-TYPE.png; PNG only, as a
     map's edges must survive exactly; an existing file is refused here, before any work, unless `overwrite`."""
     from diffcli.options import check_path
-    from diffcli.output import DEFAULT_DIR
+    from diffcli.output import DEFAULT_DIR, check_paths
 
     if out:
         check_path("--out", out)
@@ -280,10 +280,7 @@ def output_path(out: str | None, image: str, name: str, overwrite: bool) -> Path
     if path.suffix.lower() != ".png":
         raise UsageError(f"--out: a control map is written as PNG, got {path.suffix or '(no suffix)'!r}",
                          "name a .png file (lossless: a map's edges stay exact) or a folder")
-    if path.is_dir():
-        raise UsageError(f"--out: {path} is a folder, not a file")
-    if path.exists() and not overwrite:
-        raise UsageError(f"--out: {path} already exists", "pass --overwrite to replace it")
+    check_paths([path], overwrite)  # as an image's: not a folder, no silent overwrite, a writable folder
     return path
 
 

@@ -81,7 +81,7 @@ def plan_paths(out: str | None, seeds: list[int], fields: dict, overwrite: bool,
     folder = Path(_render(template, dict(fields, index=0, seed=seeds[0], number=1))).parent
     start = next_index(folder) + index_offset if "{index" in template else 0  # offset: earlier jobs of the same run
     paths = [Path(_render(template, dict(fields, index=start + i, seed=s, number=i + 1))) for i, s in enumerate(seeds)]
-    _check_paths(paths, overwrite)
+    check_paths(paths, overwrite)
     return paths
 
 
@@ -119,7 +119,7 @@ def _render(template: str, fields: dict) -> str:
         raise UsageError(f"--out {template!r}: {exc}") from None
 
 
-def _check_paths(paths: list[Path], overwrite: bool) -> None:
+def check_paths(paths: list[Path], overwrite: bool) -> None:
     """No duplicate names, no silent overwrite, and a writable parent folder."""
     if len(set(paths)) != len(paths):
         raise UsageError("--out template gives several images the same name", "add {index} or {seed} to it")

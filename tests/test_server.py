@@ -241,19 +241,29 @@ def test_a_failed_job_answers_with_an_error_and_the_server_keeps_serving(server,
     assert status == 200
 
 
-def test_progress_preview_and_interrupt(server):
-    api = api_of(server)
+def in_background(url: str, body: dict):
+    """POST body to txt2img in a thread; (thread, results): results["r"] is (status, answer) once it ends."""
     results = {}
-    worker = threading.Thread(target=lambda: results.setdefault("r", post(server, "/sdapi/v1/txt2img", {
-        "prompt": "a circle", "seed": 1, "steps": 120, "n_iter": 3, "width": 128, "height": 128})))
+    worker = threading.Thread(target=lambda: results.setdefault("r", post(url, "/sdapi/v1/txt2img", body)))
     worker.start()
-    seen = None
+    return worker, results
+
+
+def progress_when(api, ready) -> dict | None:
+    """The first /progress answer `ready` accepts, polled for up to 30 s (None: never)."""
     for _ in range(600):
         state = api.get_progress()
-        if state["state"]["sampling_step"] > 1:
-            seen = state
-            break
+        if ready(state["state"]):
+            return state
         time.sleep(0.05)
+    return None
+
+
+def test_progress_preview_and_interrupt(server):
+    api = api_of(server)
+    worker, results = in_background(server, {"prompt": "a circle", "seed": 1, "steps": 120, "n_iter": 3, "width": 128,
+                                             "height": 128})
+    seen = progress_when(api, lambda state: state["sampling_step"] > 1)
     assert seen is not None and 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 120
     assert seen["current_image"] is not None and Image.open(io.BytesIO(base64.b64decode(seen["current_image"]))).size == (16, 16)
     api.interrupt()
@@ -329,15 +339,9 @@ def test_client_batch_names_ids_and_resume_like_a_local_batch(server, cli, isola
 
 def test_skip_moves_on_to_the_next_image(server):
     api = api_of(server)
-    results = {}
-    worker = threading.Thread(target=lambda: results.setdefault("r", post(server, "/sdapi/v1/txt2img", {
-        "prompt": "a circle", "seed": 1, "steps": 60, "n_iter": 2, "width": 128, "height": 128})))
-    worker.start()
-    for _ in range(600):
-        state = api.get_progress()["state"]
-        if state["sampling_step"] > 1 and state["job_no"] == 0:
-            break
-        time.sleep(0.05)
+    worker, results = in_background(server, {"prompt": "a circle", "seed": 1, "steps": 60, "n_iter": 2, "width": 128,
+                                             "height": 128})
+    assert progress_when(api, lambda state: state["sampling_step"] > 1 and state["job_no"] == 0)
     api.skip()
     worker.join(120)
     status, answer = results["r"]
@@ -449,15 +453,8 @@ def test_sigterm_finishes_the_running_job_and_exits_0(isolated):
                 break
             except OSError:
                 time.sleep(0.1)
-        results = {}
-        worker = threading.Thread(target=lambda: results.setdefault("r", post(url, "/sdapi/v1/txt2img", {
-            "prompt": "a circle", "seed": 1, "steps": 60, "width": 128, "height": 128})))
-        worker.start()
-        api = api_of(url)
-        for _ in range(600):
-            if api.get_progress()["state"]["sampling_step"] > 0:
-                break
-            time.sleep(0.05)
+        worker, results = in_background(url, {"prompt": "a circle", "seed": 1, "steps": 60, "width": 128, "height": 128})
+        assert progress_when(api_of(url), lambda state: state["sampling_step"] > 0)
         process.send_signal(signal.SIGTERM)
         worker.join(120)
         assert process.wait(120) == 0
