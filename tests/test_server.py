@@ -465,3 +465,24 @@ def test_sigterm_finishes_the_running_job_and_exits_0(isolated):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_pickle_files_are_offered_and_trusted_only_with_the_servers_allow_pickle(tmp_path):
+    """--allow-pickle of `diffcli serve` (its command line) lists a models folder's .ckpt files and lets requests
+    load them; without it they are neither listed nor loadable; a request can never set it."""
+    from diffcli.server import intake
+    from diffcli.server.catalog import Catalog
+
+    (tmp_path / "old.ckpt").write_bytes(b"\x80\x04not really")
+    (tmp_path / "new.safetensors").write_bytes(b"")
+    link_target = tmp_path.parent / f"{tmp_path.name}-outside.safetensors"
+    link_target.write_bytes(b"")
+    (tmp_path / "escape.safetensors").symlink_to(link_target)
+    assert {"new.safetensors"} <= set(Catalog(None, str(tmp_path)).entries) and "old.ckpt" not in Catalog(None, str(tmp_path)).entries
+    assert "escape.safetensors" not in Catalog(None, str(tmp_path)).entries  # a link out of the folder
+    trusting = Catalog(None, str(tmp_path), allow_pickle=True)
+    assert "old.ckpt" in trusting.entries
+    for allow in (False, True):
+        served = intake.Served(trusting, intake.Limits(), allow_pickle=allow)
+        job = intake.build("txt2img", {"prompt": "x", "model": "old.ckpt"}, served, tmp_path)[0]
+        assert job.model.allow_pickle is allow and job.model.name == str(tmp_path / "old.ckpt")

@@ -105,8 +105,9 @@ def build(options: ServeOptions, users: dict[str, str]):
 
         check_path("--lora-dir", options.lora_dir)
     limits = intake.Limits(options.max_steps, options.max_pixels, options.max_images, options.max_body_mb)
+    served = intake.Served(catalog, limits, options.lora_dir, options.threads, options.allow_pickle)
     broker = Broker(devices_of(options.devices), options.queue, options.keep_models)
-    settings = Settings(catalog, broker, limits, options.lora_dir, users, options.threads)
+    settings = Settings(served, broker, users)
     if options.preload:
         preload(settings)
     return create_app(settings), broker
@@ -120,10 +121,12 @@ def preload(settings) -> None:
     from diffcli.pipeline import load_for_job
     from diffcli.plan import plan_job
 
+    served = settings.served
     for device in settings.broker.progress:
         with tempfile.TemporaryDirectory(prefix="diffcli-preload-") as folder:  # paths are planned, nothing written
-            job = jobs.build("txt2img", {"prompt": "warm-up", "model": settings.catalog.default.spec, "seed": 0,
-                                         "out": folder, "device": device, "threads": settings.threads})[0]
+            job = jobs.build("txt2img", {"prompt": "warm-up", "model": served.catalog.default.spec, "seed": 0,
+                                         "out": folder, "device": device, "threads": served.threads,
+                                         "allow_pickle": served.allow_pickle})[0]
             plan = plan_job(job)
         load_for_job(plan.spec, "txt2img", plan.job.model, plan.scheduler)
 
@@ -153,7 +156,7 @@ def serve(options: ServeOptions) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=None)
-    print(f"diffcli serve: http://{options.host}:{options.port} (model {app.state.settings.catalog.default.name}, "
+    print(f"diffcli serve: http://{options.host}:{options.port} (model {app.state.settings.served.catalog.default.name}, "
           f"workers {', '.join(broker.progress)}, queue {options.queue}"
           f"{', auth on' if users else ''}); Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its graceful shutdown

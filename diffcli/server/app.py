@@ -20,7 +20,6 @@ from starlette.concurrency import run_in_threadpool
 from diffcli import __version__
 from diffcli.errors import DiffcliError, UsageError
 from diffcli.server import a1111, intake
-from diffcli.server.catalog import Catalog
 from diffcli.server.worker import Broker, Busy
 
 RETRY_AFTER_S = 5  # what a 503 asks the client to wait
@@ -30,12 +29,9 @@ RETRY_AFTER_S = 5  # what a 503 asks the client to wait
 class Settings:
     """What `diffcli serve` was started with (its command line: the only source of trust)."""
 
-    catalog: Catalog
+    served: intake.Served  # what every request is built with
     broker: Broker
-    limits: intake.Limits = field(default_factory=intake.Limits)
-    lora_dir: str | None = None
     users: dict[str, str] = field(default_factory=dict)  # --api-auth user -> password; empty: no auth
-    threads: int | None = None
 
 
 def _error(status: int, exc: Exception, folder: Path | None = None) -> JSONResponse:
@@ -60,7 +56,8 @@ def _status(exc: Exception) -> int:
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="diffcli", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
-    limits, broker, catalog = settings.limits, settings.broker, settings.catalog
+    served, broker = settings.served, settings.broker
+    limits, catalog = served.limits, served.catalog
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -91,7 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Plans of a request (all checks), then queued: (task, folder); the folder holds its decoded images."""
         folder = Path(tempfile.mkdtemp(prefix="diffcli-request-"))
         try:
-            made = intake.build(command, values, catalog, folder, limits, settings.lora_dir, settings.threads)
+            made = intake.build(command, values, served, folder)
             task = broker.submit(intake.plan(made, limits))
         except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
@@ -272,7 +269,7 @@ def create_app(settings: Settings) -> FastAPI:
     def plan_only(command: str, values: dict) -> dict:
         folder = Path(tempfile.mkdtemp(prefix="diffcli-request-"))
         try:
-            made = intake.build(command, values, catalog, folder, limits, settings.lora_dir, settings.threads)
+            made = intake.build(command, values, served, folder)
             plans = intake.plan(made, limits)
         except DiffcliError as exc:
             exc.message = intake.public(exc.message, folder)

@@ -27,6 +27,7 @@ class Catalog:
         from diffcli.models import DEFAULT_MODEL, bundled_models
 
         self.entries: dict[str, Entry] = {name: Entry(name, name) for name in bundled_models()}
+        self.allow_pickle = allow_pickle
         self.models_dir = Path(models_dir).resolve() if models_dir else None
         if self.models_dir is not None:
             if not self.models_dir.is_dir():
@@ -64,7 +65,7 @@ class Catalog:
         from diffcli.models import resolve_model
 
         try:
-            return hashes.model_hash(resolve_model(entry.spec))
+            return hashes.model_hash(resolve_model(entry.spec, allow_pickle=self.allow_pickle))
         except UsageError:
             return "unknown"
 

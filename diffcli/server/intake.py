@@ -41,6 +41,17 @@ class Limits:
     max_body_mb: float = 64.0  # request body, base64 images included
 
 
+@dataclass
+class Served:
+    """What the server's command line gives every request: its models, limits, LoRA folder, threads and trust."""
+
+    catalog: object  # catalog.Catalog
+    limits: Limits
+    lora_dir: str | None = None
+    threads: int | None = None
+    allow_pickle: bool = False  # --allow-pickle of `diffcli serve`: its catalog's pickle files load, nothing else
+
+
 def decode_image(data, field: str, folder: Path, name: str, limits: Limits) -> str:
     """Base64 image data written to folder/name; its format is judged later, from its bytes, by images.open_image."""
     if not isinstance(data, str) or not data.strip():
@@ -57,10 +68,9 @@ def decode_image(data, field: str, folder: Path, name: str, limits: Limits) -> s
     return str(path)
 
 
-def build(command: str, values: dict, catalog, folder: Path, limits: Limits, lora_dir: str | None,
-          threads: int | None = None) -> list:
-    """The request's Jobs (jobs.build through the batch line conversion): images decoded, names looked up, refused
-    keys refused; `values` keyed by option name or flag spelling, as a batch line."""
+def build(command: str, values: dict, served: Served, folder: Path) -> list:
+    """The request's Jobs (jobs.build through the batch line conversion): images decoded into `folder`, names looked
+    up, refused keys refused; `values` keyed by option name or flag spelling, as a batch line."""
     from diffcli.batch.files import Entry
     from diffcli.batch.lines import TASKS, build_jobs
 
@@ -72,15 +82,16 @@ def build(command: str, values: dict, catalog, folder: Path, limits: Limits, lor
         if name in REFUSED:
             raise UsageError(f"{key!r} cannot be set in a request", REFUSED[name])
         if name in MODEL_KEYS and values[key] is not None:
-            values[key] = catalog.find(values[key], key).spec
+            values[key] = served.catalog.find(values[key], key).spec
         if name in IMAGE_KEYS and values[key] is not None:
-            values[key] = decode_image(values[key], key, folder, f"{name}.img", limits)
+            values[key] = decode_image(values[key], key, folder, f"{name}.img", served.limits)
     if command != "upscale":  # upscale's default is its own (the bundled x4 upscaler)
-        values.setdefault("model", catalog.default.spec)
+        values.setdefault("model", served.catalog.default.spec)
     made = [job for _, job in build_jobs([Entry(1, values, "request")], command, {}, [])]
     for job in made:
         job.output.out, job.output.overwrite = str(folder / "{index}.png"), True  # paths are planned, never written
-        job.adapters.lora_dir, job.model.threads = lora_dir, threads
+        job.adapters.lora_dir, job.model.threads = served.lora_dir, served.threads
+        job.model.allow_pickle = served.allow_pickle
     return made
 
 
