@@ -19,6 +19,7 @@ EXTRAS = {  # import name -> (pip package, extra)
     "dynamicprompts": ("dynamicprompts", "templates"),  # batch: {a|b} and __name__ templates
     "fastapi": ("fastapi", "server"),  # diffcli serve (with uvicorn)
     "uvicorn": ("uvicorn", "server"),
+    "gguf": ("gguf", "gguf"),  # --model FILE.gguf (diffusers' GGUF quantizer reads the file with it)
 }
 
 

@@ -6,12 +6,15 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from diffcli.errors import ModelError, UsageError
+from diffcli.layouts import FLUX_FILE, SD3_FILE, TransformerFile
 
 # The tasks a family names a pipeline class for (outpaint runs the inpaint pipeline, hires the img2img one).
 TASKS = ("txt2img", "img2img", "inpaint", "upscale")
 # What encodes a family's prompts: prompts.encode's CLIP hidden states, or those plus a pooled embedding (SDXL's added
-# conditioning); the pipeline's own CLIP and T5 encoders (SD3: two CLIPs and T5; FLUX.1: CLIP pooled and T5); nothing.
-PROMPT_ENCODERS = ("clip", "clip+clip-pooled", "clip+clip+t5", "clip-pooled+t5", "none")
+# conditioning); the pipeline's own CLIP and T5 encoders (SD3: two CLIPs and T5; FLUX.1: CLIP pooled and T5); the
+# pipeline's own chat-template LLM encoders (Qwen-Image: Qwen2.5-VL's last hidden states; Z-Image: Qwen3's second last);
+# nothing.
+PROMPT_ENCODERS = ("clip", "clip+clip-pooled", "clip+clip+t5", "clip-pooled+t5", "qwen2.5-vl", "qwen3", "none")
 # What --cfg sets: classifier-free guidance with the negative prompt; the guidance a distilled model takes as an input
 # (FLUX.1 dev: one pass per step, no negative prompt); nothing (FLUX.1 schnell is distilled to need no guidance).
 GUIDANCE = ("cfg", "distilled", "none")
@@ -30,6 +33,10 @@ class CallStyle:
     negative_prompt: bool = True  # strings only: it uses the negative prompt; False: FLUX.1 without true CFG ignores it
     clip_skip: bool = False  # strings only: it takes --clip-skip as its own clip_skip (SD3), else it is refused
     size: bool = False  # width/height passed with an input image too: SD3/FLUX img2img resize it to the native size
+    # --cfg is the call's true_cfg_scale and a negative prompt (empty if none) always goes with it, which is what turns
+    # the unconditional pass on (Qwen-Image); its guidance_scale, read by guidance-distilled transformers only, is unset
+    true_cfg: bool = False
+    cfg_off: float | None = None  # strings only: at a --cfg this low it runs no unconditional pass, the negative unread
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Variant:
     defaults: dict  # steps, cfg: as a model folder's diffcli.json says them (that file, when present, wins)
     when: tuple = ()  # (config key, values that tell it) pairs, all must hold; (): the family's other models
     guidance: str | None = None  # one of GUIDANCE, when not the family's
+    base: str | None = None  # Hub id whose text encoders and VAE complete a transformer-only file of it (no --base)
 
     def __post_init__(self):
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -91,9 +99,12 @@ class Family:
     latent_patch: int | None = None  # latent pixels per token side its pipeline packs (FLUX.1: 2x2) whatever the
     # denoiser config says; None: the config's patch_size (SD3), else 1. Sizes are multiples of it x the VAE's factor
     variants: tuple[Variant, ...] = ()  # the first that fits a model gives its defaults; none fits: no defaults
+    controlnet: dict[str, str] = field(default_factory=dict)  # task -> its ControlNet pipeline class (--control)
+    transformer_file: TransformerFile | None = None  # transformer-only files (.safetensors, .gguf) it loads
 
     def __post_init__(self):
         object.__setattr__(self, "pipelines", MappingProxyType(dict(self.pipelines)))
+        object.__setattr__(self, "controlnet", MappingProxyType(dict(self.controlnet)))
         object.__setattr__(self, "call_styles", MappingProxyType(dict(self.call_styles)))
 
     @property
@@ -117,6 +128,10 @@ _SD_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusi
 _SD_STYLES = {"StableDiffusionInpaintPipeline": CallStyle(repeat_image=True)}
 _XL_STYLES = {"StableDiffusionXLInpaintPipeline": CallStyle(repeat_image=True)}
 _SD_REFINERS = ("sd1", "sd2", "sd-refiner")  # SD 1.x/2.x UNets take over inside the base pipeline's loop
+_SD_CONTROL = {"txt2img": "StableDiffusionControlNetPipeline", "img2img": "StableDiffusionControlNetImg2ImgPipeline",
+               "inpaint": "StableDiffusionControlNetInpaintPipeline"}
+_XL_CONTROL = {"txt2img": "StableDiffusionXLControlNetPipeline", "img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+               "inpaint": "StableDiffusionXLControlNetInpaintPipeline"}
 # SD3 and FLUX.1 pipelines encode the prompt strings themselves (CLIP and T5); their img2img resizes its input to the
 # native size unless given a size, and their VAE encodes one input image with the first generator only (as SD's inpaint).
 _SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True)
@@ -126,6 +141,16 @@ _SD3_STYLES = {"StableDiffusion3Pipeline": _SD3_TEXT,
 _FLUX_TEXT = CallStyle(prompt_embeds=False, negative_prompt=False)  # no true CFG (a negative prompt) yet
 _FLUX_IMAGE = replace(_FLUX_TEXT, repeat_image=True, size=True)
 _FLUX_STYLES = {"FluxPipeline": _FLUX_TEXT, "FluxImg2ImgPipeline": _FLUX_IMAGE, "FluxInpaintPipeline": _FLUX_IMAGE}
+# Qwen-Image and Z-Image encode the strings with their own LLM (a chat template around the prompt); their VAE encodes one
+# input image with the first generator only. Qwen-Image's img2img/inpaint resize the input to 1024 unless given a size.
+_QWEN_TEXT = CallStyle(prompt_embeds=False, true_cfg=True, cfg_off=1.0)  # CFG when true_cfg_scale > 1
+_QWEN_STYLES = {"QwenImagePipeline": _QWEN_TEXT,
+                **dict.fromkeys(("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+                                replace(_QWEN_TEXT, repeat_image=True, size=True))}
+_Z_IMAGE_TEXT = CallStyle(prompt_embeds=False, cfg_off=0.0)  # CFG when guidance_scale > 0
+_Z_IMAGE_STYLES = {"ZImagePipeline": _Z_IMAGE_TEXT,
+                   **dict.fromkeys(("ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
+                                   replace(_Z_IMAGE_TEXT, repeat_image=True))}
 
 _ENTRIES = (
     Family(
@@ -137,6 +162,7 @@ _ENTRIES = (
         single_file=SingleFile("cond_stage_model.transformer.", 768, "sd15", config_inpaint="sd15-inpaint"),  # CLIP ViT-L
         refiners=_SD_REFINERS,
         call_styles=_SD_STYLES,
+        controlnet=_SD_CONTROL,
         safety_checker=True,
     ),
     Family(
@@ -149,6 +175,7 @@ _ENTRIES = (
         single_file=SingleFile("cond_stage_model.model.", 1024, "sd2", "sd2-v", "sd2-inpaint"),  # OpenCLIP ViT-H
         refiners=_SD_REFINERS,
         call_styles=_SD_STYLES,
+        controlnet=_SD_CONTROL,
         safety_checker=True,
     ),
     Family(
@@ -162,6 +189,7 @@ _ENTRIES = (
         single_file=SingleFile("conditioner.embedders.1.model.", 2048, "sdxl", config_inpaint="sdxl-inpaint"),
         refiners=("sdxl-refiner", "sdxl"),  # latents handed over with denoising_end / denoising_start
         call_styles=_XL_STYLES,
+        controlnet=_XL_CONTROL,
         low_vram_gib=12.0,
     ),
     Family(
@@ -214,8 +242,10 @@ _ENTRIES = (
         low_vram_gib=24.0,  # SD3.5 Large: an 8B transformer and T5-XXL, about 27 GiB in bf16
         denoiser="transformer",
         flow_match=True,
-        variants=(Variant("sd3.5", {"steps": 28, "cfg": 4.5}, when=(("qk_norm", ("rms_norm",)),)),  # 3.5 added QK norm
-                  Variant("sd3", {"steps": 28, "cfg": 7.0})),  # SD3 Medium's model card
+        variants=(Variant("sd3.5", {"steps": 28, "cfg": 4.5}, when=(("qk_norm", ("rms_norm",)),),  # 3.5 added QK norm
+                          base="stabilityai/stable-diffusion-3.5-large"),
+                  Variant("sd3", {"steps": 28, "cfg": 7.0}, base="stabilityai/stable-diffusion-3-medium-diffusers")),
+        transformer_file=SD3_FILE,
     ),
     Family(
         name="flux",  # FLUX.1 dev and schnell
@@ -230,8 +260,10 @@ _ENTRIES = (
         flow_match=True,
         latent_patch=2,
         # schnell has no guidance embedding: --cfg does nothing (its config says false, or nothing: the class default)
-        variants=(Variant("schnell", {"steps": 4, "cfg": 0.0}, when=(("guidance_embeds", (False, None)),), guidance="none"),
-                  Variant("dev", {"steps": 28, "cfg": 3.5})),
+        variants=(Variant("schnell", {"steps": 4, "cfg": 0.0}, when=(("guidance_embeds", (False, None)),), guidance="none",
+                          base="black-forest-labs/FLUX.1-schnell"),
+                  Variant("dev", {"steps": 28, "cfg": 3.5}, base="black-forest-labs/FLUX.1-dev")),
+        transformer_file=FLUX_FILE,
     ),
     Family(
         name="flux-fill",  # FLUX.1 Fill dev: the masked image and the mask packed beside the latents
@@ -246,7 +278,38 @@ _ENTRIES = (
         guidance="distilled",
         flow_match=True,
         latent_patch=2,
-        variants=(Variant("fill-dev", {"steps": 50, "cfg": 30.0}),),  # its model card
+        variants=(Variant("fill-dev", {"steps": 50, "cfg": 30.0}, base="black-forest-labs/FLUX.1-Fill-dev"),),  # its model card
+        transformer_file=replace(FLUX_FILE, widened=None),
+    ),
+    Family(
+        name="qwen-image",  # Qwen-Image (MMDiT, a Qwen2.5-VL text encoder, a Wan-style VAE)
+        pipelines={"txt2img": "QwenImagePipeline", "img2img": "QwenImageImg2ImgPipeline",
+                   "inpaint": "QwenImageInpaintPipeline"},
+        text_encoders=("text_encoder",),
+        prompt_encoder="qwen2.5-vl",
+        native_size=1328,  # its model card's 1:1 size (diffusers' call defaults to 1024)
+        call_styles=_QWEN_STYLES,
+        low_vram_gib=64.0,  # a 20B transformer (about 41 GiB in bf16) and Qwen2.5-VL 7B (about 16 GiB)
+        denoiser="transformer",
+        flow_match=True,
+        latent_patch=2,  # its pipeline packs 2x2 latents (image_processor's factor: vae_scale_factor * 2)
+        variants=(Variant("qwen-image", {"steps": 50, "cfg": 4.0}),),  # its model card: true_cfg_scale 4.0
+    ),
+    Family(
+        name="z-image",  # Z-Image (single-stream DiT, a Qwen3 text encoder, FLUX.1's VAE)
+        pipelines={"txt2img": "ZImagePipeline", "img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"},
+        text_encoders=("text_encoder",),
+        prompt_encoder="qwen3",
+        native_size=1024,  # its model card and diffusers' call default
+        call_styles=_Z_IMAGE_STYLES,
+        low_vram_gib=24.0,  # a 6B transformer (about 12 GiB in bf16) and Qwen3 4B (about 8 GiB)
+        denoiser="transformer",
+        flow_match=True,
+        latent_patch=2,  # all_patch_size (2,) in its config, which models.py does not read
+        # --cfg is its pipeline's guidance_scale g: it predicts cond + g * (cond - uncond), so 0 runs no unconditional
+        # pass and g is A1111's CFG g + 1. No config tells Turbo from the base model: the family's defaults are Turbo's
+        # (its model card: 9 steps, guidance 0), the model people run; a base model's folder says its own in diffcli.json
+        variants=(Variant("turbo", {"steps": 9, "cfg": 0.0}),),
     ),
 )
 # By name, in the order above (detection of single files and messages list them so).
@@ -310,7 +373,8 @@ def detect(model_index: dict, denoiser: dict) -> str:
         return "sdxl-refiner" if no_text_encoder and "text_encoder_2" in model_index else "sdxl"
     if not pipeline_class.startswith("StableDiffusion") or pipeline_class.startswith("StableDiffusion3"):
         raise ModelError(f"unsupported pipeline class {pipeline_class!r}",
-                         "diffcli runs Stable Diffusion 1.x, 2.x, XL and 3.x, and FLUX.1 (dev, schnell) models")
+                         "diffcli runs Stable Diffusion 1.x, 2.x, XL and 3.x, FLUX.1 (dev, schnell, Fill), Qwen-Image "
+                         "and Z-Image models")
     if no_text_encoder:
         return "sd-refiner"  # a UNet that reads another model's prompt embeddings: only a --refiner
     return "sd2" if denoiser.get("cross_attention_dim") == 1024 else "sd1"  # OpenCLIP ViT-H's width, else CLIP ViT-L

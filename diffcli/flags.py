@@ -52,6 +52,9 @@ MODEL = Flag("model", ("--model", "-m"), str, None, "Bundled name, Hub id, diffu
 RUNTIME = group(
     Flag("model_config", ("--model-config",), str, None, "Diffusers folder describing a non-standard single-file "
          "checkpoint."),
+    Flag("base", ("--base",), str, None, "Diffusers folder or Hub id whose text encoders and VAE complete a "
+         "transformer-only SD3/FLUX.1 file (.safetensors, .gguf); default: the family's official repo.",
+         metavar="REPO_OR_DIR"),
     Flag("vae", ("--vae",), str, None, "Replace the model's VAE (A1111's SD VAE): a .safetensors file, a diffusers "
          "folder or a Hub id."),
     Flag("device", ("--device",), str, "auto", "auto | cuda | cuda:N | mps | cpu.", envvar="DIFFCLI_DEVICE"),
@@ -107,6 +110,13 @@ SECOND_PASSES = group(
     Flag("refiner_start", ("--refiner-start",), float, None, "Fraction of the schedule the base model runs before the "
          "refiner takes over (default 0.8, or the model's own)."),
 )
+CONTROL = group(
+    Flag("control", ("--control",), "texts", None, "ControlNet: TYPE:IMAGE;model=DIR_OR_ID[;weight=1;start=0;end=1;"
+         "resize=crop|fit|stretch;PARAM=V] with TYPE a `diffcli preprocess` type (canny, scribble, none...); "
+         "repeatable (several ControlNets)."),
+    Flag("guess_mode", ("--guess-mode",), bool, False, "The ControlNets see no prompt (A1111's control mode "
+         "\"ControlNet is more important\")."),
+)
 INPUT = Flag("input", (), str, None, "Input image (PNG, JPEG, WebP...; EXIF orientation applied).")
 STRENGTH_HELP = "How much to change the input: 0 keeps it, 1 ignores it."
 IMG2IMG = group(
@@ -158,15 +168,15 @@ IMAGE_COMMON = {**SAMPLING, **PROMPT, **ADAPTERS, "model": MODEL, **RUNTIME, "de
 # The options of each generating command, in --help order: what a batch line of that command may set, too.
 COMMANDS: dict[str, dict[str, Flag]] = {
     "txt2img": {"prompt": prompt_argument("What to draw."), **IMAGE_COMMON, "width": WIDTH, "height": HEIGHT,
-                **VARIATION, **SECOND_PASSES},
+                **VARIATION, **SECOND_PASSES, **CONTROL},
     "img2img": {"input": INPUT, "prompt": prompt_argument("What the result should show."), **IMG2IMG, **IMAGE_COMMON,
-                "width": WIDTH, "height": HEIGHT},
+                "width": WIDTH, "height": HEIGHT, **CONTROL},
     "inpaint": {"input": INPUT, "prompt": prompt_argument("What to paint into the masked area."), **INPAINT,
-                **IMAGE_COMMON, "width": WIDTH},
+                **IMAGE_COMMON, "width": WIDTH, **CONTROL},
     "outpaint": {"input": INPUT, "prompt": prompt_argument("What the new area should show."), **OUTPAINT,
                  **IMAGE_COMMON},
     "upscale": {"input": INPUT, "prompt": prompt_argument("Optional description of the image.", ""), **UPSCALE,
-                **_drop(IMAGE_COMMON, "model", "model_config", "safety_checker", "lora", "lora_dir", "embedding",
+                **_drop(IMAGE_COMMON, "model", "model_config", "base", "safety_checker", "lora", "lora_dir", "embedding",
                         "embedding_dir", "deep_cache", "clip_skip"), "model": UPSCALE_MODEL},
 }
 
@@ -212,7 +222,7 @@ BATCH = {  # batch's own options, then the per-job ones that are defaults for ev
     **{name: COMMANDS["txt2img"][name] for name in ("num_images", "batch_size")},
     "scheduler": Flag("scheduler", ("--scheduler",), str, None, "Sampler by name, A1111 names too (see `diffcli "
                       "schedulers`)."),
-    "model": MODEL, **{name: RUNTIME[name] for name in ("model_config", "device", "dtype", "safety_checker",
+    "model": MODEL, **{name: RUNTIME[name] for name in ("model_config", "base", "device", "dtype", "safety_checker",
                                                               "allow_pickle", "threads", "vae")},
     "out": replace(OUTPUT["out"], help="Folder or template; default outputs/{job:05d}-{seed}-{slug}.png."),
     "overwrite": OUTPUT["overwrite"], **REPORTING, "server": SERVER,
@@ -228,6 +238,8 @@ SERVE = {  # `diffcli serve`: the server's command line is the only source of tr
     "models_dir": Flag("models_dir", ("--models-dir",), str, None, "Folder of models (diffusers folders, .safetensors) "
                        "requests may name; nothing outside it is reachable.", envvar="DIFFCLI_MODELS_DIR"),
     "lora_dir": replace(ADAPTERS["lora_dir"], help="Folder for <lora:name:weight> tags in prompts."),
+    "controlnet_dir": Flag("controlnet_dir", ("--controlnet-dir",), str, None, "Folder of ControlNet folders requests "
+                           "may name (A1111's alwayson_scripts.controlnet, diffcli's --control through --server)."),
     "api_auth": Flag("api_auth", ("--api-auth",), str, None, "HTTP Basic users: user:pass[,user2:pass2].",
                      envvar="DIFFCLI_API_AUTH"),
     "no_auth": Flag("no_auth", ("--no-auth",), bool, False, "Allow a non-loopback --host without --api-auth."),

@@ -33,6 +33,8 @@ def settings_digest(plan) -> str:
     }
     if plan.inputs is not None and plan.inputs.postprocess is not None:  # as diffcli 0.1 wrote inpaint's paste-back, so
         settings["extra"]["postprocess"] = "function"  # that version's inpaint/outpaint batches resume, not redo
+    if spec.base:  # a transformer-only file's base: only then, so other images keep their ids
+        settings["base"] = {"base": spec.base, "revision": spec.revision}
     if plan.vae is not None:  # only then: the ids of images made without --vae stay what they were
         from diffcli import vae
 

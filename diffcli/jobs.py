@@ -40,6 +40,9 @@ class ModelSettings:
 
     name: str | None = None  # --model; None: $DIFFCLI_MODEL, then the bundled model
     config: str | None = None  # --model-config: diffusers folder describing a single-file checkpoint
+    # --base: diffusers folder or Hub id whose text encoders, VAE and scheduler complete a transformer-only --model file
+    # (SD3, FLUX.1 .safetensors or .gguf); None: the registry's default for the file's variant
+    base: str | None = None
     vae: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -74,6 +77,14 @@ class Adapters:
     lora_dir: str | None = None
     embedding: list = field(default_factory=list)  # --embedding FILE[:TOKEN]
     embedding_dir: str | None = None
+
+
+@dataclass
+class Controls:
+    """ControlNet units (--control TYPE:IMAGE;model=...;weight=...), checked and resolved by controlnet.resolve."""
+
+    units: list = field(default_factory=list)  # the --control texts, in order (ControlNet 0, 1, ...)
+    guess_mode: bool = False  # the ControlNets see no prompt (A1111's "ControlNet is more important")
 
 
 @dataclass
@@ -131,6 +142,7 @@ class Job:
     output: Output = field(default_factory=Output)
     second: SecondPasses = field(default_factory=SecondPasses)
     adapters: Adapters = field(default_factory=Adapters)
+    controls: Controls = field(default_factory=Controls)
     inputs: ImageInput | MaskInput | OutpaintInput | UpscaleInput | None = None
 
     @property
@@ -143,12 +155,15 @@ class Job:
         return replace(self, prompt=replace(self.prompt), sampling=replace(self.sampling, **sampling),
                        model=replace(self.model), output=replace(self.output), second=replace(self.second),
                        adapters=replace(self.adapters, lora=list(self.adapters.lora), embedding=list(self.adapters.embedding)),
+                       controls=replace(self.controls, units=list(self.controls.units)),
                        inputs=replace(self.inputs) if self.inputs else None)
 
 
-SECTIONS = {"sampling": Sampling, "model": ModelSettings, "output": Output, "second": SecondPasses, "adapters": Adapters}
+SECTIONS = {"sampling": Sampling, "model": ModelSettings, "output": Output, "second": SecondPasses, "adapters": Adapters,
+            "controls": Controls}
 RENAMED = {"prompt": ("prompt", "text"), "negative": ("prompt", "negative"), "weighting": ("prompt", "weighting"),
-           "clip_skip": ("prompt", "clip_skip"), "model": ("model", "name"), "model_config": ("model", "config")}
+           "clip_skip": ("prompt", "clip_skip"), "model": ("model", "name"), "model_config": ("model", "config"),
+           "control": ("controls", "units")}
 
 
 def build(command: str, values: dict) -> list[Job]:
@@ -177,9 +192,10 @@ def build(command: str, values: dict) -> list[Job]:
 
 def _places(command: str) -> dict[str, tuple[str, str]]:
     """Option name -> (section, attribute) of a command's Job."""
-    places = dict(RENAMED)
+    places, renamed = dict(RENAMED), set(RENAMED.values())
     for section, cls in SECTIONS.items():
-        places.update({f.name: (section, f.name) for f in fields(cls) if f.name not in places})
+        places.update({f.name: (section, f.name) for f in fields(cls)
+                       if f.name not in places and (section, f.name) not in renamed})
     if command in INPUTS:
         places.update({f.name: ("inputs", f.name) for f in fields(INPUTS[command])})
     return places
@@ -196,7 +212,8 @@ def record(job: Job) -> dict:
     prompt, sampling, second, adapters, inputs = job.prompt, job.sampling, job.second, job.adapters, job.inputs
     out = {"weighting": prompt.weighting}
     optional = {"clip_skip": prompt.clip_skip, "deep_cache": job.model.deep_cache, "vae": job.model.vae,
-                "lora_dir": adapters.lora_dir, "embedding_dir": adapters.embedding_dir, "prompt_sr": sampling.prompt_sr}
+                "base": job.model.base, "lora_dir": adapters.lora_dir, "embedding_dir": adapters.embedding_dir,
+                "prompt_sr": sampling.prompt_sr}
     if sampling.variation_seed is not None:
         optional.update(variation_seed=sampling.variation_seed, variation_strength=sampling.variation_strength)
     if second.hires:

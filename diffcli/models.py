@@ -35,6 +35,7 @@ class ModelSpec:
     defaults: dict = field(default_factory=dict, compare=False, hash=False)  # bundled recommendations
     revision: str | None = None  # a Hub model's snapshot (commit) in the cache
     guidance: str = "cfg"  # what --cfg sets (families.GUIDANCE): the family's, or its variant's
+    base: str | None = None  # a transformer-only file's --base (folder or Hub id): its text encoders, VAE, scheduler
 
 
 def bundled_models() -> dict[str, Path]:
@@ -45,18 +46,22 @@ def bundled_models() -> dict[str, Path]:
 
 
 def resolve_model(spec: str | None, model_config: str | None = None, allow_pickle: bool = False,
-                  flag: str = "--model") -> ModelSpec:
+                  flag: str = "--model", base: str | None = None) -> ModelSpec:
     """Turn a --model value (or $DIFFCLI_MODEL, or the default) into a ModelSpec; errors name `flag` (the option the
-    value came from: --refiner, --hires-upscaler-model...)."""
+    value came from: --refiner, --hires-upscaler-model...); `base` (--base) completes a transformer-only file."""
     try:
-        return _resolve(spec, model_config, allow_pickle)
+        resolved = _resolve(spec, model_config, allow_pickle, base)
+        if base and not resolved.base:
+            raise ModelError(f"--base completes a transformer-only file; {resolved.name!r} is a complete model, got --base "
+                             f"{base!r}", "leave --base out")
+        return resolved
     except ModelError as exc:
         if flag == "--model" or not exc.message.startswith("--model "):
             raise
         raise type(exc)(flag + exc.message[len("--model"):], exc.hint) from None
 
 
-def _resolve(spec: str | None, model_config: str | None, allow_pickle: bool) -> ModelSpec:
+def _resolve(spec: str | None, model_config: str | None, allow_pickle: bool, base: str | None = None) -> ModelSpec:
     spec = spec or os.environ.get("DIFFCLI_MODEL") or DEFAULT_MODEL
     bundled = bundled_models()
     if spec in bundled:
@@ -65,7 +70,7 @@ def _resolve(spec: str | None, model_config: str | None, allow_pickle: bool) -> 
     if path.is_dir():
         return _from_folder(path, spec, "folder", allow_pickle)
     if path.is_file():
-        return _from_single_file(path, spec, model_config, allow_pickle)
+        return _from_single_file(path, spec, model_config, allow_pickle, base)
     if spec.lower().endswith(weights.WEIGHT_SUFFIXES) or spec.startswith((".", "/", "~")):
         raise ModelError(f"--model {spec!r}: no such file or folder")
     if HUB_ID.match(spec):
@@ -130,10 +135,18 @@ def _spec_from_configs(folder: Path, name: str, source: str, location: str) -> M
     )
 
 
-def _from_single_file(path: Path, name: str, model_config: str | None, allow_pickle: bool) -> ModelSpec:
-    """A single checkpoint file: inspect its header for the family, pick a shipped config."""
-    from diffcli import checkpoints
+def _from_single_file(path: Path, name: str, model_config: str | None, allow_pickle: bool,
+                      base: str | None = None) -> ModelSpec:
+    """A single checkpoint file: inspect its header for the family, pick a shipped config; a transformer-only file
+    (SD3, FLUX.1) is completed by its base."""
+    from diffcli import checkpoints, transformer_files
 
+    transformer = transformer_files.inspect(path, allow_pickle)
+    if transformer is not None:
+        if model_config:
+            raise ModelError(f"--model-config describes an SD checkpoint; {name!r} is a transformer-only "
+                             f"{transformer.family} file, got --model-config {model_config!r}", "use --base instead")
+        return transformer_files.spec_for(transformer, name, base, allow_pickle)
     info = checkpoints.inspect_checkpoint(path, model_config, allow_pickle)
     config_dir = Path(model_config) if model_config else Path(info.config_dir)
     if model_config and not (config_dir / "model_index.json").is_file():

@@ -156,6 +156,7 @@ def emit_line(text: str) -> None:
 
 def a1111_parameters(meta: dict) -> str:
     """The `parameters` text that A1111, ComfyUI loaders and civitai read."""
+    from diffcli import controlnet
     from diffcli.vae import a1111_name
 
     lines = [meta["prompt"]]
@@ -183,6 +184,7 @@ def a1111_parameters(meta: dict) -> str:
         "Masked content": {"fill": "fill", "latent-noise": "latent noise", "latent-nothing": "latent nothing"}.get(meta.get("fill")),
         "Refiner": meta.get("refiner"),
         "Refiner switch at": meta.get("refiner_start"),
+        **controlnet.a1111_fields(meta),
         "Lora hashes": f'"{meta["lora_hashes"]}"' if meta.get("lora_hashes") else None,
         "TI hashes": f'"{meta["embedding_hashes"]}"' if meta.get("embedding_hashes") else None,
         "Version": f"diffcli {meta['versions']['diffcli']}",

@@ -173,7 +173,7 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
         cls = getattr(diffusers, pipeline_class_name(spec, task))
         base = next(iter(loaded.values()), None)
         if base is not None:
-            pipe = cls.from_pipe(base)
+            pipe = _from_pipe(cls, base)
             pipe.diffcli_optimizations = base.diffcli_optimizations
         else:
             pipe = _load_weights(cls, spec, dtype, safety_checker, allow_pickle, vae)
@@ -182,6 +182,17 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
         pipe.diffcli_scheduler = pipe.scheduler  # each job builds its scheduler afresh from this one
         loaded[task] = pipe
     return loaded[task]
+
+
+def _from_pipe(cls, base):
+    """`cls.from_pipe(base)`, which casts every component to one dtype: a quantized (GGUF) transformer refuses that, so
+    such a pipeline's other tasks are built from its components as they are."""
+    if not getattr(getattr(base, "transformer", None), "is_quantized", False):
+        return cls.from_pipe(base)
+    import inspect
+
+    takes = inspect.signature(cls.__init__).parameters
+    return cls(**{name: part for name, part in base.components.items() if name in takes})
 
 
 def trim_cache(keep: int) -> list[str]:
@@ -273,7 +284,11 @@ def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if spec.source == "single_file":
+            if spec.base:  # a transformer-only file completed by its base
+                from diffcli import transformer_files
+
+                pipe = transformer_files.load(cls, spec, allow_pickle, **kwargs)
+            elif spec.source == "single_file":
                 from diffcli import checkpoints, weights
 
                 info = checkpoints.inspect_checkpoint(spec.location, spec.model_config, allow_pickle)

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffcli import adapters, hires, identity, jobs, limits, output, refiner, support, tasks
+from diffcli import adapters, controlnet, hires, identity, jobs, limits, output, refiner, support, tasks
 from diffcli.errors import UsageError
 from diffcli.jobs import Job
 from diffcli.models import ModelSpec, resolve_model
@@ -36,6 +36,7 @@ class Plan:
     vae: object = None  # vae.VaeSpec of --vae, resolved and checked; None: the model's own VAE
     adapters: adapters.Resolved = field(default_factory=adapters.Resolved)
     inputs: tasks.Prepared | None = None  # the task's input images, read and fitted
+    controls: controlnet.Resolved = field(default_factory=controlnet.Resolved)  # --control units with their maps
     record: dict = field(default_factory=dict)  # settings beyond the core ones, for the metadata
 
     @property
@@ -55,6 +56,7 @@ def check_job(job: Job) -> Job:
     refiner.check_settings(job.second)
     if job.inputs is not None:
         tasks.check_inputs(job)
+    controlnet.check_texts(job.controls.units)
     return job
 
 
@@ -70,7 +72,7 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
         from diffcli.pipeline import normalize_scheduler_name
 
         sampling.scheduler = normalize_scheduler_name(sampling.scheduler)
-    spec = resolve_model(tasks.model_name(job), job.model.config, job.model.allow_pickle)
+    spec = resolve_model(tasks.model_name(job), job.model.config, job.model.allow_pickle, base=job.model.base)
     # what the model's family cannot do stops here; what it reads otherwise is said
     family_warnings = support.check(job, spec, sampling.scheduler or spec.defaults.get("scheduler"), resolved_adapters)
     refiner.apply_default(job, spec)
@@ -93,6 +95,7 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     if job.second.hires:  # the second pass's size too, before any weights load
         hires.check_target(width, height, job.second.hires, spec.size_multiple)
     warnings = family_warnings + limits.check(spec, job, width, height)  # and what it was not trained for (diffcli.json)
+    controls = controlnet.resolve(job, spec, width, height)  # maps made now: a bad image stops the run before loading
     if sampling.seed is None:
         sampling.seed = draw_seed()
     seeds = [sampling.seed + i for i in range(sampling.num_images)]
@@ -121,14 +124,14 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     except OSError as exc:  # a name the file system refuses (too long, a loop of links, no permission)
         raise UsageError(f"--out {out or output.DEFAULT_DIR!r}: cannot use {exc.filename or 'it'}: {exc.strerror or exc}",
                          "choose another --out") from None
-    record = dict(jobs.record(job), **resolved_adapters.record())
+    record = dict(jobs.record(job), **resolved_adapters.record(), **controls.record())
     if spec.guidance != "cfg":  # --cfg is FLUX.1's distilled guidance (A1111 text: Distilled CFG Scale), or unused
         record["guidance"] = spec.guidance
     if prepared:
         record.update(prepared.record, **prepared.notes)
     plan = Plan(job, spec, seeds, paths, width, height, cfg, scheduler, warnings=warnings, helpers=helpers,
                 name_template=output.name_template(out, len(seeds)), name_fields=fields, vae=vae,
-                adapters=resolved_adapters, inputs=prepared, record=record)
+                adapters=resolved_adapters, inputs=prepared, controls=controls, record=record)
     plan.identity = identity.settings_digest(plan)
     return plan
 
@@ -169,7 +172,8 @@ def shared_call_key(plan: Plan):
     pipeline calls; None for a plan whose settings need calls of its own (input images, second passes, per-job noise),
     or that asked for one image per call."""
     job = plan.job
-    if job.sampling.batch_size == 1 or plan.inputs is not None or job.second.hires or job.sampling.variation_seed is not None:
+    if (job.sampling.batch_size == 1 or plan.inputs is not None or job.second.hires or job.sampling.variation_seed is not None
+            or plan.controls.units):
         return None
     if refiner.active(job.second) and plan.spec.family == "sdxl":  # its refiner pass reads one job's prompt
         return None

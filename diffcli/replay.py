@@ -27,7 +27,7 @@ DIFFCLI_KEYS = ("task", "prompt", "negative", "steps", "cfg", "seed", "width", "
                 "clip_skip", "variation_seed", "variation_strength", "hires_scale", "hires_steps", "hires_strength",
                 "hires_upscaler", "hires_upscaler_model", "refiner", "refiner_start", "vae", "vae_hash", "weighting",
                 "deep_cache", "lora_dir", "embedding_dir", "lora", "embedding", "input", "mask", "strength", "dtype",
-                "device")
+                "device", "base", "control", "guess_mode")
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -175,9 +175,10 @@ def resolve_scheduler(settings: dict, image: str) -> str | None:
                          "pass --scheduler NAME to replay it with another one (see `diffcli schedulers`)") from None
 
 
-def resolve_model_name(name: str | None, model_hash: str | None, image: str, allow_pickle: bool) -> str | None:
-    """The recorded model as --model takes it: its name as recorded, else a .safetensors file of that name; a model
-    diffcli cannot find is a UsageError (--model overrides)."""
+def resolve_model_name(name: str | None, model_hash: str | None, image: str, allow_pickle: bool,
+                       base: str | None = None) -> str | None:
+    """The recorded model as --model takes it: its name as recorded, else a .safetensors file of that name (`base`:
+    what completes a transformer-only file); a model diffcli cannot find is a UsageError (--model overrides)."""
     from diffcli.errors import ModelError
     from diffcli.models import resolve_model
 
@@ -186,7 +187,7 @@ def resolve_model_name(name: str | None, model_hash: str | None, image: str, all
     candidates = [name] if Path(name).suffix else [name, f"{name}.safetensors"]
     for candidate in candidates:
         try:
-            resolve_model(candidate, None, allow_pickle)
+            resolve_model(candidate, None, allow_pickle, base=base)
             return candidate
         except ModelError as exc:
             error = exc
@@ -225,7 +226,7 @@ def fit_size(job, input_path: str, width: int | None, height: int | None) -> Non
 
     if width or height:
         return
-    multiple = resolve_model(job.model.name, job.model.config, job.model.allow_pickle).size_multiple
+    multiple = resolve_model(job.model.name, job.model.config, job.model.allow_pickle, base=job.model.base).size_multiple
     with Image.open(input_path) as image:
         own = (image.width - image.width % multiple, image.height - image.height % multiple)
     if own == (job.sampling.width, job.sampling.height):
@@ -239,7 +240,7 @@ def note_model_hash(job, recorded: str | None, notify) -> None:
 
     if not recorded:
         return
-    spec = resolve_model(job.model.name, job.model.config, job.model.allow_pickle)
+    spec = resolve_model(job.model.name, job.model.config, job.model.allow_pickle, base=job.model.base)
     found = model_hash(spec)
     if found and len(str(recorded)) == len(found) and found.lower() != str(recorded).lower():  # (8-digit old hashes: no)
         notify(f"replay: model {spec.name!r} has hash {found}, the image was made with {recorded}: expect a different image")
@@ -247,7 +248,7 @@ def note_model_hash(job, recorded: str | None, notify) -> None:
 
 def job_values(settings: dict, image: str, given: dict, notify) -> dict:
     """The builder's values (jobs.build) for a replay: the recorded settings, each overridden by a flag given."""
-    allow_pickle = bool(given.get("allow_pickle"))
+    allow_pickle, base = bool(given.get("allow_pickle")), given.get("base") or settings.get("base")
     vae = settings.get("vae")
     if not given.get("vae") and vae and not vae_found(vae):
         notify(f"replay: the image was made with VAE {vae!r}, not found here: using the model's own (pass --vae FILE "
@@ -256,16 +257,18 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
     values = dict(given, prompt=settings["prompt"], negative=settings.get("negative") or "",
                   width=given.get("width") or settings.get("width"), height=given.get("height") or settings.get("height"),
                   model=given.get("model") or resolve_model_name(settings.get("model"), settings.get("model_hash"), image,
-                                                                 allow_pickle),
+                                                                 allow_pickle, base),
                   dtype=recorded_dtype(settings, given.get("device") or "auto", given.get("dtype")),
                   weighting=settings.get("weighting", True), vae=given.get("vae") or vae,
+                  base=base,
                   steps=given.get("steps") or settings.get("steps"),
                   cfg=given["cfg"] if given.get("cfg") is not None else settings.get("cfg"),
                   scheduler=given.get("scheduler") or resolve_scheduler(settings, image),
                   seed=given["seed"] if given.get("seed") is not None else settings.get("seed"),
                   clip_skip=settings.get("clip_skip"), lora_dir=given.get("lora_dir") or settings.get("lora_dir"),
                   embedding_dir=given.get("embedding_dir") or settings.get("embedding_dir"),
-                  deep_cache=settings.get("deep_cache"))
+                  deep_cache=settings.get("deep_cache"), control=control_texts(settings.get("control")),
+                  guess_mode=bool(settings.get("guess_mode")))
     if settings.get("task", "txt2img") == "img2img":
         return dict(values, input=settings["input"], strength=settings.get("strength", 0.75), resize="fit")
     refiner = settings.get("refiner")
@@ -274,6 +277,13 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
                 hires_strength=settings.get("hires_strength"), hires_upscaler=settings.get("hires_upscaler") or "latent",
                 hires_upscaler_model=settings.get("hires_upscaler_model"), refiner_start=settings.get("refiner_start"),
                 refiner="none" if "refiner" in settings and refiner is None else refiner)
+
+
+def control_texts(units) -> list[str]:
+    """The recorded ControlNet units as the --control texts that make them again."""
+    from diffcli.controlnet import unit_text
+
+    return [unit_text(unit) for unit in units or []]
 
 
 def check_inputs(settings: dict, image: str) -> None:

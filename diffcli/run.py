@@ -60,8 +60,12 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     with progress.loading(plan.spec.name, not is_loaded(plan.spec, job.model, job.model.safety_checker, plan.vae),
                           progress_bar, notify):
         pipe = load_for_job(plan.spec, job.task, job.model, plan.scheduler, job.model.safety_checker, plan.vae)
-    # 2. Exactly this job's LoRAs and embeddings.
+    # 2. Exactly this job's LoRAs and embeddings; its ControlNets.
     adapters.activate(pipe, plan.adapters)
+    if plan.controls.units:
+        from diffcli import controlnet
+
+        pipe = controlnet.pipeline(pipe, job.task, plan.spec.family, plan.controls, device, dtype)
     load_s = time.perf_counter() - started
     # 3. Steps: --steps, else the model's recommendation, else what suits the scheduler; checks that need them.
     steps = job.sampling.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
@@ -192,6 +196,10 @@ def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: boo
     kwargs = dict(plan.inputs.pipeline_kwargs) if plan.inputs else {}
     if job.task not in TASKS_SIZED_BY_IMAGE:
         kwargs.update(width=plan.width, height=plan.height)
+    if plan.controls.units:
+        from diffcli import controlnet
+
+        kwargs.update(controlnet.call_kwargs(job.task, plan.controls))
     variation = job.sampling.variation_seed
     if variation is not None:  # image i: seed+i noise slerped toward variation_seed+i
         from diffcli import noise
@@ -250,7 +258,7 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
         else:  # the strings, without <lora:> tags (they chose the adapters)
             negatives = [prompts.strip_extra_networks(each.negative) for each in rows] if style.negative_prompt else []
             call_kwargs = dict(call_kwargs, prompt=[prompts.strip_extra_networks(each.text) for each in rows])
-            if any(negatives):
+            if any(negatives) or style.true_cfg:  # true CFG runs only with a negative prompt, even an empty one
                 call_kwargs["negative_prompt"] = negatives
             if style.clip_skip and (one.clip_skip or 1) > 1:
                 call_kwargs["clip_skip"] = one.clip_skip - 1  # diffusers counts layers skipped, A1111 the layer used
@@ -262,7 +270,9 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
             call_kwargs["callback_on_step_end"] = step_end
         else:
             call_kwargs.update(callback=lambda i, t, latents: on_step_end(pipe, i, t, {"latents": latents}), callback_steps=1)
-        return pipe(num_inference_steps=steps, guidance_scale=cfg, generator=call_generators, output_type=output_type,
+        # Qwen-Image: --cfg is true CFG; its guidance_scale (for guidance-distilled transformers only) stays unset
+        guidance = {"true_cfg_scale": cfg} if style.true_cfg else {"guidance_scale": cfg}
+        return pipe(num_inference_steps=steps, generator=call_generators, output_type=output_type, **guidance,
                     **call_kwargs).images
 
     return call

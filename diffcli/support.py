@@ -7,7 +7,7 @@ from diffcli import families, prompts
 from diffcli.errors import UsageError
 
 LATENT_FILLS = ("latent-noise", "latent-nothing")  # masked.py's modes: they noise latents with scheduler.add_noise
-# What to do instead of a U-Net-only setting on a transformer model (SD3, FLUX.1).
+# What to do instead of a U-Net-only setting on a transformer model (SD3, FLUX.1, Qwen-Image, Z-Image).
 UNET_ONLY_HINTS = {
     "--hires": "generate at the size you want with --width/--height",
     "--refiner": "leave --refiner out",
@@ -63,6 +63,10 @@ def _own_prompts(job, spec, style, adapters) -> list[str]:
     if not style.negative_prompt and prompt.negative.strip():
         warnings.append(f"--negative has no effect on {family} models: diffcli runs them without true CFG")
     cfg = job.sampling.cfg
+    used_cfg = spec.defaults.get("cfg") if cfg is None else cfg  # the --cfg the run takes
+    if style.cfg_off is not None and prompt.negative.strip() and used_cfg is not None and used_cfg <= style.cfg_off:
+        warnings.append(f"--negative has no effect on {family} models at --cfg {used_cfg:g}: their pipeline reads the "
+                        f"negative prompt only above --cfg {style.cfg_off:g}")
     if spec.guidance == "none" and cfg:
         warnings.append(f"--cfg {cfg:g} has no effect on {spec.name}: it takes no guidance (as FLUX.1 schnell)")
     return warnings

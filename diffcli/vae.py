@@ -44,6 +44,7 @@ def resolve(value: str, spec, allow_pickle: bool) -> VaeSpec:
     check_path("--vae", value)
     path = Path(value).expanduser()
     model_config = model_vae_config(spec)
+    _check_own_kind(value, spec, model_config)
     if path.is_dir():
         folder, subfolder = (path, None) if (path / "config.json").is_file() else (path / "vae", "vae")
         if not (folder / "config.json").is_file():
@@ -71,6 +72,16 @@ def resolve(value: str, spec, allow_pickle: bool) -> VaeSpec:
         raise ModelError(f"--vae: the model {spec.name!r} needs a VAE of {LAYOUTS[own_quant]}, got {value!r} of "
                          f"{LAYOUTS[quant]}", "use a VAE made for this model family")
     return vae
+
+
+def _check_own_kind(value: str, spec, model_config: Path) -> None:
+    """Refuse --vae for a model whose VAE is not an AutoencoderKL (Qwen-Image's video VAE): nothing else replaces it."""
+    from diffcli.models import read_json
+
+    own = read_json(model_config / "config.json").get("_class_name", "AutoencoderKL")
+    if own != "AutoencoderKL":
+        raise ModelError(f"--vae: replaces an AutoencoderKL, the model {spec.name!r} has a VAE of another kind ({own}), "
+                         f"got {value!r}", "leave --vae out")
 
 
 def model_vae_config(spec) -> Path:

@@ -33,6 +33,9 @@ PICKLE_HINT = "convert it to .safetensors, or pass --allow-pickle if you trust i
 _payloads_allowed = contextvars.ContextVar("payloads_allowed", default=True)
 
 MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+GGUF_VERSIONS = (2, 3)  # the versions the gguf package reads (1 is llama.cpp's first, long gone)
+GGUF_MAX_COUNT = 1_000_000  # tensors or metadata entries: FLUX.1 has ~800, the largest LLMs a few thousand
+GGUF_MIN_ENTRY = 13  # bytes of the smallest tensor info or metadata entry (name length, a name, a type and a value)
 # Bits per element of each safetensors dtype (the format's table); a dtype not listed skips the size check.
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
               "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4,
@@ -69,6 +72,7 @@ def _sniff(path: str, size: int, mtime_ns: int) -> str:
     if head.startswith(ZIP_MAGIC):
         return PICKLE
     if head.startswith(GGUF_MAGIC):
+        check_gguf_header(path, head, size)
         return GGUF
     if head[8:9] == b"{":  # 8-byte header length, then JSON (tested before pickle: the length may start 0x80)
         read_safetensors_header(path)  # a complete, parseable header, or a one-line error saying what is wrong
@@ -227,6 +231,38 @@ def read_safetensors_header(path: str | Path) -> dict:
             "download it again",
         )
     return header
+
+
+def check_gguf_header(path: str | Path, head: bytes, size: int) -> None:
+    """The fixed GGUF header (magic, version, tensor and metadata counts) is one a file of `size` bytes can hold,
+    checked before the gguf package's reader allocates anything for it."""
+    if len(head) < 24:
+        raise ModelError(f"{path} is truncated: a GGUF header needs 24 bytes, the file has {size}")
+    version, tensors, entries = struct.unpack("<IQQ", head[4:24])
+    if version not in GGUF_VERSIONS:
+        raise ModelError(f"{path} is GGUF version {version}, diffcli reads versions {GGUF_VERSIONS[0]}-{GGUF_VERSIONS[-1]}",
+                         "convert it again with a current gguf package")
+    if max(tensors, entries) > GGUF_MAX_COUNT or 24 + (tensors + entries) * GGUF_MIN_ENTRY > size:
+        raise ModelError(f"{path} is not a valid GGUF file: it claims {tensors} tensors and {entries} metadata entries "
+                         f"in {size} bytes", "is it complete? download it again")
+
+
+def read_gguf_tensors(path: str | Path) -> dict:
+    """Tensor names and shapes of a GGUF file, as a safetensors header holds them (torch's order), read with the gguf
+    package's reader (memory-mapped: no tensor data is read); a malformed file is a ModelError."""
+    from diffcli import extras
+
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise extras.missing("gguf", f"--model {str(path)!r} (a GGUF file)") from None
+    file_format(path)  # the fixed header first
+    try:
+        reader = GGUFReader(str(path))
+        return {t.name: {"shape": [int(n) for n in reversed(t.shape.tolist())], "type": t.tensor_type.name}
+                for t in reader.tensors}
+    except Exception as exc:  # noqa: BLE001 - the reader's errors for damaged files vary (ValueError, struct, numpy)
+        raise ModelError(f"{path} is not a valid GGUF file: {_first(exc)[:200]}", "is it complete? download it again") from None
 
 
 def _is_size(value) -> bool:

@@ -335,3 +335,23 @@ def run_subprocess(*args: str, env: dict | None = None, **kwargs):
 
     return subprocess.run([sys.executable, "-m", "diffcli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tmp_path_factory, tiny_model) -> list[Path]:
+    """Two tiny ControlNets (different seeds) from the tiny U-Net, saved as diffusers folders (safetensors)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))  # the tiny VAE halves once
+        for parameter in net.parameters():  # from_unet zeroes the output convs: give them weight so control shows
+            if parameter.abs().sum() == 0:
+                torch.nn.init.normal_(parameter, std=0.5)
+        folder = tmp_path_factory.mktemp("controlnets") / f"tiny-cn-{seed}"
+        net.save_pretrained(folder)
+        folders.append(folder)
+    return folders

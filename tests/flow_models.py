@@ -160,3 +160,162 @@ def tiny_flux_fill(tmp_path_factory) -> Path:
     """The tiny FLUX.1 Fill-layout model as a local diffusers folder."""
     root = tmp_path_factory.mktemp("flux-fill")
     return save(build_tiny_flux_fill(root), root / "tiny-flux-fill")
+
+
+# Qwen-Image and Z-Image: one LLM text encoder each, prompted through a chat template.
+CHAT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, and the chat turn markers the templates use
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's turns, no system prompt
+LLM_HIDDEN = 16  # the text encoders' width: the transformers' joint_attention_dim / cap_feat_dim
+
+
+def write_tiny_qwen_tokenizer(folder: Path):
+    """A byte-level Qwen2 BPE tokenizer (every byte a token, no merges) with the chat markers and a chat template."""
+    import json
+
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {token: i for i, token in enumerate(sorted(ByteLevel.alphabet()) + list(CHAT_SPECIALS))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "unk_token": None, "additional_special_tokens": list(CHAT_SPECIALS[1:]), "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return Qwen2Tokenizer.from_pretrained(folder)
+
+
+def build_tiny_qwen_image(root: Path):
+    """Tiny Qwen-Image-layout components: a Qwen2.5-VL text encoder (with its small vision tower, unused for text), an
+    MMDiT of 2x2 patches, and a Qwen-Image VAE downsampling by 8 as the real one (3 spatial downsamples)."""
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = write_tiny_qwen_tokenizer(root / "qwen-tokenizer")
+    size = len(tokenizer)  # the vision marker ids follow the text vocabulary
+    text = {"hidden_size": LLM_HIDDEN, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": size + 3, "bos_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "rope_theta": 1000000.0,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": LLM_HIDDEN}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=LLM_HIDDEN, vocab_size=size + 3,
+                              vision_start_token_id=size, vision_end_token_id=size + 1, vision_token_id=size + 2,
+                              image_token_id=size + 2, video_token_id=size + 2)
+    torch.manual_seed(0)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=LLM_HIDDEN,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192)
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+
+
+def build_tiny_z_image(root: Path):
+    """Tiny Z-Image-layout components: a Qwen3 text encoder, a single-stream DiT of 2x2 patches, FLUX.1's VAE layout."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = write_tiny_qwen_tokenizer(root / "qwen-tokenizer")
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=LLM_HIDDEN, intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                          vocab_size=len(tokenizer), max_position_embeddings=512,
+                                          bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=1,
+                                           n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True,
+                                           cap_feat_dim=LLM_HIDDEN, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    with torch.no_grad():  # the pad tokens start as torch.empty: fixed, so the folder is the same every session
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(FLUX_VAE_FACTORS, 16),
+                          text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory) -> Path:
+    """The tiny Qwen-Image-layout model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("qwen-image")
+    return save(build_tiny_qwen_image(root), root / "tiny-qwen-image")
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image(tmp_path_factory) -> Path:
+    """The tiny Z-Image-layout model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("z-image")
+    return save(build_tiny_z_image(root), root / "tiny-z-image")
+
+
+def sd3_to_original(state: dict) -> dict:
+    """An SD3 transformer's weights under SAI's names (sd3.5_large.safetensors): diffusers' converter inverted (q, k, v
+    joined; the context-only last block's and the output's adaLN halves swapped back)."""
+    import torch
+
+    state, out = dict(state), {}
+    swap = lambda weight: torch.cat(weight.chunk(2, dim=0)[::-1])  # noqa: E731 - its own inverse
+    renames = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj.": "x_embedder.proj.", "context_embedder.": "context_embedder.",
+               "time_text_embed.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+               "time_text_embed.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+               "time_text_embed.text_embedder.linear_1.": "y_embedder.mlp.0.",
+               "time_text_embed.text_embedder.linear_2.": "y_embedder.mlp.2.", "proj_out.": "final_layer.linear."}
+    blocks = {"attn.norm_q.": "x_block.attn.ln_q.", "attn.norm_k.": "x_block.attn.ln_k.",
+              "attn.norm_added_q.": "context_block.attn.ln_q.", "attn.norm_added_k.": "context_block.attn.ln_k.",
+              "attn.to_out.0.": "x_block.attn.proj.", "attn.to_add_out.": "context_block.attn.proj.",
+              "norm1.linear.": "x_block.adaLN_modulation.1.", "norm1_context.linear.": "context_block.adaLN_modulation.1.",
+              "ff.net.0.proj.": "x_block.mlp.fc1.", "ff.net.2.": "x_block.mlp.fc2.",
+              "ff_context.net.0.proj.": "context_block.mlp.fc1.", "ff_context.net.2.": "context_block.mlp.fc2."}
+    last = max(int(name.split(".")[1]) for name in state if name.startswith("transformer_blocks."))
+    for name, tensor in state.items():
+        if name.startswith("norm_out.linear."):
+            out["final_layer.adaLN_modulation.1." + name.rsplit(".", 1)[1]] = swap(tensor)
+        elif name.startswith("transformer_blocks."):
+            _, index, rest = name.split(".", 2)
+            for old, new in blocks.items():
+                if rest.startswith(old):
+                    moved = new + rest[len(old):]
+                    context_pre_only = int(index) == last and old == "norm1_context.linear."
+                    out[f"joint_blocks.{index}.{moved}"] = swap(tensor) if context_pre_only else tensor
+        else:
+            old = next(old for old in renames if name.startswith(old))
+            out[renames[old] + name[len(old):]] = tensor
+    for index in range(last + 1):
+        for block, parts in (("x_block", ("to_q", "to_k", "to_v")), ("context_block", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for kind in ("weight", "bias"):
+                joined = [state[f"transformer_blocks.{index}.attn.{part}.{kind}"] for part in parts]
+                out[f"joint_blocks.{index}.{block}.attn.qkv.{kind}"] = torch.cat(joined)
+    return out
+
+
+GGUF_BLOCK = 32  # Q8_0 and Q5_0 quantize rows in blocks of 32 values
+
+
+def write_gguf(path: Path, state: dict, arch: str) -> Path:
+    """A GGUF file of `state` as city96's converter writes one: 2-D weights whose rows split into 32-value blocks
+    quantized (Q8_0, every third Q5_0), other matrices F16, vectors and the rest F32."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    writer = GGUFWriter(str(path), arch)
+    for index, (name, tensor) in enumerate(sorted(state.items())):
+        data = tensor.detach().float().numpy()
+        if data.ndim == 2 and data.shape[1] % GGUF_BLOCK == 0 and name.endswith("weight"):
+            kind = GGMLQuantizationType.Q5_0 if index % 3 == 0 else GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, data.astype(np.float16 if data.ndim == 2 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -14,7 +14,7 @@ from diffcli.models import BUNDLED_DIR, ModelSpec
 
 # Recorded in image metadata as model_family: a rename breaks every image made before it.
 NAMES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd-refiner", "sd-x4-upscaler", "sd-latent-upscaler", "sd3", "flux",
-         "flux-fill")
+         "flux-fill", "qwen-image", "z-image")
 ENTRIES = list(families.FAMILIES.values())
 
 
@@ -150,7 +150,7 @@ def test_detect(index, unet, expected):
 def test_detect_refuses_other_pipelines(class_name):
     with pytest.raises(ModelError, match=f"unsupported pipeline class '{class_name}'") as err:
         families.detect({**SD_INDEX, "_class_name": class_name}, {})
-    assert "Stable Diffusion 1.x, 2.x, XL and 3.x, and FLUX.1" in err.value.hint
+    assert "Stable Diffusion 1.x, 2.x, XL and 3.x, FLUX.1" in err.value.hint and "Qwen-Image and Z-Image" in err.value.hint
 
 
 @pytest.mark.parametrize("name, expected", [("tiny-shapes", "sd1"), ("tiny-shapes-refiner", "sd-refiner"),

@@ -214,7 +214,7 @@ def test_hostile_images_and_bodies(server):
 
 
 def test_native_requests_refuse_trust_files_and_paths(server):
-    for body in ({"prompt": "x", "allow_pickle": True}, {"prompt": "x", "model": "/etc/passwd"},
+    for body in ({"prompt": "x", "allow_pickle": True}, {"prompt": "x", "model": "/etc/passwd"}, {"prompt": "x", "base": "/"},
                  {"prompt": "x", "vae": "/etc/passwd"}, {"prompt": "x", "out": "/tmp/x.png"},
                  {"prompt": "x", "lora": ["/etc/passwd"]}, {"command": "batch", "prompt": "x"}):
         status, answer = post(server, "/diffcli/v1/plan", body)
@@ -317,7 +317,7 @@ def test_client_every_image_command(server, cli, isolated):
 
 
 def test_client_batch_names_ids_and_resume_like_a_local_batch(server, cli, isolated):
-    Path("jobs.jsonl").write_text('{"prompt": "a red circle", "steps": 2}\n'
+    Path("jobs.jsonl").write_text('{"prompt": "a red circle", "steps": 2, "model": "tiny-shapes"}\n'
                                   '{"prompt": "a blue square", "steps": 2, "num_images": 2}\n'
                                   '{"prompt": "a green star", "cfg": "3,4", "steps": 2}\n')
     dry = cli("batch", "jobs.jsonl", "--seed", "10", "-o", "b/", "--dry-run")
@@ -486,3 +486,38 @@ def test_pickle_files_are_offered_and_trusted_only_with_the_servers_allow_pickle
         served = intake.Served(trusting, intake.Limits(), allow_pickle=allow)
         job = intake.build("txt2img", {"prompt": "x", "model": "old.ckpt"}, served, tmp_path)[0]
         assert job.model.allow_pickle is allow and job.model.name == str(tmp_path / "old.ckpt")
+
+
+def test_controlnet_through_a1111_and_the_client(cli, isolated, tiny_model, tiny_controlnets, models_dir):
+    """alwayson_scripts.controlnet (A1111's extension) and --control through --server run the server's ControlNets
+    (by --controlnet-dir name) on the request's own control image; the same image as a local run."""
+    from PIL import ImageDraw
+
+    edges = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(edges).ellipse((12, 12, 52, 52), outline="black", width=3)
+    edges.save("edges.png")
+    with serving(models_dir=str(models_dir), controlnet_dir=str(tiny_controlnets[0].parent)) as (url, app):
+        unit = {"enabled": True, "input_image": b64(edges), "module": "canny", "model": "tiny-cn-0 [abc]",
+                "weight": 0.8, "threshold_a": 50, "threshold_b": 150, "guidance_end": 0.9, "resize_mode": "Crop and Resize"}
+        body = {"prompt": "a circle", "seed": 3, "steps": 2, "width": 64, "height": 64,
+                "override_settings": {"sd_model_checkpoint": "tiny-sd"}, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+        status, answer = post(url, "/sdapi/v1/txt2img", body)
+        assert status == 200, answer
+        assert 'ControlNet 0: "Module: canny, Model: tiny-cn-0, Weight: 0.8' in json.loads(answer["info"])["infotexts"][0]
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB"), dtype=np.int16)
+        text = f"canny:edges.png;model={tiny_controlnets[0]};weight=0.8;end=0.9;low=50;high=150"
+        local = cli("txt2img", "a circle", "--model", tiny_model, "--seed", "3", "--steps", "2", "--width", "64",
+                    "--height", "64", "--control", text, "-o", "local.png", "-q")
+        assert local.exit_code == 0, local.stderr
+        assert np.array_equal(served, pixels("local.png"))
+        remote = cli("txt2img", "a circle", "--model", "tiny-sd", "--seed", "3", "--steps", "2", "--width", "64",
+                     "--height", "64", "--control", "canny:edges.png;model=tiny-cn-0;weight=0.8;end=0.9;low=50;high=150",
+                     "--server", url, "-o", "remote.png", "--json", "-q")
+        assert remote.exit_code == 0, remote.stderr
+        assert np.array_equal(pixels("remote.png"), pixels("local.png"))
+        assert remote.json_lines()[0]["control"][0]["image"] == "edges.png"
+        unit["model"] = "../../etc"
+        status, answer = post(url, "/sdapi/v1/txt2img", body)
+        assert status == 422 and "not one of this server's ControlNets" in answer["detail"]
+        status, answer = post(url, "/diffcli/v1/plan", {"prompt": "x", "control": [f"canny:/etc/passwd;model={tiny_controlnets[0]}"]})
+        assert status == 422  # raw --control texts name server files: refused

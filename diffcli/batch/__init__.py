@@ -41,7 +41,7 @@ from diffcli.plan import share_calls
 
 # Batch options that are defaults for every line's job (when given on the command line or by their env var).
 PER_JOB = ("negative", "cfg", "steps", "width", "height", "num_images", "batch_size", "scheduler", "model",
-           "model_config", "device", "dtype", "overwrite", "safety_checker", "allow_pickle", "threads", "vae")
+           "model_config", "base", "device", "dtype", "overwrite", "safety_checker", "allow_pickle", "threads", "vae")
 
 
 @dataclass

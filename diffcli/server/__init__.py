@@ -26,6 +26,7 @@ class ServeOptions:
     model: str | None = None
     models_dir: str | None = None
     lora_dir: str | None = None
+    controlnet_dir: str | None = None
     api_auth: str | None = None
     no_auth: bool = False
     queue: int = 8
@@ -99,7 +100,7 @@ def build(options: ServeOptions, users: dict[str, str]):
     from diffcli.server.catalog import Catalog
     from diffcli.server.worker import Broker
 
-    catalog = Catalog(options.model, options.models_dir, options.allow_pickle)
+    catalog = Catalog(options.model, options.models_dir, options.allow_pickle, options.controlnet_dir)
     if options.lora_dir:
         from diffcli.options import check_path
 

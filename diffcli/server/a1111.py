@@ -60,6 +60,50 @@ def scheduler_name(body: dict) -> str | None:
         raise UsageError(f"sampler_name {sampler!r} is not available", exc.hint) from None
 
 
+# A1111 ControlNet modules -> diffcli preprocess types, and which of threshold_a/threshold_b is which parameter
+MODULES = {"none": ("none", ()), "canny": ("canny", ("low", "high")), "threshold": ("threshold", ("level",)),
+           "scribble_xdog": ("scribble", ("level",)), "scribble": ("scribble", ()), "lineart_standard": ("lineart", ()),
+           "tile_resample": ("tile", ("factor",)), "blur_gaussian": ("blur", ("sigma",)), "depth_midas": ("depth", ()),
+           "openpose": ("openpose", ()), "normal_bae": ("normal", ()), "mlsd": ("mlsd", ()), "softedge_hed": ("hed", ()),
+           "softedge_pidinet": ("softedge", ()), "lineart_anime": ("lineart_anime", ())}
+CONTROL_RESIZE = {0: "stretch", 1: "crop", 2: "fit", "Just Resize": "stretch", "Crop and Resize": "crop",
+                  "Resize and Fill": "fit"}
+
+
+def controlnet_units(body: dict) -> list[dict] | None:
+    """alwayson_scripts.controlnet.args (A1111's ControlNet extension) as diffcli's request units; None: none given."""
+    script = (body.get("alwayson_scripts") or {}).get("controlnet") if isinstance(body.get("alwayson_scripts"), dict) else None
+    if not script:
+        return None
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise UsageError("alwayson_scripts.controlnet.args: expected a list of units")
+    units = []
+    for index, unit in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args[{index}]"
+        if not isinstance(unit, dict):
+            raise UsageError(f"{where}: expected an object")
+        if unit.get("enabled") is False:
+            continue
+        module = str(unit.get("module") or "none").lower()
+        if module not in MODULES:
+            raise UsageError(f"{where}.module {module!r} is not available", f"one of: {', '.join(MODULES)}")
+        kind, names = MODULES[module]
+        thresholds = [unit.get("threshold_a"), unit.get("threshold_b")]
+        params = {name: value for name, value in zip(names, thresholds) if isinstance(value, (int, float))
+                  and not isinstance(value, bool) and value >= 0}  # A1111 sends -1 for "unused"
+        resize = CONTROL_RESIZE.get(unit.get("resize_mode", 1))
+        if resize is None:
+            raise UsageError(f"{where}.resize_mode {unit.get('resize_mode')!r} is not available")
+        units.append({"type": kind, "params": params, "image": unit.get("input_image") or unit.get("image"),
+                      "model": unit.get("model"), "weight": _number(unit, "weight", float, 1.0),
+                      "start": _number(unit, "guidance_start", float, 0.0), "end": _number(unit, "guidance_end", float, 1.0),
+                      "resize": resize})
+        if unit.get("control_mode") in (2, "ControlNet is more important"):
+            units[-1]["guess"] = True
+    return units
+
+
 def common_values(body: dict) -> dict:
     """Fields txt2img and img2img share, as option values (None: diffcli's default)."""
     if _flag(body, "restore_faces") or _flag(body, "tiling"):
@@ -82,6 +126,10 @@ def common_values(body: dict) -> dict:
 
         subseed = _number(body, "subseed", int, -1)
         values.update(variation_seed=draw_seed() if subseed == -1 else subseed, variation_strength=subseed_strength)
+    units = controlnet_units(body)
+    if units:
+        values["guess_mode"] = any(unit.pop("guess", False) for unit in units)
+        values["controlnet"] = units
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise UsageError("override_settings: expected an object")

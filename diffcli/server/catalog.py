@@ -23,7 +23,8 @@ class Entry:
 class Catalog:
     """Model names -> --model values; `default` is the model a request without one gets."""
 
-    def __init__(self, default: str | None, models_dir: str | None, allow_pickle: bool = False):
+    def __init__(self, default: str | None, models_dir: str | None, allow_pickle: bool = False,
+                 controlnet_dir: str | None = None):
         from diffcli.models import DEFAULT_MODEL, bundled_models
 
         self.entries: dict[str, Entry] = {name: Entry(name, name) for name in bundled_models()}
@@ -36,6 +37,15 @@ class Catalog:
                 name = path.relative_to(self.models_dir).as_posix()
                 self.entries.setdefault(name, Entry(name, str(path)))
         self.default = self.add(default) if default else self.entries.get(DEFAULT_MODEL) or Entry(DEFAULT_MODEL, DEFAULT_MODEL)
+        self.controlnets = _controlnets(controlnet_dir)
+
+    def controlnet(self, asked: str) -> str:
+        """The folder of a ControlNet a request names (its folder name in --controlnet-dir, or A1111's "name [hash]")."""
+        plain = str(asked).strip().rsplit(" [", 1)[0]
+        if plain not in self.controlnets:
+            raise UsageError(f"controlnet model {str(asked)[:120]!r} is not one of this server's ControlNets",
+                             f"its --controlnet-dir offers: {', '.join(self.controlnets) or 'none'}")
+        return self.controlnets[plain]
 
     def add(self, spec: str) -> Entry:
         """The server's own --model (any --model value: trusted, it comes from the command line)."""
@@ -89,3 +99,23 @@ def _weights(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
                   and (here / name).resolve().is_relative_to(root)]
         subfolders.sort()
     return sorted(found)
+
+
+def _controlnets(folder: str | None) -> dict[str, str]:
+    """--controlnet-dir's ControlNet folders (a config.json naming a ControlNet class) by folder name."""
+    import json
+
+    if not folder:
+        return {}
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise UsageError(f"--controlnet-dir {folder!r} is not a folder")
+    found = {}
+    for path in sorted(root.iterdir()):
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if path.resolve().is_relative_to(root) and "ControlNet" in str(config.get("_class_name", "")) and ";" not in str(path):
+            found[path.name] = str(path)
+    return found

@@ -29,7 +29,7 @@ LOCAL = {"out", "overwrite"}  # the client's own: where and how it writes
 IGNORED = {"device": "the server's workers choose the device", "threads": "the server's --threads is used",
            "optimize": "the server decides", "low_vram": "the server decides",
            "lora_dir": "the server's --lora-dir is used", "embedding_dir": "the server has none"}
-REFUSED = {"vae", "lora", "embedding", "model_config", "allow_pickle"}  # local files: the server cannot read them
+REFUSED = {"vae", "lora", "embedding", "model_config", "allow_pickle", "base"}  # local files: the server cannot read them
 IMAGE_KEYS = ("input", "mask")
 
 
@@ -63,6 +63,8 @@ def request_values(command: str, values: dict, say) -> dict:
             continue
         if name in IMAGE_KEYS:
             body[name] = _read_image(name, value)
+        elif name == "control":  # each unit's image sent along; its model is a name from the server's --controlnet-dir
+            body["controlnet"] = [_control_unit(text) for text in value]
         elif flag is not None and flag.kind == "sweep":
             body[name] = _sweep_text(name, value)
         else:
@@ -195,6 +197,11 @@ def _local_record(event: dict, values: dict) -> dict:
     for name in IMAGE_KEYS:
         if name in record and values.get(name):
             record[name] = values[name]
+    if record.get("control") and values.get("control"):  # each unit's image and model as named here
+        from diffcli.controlnet import parse
+
+        record["control"] = [dict(unit, image=mine.image, model=mine.model)
+                             for unit, mine in zip(record["control"], map(parse, values["control"]))]
     return record
 
 
@@ -245,10 +252,19 @@ def _check_stdout(planned: list, as_json: bool) -> None:
         raise UsageError("--out - would write PNG bytes to the terminal", "redirect stdout: > image.png")
 
 
+def _control_unit(text: str) -> dict:
+    """A --control text as the server's unit: checked here, its image read and sent."""
+    from diffcli.controlnet import parse
+
+    unit = parse(text)
+    return {"type": unit.type, "params": dict(unit.params), "image": _read_image("control", unit.image),
+            "model": unit.model, "weight": unit.weight, "start": unit.start, "end": unit.end, "resize": unit.resize}
+
+
 def _read_image(name: str, value: str) -> str:
     from diffcli.options import check_path
 
-    flag = name.upper() if name == "input" else f"--{name}"
+    flag = {"input": "INPUT", "control": "--control image"}.get(name, f"--{name}")
     check_path(flag, value)
     try:
         return base64.b64encode(Path(value).read_bytes()).decode()

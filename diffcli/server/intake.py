@@ -17,11 +17,13 @@ from diffcli.errors import UsageError
 # workers', and the server writes no files (the client names and writes them).
 REFUSED = {"allow_pickle": "trust comes from the server's command line only",
            "model_config": "files are the server's: name a model from GET /sdapi/v1/sd-models",
-           "vae": "files are the server's", "lora": "use <lora:NAME:WEIGHT> in the prompt (the server's --lora-dir)",
+           "vae": "files are the server's", "base": "files are the server's: name a complete model from GET /sdapi/v1/sd-models",
+           "lora": "use <lora:NAME:WEIGHT> in the prompt (the server's --lora-dir)",
            "lora_dir": "the server's --lora-dir is used", "embedding": "files are the server's",
            "embedding_dir": "files are the server's", "device": "the server's workers choose the device",
            "threads": "the server's --threads is used", "optimize": "the server's setting", "low_vram": "the server's setting",
-           "out": "the client names and writes the files", "overwrite": "the client names and writes the files"}
+           "out": "the client names and writes the files", "overwrite": "the client names and writes the files",
+           "control": "ControlNet through the server is not available yet: run --control locally"}
 MODEL_KEYS = ("model", "refiner", "hires_upscaler_model")  # names from the catalog, never paths
 IMAGE_KEYS = ("input", "mask")  # base64 image data (a data: URL prefix is allowed)
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
@@ -85,6 +87,9 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
             values[key] = served.catalog.find(values[key], key).spec
         if name in IMAGE_KEYS and values[key] is not None:
             values[key] = decode_image(values[key], key, folder, f"{name}.img", served.limits)
+    units = values.pop("controlnet", None)
+    if units is not None:  # after the refusals: these --control texts name the request's own files only
+        values["control"] = control_texts(units, served, folder)
     if command != "upscale":  # upscale's default is its own (the bundled x4 upscaler)
         values.setdefault("model", served.catalog.default.spec)
     made = [job for _, job in build_jobs([Entry(1, values, "request")], command, {}, [])]
@@ -93,6 +98,29 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
         job.adapters.lora_dir, job.model.threads = served.lora_dir, served.threads
         job.model.allow_pickle = served.allow_pickle
     return made
+
+
+def control_texts(units, served: Served, folder: Path) -> list[str]:
+    """A request's ControlNet units ({"type", "params", "image" (base64), "model" (a --controlnet-dir name), "weight",
+    "start", "end", "resize"}) as the --control texts of the request's files and the server's ControlNets."""
+    if not isinstance(units, list):
+        raise UsageError("controlnet: expected a list of units")
+    texts = []
+    for index, unit in enumerate(units):
+        where = f"controlnet[{index}]"
+        if not isinstance(unit, dict) or not isinstance(unit.get("type"), str) or not unit.get("model"):
+            raise UsageError(f"{where}: expected an object with type, image and model")
+        image = decode_image(unit.get("image"), f"{where}.image", folder, f"control-{index}.img", served.limits)
+        params = unit.get("params") or {}
+        if not isinstance(params, dict):
+            raise UsageError(f"{where}.params: expected an object of the type's parameters")
+        options = {"model": served.catalog.controlnet(unit["model"]),
+                   **{key: unit[key] for key in ("weight", "start", "end", "resize") if unit.get(key) is not None},
+                   **params}
+        if any(";" in str(value) or "=" in str(key) for key, value in options.items()):
+            raise UsageError(f"{where}: values may not contain ';'")
+        texts.append(f"{unit['type']}:{image};" + ";".join(f"{key}={value}" for key, value in options.items()))
+    return texts
 
 
 def plan(made: list, limits: Limits) -> list:
