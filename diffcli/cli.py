@@ -127,9 +127,9 @@ def bench(
                "to each line's command.", context=True,
                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def batch(ctx: typer.Context, **values) -> None:
-    from diffcli.batch import run_command
+    from diffcli import commands
 
-    code = run_command(ctx, values)
+    code = commands.batch(ctx, values)
     if code:
         raise typer.Exit(code)
 
@@ -137,7 +137,7 @@ def batch(ctx: typer.Context, **values) -> None:
 @declare.command(app, "serve", flags.SERVE, "Keep a model warm behind AUTOMATIC1111's web API (/sdapi/v1) and "
                  "diffcli's own (/diffcli/v1); `--server URL` on the other commands uses it.")
 def serve(**values) -> None:
-    from diffcli.server import ServeOptions, serve as run_server
+    from diffcli.server.start import ServeOptions, serve as run_server
 
     run_server(ServeOptions(**values))
 
@@ -145,9 +145,9 @@ def serve(**values) -> None:
 @declare.command(app, "preprocess", flags.PREPROCESS, "Make a ControlNet control map from an image (canny edges, "
                  "scribble, threshold, lineart, tile...) and write it, to inspect or to reuse as a map.")
 def preprocess(**values) -> None:
-    from diffcli.control import preprocess as make_map
+    from diffcli import commands
 
-    make_map(**values)
+    commands.preprocess(**values)
 
 
 @app.command(name="eval")

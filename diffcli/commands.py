@@ -1,5 +1,5 @@
 """What the generating commands do once Typer has parsed their options: build Jobs, plan them all (bad input fails
-before any model loads), report, run, print one line per image; `-o -` and --grid; replay."""
+before any model loads), report, run, print one line per image; `-o -` and --grid; replay; preprocess."""
 
 from __future__ import annotations
 
@@ -45,6 +45,20 @@ def generate(command: str, values: dict) -> None:
 
         sheet = write_grid(records, made[0].output.overwrite)
         emit_line(json.dumps(sheet, sort_keys=True) if as_json else sheet["grid"])
+
+
+def batch(ctx, values: dict) -> int:
+    """`diffcli batch`: on a server when --server names one that answers (server.client.batch), else here."""
+    from diffcli.batch import batch_options, run_command
+
+    options = batch_options(ctx, values)
+    if values.get("server"):
+        from diffcli.server import client
+
+        url = client.server_url(values["server"])
+        if url:
+            return client.batch(url, options, lambda message: say(message, options.quiet))
+    return run_command(ctx, values, options)
 
 
 def shared_seed(seed):
@@ -163,3 +177,44 @@ def replay(image: str, verify: bool, given: dict, as_json: bool, quiet: bool) ->
     emit_line(json.dumps(dict(records[0], verify=result), sort_keys=True) if as_json else records[0]["path"])
     if not as_json:
         say(recorded.summary(result), quiet)
+
+
+def _map_path(out: str | None, image: str, name: str, overwrite: bool) -> Path:
+    """--out as a .png file or a folder (existing, or ending in /); default outputs/STEM-TYPE.png; PNG only, as a
+    map's edges must survive exactly; an existing file is refused here, before any work, unless `overwrite`."""
+    from diffcli.options import check_path
+    from diffcli.output import DEFAULT_DIR, check_paths
+
+    if out:
+        check_path("--out", out)
+    path = Path(out or DEFAULT_DIR)
+    if out is None or out.endswith(("/", os.sep)) or path.is_dir():
+        path = path / f"{Path(image).stem}-{name}.png"
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--out: a control map is written as PNG, got {path.suffix or '(no suffix)'!r}",
+                         "name a .png file (lossless: a map's edges stay exact) or a folder")
+    check_paths([path], overwrite)  # as an image's: not a folder, no silent overwrite, a writable folder
+    return path
+
+
+def preprocess(image: str, type: str, out: str | None, overwrite: bool, allow_pickle: bool, as_json: bool) -> None:
+    """`diffcli preprocess`: every check first (type, input, output name, annotator), then one atomic write of a PNG
+    recording how it was made, and one line on stdout (the path, or a JSON record)."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from diffcli.control import METADATA_KEY, make, parse_type
+    from diffcli.images import load_image
+    from diffcli.output import write_atomic
+
+    name, params = parse_type(type)
+    picture = load_image(image, "IMAGE")
+    path = _map_path(out, image, name, overwrite)
+    control = make(picture, name, params, allow_pickle)
+    record = {"input": image, "type": name, "params": params, "width": control.width, "height": control.height}
+    info, buffer = PngInfo(), io.BytesIO()
+    info.add_text(METADATA_KEY, json.dumps(record, sort_keys=True))
+    control.save(buffer, "PNG", pnginfo=info)
+    write_atomic(path, buffer.getvalue(), overwrite)
+    emit_line(json.dumps({"path": str(path), **record}, sort_keys=True) if as_json else str(path))

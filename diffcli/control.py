@@ -1,10 +1,9 @@
 """Control maps for ControlNet: built-in preprocessors on numpy and Pillow alone, controlnet_aux's model-based ones
-from local weights, chosen by a type text such as `canny:low=50,high=150`; and `diffcli preprocess`."""
+from local weights, chosen by a type text such as `canny:low=50,high=150` (commands.preprocess writes one)."""
 
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -266,42 +265,8 @@ def annotate(image, name: str, allow_pickle: bool):
     return result if result.size == image.size else result.resize(image.size, Image.BICUBIC)
 
 
-def output_path(out: str | None, image: str, name: str, overwrite: bool) -> Path:
-    """--out as a .png file or a folder (existing, or ending in /); default outputs/STEM-TYPE.png; PNG only, as a
-    map's edges must survive exactly; an existing file is refused here, before any work, unless `overwrite`."""
-    from diffcli.options import check_path
-    from diffcli.output import DEFAULT_DIR, check_paths
-
-    if out:
-        check_path("--out", out)
-    path = Path(out or DEFAULT_DIR)
-    if out is None or out.endswith(("/", os.sep)) or path.is_dir():
-        path = path / f"{Path(image).stem}-{name}.png"
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"--out: a control map is written as PNG, got {path.suffix or '(no suffix)'!r}",
-                         "name a .png file (lossless: a map's edges stay exact) or a folder")
-    check_paths([path], overwrite)  # as an image's: not a folder, no silent overwrite, a writable folder
-    return path
-
-
-def preprocess(image: str, type: str, out: str | None, overwrite: bool, allow_pickle: bool, as_json: bool) -> None:
-    """`diffcli preprocess`: every check first (type, input, output name, annotator), then one atomic write of a PNG
-    recording how it was made, and one line on stdout (the path, or a JSON record)."""
-    import io
-
-    from PIL.PngImagePlugin import PngInfo
-
-    from diffcli.images import load_image
-    from diffcli.output import emit_line, write_atomic
-
-    name, params = parse_type(type)
-    picture = load_image(image, "IMAGE")
-    path = output_path(out, image, name, overwrite)
-    control = annotate(picture, name, allow_pickle) if name in ANNOTATORS else PREPROCESSORS[name].function(
-        picture, **params)
-    record = {"input": image, "type": name, "params": params, "width": control.width, "height": control.height}
-    info, buffer = PngInfo(), io.BytesIO()
-    info.add_text(METADATA_KEY, json.dumps(record, sort_keys=True))
-    control.save(buffer, "PNG", pnginfo=info)
-    write_atomic(path, buffer.getvalue(), overwrite)
-    emit_line(json.dumps({"path": str(path), **record}, sort_keys=True) if as_json else str(path))
+def make(image, name: str, params: dict, allow_pickle: bool):
+    """The map of type `name` (parse_type's name and parameters) of a PIL RGB image, at its size."""
+    if name in ANNOTATORS:
+        return annotate(image, name, allow_pickle)
+    return PREPROCESSORS[name].function(image, **params)

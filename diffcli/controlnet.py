@@ -170,11 +170,7 @@ def control_map(unit: Unit, width: int, height: int, allow_pickle: bool):
     from diffcli.images import load_image
 
     image = load_image(unit.image, f"--control {unit.type}")
-    params = dict(unit.params)
-    if unit.type in control.PREPROCESSORS:
-        made = control.PREPROCESSORS[unit.type].function(image, **params)
-    else:
-        made = control.annotate(image, unit.type, allow_pickle)
+    made = control.make(image, unit.type, dict(unit.params), allow_pickle)
     if made.size == (width, height):
         return made
     if unit.resize == "stretch":

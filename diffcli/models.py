@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from diffcli import families, weights
 from diffcli.errors import ModelError, first_line
+from diffcli.transformer_files import BASE_HINT
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "tiny-shapes"
@@ -146,7 +146,7 @@ def _from_single_file(path: Path, name: str, model_config: str | None, allow_pic
         if model_config:
             raise ModelError(f"--model-config describes an SD checkpoint; {name!r} is a transformer-only "
                              f"{transformer.family} file, got --model-config {model_config!r}", "use --base instead")
-        return transformer_files.spec_for(transformer, name, base, allow_pickle)
+        return _transformer_spec(transformer, name, base, allow_pickle)
     info = checkpoints.inspect_checkpoint(path, model_config, allow_pickle)
     config_dir = Path(model_config) if model_config else Path(info.config_dir)
     if model_config and not (config_dir / "model_index.json").is_file():
@@ -239,43 +239,89 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def model_hash(spec: ModelSpec, cache_dir: Path) -> str:
-    """A1111-style short hash (sha256, 10 hex digits) of the weights."""
-    target = Path(spec.location)
-    if spec.source in ("folder", "bundled"):
-        denoiser = target / ("transformer" if (target / "transformer").is_dir() else "unet")
-        files = sorted(denoiser.glob("*.safetensors")) or sorted(denoiser.glob("*.bin"))
-        target = files[0] if files else target / "model_index.json"
-    elif spec.source == "hub":
-        return ""  # the Hub records the revision; hashing multi-GB cached blobs is not worth the wait
-    return file_sha256(target, cache_dir)[:10]
+# --- transformer-only files (transformer_files.py reads them): the --base that completes them is a model too
+
+def default_base(info) -> str:
+    """The registry's Hub id for the file's variant (families.Variant.base)."""
+    variant = families.variant(info.family, info.denoiser)
+    if variant is None or variant.base is None:
+        raise ModelError(f"--base: {info.path!r} holds only a {info.family} transformer and its family names no "
+                         "default base", BASE_HINT)
+    return variant.base
 
 
-def file_sha256(target: Path, cache_dir: Path, after_header: bool = False) -> str:
-    """sha256 hex digest of a file, cached in cache_dir/hashes.json by path, size and mtime.
+def resolve_base(info, base: str | None, allow_pickle: bool):
+    """(Hub id or folder for from_pretrained, the folder holding its configs, Hub revision) of --base or the default,
+    checked: a diffusers folder or cached Hub id of the file's kind, whose transformer has the file's width."""
+    given = base
+    base = base or default_base(info)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"--base {base!r} is not a diffusers folder (no model_index.json)", BASE_HINT)
+        weights.check_folder(path, "--base", allow_pickle)
+        location, folder, revision = str(path.resolve()), path, None
+    elif path.exists() or base.startswith((".", "/", "~")) or not HUB_ID.match(base):
+        raise _not_a_base(base, path)
+    else:
+        revision = _hub_base(base, given, info).revision
+        location, folder = base, Path(_snapshot(base, revision))
+    _check_base(info, base, folder)
+    return location, folder, revision
 
-    `after_header` hashes a safetensors file's tensor bytes only (the "addnet" hash A1111 gives LoRAs).
-    """
-    stat = target.stat()
-    key = f"sha256{':tensors' if after_header else ''}:{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    cache_file = cache_dir / "hashes.json"
+
+def _not_a_base(base: str, path: Path) -> ModelError:
+    """Why --base is neither a folder nor a Hub id: a file, a missing folder, or no owner/name."""
+    if path.exists():
+        return ModelError(f"--base {base!r} is a file", BASE_HINT)
+    if base.startswith((".", "/", "~")):
+        return ModelError(f"--base {base!r}: no such folder", BASE_HINT)
+    return ModelError(f"--base {base!r} is neither a folder nor a Hub id (owner/name)", BASE_HINT)
+
+
+def _hub_base(repo: str, given: str | None, info):
+    """The base as a Hub model (offline: from the cache), its errors naming --base; an uncached default names --base."""
     try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        digest = hashlib.sha256()
-        with target.open("rb") as handle:
-            if after_header:
-                handle.seek(8 + int.from_bytes(handle.read(8), "little"))
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        cache[key] = digest.hexdigest()
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass  # a cache that cannot be written only costs time
-    return cache[key]
+        return resolve_model(repo, flag="--base")
+    except ModelError as exc:
+        hint = f"download it once with `hf download {repo}`, or {BASE_HINT}"
+        if given:
+            raise ModelError(exc.message, hint) from None
+        reason = exc.message.removeprefix(f"--base {repo!r} ")
+        raise ModelError(f"--base: {info.path!r} holds only a {info.family} transformer; its text encoders and VAE come "
+                         f"from --base, by default {repo}, which {reason}", hint) from None
+
+
+def _snapshot(repo: str, revision: str) -> str:
+    """The cached snapshot folder of a Hub repo's revision (models._from_hub fetched its configs there)."""
+    from huggingface_hub import hf_hub_download
+
+    return str(Path(hf_hub_download(repo, "model_index.json", revision=revision, local_files_only=True)).parent)
+
+
+def _check_base(info, base: str, folder: Path) -> None:
+    """The base is of the file's kind (the same transformer class) and its transformer is as wide as the file's."""
+    index = read_json(folder / "model_index.json")
+    config = read_json(folder / "transformer" / "config.json") if "transformer" in index else {}
+    kind = families.get(info.family).transformer_file.class_name
+    if config.get("_class_name") != kind:
+        raise ModelError(f"--base {base!r} is not a {info.family} model (its transformer is "
+                         f"{config.get('_class_name') or 'missing'}), got a {info.family} file", BASE_HINT)
+    width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
+    if width != info.width:
+        raise ModelError(f"--base {base!r}: its transformer is {width} wide, the file's {info.width}", BASE_HINT)
+    converted = families.get(info.family).transformer_file.converted_width
+    if info.layout == "original" and converted and info.width != converted:
+        raise ModelError(f"--model {info.path!r}: diffusers converts original-layout {info.family} files of width "
+                         f"{converted} only, got {info.width}", "save the transformer in diffusers' layout")
+
+
+def _transformer_spec(info, name: str, base: str | None, allow_pickle: bool):
+    """The ModelSpec of a transformer-only file completed by its base: the file's family and variant, the base's
+    sizes and configs."""
+    location, folder, revision = resolve_base(info, base, allow_pickle)
+    spec = _spec_from_configs(folder, name, "single_file", info.path)
+    variant = families.variant(info.family, info.denoiser)
+    return replace(spec, family=info.family, config_dir=str(folder), base=location, revision=revision,
+                   defaults=dict(variant.defaults) if variant else {},
+                   guidance=(variant and variant.guidance) or families.get(info.family).guidance)

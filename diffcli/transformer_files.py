@@ -1,11 +1,11 @@
 """Transformer-only single files (SD3, FLUX.1; .safetensors or .gguf): their family from tensor names and shapes (the
-header only), the --base diffusers folder or Hub id whose text encoders, tokenizers, VAE and scheduler complete them,
-and loading them offline through diffusers' `from_single_file` (GGUF through its GGUF quantizer)."""
+header only), and loading them offline through diffusers' `from_single_file` (GGUF through its GGUF quantizer) into
+the pipeline of their --base (models.py resolves the base: a model of its own)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffcli import families, weights
@@ -80,100 +80,6 @@ def _info(path: Path, fmt: str, family: str, layout_name: str, layout, shapes: d
     if known.widened and config["in_channels"] > config.get("out_channels", config["in_channels"]):
         family = known.widened
     return TransformerInfo(str(path), fmt, family, layout_name, embedding[0], tuple(sorted(config.items())))
-
-
-def default_base(info: TransformerInfo) -> str:
-    """The registry's Hub id for the file's variant (families.Variant.base)."""
-    variant = families.variant(info.family, info.denoiser)
-    if variant is None or variant.base is None:
-        raise ModelError(f"--base: {info.path!r} holds only a {info.family} transformer and its family names no "
-                         "default base", BASE_HINT)
-    return variant.base
-
-
-def resolve_base(info: TransformerInfo, base: str | None, allow_pickle: bool):
-    """(Hub id or folder for from_pretrained, the folder holding its configs, Hub revision) of --base or the default,
-    checked: a diffusers folder or cached Hub id of the file's kind, whose transformer has the file's width."""
-    from diffcli import models
-
-    given = base
-    base = base or default_base(info)
-    path = Path(base).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"--base {base!r} is not a diffusers folder (no model_index.json)", BASE_HINT)
-        weights.check_folder(path, "--base", allow_pickle)
-        location, folder, revision = str(path.resolve()), path, None
-    elif path.exists() or base.startswith((".", "/", "~")) or not models.HUB_ID.match(base):
-        raise _not_a_base(base, path)
-    else:
-        revision = _hub_base(base, given, info).revision
-        location, folder = base, Path(_snapshot(base, revision))
-    _check_base(info, base, folder)
-    return location, folder, revision
-
-
-def _not_a_base(base: str, path: Path) -> ModelError:
-    """Why --base is neither a folder nor a Hub id: a file, a missing folder, or no owner/name."""
-    if path.exists():
-        return ModelError(f"--base {base!r} is a file", BASE_HINT)
-    if base.startswith((".", "/", "~")):
-        return ModelError(f"--base {base!r}: no such folder", BASE_HINT)
-    return ModelError(f"--base {base!r} is neither a folder nor a Hub id (owner/name)", BASE_HINT)
-
-
-def _hub_base(repo: str, given: str | None, info: TransformerInfo):
-    """The base as a Hub model (offline: from the cache), its errors naming --base; an uncached default names --base."""
-    from diffcli import models
-
-    try:
-        return models.resolve_model(repo, flag="--base")
-    except ModelError as exc:
-        hint = f"download it once with `hf download {repo}`, or {BASE_HINT}"
-        if given:
-            raise ModelError(exc.message, hint) from None
-        reason = exc.message.removeprefix(f"--base {repo!r} ")
-        raise ModelError(f"--base: {info.path!r} holds only a {info.family} transformer; its text encoders and VAE come "
-                         f"from --base, by default {repo}, which {reason}", hint) from None
-
-
-def _snapshot(repo: str, revision: str) -> str:
-    """The cached snapshot folder of a Hub repo's revision (models._from_hub fetched its configs there)."""
-    from huggingface_hub import hf_hub_download
-
-    return str(Path(hf_hub_download(repo, "model_index.json", revision=revision, local_files_only=True)).parent)
-
-
-def _check_base(info: TransformerInfo, base: str, folder: Path) -> None:
-    """The base is of the file's kind (the same transformer class) and its transformer is as wide as the file's."""
-    from diffcli import models
-
-    index = models.read_json(folder / "model_index.json")
-    config = models.read_json(folder / "transformer" / "config.json") if "transformer" in index else {}
-    kind = families.get(info.family).transformer_file.class_name
-    if config.get("_class_name") != kind:
-        raise ModelError(f"--base {base!r} is not a {info.family} model (its transformer is "
-                         f"{config.get('_class_name') or 'missing'}), got a {info.family} file", BASE_HINT)
-    width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
-    if width != info.width:
-        raise ModelError(f"--base {base!r}: its transformer is {width} wide, the file's {info.width}", BASE_HINT)
-    converted = families.get(info.family).transformer_file.converted_width
-    if info.layout == "original" and converted and info.width != converted:
-        raise ModelError(f"--model {info.path!r}: diffusers converts original-layout {info.family} files of width "
-                         f"{converted} only, got {info.width}", "save the transformer in diffusers' layout")
-
-
-def spec_for(info: TransformerInfo, name: str, base: str | None, allow_pickle: bool):
-    """The ModelSpec of a transformer-only file completed by its base: the file's family and variant, the base's
-    sizes and configs."""
-    from diffcli import models
-
-    location, folder, revision = resolve_base(info, base, allow_pickle)
-    spec = models._spec_from_configs(folder, name, "single_file", info.path)
-    variant = families.variant(info.family, info.denoiser)
-    return replace(spec, family=info.family, config_dir=str(folder), base=location, revision=revision,
-                   defaults=dict(variant.defaults) if variant else {},
-                   guidance=(variant and variant.guidance) or families.get(info.family).guidance)
 
 
 def load(cls, spec, allow_pickle: bool, **kwargs):

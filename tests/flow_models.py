@@ -6,6 +6,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_tiny_tokenizer
 
@@ -319,3 +320,27 @@ def write_gguf(path: Path, state: dict, arch: str) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+# --- shared by the flow-matching families' tests (test_flow_families, test_qwen_zimage) ---
+
+FAST = ("--steps", "2", "--seed", "1", "--quiet")
+TOLERANCE = 2  # 8-bit values: the CLI's image against diffusers' own float output, rounded
+SIZE = (64, 48)  # width x height: multiples of 16 (VAE factor 8 x the 2x2 latent patch)
+
+
+def diffusers_image(class_name: str, folder, prompt: str, steps: int = 2, seed: int = 1, **kwargs) -> np.ndarray:
+    """The plain diffusers pipeline's image as 8-bit values, with the CLI's generator, steps and guidance."""
+    import diffusers
+    import torch
+
+    pipe = getattr(diffusers, class_name).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                 **kwargs).images[0]
+    return np.round(image * 255)
+
+
+@pytest.fixture
+def model(request):
+    """The tiny model folder a test is parametrized with (by fixture name)."""
+    return request.getfixturevalue(request.param)

@@ -15,7 +15,7 @@ from flow_models import sd3_to_original, tiny_flux, tiny_flux_fill, tiny_sd3, wr
 from PIL import Image
 from task_inputs import pixels, write_photo
 
-from diffcli import transformer_files
+from diffcli import models, transformer_files
 from diffcli.errors import ModelError
 from diffcli.output import read_metadata
 
@@ -161,7 +161,7 @@ def test_family_layout_and_default_base_from_names(tmp_path, shapes, prefix, exp
     path = names_file(tmp_path / "t.safetensors", {prefix + name: shape for name, shape in shapes.items()})
     info = transformer_files.inspect(path)
     config = info.denoiser
-    assert (info.family, info.layout, transformer_files.default_base(info), config["num_layers"],
+    assert (info.family, info.layout, models.default_base(info), config["num_layers"],
             config.get("num_single_layers")) == expected
 
 

@@ -9,34 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_models import tiny_qwen_image, tiny_z_image  # noqa: F401 (fixtures)
+from flow_models import FAST, SIZE, TOLERANCE, diffusers_image, model, tiny_qwen_image, tiny_z_image  # noqa: F401 (fixtures)
 from PIL import Image
 from task_inputs import pixels, write_mask, write_photo
 
 from diffcli.output import read_metadata
-
-FAST = ("--steps", "2", "--seed", "1", "--quiet")
-TOLERANCE = 2  # 8-bit values: the CLI's image against diffusers' own float output, rounded
-SIZE = (64, 48)  # width x height: multiples of 16 (VAE factor 8 x the 2x2 latent patch)
-
-
-def diffusers_image(class_name: str, folder: Path, prompt: str, steps: int = 2, seed: int = 1, **kwargs) -> np.ndarray:
-    """The plain diffusers pipeline's image as 8-bit values, with the CLI's generator and steps."""
-    import diffusers
-    import torch
-
-    pipe = getattr(diffusers, class_name).from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-                 **kwargs).images[0]
-    return np.round(image * 255)
-
-
-@pytest.fixture
-def model(request):
-    """The tiny model folder a test is parametrized with (by fixture name)."""
-    return request.getfixturevalue(request.param)
-
 
 def test_folders_resolve_to_their_family_and_defaults(tiny_qwen_image, tiny_z_image):
     from diffcli.models import resolve_model

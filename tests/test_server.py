@@ -38,7 +38,7 @@ def serving(**options):
     """A diffcli server in this process; yields (url, app)."""
     import uvicorn
 
-    from diffcli.server import ServeOptions, build, check
+    from diffcli.server.start import ServeOptions, build, check
 
     settings = ServeOptions(port=free_port(), preload=False, **options)
     app, broker = build(settings, check(settings))

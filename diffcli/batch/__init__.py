@@ -65,10 +65,8 @@ class BatchOptions:
     quiet: bool = False
 
 
-def run_command(ctx, values: dict) -> int:
-    """The batch command's body: `values` by option name (flags.BATCH), `ctx.args` the flags after FILE."""
-    from diffcli.flags import BATCH
-
+def batch_options(ctx, values: dict) -> BatchOptions:
+    """The batch command line (`values` by option name, flags.BATCH; `ctx.args` the flags after FILE), checked."""
     if any(arg == "--grid" or arg.startswith("--grid=") for arg in ctx.args):
         raise UsageError("batch --grid: a batch writes no contact sheets", "run the sweep with txt2img ... --grid instead")
     check_threads(values["threads"])  # a whole-run setting: once here, not once per line
@@ -77,17 +75,16 @@ def run_command(ctx, values: dict) -> int:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED}, or -1 (random), got {seed}")
     given = {name: values[name] for name in PER_JOB
              if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")}
-    options = BatchOptions(values["file"], values["fmt"], values["command"], given, list(ctx.args),
-                           None if seed == RANDOM_SEED else seed,  # -1 is the default: the manifest's, else random
-                           values["out"], values["manifest"], values["wildcards"], values["random"], values["dry_run"],
-                           values["force"], values["processes"], values["as_json"], values["quiet"])
-    if values.get("server"):
-        from diffcli.server import client
+    return BatchOptions(values["file"], values["fmt"], values["command"], given, list(ctx.args),
+                        None if seed == RANDOM_SEED else seed,  # -1 is the default: the manifest's, else random
+                        values["out"], values["manifest"], values["wildcards"], values["random"], values["dry_run"],
+                        values["force"], values["processes"], values["as_json"], values["quiet"])
 
-        url = client.server_url(values["server"])
-        if url:
-            return client.batch(url, options, (lambda message: None) if options.quiet else
-                                (lambda message: print(message, file=sys.stderr, flush=True)))
+
+def run_command(ctx, values: dict, options: BatchOptions) -> int:
+    """The batch command's local run (`options` from batch_options)."""
+    from diffcli.flags import BATCH
+
     return run_batch(options, lambda base, source: children_argv(BATCH, values, list(ctx.args), base, source))
 
 
