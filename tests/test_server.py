@@ -339,7 +339,7 @@ def test_client_batch_names_ids_and_resume_like_a_local_batch(server, cli, isola
 
 def test_skip_moves_on_to_the_next_image(server):
     api = api_of(server)
-    worker, results = in_background(server, {"prompt": "a circle", "seed": 1, "steps": 60, "n_iter": 2, "width": 128,
+    worker, results = in_background(server, {"prompt": "a circle", "seed": 1, "steps": 30, "n_iter": 2, "width": 128,
                                              "height": 128})
     assert progress_when(api, lambda state: state["sampling_step"] > 1 and state["job_no"] == 0)
     api.skip()
@@ -370,6 +370,7 @@ def test_server_auto_runs_locally_when_no_server_answers(cli, isolated, monkeypa
     assert result.exit_code == 0 and Path(result.stdout.strip()).is_file()
 
 
+@pytest.mark.slow  # starts processes
 def test_client_imports_no_torch(server, isolated):
     import subprocess
     import sys
