@@ -175,12 +175,24 @@ def evaluate(
 
 
 @app.command()
-def schedulers() -> None:
+def schedulers(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only those this model's family takes (its own "
+                                                 "marked *): bundled name, Hub id, folder or file; no weights load.")] = None,
+) -> None:
     """List the scheduler names --scheduler accepts, with A1111's names and default steps."""
+    from diffcli import families
     from diffcli.pipeline import SCHEDULERS
 
+    own, flow_match = None, None
+    if model:
+        from diffcli.models import resolve_model
+
+        spec = resolve_model(model)
+        own, flow_match = spec.defaults.get("scheduler"), families.get(spec.family).flow_match
     for name, entry in SCHEDULERS.items():
-        print(f"{name:20} {entry.label:22} {entry.class_name:34} steps {entry.steps}")
+        if flow_match is None or entry.flow_match == flow_match:
+            mark = "*" if name == own or (own is None and flow_match and entry.flow_match) else " "
+            print(f"{name:20}{mark}{entry.label:22} {entry.class_name:34} steps {entry.steps}")
 
 
 @app.command()

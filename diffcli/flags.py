@@ -41,6 +41,9 @@ SAMPLING = group(
 )
 WIDTH = Flag("width", ("--width",), int, None, "Width in pixels (default: the model's native size).")
 HEIGHT = Flag("height", ("--height",), int, None, "Height in pixels (default: the model's native size).")
+ASPECT = Flag("aspect", ("--aspect",), str, None, "Shape W:H (16:9, 2:3, 1.5): the size of about the model's "
+              "native area in that shape, each side a multiple the model takes; with --width or --height, the other "
+              "side.", metavar="W:H")
 VARIATION = group(
     Flag("variation_seed", ("--variation-seed",), int, None, "Seed of the noise to vary toward (image i uses variation "
          "seed + i).", min=0),
@@ -168,7 +171,7 @@ IMAGE_COMMON = {**SAMPLING, **PROMPT, **ADAPTERS, "model": MODEL, **RUNTIME, "de
 # The options of each generating command, in --help order: what a batch line of that command may set, too.
 COMMANDS: dict[str, dict[str, Flag]] = {
     "txt2img": {"prompt": prompt_argument("What to draw."), **IMAGE_COMMON, "width": WIDTH, "height": HEIGHT,
-                **VARIATION, **SECOND_PASSES, **CONTROL},
+                "aspect": ASPECT, **VARIATION, **SECOND_PASSES, **CONTROL},
     "img2img": {"input": INPUT, "prompt": prompt_argument("What the result should show."), **IMG2IMG, **IMAGE_COMMON,
                 "width": WIDTH, "height": HEIGHT, **CONTROL},
     "inpaint": {"input": INPUT, "prompt": prompt_argument("What to paint into the masked area."), **INPAINT,

@@ -27,6 +27,7 @@ class Sampling:
     scheduler: str | None = None  # None: the scheduler the model ships with (or recommends)
     width: int | None = None  # None: the model's native size, or the input image's
     height: int | None = None
+    aspect: str | None = None  # W:H: the size of about the native area in that shape (plan.size_for_aspect)
     num_images: int = 1
     batch_size: int = 1  # images per pipeline call; memory grows linearly with it
     variation_seed: int | None = None  # A1111 subseed: image i's noise slerped toward variation_seed + i

@@ -89,8 +89,14 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
         vae = vaes.resolve(job.model.vae, spec, job.model.allow_pickle)
     prepared = tasks.prepare(job, spec) if job.inputs is not None else None
     defaults = spec.defaults
-    width, height = prepared.size if prepared else (sampling.width or defaults.get("width") or spec.sample_size or 512,
-                                                    sampling.height or defaults.get("height") or spec.sample_size or 512)
+    if prepared:
+        width, height = prepared.size
+    elif sampling.aspect:
+        width, height = size_for_aspect(sampling.aspect, sampling.width, sampling.height,
+                                        defaults.get("width") or spec.sample_size or 512, spec.size_multiple)
+    else:
+        width, height = (sampling.width or defaults.get("width") or spec.sample_size or 512,
+                         sampling.height or defaults.get("height") or spec.sample_size or 512)
     check_size_multiple(width, height, spec.size_multiple)
     if job.second.hires:  # the second pass's size too, before any weights load
         hires.check_target(width, height, job.second.hires, spec.size_multiple)
@@ -134,6 +140,25 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
                 adapters=resolved_adapters, inputs=prepared, controls=controls, record=record)
     plan.identity = identity.settings_digest(plan)
     return plan
+
+
+def size_for_aspect(aspect: str, width: int | None, height: int | None, native: int, multiple: int) -> tuple[int, int]:
+    """--aspect W:H (or a ratio like 1.5): with --width or --height the other side, else about native x native pixels
+    in that shape; each side rounded to the nearest multiple the model takes."""
+    try:
+        ratio = float(aspect) if ":" not in aspect else (lambda w, h: float(w) / float(h))(*aspect.split(":", 1))
+    except (ValueError, ZeroDivisionError):
+        ratio = float("nan")
+    if not 0.1 <= ratio <= 10:  # (nan fails too)
+        raise UsageError(f"--aspect must be W:H or a ratio between 0.1 and 10, got {aspect!r}", "e.g. 16:9, 2:3 or 1.5")
+    if width and height:
+        raise UsageError(f"--aspect {aspect} with both --width and --height: one of the three is too many")
+    fit = lambda side: max(multiple, round(side / multiple) * multiple)  # noqa: E731
+    if width:
+        return width, fit(width / ratio)
+    if height:
+        return fit(height * ratio), height
+    return fit(native * ratio ** 0.5), fit(native / ratio ** 0.5)
 
 
 def default_steps_of(spec: ModelSpec, scheduler: str | None) -> int | None:

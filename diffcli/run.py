@@ -83,12 +83,14 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     calls = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
     for call in calls:
         began = time.perf_counter()
+        speed.reset_peak_memory(device)
         pixels, warnings = _with_oom_ladder(pipe, [(each.seeds[index], each) for each, index in call],
                                             lambda part: _generate_batch(pipe, plan, part, steps, progress_bar, on_step),
                                             notify)
         generate_s = (time.perf_counter() - began) / len(call)
+        peak = speed.peak_memory_gib(device)  # CUDA: this call's allocations; CPU: the process's resident peak
         for image, (each, index) in zip(pixels, call):
-            timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3)}
+            timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3), "peak_memory_gib": peak}
             yield each, index, image, dict(common[id(each)], warnings=each.warnings + warnings, timings=timings)
             load_s = 0.0
 

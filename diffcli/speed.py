@@ -158,3 +158,27 @@ def deep_cache(pipe, interval: int | None):
                 vars(module).pop("forward", None)
             else:
                 module.forward = forward
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start measuring a CUDA device's peak allocation afresh (the CPU's peak is the process's, never reset)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: str) -> float | None:
+    """Peak memory in GiB since reset_peak_memory: torch's CUDA allocations, or on the CPU the process's peak resident
+    size (Linux and macOS); None where neither is known."""
+    if device.startswith("cuda"):
+        import torch
+
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    try:
+        import resource
+        import sys
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)  # bytes on macOS, KiB on Linux

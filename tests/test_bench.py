@@ -16,6 +16,7 @@ def test_bench_reports_plain_and_diffcli(cli, tiny_model):
     assert report["speedup_ms_per_step"] > 0 and report["optimizations"][0].startswith("cpu threads")
 
 
+@pytest.mark.slow  # starts a competing process
 def test_bench_contended_reports_idle_and_contended_times_and_stops_its_competitor(cli, tiny_model, monkeypatch):
     import subprocess
 

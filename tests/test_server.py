@@ -259,6 +259,7 @@ def progress_when(api, ready) -> dict | None:
     return None
 
 
+@pytest.mark.slow  # waits on a running job
 def test_progress_preview_and_interrupt(server):
     api = api_of(server)
     worker, results = in_background(server, {"prompt": "a circle", "seed": 1, "steps": 120, "n_iter": 3, "width": 128,
@@ -337,6 +338,7 @@ def test_client_batch_names_ids_and_resume_like_a_local_batch(server, cli, isola
     assert refused.exit_code == 2
 
 
+@pytest.mark.slow  # waits on a running job
 def test_skip_moves_on_to_the_next_image(server):
     api = api_of(server)
     worker, results = in_background(server, {"prompt": "a circle", "seed": 1, "steps": 30, "n_iter": 2, "width": 128,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flow_models import tiny_flux  # noqa: F401 (a fixture)
 from PIL import Image
 
 from conftest import HUB_REPO, run_subprocess
@@ -65,7 +66,7 @@ def test_json_output_has_path_seed_settings_timings(cli, tiny_model):
     result = cli("txt2img", "a dog", "--model", tiny_model, "--seed", "3", "-N", "2", "--json", *FAST)
     records = result.json_lines()
     assert [r["seed"] for r in records] == [3, 4] and [r["index"] for r in records] == [0, 1]
-    assert all(Path(r["path"]).is_file() and set(r["timings"]) == {"load_s", "generate_s", "save_s"} for r in records)
+    assert all(Path(r["path"]).is_file() and set(r["timings"]) == {"load_s", "generate_s", "save_s", "peak_memory_gib"} for r in records)
     assert records[0]["versions"]["diffusers"] and records[0]["width"] == 64
 
 
@@ -249,3 +250,40 @@ def test_deep_cache_reuses_features_between_full_steps_only(cli, tiny_model):
     for loaded in pipeline._CACHE.values():
         for pipe in loaded.values():  # (the U-Net ones: SD3/FLUX.1 pipelines other tests loaded have none)
             assert getattr(pipe, "unet", None) is None or "forward" not in vars(pipe.unet.mid_block)
+
+
+def test_schedulers_of_a_model_lists_what_its_family_takes(cli):
+    sd = cli("schedulers", "--model", "tiny-shapes")
+    assert sd.exit_code == 0 and "flow-euler" not in sd.stdout
+    assert [line.split()[0] for line in sd.stdout.splitlines() if "*" in line] == ["euler-a"]  # its diffcli.json's
+    everything = cli("schedulers")
+    assert "flow-euler" in everything.stdout and "ddim" in everything.stdout
+    bad = cli("schedulers", "--model", "./nowhere")
+    assert bad.exit_code == 2
+
+
+def test_schedulers_of_a_flow_model(cli, tiny_flux):
+    result = cli("schedulers", "--model", tiny_flux)
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["flow-euler"] and "*" in result.stdout
+
+
+@pytest.mark.parametrize("aspect, width, height, expected", [
+    ("16:9", None, None, (168, 96)), ("2:3", None, None, (104, 160)), ("1.5", None, None, (160, 104)),
+    ("16:9", 256, None, (256, 144)), ("1:2", None, 64, (32, 64)),
+])
+def test_aspect_picks_a_size_of_about_the_native_area(aspect, width, height, expected):
+    from diffcli.plan import size_for_aspect
+
+    assert size_for_aspect(aspect, width, height, 128, 8) == expected
+
+
+def test_aspect_through_the_cli_and_its_errors(cli, isolated):
+    made = cli("txt2img", "a red circle", "--aspect", "16:9", *FAST, "--json", "-o", "wide.png")
+    assert made.exit_code == 0, made.stderr
+    assert Image.open("wide.png").size == (168, 96)
+    assert made.json_lines()[0]["timings"]["peak_memory_gib"] > 0  # the process's resident peak on the CPU
+    for args, message in ((("--aspect", "0:1"), "--aspect must be"), (("--aspect", "wide"), "--aspect must be"),
+                          (("--aspect", "16:9", "--width", "128", "--height", "64"), "one of the three")):
+        result = cli("txt2img", "a red circle", *args, *FAST)
+        assert result.exit_code == 2 and message in result.stderr, result.stderr
