@@ -9,8 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from diffcli import jobs
-from diffcli.errors import RuntimeFailure, UsageError
+from diffcli import jobs, output
+from diffcli.errors import UsageError
 from diffcli.jobs import Job
 from diffcli.options import RANDOM_SEED, draw_seed
 from diffcli.output import emit_line
@@ -117,24 +117,12 @@ def _run_to_stdout(job: Job, as_json: bool, quiet: bool) -> list[dict]:
     if job.sampling.num_images != 1:
         raise UsageError(f"--out - writes one image to stdout, got --num-images {job.sampling.num_images}",
                          "use a folder or a template")
-    if as_json:
-        raise UsageError("--out - and --json both want stdout", "drop one of them")
-    if sys.stdout.isatty():
-        raise UsageError("--out - would write PNG bytes to the terminal", "redirect stdout: > image.png, or | another program")
+    output.check_stdout(as_json)
     with tempfile.TemporaryDirectory(prefix="diffcli-stdout-") as folder:
         job.output.out = str(Path(folder) / "image.png")
         records = run_jobs([job], False, quiet, emit=False)
         data = Path(records[0]["path"]).read_bytes()
-    try:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    except BrokenPipeError:  # the reader has gone (`| head -c 1`, a closed pipe)
-        try:  # what is left in the buffer goes nowhere, so Python's exit flush does not fail again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # stdout is no file descriptor (in-process tests)
-            pass
-        raise RuntimeFailure("stdout closed before the image was written (the reader of the pipe has gone)") from None
+    output.write_stdout(data)
     return records
 
 

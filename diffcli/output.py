@@ -154,6 +154,41 @@ def emit_line(text: str) -> None:
     sys.stdout.flush()
 
 
+def check_distinct(paths: list[Path], seen: set, out: str | None) -> None:
+    """No two images of one run (a sweep's jobs) share a name: `seen` holds the earlier jobs' paths, and grows."""
+    for path in paths:
+        if path in seen:
+            raise UsageError(f"--out {out or DEFAULT_DIR!r} gives several images the name {path}",
+                             "use a folder, or a template with {index}, or with {cfg}, {steps}, {seed} or {scheduler} for a sweep")
+        seen.add(path)
+
+
+def check_stdout(as_json: bool) -> None:
+    """`--out -` writes PNG bytes to stdout: not also JSON lines, and never to a terminal."""
+    import sys
+
+    if as_json:
+        raise UsageError("--out - and --json both want stdout", "drop one of them")
+    if sys.stdout.isatty():
+        raise UsageError("--out - would write PNG bytes to the terminal", "redirect stdout: > image.png, or | another program")
+
+
+def write_stdout(data: bytes) -> None:
+    """An image's bytes to stdout (`--out -`); a reader that has gone is one clear failure, not a traceback."""
+    import sys
+
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:  # the reader has gone (`| head -c 1`, a closed pipe)
+        try:  # what is left in the buffer goes nowhere, so Python's exit flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file descriptor (in-process tests)
+            pass
+        raise RuntimeFailure("stdout closed before the image was written (the reader of the pipe has gone)") from None
+
+
 def a1111_parameters(meta: dict) -> str:
     """The `parameters` text that A1111, ComfyUI loaders and civitai read."""
     from diffcli import controlnet

@@ -180,14 +180,10 @@ def default_steps_of(spec: ModelSpec, scheduler: str | None) -> int | None:
 
 def plan_jobs(jobs_: list[Job]) -> list[Plan]:
     """Plan several jobs of one run (a sweep): {index} names continue across them and no two images share a path."""
-    plans, seen = [], {}
+    plans, seen = [], set()
     for job in jobs_:
         plan = plan_job(job, sum(len(p.seeds) for p in plans))
-        for path in plan.paths:
-            if path in seen:
-                raise UsageError(f"--out {job.output.out or output.DEFAULT_DIR!r} gives several images the name {path}",
-                                 "use a folder, or a template with {index}, or with {cfg}, {steps}, {seed} or {scheduler} for a sweep")
-            seen[path] = True
+        output.check_distinct(plan.paths, seen, job.output.out)
         plans.append(plan)
     return plans
 

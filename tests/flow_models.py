@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_tiny_tokenizer
+from PIL import Image
+from task_inputs import pixels, write_mask, write_photo
+
+from diffcli.output import read_metadata
 
 TEXT_HIDDEN = 32  # CLIP and T5 widths: the transformers' joint_attention_dim
 VAE_BLOCKS = (8, 8, 8, 8)  # four blocks: a VAE factor of 8, as the real models', so sizes must be multiples of 16
@@ -344,3 +348,34 @@ def diffusers_image(class_name: str, folder, prompt: str, steps: int = 2, seed: 
 def model(request):
     """The tiny model folder a test is parametrized with (by fixture name)."""
     return request.getfixturevalue(request.param)
+
+
+def check_img2img_and_inpaint(cli, model, prefix: str, guidance: dict, tmp_path) -> None:
+    """img2img (two images in one call, each equal to its seed alone) and inpaint (the repainted area as diffusers's,
+    the rest exactly the input) of a flow-matching model against the plain diffusers pipelines `prefix`*."""
+    photo, mask = write_photo(tmp_path, SIZE), write_mask(tmp_path, SIZE, box=(16, 8, 40, 32))
+    result = cli("img2img", photo, "a dog", "--model", model, "--strength", "0.6", "--cfg", "3", *FAST, "--num-images", "2",
+                 "--batch-size", "2", "-o", "i-{seed}.png")  # one call: each image as its seed alone
+    assert result.exit_code == 0, result.stderr
+    assert Image.open("i-1.png").size == SIZE  # the input's size, not the model's native one
+    for seed in (1, 2):
+        expected = diffusers_image(f"{prefix}Img2ImgPipeline", model, "a dog", seed=seed, image=Image.open(photo),
+                                   strength=0.6, width=SIZE[0], height=SIZE[1], **guidance)
+        assert np.abs(pixels(f"i-{seed}.png") - expected).max() <= TOLERANCE
+    result = cli("inpaint", photo, "a dog", "--mask", mask, "--mask-blur", "0", "--model", model, "--cfg", "3", *FAST,
+                 "-o", "m.png")
+    assert result.exit_code == 0, result.stderr
+    repaint = np.asarray(Image.open(mask)) == 255
+    expected = diffusers_image(f"{prefix}InpaintPipeline", model, "a dog", image=Image.open(photo),
+                               mask_image=Image.open(mask), strength=1.0, width=SIZE[0], height=SIZE[1], **guidance)
+    assert np.abs(pixels("m.png")[repaint] - expected[repaint]).max() <= TOLERANCE
+    assert np.array_equal(pixels("m.png")[~repaint], pixels(photo)[~repaint])
+    assert read_metadata("m.png")["task"] == "inpaint"
+
+
+def check_outpaint(cli, model, tmp_path) -> None:
+    """outpaint runs the model's inpaint pipeline on the widened canvas."""
+    photo = write_photo(tmp_path, SIZE)
+    result = cli("outpaint", photo, "a dog", "--extend", "right=16", "--model", model, *FAST, "-o", "o.png")
+    assert result.exit_code == 0, result.stderr
+    assert Image.open("o.png").size == (SIZE[0] + 16, SIZE[1])

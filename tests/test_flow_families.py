@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_models import FAST, SIZE, TOLERANCE, diffusers_image, model, tiny_flux, tiny_flux_fill, tiny_flux_lora, tiny_flux_schnell, tiny_sd3  # noqa: F401 (fixtures)
+from flow_models import FAST, SIZE, TOLERANCE, check_img2img_and_inpaint, check_outpaint, diffusers_image, model, tiny_flux, tiny_flux_fill, tiny_flux_lora, tiny_flux_schnell, tiny_sd3  # noqa: F401 (fixtures)
 from PIL import Image
 from task_inputs import pixels, write_mask, write_photo
 
@@ -47,31 +47,11 @@ def test_txt2img_equals_diffusers(cli, model, class_name, args, kwargs, paramete
 @pytest.mark.parametrize("model, prefix", [("tiny_sd3", "StableDiffusion3"), ("tiny_flux", "Flux")],
                          indirect=["model"], ids=["sd3", "flux"])
 def test_img2img_and_inpaint_equal_diffusers(cli, model, prefix, tmp_path):
-    photo, mask = write_photo(tmp_path, SIZE), write_mask(tmp_path, SIZE, box=(16, 8, 40, 32))
-    result = cli("img2img", photo, "a dog", "--model", model, "--strength", "0.6", "--cfg", "3", *FAST, "--num-images", "2",
-                 "--batch-size", "2", "-o", "i-{seed}.png")  # one call: each image as its seed alone
-    assert result.exit_code == 0, result.stderr
-    assert Image.open("i-1.png").size == SIZE  # the input's size, not the model's native one
-    for seed in (1, 2):
-        expected = diffusers_image(f"{prefix}Img2ImgPipeline", model, "a dog", seed=seed, image=Image.open(photo),
-                                   strength=0.6, guidance_scale=3.0, width=SIZE[0], height=SIZE[1])
-        assert np.abs(pixels(f"i-{seed}.png") - expected).max() <= TOLERANCE
-    result = cli("inpaint", photo, "a dog", "--mask", mask, "--mask-blur", "0", "--model", model, "--cfg", "3", *FAST,
-                 "-o", "m.png")
-    assert result.exit_code == 0, result.stderr
-    repaint = np.asarray(Image.open(mask)) == 255
-    expected = diffusers_image(f"{prefix}InpaintPipeline", model, "a dog", image=Image.open(photo),
-                               mask_image=Image.open(mask), strength=1.0, guidance_scale=3.0, width=SIZE[0], height=SIZE[1])
-    assert np.abs(pixels("m.png")[repaint] - expected[repaint]).max() <= TOLERANCE
-    assert np.array_equal(pixels("m.png")[~repaint], pixels(photo)[~repaint])
-    assert read_metadata("m.png")["task"] == "inpaint"
+    check_img2img_and_inpaint(cli, model, prefix, {"guidance_scale": 3.0}, tmp_path)
 
 
 def test_outpaint_runs_the_inpaint_pipeline(cli, tiny_flux, tmp_path):
-    photo = write_photo(tmp_path, SIZE)
-    result = cli("outpaint", photo, "a dog", "--extend", "right=16", "--model", tiny_flux, *FAST, "-o", "o.png")
-    assert result.exit_code == 0, result.stderr
-    assert Image.open("o.png").size == (SIZE[0] + 16, SIZE[1])
+    check_outpaint(cli, tiny_flux, tmp_path)
 
 
 def test_a_fill_model_inpaints_as_diffusers_and_only_inpaints(cli, tiny_flux_fill, tmp_path):

@@ -162,9 +162,7 @@ def generate(url: str, command: str, values: dict, as_json: bool, quiet: bool, g
     for event in _stream(url, body):
         if to_stdout:
             record = _local_record(event, values)
-            image = _decode(event)
-            sys.stdout.buffer.write(output.encode_image(image, Path("image.png"), record))
-            sys.stdout.buffer.flush()
+            output.write_stdout(output.encode_image(_decode(event), Path("image.png"), record))
             continue
         path, template, fields = paths[event["job"]][event["index"]]
         record = _write_image(event, path, template, fields, values, overwrite)
@@ -233,23 +231,17 @@ def _plan_paths(planned: list, out: str | None, overwrite: bool) -> list:
         seeds, fields = job["seeds"], job["fields"]
         template = output.name_template(out, len(seeds))
         paths = output.plan_paths(out, seeds, fields, overwrite, offset)
-        for path in paths:
-            if path in seen:
-                raise UsageError(f"--out {out or output.DEFAULT_DIR!r} gives several images the name {path}",
-                                 "use a folder, or a template with {index}, or with {cfg}, {steps}, {seed} or {scheduler}")
-            seen.add(path)
+        output.check_distinct(paths, seen, out)
         result.append([(path, template, fields) for path in paths])
         offset += len(seeds)
     return result
 
 
 def _check_stdout(planned: list, as_json: bool) -> None:
-    if sum(len(job["seeds"]) for job in planned) != 1:
-        raise UsageError("--out - writes one image to stdout, got several", "use a folder or a template")
-    if as_json:
-        raise UsageError("--out - and --json both want stdout", "drop one of them")
-    if sys.stdout.isatty():
-        raise UsageError("--out - would write PNG bytes to the terminal", "redirect stdout: > image.png")
+    count = sum(len(job["seeds"]) for job in planned)
+    if count != 1:
+        raise UsageError(f"--out - writes one image to stdout, got {count}", "use a folder or a template")
+    output.check_stdout(as_json)
 
 
 def _control_unit(text: str) -> dict:
