@@ -43,17 +43,18 @@ GENERATING = {  # command -> its docstring (the --help text)
     "img2img": "Change an image following a prompt (size kept, rounded to the model's multiple).",
     "inpaint": "Repaint the white area of a mask; pixels outside the (blurred) mask stay exactly as they were.",
     "outpaint": "Extend the canvas and paint the new area; the original pixels are kept.",
+    "edit": "Edit an image following an instruction (\"make the car blue\") with FLUX.1 Kontext or Qwen-Image-Edit "
+            "models; size kept, rounded to the model's multiple.",
     "upscale": "Upscale an image x4 (SD x4 upscaler) or x2 (latent upscaler), optionally in overlapping tiles.",
 }
-
-
 def _generating(name: str) -> None:
     def body(**values) -> None:
         from diffcli import commands
 
         commands.generate(name, values)
 
-    declare.command(app, name, {**COMMANDS[name], **REPORTING, "grid": GRID, "server": SERVER}, GENERATING[name])(body)
+    server = {} if name in flags.LOCAL_ONLY else {"server": SERVER}  # the server does not run them
+    declare.command(app, name, {**COMMANDS[name], **REPORTING, "grid": GRID, **server}, GENERATING[name])(body)
 
 
 for _name in GENERATING:
@@ -94,7 +95,7 @@ def bench(
     size: Annotated[Optional[int], typer.Option("--size", help="Image side in pixels (default: native).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma list for the images/s figures.")] = "1,4,8",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats; medians are reported.")] = 3,
-    compare: Annotated[Optional[str], typer.Option("--compare", help="'plain': also run plain diffusers eager, same process.")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="Comma list: plain (plain diffusers eager, same process), openvino (optimum-intel, in a child process: $DIFFCLI_OPENVINO_PYTHON); each with its PSNR against plain's seed-0 image.")] = None,
     optimize: Optimize = True,
     low_vram: Annotated[bool, typer.Option("--low-vram", help="Measure the memory-saving path instead.")] = False,
     deep_cache: Annotated[Optional[int], typer.Option("--deep-cache", min=2, help="Also measure DeepCache every N steps: speed-up and PSNR vs uncached.")] = None,
@@ -103,12 +104,11 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object per model instead of a table.")] = False,
 ) -> None:
     """Measure load time, first-image latency, ms per step, end-to-end time, images/s and peak memory."""
-    from diffcli.bench import ARCHITECTURES, format_table, run_bench
+    from diffcli.bench import ARCHITECTURES, format_table, parse_compare, run_bench
     from diffcli.options import check_threads
 
     check_threads(threads)
-    if compare not in (None, "plain"):
-        raise UsageError(f"--compare must be 'plain', got {compare!r}")
+    peers = parse_compare(compare)
     archs = list(ARCHITECTURES) if arch == "all" else [arch]
     if not model and any(a not in ARCHITECTURES for a in archs):
         raise UsageError(f"--arch must be one of {', '.join(ARCHITECTURES)} or all, got {arch!r}")
@@ -117,7 +117,7 @@ def bench(
     except ValueError:
         raise UsageError(f"--batch-sizes must be a comma list of integers, got {batch_sizes!r}") from None
     for name in [None] if model else archs:
-        report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, compare == "plain", optimize, low_vram,
+        report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, peers, optimize, low_vram,
                            deep_cache, threads, contended)
         print(json.dumps(report, sort_keys=True) if as_json else format_table(report), flush=True)
 

@@ -151,7 +151,7 @@ def replay(image: str, verify: bool, given: dict, as_json: bool, quiet: bool) ->
     if values["seed"] in (None, RANDOM_SEED):  # --seed -1, or parameters without a seed: random, reported as always
         values["seed"] = draw_seed()
     job = jobs.build(command, values)[0]
-    if command == "img2img":
+    if command in ("img2img", "edit"):  # sized by their input image
         recorded.fit_size(job, settings["input"], given.get("width"), given.get("height"))
     for kind, folder in (("lora", job.adapters.lora_dir), ("embedding", job.adapters.embedding_dir)):
         if settings.get(kind) and not (given.get(kind) or folder):  # the metadata names them, no file is at hand

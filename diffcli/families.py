@@ -8,8 +8,9 @@ from types import MappingProxyType
 from diffcli.errors import ModelError, UsageError
 from diffcli.layouts import FLUX_FILE, SD3_FILE, TransformerFile
 
-# The tasks a family names a pipeline class for (outpaint runs the inpaint pipeline, hires the img2img one).
-TASKS = ("txt2img", "img2img", "inpaint", "upscale")
+# The tasks a family names a pipeline class for (outpaint runs the inpaint pipeline, hires the img2img one; edit is
+# instruction editing: the input image conditions the model beside the prompt, it is not noised).
+TASKS = ("txt2img", "img2img", "inpaint", "upscale", "edit")
 # What encodes a family's prompts: prompts.encode's CLIP hidden states, or those plus a pooled embedding (SDXL's added
 # conditioning); the pipeline's own CLIP and T5 encoders (SD3: two CLIPs and T5; FLUX.1: CLIP pooled and T5); the
 # pipeline's own chat-template LLM encoders (Qwen-Image: Qwen2.5-VL's last hidden states; Z-Image: Qwen3's second last);
@@ -37,6 +38,10 @@ class CallStyle:
     # the unconditional pass on (Qwen-Image); its guidance_scale, read by guidance-distilled transformers only, is unset
     true_cfg: bool = False
     cfg_off: float | None = None  # strings only: at a --cfg this low it runs no unconditional pass, the negative unread
+    # FLUX.1 Kontext: it rescales width/height to the area max_area (passed as their product, so the size holds) and
+    # resizes the input to its nearest trained size unless _auto_resize is off (off: the input at the output's size)
+    max_area: bool = False
+    batch: bool = True  # False: one image per call (Qwen-Image-Edit's processor reads one input image per prompt)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class Family:
     variants: tuple[Variant, ...] = ()  # the first that fits a model gives its defaults; none fits: no defaults
     controlnet: dict[str, str] = field(default_factory=dict)  # task -> its ControlNet pipeline class (--control)
     transformer_file: TransformerFile | None = None  # transformer-only files (.safetensors, .gguf) it loads
+    edit_references: bool = False  # its edit pipeline takes --image reference images beside IMAGE (a list of images)
+    requires: tuple[str, ...] = ()  # import names its pipelines need beyond diffcli's own, checked before loading
 
     def __post_init__(self):
         object.__setattr__(self, "pipelines", MappingProxyType(dict(self.pipelines)))
@@ -147,6 +154,11 @@ _QWEN_TEXT = CallStyle(prompt_embeds=False, true_cfg=True, cfg_off=1.0)  # CFG w
 _QWEN_STYLES = {"QwenImagePipeline": _QWEN_TEXT,
                 **dict.fromkeys(("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
                                 replace(_QWEN_TEXT, repeat_image=True, size=True))}
+# The edit pipelines: the input image joins the transformer's sequence as latents (and, Qwen-Image-Edit, goes through
+# its Qwen2.5-VL with the prompt); no strength. Kontext encodes the input once (argmax latents) for the whole batch.
+_KONTEXT = replace(_FLUX_TEXT, max_area=True)
+_QWEN_EDIT = replace(_QWEN_TEXT, batch=False)
+EDIT_MODELS = "FLUX.1 Kontext and Qwen-Image-Edit models, e.g. black-forest-labs/FLUX.1-Kontext-dev or Qwen/Qwen-Image-Edit"
 _Z_IMAGE_TEXT = CallStyle(prompt_embeds=False, cfg_off=0.0)  # CFG when guidance_scale > 0
 _Z_IMAGE_STYLES = {"ZImagePipeline": _Z_IMAGE_TEXT,
                    **dict.fromkeys(("ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
@@ -311,6 +323,53 @@ _ENTRIES = (
         # (its model card: 9 steps, guidance 0), the model people run; a base model's folder says its own in diffcli.json
         variants=(Variant("turbo", {"steps": 9, "cfg": 0.0}),),
     ),
+    Family(
+        name="flux-kontext",  # FLUX.1 Kontext dev: FLUX.1's components, the input image's latents beside the noise
+        pipelines={"edit": "FluxKontextPipeline"},
+        text_encoders=("text_encoder", "text_encoder_2"),
+        prompt_encoder="clip-pooled+t5",
+        native_size=1024,
+        call_styles={"FluxKontextPipeline": _KONTEXT},
+        low_vram_gib=40.0,  # as FLUX.1 dev
+        task_hint="a FLUX.1 Kontext model edits an image from an instruction (diffcli edit IMAGE PROMPT)",
+        denoiser="transformer",
+        guidance="distilled",
+        flow_match=True,
+        latent_patch=2,
+        # diffusers' FluxKontextPipeline docs: guidance_scale 2.5, 28 steps
+        variants=(Variant("kontext-dev", {"steps": 28, "cfg": 2.5}, base="black-forest-labs/FLUX.1-Kontext-dev"),),
+    ),
+    Family(
+        name="qwen-image-edit",  # Qwen-Image-Edit: Qwen-Image's components, its Qwen2.5-VL also reading the input image
+        pipelines={"edit": "QwenImageEditPipeline"},
+        text_encoders=("text_encoder",),
+        prompt_encoder="qwen2.5-vl",
+        native_size=1024,  # its pipeline's output: about 1 MP in the input's shape
+        call_styles={"QwenImageEditPipeline": _QWEN_EDIT},
+        low_vram_gib=64.0,  # as Qwen-Image
+        task_hint="a Qwen-Image-Edit model edits an image from an instruction (diffcli edit IMAGE PROMPT)",
+        denoiser="transformer",
+        flow_match=True,
+        latent_patch=2,
+        variants=(Variant("edit", {"steps": 50, "cfg": 4.0}),),  # diffusers' docs: true_cfg_scale 4.0, 50 steps
+        requires=("torchvision",),  # transformers' Qwen2-VL processor (its video processor) needs it
+    ),
+    Family(
+        name="qwen-image-edit-plus",  # Qwen-Image-Edit-2509 and later: several input images ("Picture 1", 2, ...)
+        pipelines={"edit": "QwenImageEditPlusPipeline"},
+        text_encoders=("text_encoder",),
+        prompt_encoder="qwen2.5-vl",
+        native_size=1024,
+        call_styles={"QwenImageEditPlusPipeline": _QWEN_EDIT},
+        low_vram_gib=64.0,
+        task_hint="a Qwen-Image-Edit model edits images from an instruction (diffcli edit IMAGE PROMPT --image REF)",
+        denoiser="transformer",
+        flow_match=True,
+        latent_patch=2,
+        variants=(Variant("edit-plus", {"steps": 40, "cfg": 4.0}),),  # its model card: true_cfg_scale 4.0, 40 steps
+        edit_references=True,
+        requires=("torchvision",),
+    ),
 )
 # By name, in the order above (detection of single files and messages list them so).
 FAMILIES: MappingProxyType[str, Family] = MappingProxyType({f.name: f for f in _ENTRIES})
@@ -373,8 +432,8 @@ def detect(model_index: dict, denoiser: dict) -> str:
         return "sdxl-refiner" if no_text_encoder and "text_encoder_2" in model_index else "sdxl"
     if not pipeline_class.startswith("StableDiffusion") or pipeline_class.startswith("StableDiffusion3"):
         raise ModelError(f"unsupported pipeline class {pipeline_class!r}",
-                         "diffcli runs Stable Diffusion 1.x, 2.x, XL and 3.x, FLUX.1 (dev, schnell, Fill), Qwen-Image "
-                         "and Z-Image models")
+                         "diffcli runs Stable Diffusion 1.x, 2.x, XL and 3.x, FLUX.1 (dev, schnell, Fill, Kontext), "
+                         "Qwen-Image and Z-Image models, and Qwen-Image-Edit")
     if no_text_encoder:
         return "sd-refiner"  # a UNet that reads another model's prompt embeddings: only a --refiner
     return "sd2" if denoiser.get("cross_attention_dim") == 1024 else "sd1"  # OpenCLIP ViT-H's width, else CLIP ViT-L

@@ -155,6 +155,11 @@ UPSCALE = group(
     Flag("tile_overlap", ("--tile-overlap",), int, None, "Input pixels shared by neighbouring tiles (default: an eighth "
          "of --tile)."),
 )
+EDIT = group(
+    Flag("image", ("--image",), "texts", None, "A reference image besides the input (Picture 2, 3... of the instruction), "
+         "for models that take several (Qwen-Image-Edit-2509); repeatable."),
+    Flag("resize", ("--resize",), str, "fit", "With --width/--height: fit (pad), crop or stretch the input."),
+)
 UPSCALE_MODEL = replace(MODEL, envvar="DIFFCLI_UPSCALE_MODEL", help="An SD x4 upscaler (default: bundled tiny-shapes-x4) "
                         "or, with --method latent, an SD x2 latent upscaler.")
 
@@ -178,10 +183,17 @@ COMMANDS: dict[str, dict[str, Flag]] = {
                 **IMAGE_COMMON, "width": WIDTH, **CONTROL},
     "outpaint": {"input": INPUT, "prompt": prompt_argument("What the new area should show."), **OUTPAINT,
                  **IMAGE_COMMON},
+    "edit": {"input": INPUT, "prompt": prompt_argument("The instruction, e.g. \"make the car blue\"."), **EDIT,
+             **IMAGE_COMMON, "width": WIDTH, "height": HEIGHT},
     "upscale": {"input": INPUT, "prompt": prompt_argument("Optional description of the image.", ""), **UPSCALE,
                 **_drop(IMAGE_COMMON, "model", "model_config", "base", "safety_checker", "lora", "lora_dir", "embedding",
                         "embedding_dir", "deep_cache", "clip_skip"), "model": UPSCALE_MODEL},
 }
+
+
+# Commands the server does not run yet (no --server; a request naming one is refused): edit's --image files would be
+# the server's files.
+LOCAL_ONLY = ("edit",)
 
 
 REPLAY = {  # replay's flags override the image's recorded settings

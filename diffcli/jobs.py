@@ -128,7 +128,15 @@ class UpscaleInput:
     tile_overlap: int | None = None
 
 
-INPUTS = {"img2img": ImageInput, "inpaint": MaskInput, "outpaint": OutpaintInput, "upscale": UpscaleInput}
+@dataclass
+class EditInput:  # edit: instruction editing (FLUX.1 Kontext, Qwen-Image-Edit)
+    input: str = ""
+    image: list = field(default_factory=list)  # --image REF, repeatable: reference images after IMAGE (Picture 2, ...)
+    resize: str = "fit"  # with --width/--height: how IMAGE takes that size
+
+
+INPUTS = {"img2img": ImageInput, "inpaint": MaskInput, "outpaint": OutpaintInput, "upscale": UpscaleInput,
+          "edit": EditInput}
 SWEPT = ("cfg", "steps", "seed", "scheduler", "prompt_sr")  # options whose comma lists make one Job per value
 
 
@@ -136,7 +144,7 @@ SWEPT = ("cfg", "steps", "seed", "scheduler", "prompt_sr")  # options whose comm
 class Job:
     """Everything needed to produce the images of one command line (or one batch line, one sweep cell)."""
 
-    command: str = "txt2img"  # txt2img | img2img | inpaint | outpaint | upscale
+    command: str = "txt2img"  # txt2img | img2img | inpaint | outpaint | upscale | edit
     prompt: Prompt = field(default_factory=Prompt)
     sampling: Sampling = field(default_factory=Sampling)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -144,7 +152,7 @@ class Job:
     second: SecondPasses = field(default_factory=SecondPasses)
     adapters: Adapters = field(default_factory=Adapters)
     controls: Controls = field(default_factory=Controls)
-    inputs: ImageInput | MaskInput | OutpaintInput | UpscaleInput | None = None
+    inputs: ImageInput | MaskInput | OutpaintInput | UpscaleInput | EditInput | None = None
 
     @property
     def task(self) -> str:
@@ -157,7 +165,14 @@ class Job:
                        model=replace(self.model), output=replace(self.output), second=replace(self.second),
                        adapters=replace(self.adapters, lora=list(self.adapters.lora), embedding=list(self.adapters.embedding)),
                        controls=replace(self.controls, units=list(self.controls.units)),
-                       inputs=replace(self.inputs) if self.inputs else None)
+                       inputs=_copy_inputs(self.inputs))
+
+
+def _copy_inputs(inputs):
+    """A copy of a job's inputs section; its lists (edit's --image) not shared."""
+    if inputs is None:
+        return None
+    return replace(inputs, image=list(inputs.image)) if isinstance(inputs, EditInput) else replace(inputs)
 
 
 SECTIONS = {"sampling": Sampling, "model": ModelSettings, "output": Output, "second": SecondPasses, "adapters": Adapters,
@@ -236,6 +251,8 @@ def record(job: Job) -> dict:
     elif isinstance(inputs, OutpaintInput):
         out.update(input=inputs.input, outpaint=inputs.extend, feather=inputs.feather, strength=inputs.strength,
                    fill=inputs.fill)
+    elif isinstance(inputs, EditInput):
+        out.update(input=inputs.input, **({"images": list(inputs.image)} if inputs.image else {}))
     elif isinstance(inputs, UpscaleInput):
         out.update(input=inputs.input, scale=inputs.scale, method=inputs.method, tile=inputs.tile,
                    tile_overlap=inputs.tile_overlap)

@@ -218,7 +218,7 @@ def vae_found(value: str) -> bool:
 
 
 def fit_size(job, input_path: str, width: int | None, height: int | None) -> None:
-    """An img2img replay takes the input's own size (rounded to the model's multiple, as img2img does without
+    """An img2img (or edit) replay takes the input's own size (rounded to the model's multiple, as img2img does without
     --width/--height) when that is the recorded size; else the recorded (or given) size."""
     from PIL import Image
 
@@ -271,6 +271,8 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
                   guess_mode=bool(settings.get("guess_mode")))
     if settings.get("task", "txt2img") == "img2img":
         return dict(values, input=settings["input"], strength=settings.get("strength", 0.75), resize="fit")
+    if settings.get("task") == "edit":
+        return dict(values, input=settings["input"], image=list(settings.get("images") or []), resize="fit")
     refiner = settings.get("refiner")
     return dict(values, variation_seed=settings.get("variation_seed"), variation_strength=settings.get("variation_strength"),
                 hires=settings.get("hires_scale"), hires_steps=settings.get("hires_steps"),
@@ -287,18 +289,19 @@ def control_texts(units) -> list[str]:
 
 
 def check_inputs(settings: dict, image: str) -> None:
-    """img2img needs its input image at the recorded path; other image tasks are not replayed yet."""
+    """img2img and edit need their input images at the recorded paths; other image tasks are not replayed yet."""
     task = settings.get("task", "txt2img")
     if task == "txt2img":
         return
     files = [settings.get("input")] + ([settings.get("mask")] if task == "inpaint" and settings.get("mask") != "alpha" else [])
+    files += list(settings.get("images") or []) if task == "edit" else []
     missing = [f for f in files if not f or not Path(str(f)).is_file()]
     if missing:
         what = f"from {missing[0]!r}, which is not available" if missing[0] else "from an input image its metadata does not record"
         raise UsageError(f"{image} was made by {task} {what}", "replay makes txt2img images from their metadata alone; "
                          f"run `diffcli {task}` with the input instead")
-    if task != "img2img":
-        raise UsageError(f"{image} was made by {task}: replay runs txt2img and img2img images so far",
+    if task not in ("img2img", "edit"):
+        raise UsageError(f"{image} was made by {task}: replay runs txt2img, img2img and edit images so far",
                          f"run `diffcli {task}` with the recorded settings instead")
 
 

@@ -20,6 +20,7 @@ def check(job, spec, scheduler: str | None, adapters) -> list[str]:
     """Refuse (UsageError) what the family of `spec` cannot do for `job`, with `scheduler` (a table name or None) and
     the resolved `adapters`; return the warning lines for what it reads otherwise."""
     family = families.get(spec.family)
+    _check_task(job.task, spec, family)
     if scheduler:
         from diffcli.pipeline import check_scheduler, normalize_scheduler_name
 
@@ -32,6 +33,22 @@ def check(job, spec, scheduler: str | None, adapters) -> list[str]:
                          f"latents as the latent fills need, got {fill}", "use --fill original or fill")
     style = families.call_style(family.pipelines.get(job.task, ""))
     return [] if style.prompt_embeds else _own_prompts(job, spec, style, adapters)
+
+
+def _check_task(task: str, spec, family) -> None:
+    """The family has a pipeline for the task (edit: an instruction-editing model), and the packages it needs."""
+    if task == "edit" and task not in family.pipelines:
+        also = "; `diffcli img2img` changes an image with this one" if family.img2img else ""
+        raise UsageError(f"edit: {spec.name!r} ({spec.family}) cannot edit from an instruction",
+                         f"edit runs {families.EDIT_MODELS}{also}")
+    if task not in family.pipelines and "edit" in family.pipelines:  # (other families: pipeline.pipeline_class_name)
+        raise UsageError(f"{task} does not work with {spec.name!r} ({spec.family} model)", family.task_hint)
+    from diffcli import extras
+
+    for module in family.requires:
+        if not extras.available(module):
+            raise UsageError(f"{spec.name!r} ({spec.family}) needs the package {module}, which is not installed",
+                             f"pip install {module} (the version matching your torch)")
 
 
 def _unet_only(job, spec) -> None:

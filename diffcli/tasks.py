@@ -1,4 +1,4 @@
-"""Image inputs of img2img / inpaint / outpaint / upscale: checked without a model (check_inputs), then read and
+"""Image inputs of img2img / inpaint / outpaint / upscale / edit: checked without a model (check_inputs), then read and
 fitted to the model (prepare) before any weights load."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Callable
 
 from diffcli import families, images, masked
 from diffcli.errors import UsageError
-from diffcli.jobs import ImageInput, Job, MaskInput, OutpaintInput, UpscaleInput
+from diffcli.jobs import EditInput, ImageInput, Job, MaskInput, OutpaintInput, UpscaleInput
 from diffcli.models import ModelSpec, read_json
 from diffcli.options import MAX_SIDE
 
@@ -67,6 +67,8 @@ def check_inputs(job: Job) -> None:
         if inputs.method == "latent" and not job.model.name:
             raise UsageError("--method latent needs --model (an SD x2 latent upscaler, e.g. stabilityai/sd-x2-latent-upscaler)")
         return
+    if isinstance(inputs, EditInput):  # no strength: the input conditions the model, it is not noised
+        return
     check_strength(inputs.strength, None)  # x steps: at plan time, once the model's default steps are known
     if isinstance(inputs, MaskInput):
         masked.check(inputs.fill)
@@ -100,7 +102,26 @@ def prepare(job: Job, spec: ModelSpec) -> Prepared:
         return _inpaint(job, spec, inputs)
     if isinstance(inputs, OutpaintInput):
         return _outpaint(job, spec, inputs)
+    if isinstance(inputs, EditInput):
+        return _edit(job, spec, inputs)
     return _upscale(job, spec, inputs)
+
+
+def _edit(job: Job, spec: ModelSpec, inputs: EditInput) -> Prepared:
+    """IMAGE kept at its size (rounded to the model's multiple) or fitted to --width/--height, then the --image
+    references of models that read several; Kontext keeps that size (max_area its area, no resize of the input)."""
+    family = families.get(spec.family)
+    if inputs.image and not family.edit_references:
+        count = len(inputs.image)
+        raise UsageError(f"--image: {spec.name!r} ({spec.family}) edits one image, got {count} reference"
+                         f"{'s' if count > 1 else ''}", "drop --image, or use a Qwen-Image-Edit Plus (2509 or later) model")
+    image = images.load_image(inputs.input)
+    fitted = images.fit_to_multiple(image, job.sampling.width, job.sampling.height, spec.size_multiple, inputs.resize)
+    references = [images.load_image(path, "--image") for path in inputs.image]
+    kwargs: dict = {"image": [fitted, *references] if references else fitted}
+    if families.call_style(family.pipelines["edit"]).max_area:
+        kwargs.update(max_area=fitted.size[0] * fitted.size[1], _auto_resize=False)
+    return Prepared(fitted.size, kwargs, notes=_resized(image.size, fitted.size))
 
 
 def _img2img(job: Job, spec: ModelSpec, inputs: ImageInput) -> Prepared:

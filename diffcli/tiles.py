@@ -1,113 +1,184 @@
-"""Tiled upscaling: overlapping tiles, blended with linear ramps, each tile denoised from its own region of
-the noise an untiled call with the same seed would draw (so tiling changes only the context a tile sees)."""
+"""Tiled upscaling in lockstep (MultiDiffusion, Bar-Tal et al. 2023): one pipeline call draws the untiled call's
+noise; at each step its UNet runs on overlapping latent windows whose predictions are blended, and its VAE decodes in
+overlapping tiles. Group norms in windows use the whole image's statistics, read on a strided subsample (a window's
+own statistics shift its colours about as much as another seed)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
-# The noise an untiled upscaler call draws from its generator, in order: (name, channels, input pixels per noise
-# pixel); channels None = the VAE's latent channels. Read from diffusers 0.42 (pipeline_stable_diffusion_*upscale.py).
-NOISE_DRAWS = {
-    "StableDiffusionUpscalePipeline": (("image", 3, 1), ("latents", None, 1)),  # noise_level noise, then latents
-    "StableDiffusionLatentUpscalePipeline": (("encode", None, 8), ("latents", None, 4)),  # VAE posterior sample, x2 latents
-}
+SHAPE = 3  # blend weight (1 - |2c - 1|) ** SHAPE, c in (0, 1) across a window: a window's border, where its
+# convolutions see zero padding instead of the neighbours, counts little (3 measured better than 1)
+STATS_SPAN = 2  # the statistics pass sees the image subsampled to at most this many windows per side
 
 
-def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
-    """Tile origins along one axis: `tile` wide, at least `overlap` shared with the neighbour, multiples of `align`."""
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins along one axis: `tile` wide, at least `overlap` shared with the neighbour."""
     if length <= tile:
         return [0]
-    step = max(align, (tile - overlap) // align * align)
+    step = max(1, tile - overlap)
     return sorted(set(list(range(0, length - tile, step)) + [length - tile]))
 
 
-def _ramp(size: int, fade: int, fade_start: bool, fade_end: bool):
-    """Per-pixel weights along one axis: 1 inside, rising linearly over `fade` pixels at faded edges."""
-    import numpy as np
+def _weights(size: int, lead: bool, trail: bool):
+    """Blend weights along one axis of a window: peaked at its centre, flat (1) toward a side without a neighbour."""
+    import torch
 
-    weights = np.ones(size)
-    ramp = (np.arange(fade) + 0.5) / fade if fade > 0 else np.ones(0)
-    if fade_start and fade:
-        weights[:fade] = np.minimum(weights[:fade], ramp)
-    if fade_end and fade:
-        weights[size - fade:] = np.minimum(weights[size - fade:], ramp[::-1])
+    centre = (torch.arange(size) + 0.5) / size
+    weights = (1 - (2 * centre - 1).abs()).clamp(min=1e-3) ** SHAPE
+    half = size // 2
+    if not lead:
+        weights[:half] = 1
+    if not trail:
+        weights[size - half:] = 1
     return weights
 
 
-def upscale_tiled(image, tile: int, overlap: int, scale: int, upscale_one, align: int = 1):
-    """Upscale `image` (PIL) tile by tile with `upscale_one(crop, box) -> HxWx3 float array`, blending the overlaps."""
-    import numpy as np
-
-    width, height = image.size
-    xs, ys = tile_starts(width, tile, overlap, align), tile_starts(height, tile, overlap, align)
-    total = np.zeros((height * scale, width * scale, 3))
-    weight = np.zeros((height * scale, width * scale, 1))
-    for y in ys:
-        for x in xs:
-            w, h = min(tile, width - x), min(tile, height - y)
-            box = (x, y, x + w, y + h)
-            out = np.asarray(upscale_one(image.crop(box), box), dtype=np.float64)
-            fade = overlap * scale
-            wx = _ramp(w * scale, fade, x > xs[0], x < xs[-1])
-            wy = _ramp(h * scale, fade, y > ys[0], y < ys[-1])
-            mask = (wy[:, None] * wx[None, :])[..., None]
-            total[y * scale:(y + h) * scale, x * scale:(x + w) * scale] += out * mask
-            weight[y * scale:(y + h) * scale, x * scale:(x + w) * scale] += mask
-    return total / weight
-
-
-def _align(pipe) -> int:
-    """Tile origins lie on the coarsest noise grid the pipeline draws."""
-    return max(per for _, _, per in NOISE_DRAWS[type(pipe).__name__])
-
-
-def tile_count(pipe, size: tuple[int, int], tile: int, overlap: int) -> int:
-    """How many tiles (pipeline calls) `upscale_with_tiles` makes for an image of `size`."""
-    align = _align(pipe)
-    return len(tile_starts(size[0], tile, overlap, align)) * len(tile_starts(size[1], tile, overlap, align))
-
-
-def noise_fields(pipe, size: tuple[int, int], seed: int) -> dict:
-    """The noise tensors an untiled call on an image of `size` with a CPU generator seeded `seed` draws, by name."""
+def blend(sample, window: int, overlap: int, one):
+    """`one(crop) -> output` on overlapping windows of `sample` (N, C, H, W), blended; the output may be larger
+    than its crop by an integer factor (the VAE decoder's)."""
     import torch
 
-    generator = torch.Generator("cpu").manual_seed(seed)
-    dtype = pipe.unet.dtype
-    fields = {}
-    for name, channels, per in NOISE_DRAWS[type(pipe).__name__]:
-        channels = channels or pipe.vae.config.latent_channels
-        fields[name] = (torch.randn((1, channels, size[1] // per, size[0] // per), generator=generator, dtype=dtype), per)
-    return fields
+    height, width = sample.shape[-2:]
+    ys, xs = tile_starts(height, window, overlap), tile_starts(width, window, overlap)
+    total = weight = None
+    for y in ys:
+        for x in xs:
+            h, w = min(window, height - y), min(window, width - x)
+            out = one(sample[..., y:y + h, x:x + w])
+            k = out.shape[-1] // w
+            if total is None:  # float32: a window's edge weight may be below float16's range
+                total = out.new_zeros(out.shape[:2] + (height * k, width * k), dtype=torch.float32)
+                weight = out.new_zeros((height * k, width * k), dtype=torch.float32)
+            mask = _weights(h * k, y > ys[0], y < ys[-1])[:, None] * _weights(w * k, x > xs[0], x < xs[-1])[None]
+            mask = mask.to(out.device)
+            total[..., y * k:(y + h) * k, x * k:(x + w) * k] += out.float() * mask
+            weight[y * k:(y + h) * k, x * k:(x + w) * k] += mask
+    return (total / weight).to(out.dtype)
+
+
+class SharedNorms:
+    """A model's GroupNorm layers, switchable to record their statistics on one pass (the whole image, subsampled)
+    and normalise later passes (windows) with them, call by call in the same order."""
+
+    def __init__(self, model):
+        import torch
+
+        self.norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self.mode, self.stats, self.queue = None, [], []
+
+    def __enter__(self):
+        self.before = [vars(norm).get("forward") for norm in self.norms]  # e.g. offload hooks, put back on exit
+        for norm in self.norms:
+            norm.forward = lambda x, norm=norm, plain=norm.forward: self._forward(norm, plain, x)
+        return self
+
+    def __exit__(self, *exc):
+        for norm, forward in zip(self.norms, self.before):
+            if forward is None:
+                vars(norm).pop("forward", None)
+            else:
+                norm.forward = forward
+
+    def _forward(self, norm, plain, x):
+        if self.mode is None:
+            return plain(x)
+        grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
+        if self.mode == "record":
+            stats = grouped.mean(-1, keepdim=True), grouped.var(-1, unbiased=False, keepdim=True)
+            self.stats.append(stats)
+        else:
+            stats = self.queue.pop(0)
+        out = ((grouped - stats[0]) / (stats[1] + norm.eps).sqrt()).reshape(x.shape).to(x.dtype)
+        if norm.affine:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            out = out * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+        return out
+
+    def record(self, run, sample, window: int):
+        """Run `run` on `sample` subsampled to at most STATS_SPAN windows per side, keeping its norms' statistics."""
+        step = -(-max(sample.shape[-2:]) // (STATS_SPAN * window))
+        self.mode, self.stats = "record", []
+        try:
+            run(sample[..., step // 2::step, step // 2::step])
+        finally:
+            self.mode = None
+
+    def apply(self, run, crop):
+        """Run `run` on a window with the recorded statistics."""
+        self.mode, self.queue = "apply", list(self.stats)
+        try:
+            return run(crop)
+        finally:
+            self.mode = None
+
+
+def _windowed(forward, norms: SharedNorms, window: int, overlap: int, output):
+    """`forward(sample, ...)` on overlapping windows when the sample is larger than one; `output(tensor, like)` wraps
+    the blended tensor as `forward` returns its result."""
+
+    def tiled(sample, *args, **kwargs):
+        if max(sample.shape[-2:]) <= window:
+            return forward(sample, *args, **kwargs)
+        like = {}
+
+        def run(crop):
+            like["out"] = forward(crop, *args, **kwargs)
+            return like["out"][0] if isinstance(like["out"], tuple) else like["out"].sample
+
+        norms.record(run, sample, window)
+        blended = blend(sample, window, overlap, lambda crop: norms.apply(run, crop))
+        return output(blended, like["out"])
+
+    return tiled
+
+
+def _as(tensor, like):
+    """`tensor` in the result type of the call it replaces (a tuple or a dataclass with `.sample`)."""
+    return (tensor,) if isinstance(like, tuple) else type(like)(sample=tensor)
 
 
 @contextmanager
-def _low_res_noise(pipe, noise):
-    """Make the x4 upscaler add `noise` (this tile's region of the full field) to its input instead of its own draw."""
-    scheduler = pipe.low_res_scheduler
-    scheduler.add_noise = lambda samples, _drawn, timesteps: type(scheduler).add_noise(
-        scheduler, samples, noise.to(samples.device, samples.dtype), timesteps)
-    try:
-        yield
-    finally:
-        del scheduler.add_noise
+def lockstep(pipe, size: tuple[int, int], tile: int, overlap: int):
+    """During the block, `pipe`'s UNet and VAE decoder work in windows of `tile` input pixels (`overlap` shared) on
+    an image of `size`; the latent's scale to the input is read from the first UNet call."""
+    scale = {}
+
+    def unet_forward(sample, *args, **kwargs):
+        scale.setdefault("latent", sample.shape[-1] / size[0])
+        window, shared = max(8, round(tile * scale["latent"])), max(0, round(overlap * scale["latent"]))
+        return _windowed(unet_plain, unet_norms, window, shared, _as)(sample, *args, **kwargs)
+
+    def vae_decode(latents, *args, **kwargs):
+        ratio = scale.get("latent", latents.shape[-1] / size[0])
+        window, shared = max(8, round(tile * ratio)), max(0, round(overlap * ratio))
+        tiling = getattr(pipe.vae, "use_tiling", False)  # --low-vram's: it would split the statistics pass
+        pipe.vae.use_tiling = tiling and max(latents.shape[-2:]) <= window
+        try:
+            return _windowed(decode_plain, vae_norms, window, shared, _as)(latents, *args, **kwargs)
+        finally:
+            pipe.vae.use_tiling = tiling
+
+    unet_plain, decode_plain = pipe.unet.forward, pipe.vae.decode
+    before = [(module, name, vars(module).get(name)) for module, name in ((pipe.unet, "forward"), (pipe.vae, "decode"))]
+    with ExitStack() as stack:
+        unet_norms = stack.enter_context(SharedNorms(pipe.unet))
+        vae_norms = stack.enter_context(SharedNorms(pipe.vae.decoder))
+        pipe.unet.forward, pipe.vae.decode = unet_forward, vae_decode
+        try:
+            yield
+        finally:  # put back exactly what was there (e.g. accelerate's offload hooks)
+            for module, name, attribute in before:
+                if attribute is None:
+                    vars(module).pop(name, None)
+                else:
+                    setattr(module, name, attribute)
 
 
 def upscale_with_tiles(pipe, image, seed: int, tile: int, overlap: int, scale: int, call):
-    """Upscale in tiles, each with its region of the untiled noise; `call(extra_kwargs, generator) -> HxWx3`."""
-    import contextlib
-
+    """`image` (PIL) upscaled in lockstep tiles by `call(extra_kwargs, generator) -> HxWx3` (hires.py's x4 pass);
+    `scale` is kept for its callers: the windows read it from the latents."""
     import torch
 
-    fields = noise_fields(pipe, image.size, seed)
-    align = _align(pipe)
-
-    def one(crop, box):
-        def region(name):
-            tensor, per = fields[name]
-            return tensor[:, :, box[1] // per:box[3] // per, box[0] // per:box[2] // per]
-
-        patch = _low_res_noise(pipe, region("image")) if "image" in fields else contextlib.nullcontext()
-        with patch:
-            return call({"image": crop, "latents": region("latents")}, torch.Generator("cpu").manual_seed(seed))
-
-    return upscale_tiled(image, tile, overlap, scale, one, align)
+    with lockstep(pipe, image.size, tile, overlap):
+        return call({"image": image}, torch.Generator("cpu").manual_seed(seed))

@@ -14,8 +14,9 @@ docs/bundled-model.md ("The x4 upscaler"):
 - tiling: mean absolute difference (0-255, at 512 px) of tiled against untiled output, same seed, over the mean
   difference two seeds make untiled (target: below 0.2). `--mosaics K` does the same for the default tiling of
   large inputs on K mosaics of 6 inputs (384x256 px, over the 256 px automatic tiling threshold).
-Run it with OMP_NUM_THREADS=1 beside other work: 5 minutes on one CPU core for the bundled model (22 for the first
-weights, whose attention made the 384 px mosaics slow). docs/samples/x4-upscaler-check.jsonl holds the recorded runs.
+Run it with OMP_NUM_THREADS=1 beside other work: 7-8 minutes on one CPU core for the bundled model (5 when tiles were
+sampled one by one; 22 for the first weights, whose attention made the mosaics slow).
+docs/samples/x4-upscaler-check.jsonl holds the recorded runs.
 """
 
 import argparse

@@ -379,3 +379,105 @@ def check_outpaint(cli, model, tmp_path) -> None:
     result = cli("outpaint", photo, "a dog", "--extend", "right=16", "--model", model, *FAST, "-o", "o.png")
     assert result.exit_code == 0, result.stderr
     assert Image.open("o.png").size == (SIZE[0] + 16, SIZE[1])
+
+
+# --- the edit models: FLUX.1 Kontext and Qwen-Image-Edit (Plus: several images) ---
+
+VISION_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")  # Qwen2.5-VL's image markers
+VISION_PATCH = 14  # Qwen2.5-VL's vision patch side; the processor merges 2x2 patches into one LLM token
+VISION_MAX_PIXELS = 56 * 56  # a few vision tokens per image, whatever the input size (the real processor: ~1 MP)
+
+
+def build_tiny_flux_kontext(root: Path):
+    """A tiny FLUX.1 Kontext layout: FLUX.1 dev's components (the input image's latents join the sequence, so the
+    transformer is the same class and shape)."""
+    from diffusers import FluxKontextPipeline
+
+    base = build_tiny_flux(root)
+    parts = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    return FluxKontextPipeline(**parts)
+
+
+def write_tiny_qwen_vl_processor(folder: Path):
+    """A Qwen2-VL processor built locally: the byte-level tokenizer with the vision markers too, and an image
+    processor of 14 px patches merged 2x2 that keeps images at most VISION_MAX_PIXELS."""
+    import json
+
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = list(CHAT_SPECIALS) + list(VISION_SPECIALS)
+    vocab = {token: i for i, token in enumerate(sorted(ByteLevel.alphabet()) + specials)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "unk_token": None, "additional_special_tokens": specials[1:], "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Qwen2Tokenizer.from_pretrained(folder)
+    images = Qwen2VLImageProcessor(patch_size=VISION_PATCH, merge_size=2, temporal_patch_size=2,
+                                   min_pixels=VISION_PATCH * VISION_PATCH * 4, max_pixels=VISION_MAX_PIXELS)
+    return tokenizer, Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def build_tiny_qwen_image_edit(root: Path, plus: bool = False):
+    """Tiny Qwen-Image-Edit components (Plus: the several-image pipeline): Qwen-Image's, with a Qwen2.5-VL whose
+    vision tower reads the input image through the processor."""
+    import diffusers
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    base = build_tiny_qwen_image(root)
+    tokenizer, processor = write_tiny_qwen_vl_processor(root / "qwen-vl-processor")
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in zip(
+        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), VISION_SPECIALS)}
+    text = dict(base.text_encoder.config.text_config.to_dict(), vocab_size=len(tokenizer))
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": LLM_HIDDEN,
+              "patch_size": VISION_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+              "fullatt_block_indexes": [0]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=LLM_HIDDEN, vocab_size=len(tokenizer),
+                              vision_token_id=ids["image_token_id"], **ids)
+    torch.manual_seed(0)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    parts = dict(base.components, text_encoder=text_encoder, tokenizer=tokenizer, processor=processor)
+    cls = diffusers.QwenImageEditPlusPipeline if plus else diffusers.QwenImageEditPipeline
+    return cls(**parts)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_kontext(tmp_path_factory) -> Path:
+    """The tiny FLUX.1 Kontext-layout model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("flux-kontext")
+    return save(build_tiny_flux_kontext(root), root / "tiny-flux-kontext")
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_without_torchvision():
+    """Where torchvision is missing (transformers' Qwen2-VL processor needs it for its video processor): the processor
+    without a video processor (the image and text parts are all the edit pipelines use), and diffcli told that
+    torchvision is there; for the rest of the session."""
+    import diffcli.extras
+
+    patch = pytest.MonkeyPatch()
+    if not diffcli.extras.available("torchvision"):
+        from transformers import Qwen2VLProcessor
+
+        patch.setattr(Qwen2VLProcessor, "get_attributes", classmethod(lambda cls: ["image_processor", "tokenizer"]))
+        available = diffcli.extras.available
+        patch.setattr(diffcli.extras, "available", lambda module: module == "torchvision" or available(module))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_edit(tmp_path_factory, qwen_vl_without_torchvision) -> Path:
+    """The tiny Qwen-Image-Edit-layout model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("qwen-image-edit")
+    return save(build_tiny_qwen_image_edit(root), root / "tiny-qwen-image-edit")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_edit_plus(tmp_path_factory, qwen_vl_without_torchvision) -> Path:
+    """The tiny Qwen-Image-Edit-Plus (2509) layout model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("qwen-image-edit-plus")
+    return save(build_tiny_qwen_image_edit(root, plus=True), root / "tiny-qwen-image-edit-plus")

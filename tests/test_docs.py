@@ -33,6 +33,7 @@ SECTIONS = {
     "inpaint": [f"{IMAGE_COMMANDS}:intro", "### inpaint"],
     "outpaint": [f"{IMAGE_COMMANDS}:intro", "### outpaint"],
     "upscale": [f"{IMAGE_COMMANDS}:intro", "### upscale"],
+    "edit": [f"{IMAGE_COMMANDS}:intro", "### edit"],
     "replay": ["### Reproducibility and metadata"],
     "batch": ["## Batch and scripts"],
     "bench": ["## Speed and memory"],

@@ -14,7 +14,7 @@ from diffcli.models import BUNDLED_DIR, ModelSpec
 
 # Recorded in image metadata as model_family: a rename breaks every image made before it.
 NAMES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd-refiner", "sd-x4-upscaler", "sd-latent-upscaler", "sd3", "flux",
-         "flux-fill", "qwen-image", "z-image")
+         "flux-fill", "qwen-image", "z-image", "flux-kontext", "qwen-image-edit", "qwen-image-edit-plus")
 ENTRIES = list(families.FAMILIES.values())
 
 
@@ -146,7 +146,7 @@ def test_detect(index, unet, expected):
     assert families.detect(index, unet) == expected
 
 
-@pytest.mark.parametrize("class_name", ["KandinskyPipeline", "FluxKontextPipeline", "StableDiffusion3ControlNetPipeline", ""])
+@pytest.mark.parametrize("class_name", ["KandinskyPipeline", "FluxControlPipeline", "StableDiffusion3ControlNetPipeline", ""])
 def test_detect_refuses_other_pipelines(class_name):
     with pytest.raises(ModelError, match=f"unsupported pipeline class '{class_name}'") as err:
         families.detect({**SD_INDEX, "_class_name": class_name}, {})

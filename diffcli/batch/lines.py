@@ -16,7 +16,7 @@ from diffcli.errors import UsageError
 from diffcli.jobs import Job
 from diffcli.options import RANDOM_SEED
 
-TASKS = ("txt2img", "img2img", "inpaint", "outpaint", "upscale")  # commands a batch line may name
+TASKS = ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "edit")  # commands a batch line may name
 PER_RUN_KEYS = {"threads"}  # one CPU thread pool per process: batch's --threads reaches every line, a line sets none
 TRUST_KEYS = {"allow_pickle"}  # trust comes from the command line only, never from a jobs file
 BATCH_TEMPLATE = "{job:05d}-{seed}-{slug}.png"  # stable across reruns, unlike {index} ("next free number")

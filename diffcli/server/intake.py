@@ -75,9 +75,12 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
     up, refused keys refused; `values` keyed by option name or flag spelling, as a batch line."""
     from diffcli.batch.files import Entry
     from diffcli.batch.lines import TASKS, build_jobs
+    from diffcli.flags import LOCAL_ONLY
 
-    if command not in TASKS:
-        raise UsageError(f"command {command!r} cannot run on the server", f"available: {', '.join(TASKS)}")
+    served_tasks = [task for task in TASKS if task not in LOCAL_ONLY]
+    if command not in served_tasks:
+        hint = "run `diffcli edit` locally" if command in LOCAL_ONLY else f"available: {', '.join(served_tasks)}"
+        raise UsageError(f"command {command!r} cannot run on the server", hint)
     values = dict(values)
     for key in list(values):
         name = str(key).lstrip("-").replace("-", "_")
