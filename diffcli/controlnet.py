@@ -4,7 +4,8 @@ ControlNet class built at run time, and the metadata A1111's ControlNet extensio
 A unit is `TYPE:IMAGE[;key=value...]`: TYPE a preprocessor of diffcli.control (canny, scribble, none...), IMAGE the
 picture it reads; keys `model` (the ControlNet: a diffusers folder or Hub id), `weight` (A1111's weight, diffusers'
 controlnet_conditioning_scale), `start`/`end` (fraction of the steps it acts on), `resize` (crop, fit, stretch: how
-the map meets the image size) and the preprocessor's own parameters (`low`, `high` for canny...).
+the map meets the image size) and the preprocessor's own parameters (`low`, `high` for canny...). Without `model`,
+a model with a bundled ControlNet (tiny-shapes: tiny-shapes-control, canny maps) uses that one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ UNIT_KEYS = ("model", "weight", "start", "end", "resize")
 A1111_RESIZE = {"crop": "Crop and Resize", "fit": "Resize and Fill", "stretch": "Just Resize"}
 DEFAULT_RESIZE = "crop"  # A1111's ControlNet default ("Crop and Resize")
 MAX_WEIGHT = 2.0  # A1111's slider range for a unit's weight
+BUNDLED = {"tiny-shapes": "tiny-shapes-control"}  # bundled model -> its default ControlNet (diffcli/bundled/), by name
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,6 @@ def parse(text: str) -> Unit:
         (settings.__setitem__(key, value) if key in UNIT_KEYS else params.append((key, value)))
     name, values = control.parse_type(kind + (":" + ",".join(f"{k}={v}" for k, v in params) if params else ""),
                                       "--control")
-    if "model" not in settings:
-        raise UsageError(f"--control {kind}:{image}: no ControlNet model", "add ;model=DIR_OR_HUB_ID")
     weight, start, end = (_fraction(kind, key, settings.get(key), default, high)
                           for key, default, high in (("weight", 1.0, MAX_WEIGHT), ("start", 0.0, 1.0), ("end", 1.0, 1.0)))
     if start >= end:
@@ -82,7 +82,7 @@ def parse(text: str) -> Unit:
     resize = settings.get("resize", DEFAULT_RESIZE)
     if resize not in A1111_RESIZE:
         raise UsageError(f"--control {kind}: resize must be one of {', '.join(A1111_RESIZE)}, got {resize!r}")
-    return Unit(name, tuple(values.items()), image.strip(), settings["model"], weight, start, end, resize)
+    return Unit(name, tuple(values.items()), image.strip(), settings.get("model", ""), weight, start, end, resize)
 
 
 def unit_text(record: dict) -> str:
@@ -124,14 +124,35 @@ def resolve(job, spec, width: int, height: int) -> Resolved:
         kinds = ", ".join(name for name, f in families.FAMILIES.items() if f.controlnet)
         raise UsageError(f"--control: ControlNet runs on {kinds} models here, got {spec.name!r} ({spec.family}) for "
                          f"{job.command}")
-    for flag, used in (("--hires", job.second.hires), ("--refiner", job.second.refiner not in (None, "none")),
-                       ("--deep-cache", job.model.deep_cache)):
+    sdxl_refiner = spec.family == "sdxl" and job.second.refiner not in (None, "none")  # SD 1.x/2.x hand over in the call
+    for flag, used in (("--hires", job.second.hires), ("--refiner", sdxl_refiner), ("--deep-cache", job.model.deep_cache)):
         if used:
             raise UsageError(f"--control with {flag}: not supported together yet", f"drop {flag}")
+    units = [unit if unit.model else _default_model(unit, spec) for unit in units]
     for unit in units:
         check_model(unit.model, job.model.allow_pickle)
     return Resolved(units, [control_map(unit, width, height, job.model.allow_pickle) for unit in units],
                     job.controls.guess_mode)
+
+
+def _default_model(unit: Unit, spec) -> Unit:
+    """A unit without `model` given the bundled ControlNet of a bundled model that has one; else a UsageError."""
+    from dataclasses import replace
+
+    from diffcli.models import BUNDLED_DIR
+
+    name = BUNDLED.get(Path(spec.location).name) if Path(spec.location).parent == BUNDLED_DIR else None
+    if name is None:
+        raise UsageError(f"--control {unit.type}:{unit.image}: no ControlNet model",
+                         f"add ;model=DIR_OR_HUB_ID (only {', '.join(BUNDLED)} has a default)")
+    return replace(unit, model=name)
+
+
+def location(model: str) -> str:
+    """Where a unit's model is: a bundled ControlNet's folder for its name (unless a folder of that name is here)."""
+    from diffcli.models import BUNDLED_DIR
+
+    return str(BUNDLED_DIR / model) if model in BUNDLED.values() and not Path(model).is_dir() else model
 
 
 def check_model(model: str, allow_pickle: bool) -> None:
@@ -140,7 +161,7 @@ def check_model(model: str, allow_pickle: bool) -> None:
     from diffcli.models import HUB_ID
     from diffcli.options import check_path
 
-    path = Path(model)
+    path = Path(location(model))
     if path.is_dir():
         if (path / "model_index.json").is_file():
             raise UsageError(f"--control model={model}: a whole pipeline, not a ControlNet", "name a ControlNet folder")
@@ -193,7 +214,7 @@ def pipeline(pipe, task: str, family: str, resolved: Resolved, device: str, dtyp
     for unit in resolved.units:
         key = (unit.model, device, str(dtype))
         if key not in _MODELS:
-            _MODELS[key] = diffusers.ControlNetModel.from_pretrained(unit.model, torch_dtype=dtype,
+            _MODELS[key] = diffusers.ControlNetModel.from_pretrained(location(unit.model), torch_dtype=dtype,
                                                                      use_safetensors=True).to(device)
         nets.append(_MODELS[key])
     controlnet = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)

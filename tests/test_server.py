@@ -524,3 +524,11 @@ def test_controlnet_through_a1111_and_the_client(cli, isolated, tiny_model, tiny
         assert status == 422 and "not one of this server's ControlNets" in answer["detail"]
         status, answer = post(url, "/diffcli/v1/plan", {"prompt": "x", "control": [f"canny:/etc/passwd;model={tiny_controlnets[0]}"]})
         assert status == 422  # raw --control texts name server files: refused
+        bare = ("--control", "canny:edges.png", "--server", url, "--seed", "3", "--steps", "2", "-q")
+        refused = cli("txt2img", "a circle", "--model", "tiny-sd", "--width", "64", "--height", "64", *bare, "-o", "n.png")
+        assert refused.exit_code == 2 and "no ControlNet model" in refused.stderr, refused.stderr
+        bundled = cli("txt2img", "a red circle", *bare, "-o", "b.png", "--json")  # its own ControlNet, unnamed
+        assert bundled.exit_code == 0, bundled.stderr
+        from diffcli.output import read_metadata
+
+        assert read_metadata(Path("b.png"))["control"][0]["model"] == "tiny-shapes-control"

@@ -198,7 +198,7 @@ def _local_record(event: dict, values: dict) -> dict:
     if record.get("control") and values.get("control"):  # each unit's image and model as named here
         from diffcli.controlnet import parse
 
-        record["control"] = [dict(unit, image=mine.image, model=mine.model)
+        record["control"] = [dict(unit, image=mine.image, model=mine.model or unit["model"])  # none: the server's default
                              for unit, mine in zip(record["control"], map(parse, values["control"]))]
     return record
 

@@ -104,20 +104,22 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
 
 
 def control_texts(units, served: Served, folder: Path) -> list[str]:
-    """A request's ControlNet units ({"type", "params", "image" (base64), "model" (a --controlnet-dir name), "weight",
-    "start", "end", "resize"}) as the --control texts of the request's files and the server's ControlNets."""
+    """A request's ControlNet units ({"type", "params", "image" (base64), "model" (a --controlnet-dir name; none: the
+    bundled model's own), "weight", "start", "end", "resize"}) as the --control texts of the request's files and the
+    server's ControlNets."""
     if not isinstance(units, list):
         raise UsageError("controlnet: expected a list of units")
     texts = []
     for index, unit in enumerate(units):
         where = f"controlnet[{index}]"
-        if not isinstance(unit, dict) or not isinstance(unit.get("type"), str) or not unit.get("model"):
-            raise UsageError(f"{where}: expected an object with type, image and model")
+        if not isinstance(unit, dict) or not isinstance(unit.get("type"), str):
+            raise UsageError(f"{where}: expected an object with type and image (and model, unless the model has a "
+                             "bundled ControlNet)")
         image = decode_image(unit.get("image"), f"{where}.image", folder, f"control-{index}.img", served.limits)
         params = unit.get("params") or {}
         if not isinstance(params, dict):
             raise UsageError(f"{where}.params: expected an object of the type's parameters")
-        options = {"model": served.catalog.controlnet(unit["model"]),
+        options = {**({"model": served.catalog.controlnet(unit["model"])} if unit.get("model") else {}),
                    **{key: unit[key] for key in ("weight", "start", "end", "resize") if unit.get(key) is not None},
                    **params}
         if any(";" in str(value) or "=" in str(key) for key, value in options.items()):

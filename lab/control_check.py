@@ -1,0 +1,93 @@
+"""Judge tiny-shapes' bundled ControlNet: `OMP_NUM_THREADS=1 python -m lab.control_check --n 200 --seed 0`.
+
+For n held-out one-object scenes (`diffcli eval`'s, seeds not drawn in training), render the scene, save it as a
+PNG, and make `diffcli txt2img PROMPT --control canny:SCENE.png` through diffcli's own plan and run (the unit's map
+made by diffcli's canny at plan time, the default ControlNet and refiner, the model's defaults). The prompt names
+the colour and background only (`--prompt colour`), so shape, size and position can come from the map alone; the
+judge reads the image and compares with the scene: shape, position (nearest anchor, the judge's tolerance), colour,
+size, background, one object. `--source outline` makes the maps of outline drawings of the scenes (dark lines on
+a light ground) instead. `--weight 0` gives the uncontrolled images of the same prompts and seeds.
+"""
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import numpy as np
+from PIL import Image
+
+from diffcli.shapes import SEED_STRIDE, evaluate, judge, world
+
+KEYS = ("shape", "position", "colour", "size", "background", "count", "exact")
+
+
+def scenes(n: int, seed: int, prompt: str) -> list:
+    """(caption, scene) of `diffcli eval`'s held-out one-object scenes; `colour` captions leave shape, size and
+    position unsaid (the map's to give), `full` ones say everything."""
+    items = evaluate.prompts(n, seed, two_object=False)
+    if prompt == "full":
+        return items
+    rng = random.Random(20_000 + seed)
+    return [(world.caption(rng, s, full=True, train=False, drop=("shape0", "size0", "position")), s) for _, s in items]
+
+
+def scores(scene, image: np.ndarray) -> dict:
+    """Whether the image's one object has the scene's shape, position, colour and size, and its background."""
+    found = judge.analyze(np.round(image * 255))
+    o, want = (found["objects"] or [{}])[0], scene.objects[0]
+    right = {"shape": o.get("shape") == world.SHAPES[want.shape],
+             "position": o.get("position") == world.POSITION_NAMES[scene.position],
+             "colour": o.get("colour") == world.COLOUR_NAMES[want.colour],
+             "size": o.get("size") == world.SIZES[want.size],
+             "background": found["background"] == world.COLOUR_NAMES[scene.background],
+             "count": len(found["objects"]) == 1}
+    right["exact"] = all(right.values())
+    return right
+
+
+def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threads=1, extra=None, source="scene") -> dict:
+    """Generate and judge n controlled images, the maps made from the rendered scenes or (`outline`) from outline
+    drawings of them; returns the mean of each score."""
+    from lab.train_control import outline_drawing
+
+    items = scenes(n, seed, prompt)
+    acc, t0 = defaultdict(list), time.time()
+    with tempfile.TemporaryDirectory(prefix="control-check-") as folder:
+        t = world.to_tensors([s for _, s in items])
+        drawn = outline_drawing(t, random.Random(seed)) if source == "outline" else world.render(t)
+        rendered = drawn.permute(0, 2, 3, 1).numpy()
+        values = []
+        for i, ((text, _), pixels) in enumerate(zip(items, rendered)):
+            Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(f"{folder}/scene{i}.png")
+            unit = f"canny:{folder}/scene{i}.png;weight={weight:g}" + (f";{extra}" if extra else "")
+            values.append(dict(prompt=text, seed=seed * SEED_STRIDE + i, model=model, device="cpu", threads=threads,
+                               control=[unit]))
+        for (_, scene), image in zip(items, evaluate._images("txt2img", values)):
+            for key, value in scores(scene, image).items():
+                acc[key].append(value)
+    return {"n": n, "seed": seed, "prompt": prompt, "source": source, "weight": weight, "model": model, "extra": extra,
+            "seconds": round(time.time() - t0, 1), "accuracy": {k: round(float(np.mean(acc[k])), 4) for k in KEYS}}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", choices=("colour", "full"), default="colour")
+    p.add_argument("--source", choices=("scene", "outline"), default="scene", help="the image the canny map is made of")
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--model", default="tiny-shapes")
+    p.add_argument("--unit", default=None, help="more unit options, e.g. 'model=DIR' or 'end=0.5'")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    result = check(a.n, a.seed, a.prompt, a.weight, a.model, a.threads, a.unit, a.source)
+    print(json.dumps(result), flush=True)
+    print(" ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

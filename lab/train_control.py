@@ -1,0 +1,179 @@
+"""Train tiny-shapes-control, the bundled model's canny ControlNet: `python -m lab.train_control --out DIR --minutes M`.
+
+A ControlNet (Zhang et al. 2023) without attention (DownBlock2D and a plain mid block, 1.8 M parameters, its
+ResNets copied from the base UNet, zero convolutions) reads diffcli's own `canny` map of a rendered scene and feeds
+the frozen bundled pair: above timestep 500 the base UNet, below it the refiner's UNet at the matching noise level,
+as `diffcli txt2img` hands over at --refiner-start 0.5. A share of the maps are the canny of an outline drawing of
+the scene (dark lines on a light ground), so a drawn outline works as well as a rendered or generated image.
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffcli import control
+from diffcli.refiner import alphas_cumprod, matched_timesteps
+from diffcli.shapes import world
+from lab import models
+from lab.train import Logger, Run, _diffusion_loss, _optimize, loop, optimizer
+
+BUNDLED = Path(__file__).resolve().parents[1] / "diffcli" / "bundled"
+HANDOVER = 500  # timesteps below this go to the refiner (tiny-shapes' refiner_start 0.5)
+OUTLINE_SHARE = 0.25  # maps made from an outline drawing rather than the filled scene
+
+
+def controlnet(unet):
+    """An attention-free ControlNet shaped like `unet`'s down path, its ResNets and time embedding copied from it."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel(in_channels=unet.config.in_channels, down_block_types=("DownBlock2D",) * 3,
+                          mid_block_type="UNetMidBlock2D", block_out_channels=unet.config.block_out_channels,
+                          layers_per_block=unet.config.layers_per_block, attention_head_dim=6,
+                          cross_attention_dim=unet.config.cross_attention_dim, norm_num_groups=unet.config.norm_num_groups,
+                          conditioning_embedding_out_channels=(16, 32, 64, 128))
+    models.load_matching(net, unet)
+    # The zero convolutions alone keep the untrained net a no-op; a zero last layer of the map's encoder too (as
+    # diffusers builds it) starves it of gradient until they have grown: on the CPU budget it learned nothing in 500
+    # steps (NOTEBOOK.md), so that layer starts from a small random init.
+    torch.nn.init.normal_(net.controlnet_cond_embedding.conv_out.weight, std=0.02)
+    return net
+
+
+def outline_drawing(t: dict, rng: random.Random) -> torch.Tensor:
+    """The scenes' objects as outlines (2-4 px dark lines, anti-aliased) on a light ground, (N, 3, 128, 128) in [0, 1]."""
+    n, size = t["background"].shape[0], world.SIZE
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = grid[None, :, None], grid[None, None, :]
+    img = torch.ones(n, 3, size, size) * torch.tensor([rng.uniform(0.8, 1.0) for _ in range(n)])[:, None, None, None]
+    for k in range(2):
+        r = torch.tensor(world.RADIUS)[t["size"][:, k]][:, None, None].expand(-1, size, size)
+        d = world.shape_sdf(t["shape"][:, k][:, None, None].expand(-1, size, size), xx - t["x"][:, k, None, None],
+                            yy - t["y"][:, k, None, None], r)
+        width = torch.tensor([rng.uniform(2, 4) for _ in range(n)])[:, None, None]
+        alpha = ((width / 2 + 0.5 - d.abs()).clamp(0, 1) * t["present"][:, k, None, None])[:, None]
+        img = img * (1 - alpha)
+    return img
+
+
+def canny_maps(images: torch.Tensor) -> torch.Tensor:
+    """diffcli's `canny` (the --control preprocessor, default thresholds) of each image: (N, 128, 128) bool."""
+    arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return torch.from_numpy(np.stack([np.asarray(control.canny(Image.fromarray(a)))[..., 0] > 127 for a in arrays]))
+
+
+class Pool:
+    """Scenes drawn once: frozen-VAE latent moments, canny maps, caption token ids."""
+
+    def __init__(self, n, seed, tokenizer, vae):
+        rng = random.Random(seed)
+        scenes = [world.sample_scene(rng, rng.random() < 0.5) for _ in range(n)]
+        captions = [world.caption(rng, s) for s in scenes]  # train=True: held-out captions never said in full
+        self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        self.empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        moments, maps = [], []
+        for i in range(0, n, 64):
+            t = world.to_tensors(scenes[i:i + 64])
+            images = world.render(t)
+            with torch.no_grad():
+                moments.append(vae.encode(images * 2 - 1).latent_dist.parameters)
+            outline = torch.tensor([rng.random() < OUTLINE_SHARE for _ in range(len(images))])
+            maps.append(canny_maps(torch.where(outline[:, None, None, None], outline_drawing(t, rng), images)))
+        self.moments, self.maps, self.n = torch.cat(moments), torch.cat(maps), n
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, b, dropout):
+        """Latents (sampled from their moments), maps (N, 3, 128, 128) in [0, 1], caption ids (`dropout` emptied)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        idx = torch.randint(0, self.n, (b,), generator=self.gen)
+        drop = (torch.rand(b, generator=self.gen) < dropout)[:, None]
+        latents = DiagonalGaussianDistribution(self.moments[idx]).sample(self.gen)
+        return latents, self.maps[idx].float()[:, None].expand(-1, 3, -1, -1), torch.where(drop, self.empty, self.ids[idx])
+
+
+def train(run: Run, base: Path, refiner: Path | None, pool_size: int) -> Path:
+    """Train (from `run.resume`, a ControlNet folder, if given) and save `run.out/tiny-shapes-control` (fp16
+    safetensors); returns that folder."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(run.seed)
+    t0 = time.time()
+    tok = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    frozen = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)  # noqa: E731
+    text, vae = frozen(CLIPTextModel, base / "text_encoder"), frozen(AutoencoderKL, base / "vae")
+    unet, own = frozen(UNet2DConditionModel, base / "unet"), frozen(UNet2DConditionModel, refiner / "unet") if refiner else None
+    sched = models.noise_scheduler(models.saved_schedule(base))
+    own_sched = models.noise_scheduler(models.saved_schedule(refiner)) if refiner else None
+    # the refiner's own timestep at each of the base's (nearest alphas_cumprod), as the --refiner handover calls it
+    own_t = matched_timesteps(alphas_cumprod(dict(sched.config)), alphas_cumprod(dict(own_sched.config))) if refiner else None
+    net = (ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32) if run.resume else controlnet(unet)).train()
+    pool = Pool(pool_size, run.seed + 3, tok, vae)
+    print(f"pool of {pool_size} scenes in {(time.time() - t0) / 60:.1f} min", flush=True)
+    params = list(net.parameters())
+    opt, lr_sched = optimizer(params, run.lr, torch.device("cpu"))
+    logger = Logger(run, "control", params_controlnet=models.n_params(net), batch=run.batch, pool=pool_size,
+                    base=str(base), refiner=str(refiner))
+    sf = vae.config.scaling_factor
+
+    def step(i):
+        lat, cond, ids = pool.batch(run.batch, run.caption_dropout)
+        lat = lat * sf
+        with torch.no_grad():
+            states = text(ids)[0]
+        eps = torch.randn_like(lat)
+        t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],))
+        noisy = sched.add_noise(lat, eps, t)
+        down, mid = net(noisy, t, states, cond, return_dict=False)
+        low = t < HANDOVER if refiner else torch.zeros_like(t, dtype=torch.bool)
+        loss = 0.0
+        for part, model, steps, schedule in ((~low, unet, t, sched), (low, own, own_t[t] if refiner else t, own_sched)):
+            if part.any():
+                pred = model(noisy[part], steps[part], states[part], down_block_additional_residuals=[d[part] for d in down],
+                             mid_block_additional_residual=mid[part]).sample
+                loss = loss + _diffusion_loss(pred, eps[part], steps[part], schedule, lat[part]) * part.float().mean()
+        return _optimize(loss, opt, params, lr_sched)
+
+    loop(step, run_deadline(run, t0), run, logger, params)
+    folder = run.out / "tiny-shapes-control"
+    net.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    logger.data["total_minutes"] = round((time.time() - t0) / 60, 2)
+    logger.path.write_text(json.dumps(logger.data, indent=1))
+    return folder
+
+
+def run_deadline(run: Run, t0: float) -> float:
+    """The end of the time box, counted from the start (pool drawing included)."""
+    return t0 + run.minutes * 60
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=30.0, help="time box, pool drawing included")
+    p.add_argument("--max-steps", type=int, default=10**9)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pool", type=int, default=3000, help="scenes drawn, encoded and mapped once")
+    p.add_argument("--base", type=Path, default=BUNDLED / "tiny-shapes")
+    p.add_argument("--refiner", default=str(BUNDLED / "tiny-shapes-refiner"), help="'none': the base at every step")
+    p.add_argument("--resume", type=Path, default=None, help="a ControlNet folder to continue")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    run = Run(out=a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch, lr=a.lr,
+              resume=a.resume)
+    folder = train(run, a.base, None if a.refiner == "none" else Path(a.refiner), a.pool)
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()
