@@ -26,6 +26,7 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 # in a session of its own, as a program started from another terminal would (Linux shares the CPU fairly between
 # sessions, not only between threads: sched_autogroup)
 COMPETITOR = "import os\nparent, n = os.getppid(), 0\nwhile n % 10_000_000 or os.getppid() == parent:\n    n += 1"
+PEERS = ("plain", "openvino")  # --compare: plain diffusers eager (same process), OpenVINO through optimum-intel
 COMPETITOR_START_S = 0.5  # the competitor is running before the threads are chosen again and the timing starts
 
 
@@ -177,12 +178,67 @@ def measure_contended(pipe, device: str, size: int, steps: int, cfg: float, batc
     return result
 
 
+def parse_compare(text: str | None) -> tuple[str, ...]:
+    """--compare's comma list of PEERS."""
+    from diffcli.errors import UsageError
+
+    names = tuple(name.strip() for name in text.split(",")) if text else ()
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise UsageError(f"--compare takes a comma list of {', '.join(PEERS)}, got {unknown[0]!r}")
+    return names
+
+
+def seeded_image(pipe, size: int, steps: int, cfg: float):
+    """The seed-0 image as floats in [0, 1], the reference every path's PSNR is measured against."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(0)
+    return pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
+                generator=generator, output_type="np").images[0]
+
+
+def measure_openvino(pipe, size: int, steps: int, cfg: float, repeats: int, precision: str, reference) -> dict:
+    """The pipeline exported to OpenVINO by optimum-intel in a child process (bench_openvino.py; its Python:
+    $DIFFCLI_OPENVINO_PYTHON, else this one), same size, steps, cfg, threads and seed; PSNR against `reference`."""
+    import importlib.util
+    import json
+
+    import numpy as np
+    import torch
+
+    python = os.environ.get("DIFFCLI_OPENVINO_PYTHON") or sys.executable
+    if python == sys.executable and importlib.util.find_spec("optimum") is None:
+        return {"skipped": "optimum-intel is not installed (pip install 'optimum-intel[openvino]', or point "
+                           "DIFFCLI_OPENVINO_PYTHON at a Python that has it)"}
+    with tempfile.TemporaryDirectory() as folder:
+        pipe.save_pretrained(folder)
+        settings = {"size": size, "steps": steps, "cfg": cfg, "prompt": PROMPT, "repeats": repeats,
+                    "threads": torch.get_num_threads(), "precision": precision, "image": str(Path(folder) / "seed0.npy")}
+        done = subprocess.run([python, str(Path(__file__).with_name("bench_openvino.py")), folder, json.dumps(settings)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"failed": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["psnr_vs_plain_db"] = psnr(np.load(settings["image"]), reference)
+    return result
+
+
+def fast_dtype(pipe) -> str:
+    """The dtype `--dtype auto` picks on this CPU for this pipeline (cpu.choose on its denoiser's size)."""
+    from diffcli import cpu
+
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    return cpu.choose(cpu.cpu_flags(), sum(p.numel() for p in denoiser.parameters()))[0]
+
+
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,
-              size: int | None, batch_sizes: list[int], repeats: int, compare_plain: bool, optimize: bool,
+              size: int | None, batch_sizes: list[int], repeats: int, compare: tuple[str, ...], optimize: bool,
               low_vram: bool = False, deep_cache: int | None = None, threads: int | None = None,
               contended: bool = False) -> dict:
-    """Benchmark one architecture or model: plain diffusers first (if asked), then diffcli's path, then (--contended)
-    diffcli's path again with one CPU-bound process competing."""
+    """Benchmark one architecture or model: the --compare peers first (plain diffusers eager, OpenVINO), then diffcli's
+    path (on the CPU with --dtype auto: the fast path's dtype), then (--contended) diffcli's path again with one
+    CPU-bound process competing. Every path's seed-0 image gets its PSNR against plain's."""
     import torch
 
     from diffcli.models import resolve_model
@@ -210,15 +266,26 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
               "size": size, "steps": steps, "cfg": cfg, "load_s": round(time.perf_counter() - start, 3),
               "torch": torch.__version__}
     pipe.set_progress_bar_config(disable=True)
+    compare_plain = "plain" in compare
+    reference = seeded_image(pipe, size, steps, cfg) if compare else None
     if compare_plain:
         report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+    fast = device == "cpu" and dtype_name == "auto" and not low_vram and fast_dtype(pipe) == "bf16"
+    if "openvino" in compare:  # OpenVINO's bf16 where diffcli's path is bf16
+        precision = "bf16" if fast or str(dtype) == "torch.bfloat16" else "f32"
+        report["openvino"] = measure_openvino(pipe, size, steps, cfg, repeats, precision, reference)
     if deep_cache:  # DeepCache hooks the eager U-Net's blocks: measure it before anything is compiled
         if "plain" not in report:
             report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
         report["deep_cache"] = measure_deep_cache(pipe, device, size, steps, cfg, repeats, deep_cache)
         report["deep_cache_speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["deep_cache"]["ms_per_step"], 2)
+    if fast:
+        pipe.to(torch.bfloat16)
+        report["dtype"] = "bfloat16 (plain and openvino's export: float32)" if compare else "bfloat16"
     report["optimizations"] = plain_optimizations if low_vram else _place(pipe, device, optimize, False, threads)
     report["diffcli"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+    if reference is not None:
+        report["diffcli"]["psnr_vs_plain_db"] = psnr(seeded_image(pipe, size, steps, cfg), reference)
     if contended:
         report["diffcli"]["cpu_threads"] = torch.get_num_threads()
         report["contended"] = measure_contended(pipe, device, size, steps, cfg, batch_sizes, repeats, threads)
@@ -258,6 +325,17 @@ def format_table(report: dict) -> str:
                         f"{r.get('peak_memory_gib', '-'):>9}  {r['images_per_s_latents']}")
     if "speedup_ms_per_step" in report:
         rows.append(f"speed-up vs plain: {report['speedup_ms_per_step']}x per step, {report['speedup_end_to_end']}x end to end")
+    if "openvino" in report:
+        ov = report["openvino"]
+        rows.append(f"openvino: {ov.get('skipped') or ov.get('failed') or ''}" if "first_image_s" not in ov else
+                    f"{'openvino':8} {ov['first_image_s']:>13} {'-':>9} {ov['s_per_image_end_to_end']:>12} {'-':>9}  "
+                    f"(OpenVINO {ov['openvino']}, {ov['precision']}, export and compile {ov['load_s']} s)")
+    psnrs = [f"{path} {report[path]['psnr_vs_plain_db']} dB" for path in ("openvino", "diffcli")
+             if "psnr_vs_plain_db" in report.get(path, {})]
+    if psnrs:
+        rows.append(f"PSNR of the seed-0 image vs plain's: {', '.join(psnrs)}")
+    if "openvino" in report and "first_image_s" in report["openvino"]:
+        rows.append(f"diffcli vs openvino: {round(report['openvino']['s_per_image_end_to_end'] / report['diffcli']['s_per_image_end_to_end'], 2)}x end to end")
     if "deep_cache" in report:
         cache = report["deep_cache"]
         rows.append(f"deep_cache: every {cache['interval']} steps on the eager U-Net, {report['deep_cache_speedup_ms_per_step']}x "

@@ -61,7 +61,8 @@ RUNTIME = group(
     Flag("vae", ("--vae",), str, None, "Replace the model's VAE (A1111's SD VAE): a .safetensors file, a diffusers "
          "folder or a Hub id."),
     Flag("device", ("--device",), str, "auto", "auto | cuda | cuda:N | mps | cpu.", envvar="DIFFCLI_DEVICE"),
-    Flag("dtype", ("--dtype",), str, "auto", "auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32."),
+    Flag("dtype", ("--dtype",), str, "auto", "auto (fp16 on GPU; on the CPU bf16 in channels_last where it has AMX and the model is large, "
+         "else fp32) | fp16 | bf16 | fp32."),
     Flag("safety_checker", ("--safety-checker",), bool, False, "Run the model's safety checker (off by default)."),
     Flag("allow_pickle", ("--allow-pickle",), bool, False, "Allow pickle-based weights (.ckpt/.bin); unsafe for "
          "untrusted files."),
@@ -69,8 +70,8 @@ RUNTIME = group(
          off="--no-optimize"),
     Flag("low_vram", ("--low-vram",), "bools", None, "Attention slicing, VAE tiling, CPU offload (default: automatic "
          "on small GPUs).", off="--no-low-vram"),
-    Flag("threads", ("--threads",), int, None, "CPU threads (default: OMP_NUM_THREADS, else the cores other processes "
-         "leave free).", envvar="DIFFCLI_THREADS"),
+    Flag("threads", ("--threads",), int, None, "CPU threads (default: OMP_NUM_THREADS, else 1 for a model under 100 M "
+         "denoiser parameters, else the cores other processes leave free).", envvar="DIFFCLI_THREADS"),
 )
 DEEP_CACHE = Flag("deep_cache", ("--deep-cache",), int, None, "DeepCache: run the whole U-Net every N steps, reuse its "
                   "deep features between (faster, slightly different; U-Net not compiled).", min=2)

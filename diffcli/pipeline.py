@@ -9,7 +9,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from diffcli import extras, families
+from diffcli import cpu, extras, families
 from diffcli.errors import ModelError, UsageError, first_line
 
 # Library chatter (deprecations, optional-backend notices) is not for our users; they may override.
@@ -121,12 +121,15 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def resolve_dtype(requested: str, device: str):
-    """'auto' is fp16 on CUDA/MPS and fp32 on CPU; unsupported combinations are UsageErrors."""
+def resolve_dtype(requested: str, device: str, spec: ModelSpec | None = None):
+    """'auto' is fp16 on CUDA/MPS; on the CPU, bf16 where the CPU fast path pays for `spec` (cpu.auto_dtype), else fp32.
+    Unsupported combinations are UsageErrors."""
     import torch
 
     kind = device.split(":")[0]
-    name = requested if requested != "auto" else ("fp32" if kind == "cpu" else "fp16")
+    name = requested
+    if requested == "auto":
+        name = (cpu.auto_dtype(spec)[0] if spec is not None else "fp32") if kind == "cpu" else "fp16"
     if name == "fp16" and kind == "cpu":
         raise UsageError("--dtype fp16 is not supported on the CPU", "use --dtype fp32 (default) or bf16")
     if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
@@ -218,12 +221,12 @@ def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_
     own model was loaded under, so shared components are not loaded again), with a fresh `scheduler`; `vae`: the
     plan's --vae (Plan.vae), for the job's own model only."""
     device = resolve_device(job.device)
-    pipe = load_pipeline(spec, task, device, resolve_dtype(job.dtype, device), safety_checker, job.allow_pickle,
+    pipe = load_pipeline(spec, task, device, resolve_dtype(job.dtype, device, spec), safety_checker, job.allow_pickle,
                          job.optimize, job.low_vram, job.threads, vae)
     if device == "cpu":  # OpenMP's thread count is per calling thread: a server's worker sets its own, as the loader did
         from diffcli import speed
 
-        speed.configure_cpu_threads(job.threads)
+        speed.configure_cpu_threads(job.threads, cpu.is_small(pipe))
     pipe.scheduler = build_scheduler(pipe.diffcli_scheduler, scheduler)
     return pipe
 
@@ -232,7 +235,7 @@ def is_loaded(spec: ModelSpec, job, safety_checker: bool = False, vae=None) -> b
     """Whether load_for_job would find the model's weights in memory already (nothing to load, nothing to report)."""
     device = resolve_device(job.device)
     low_vram = needs_low_vram(spec, device) if job.low_vram is None else job.low_vram
-    key = (spec, device, str(resolve_dtype(job.dtype, device)), safety_checker, job.allow_pickle, job.optimize, low_vram,
+    key = (spec, device, str(resolve_dtype(job.dtype, device, spec)), safety_checker, job.allow_pickle, job.optimize, low_vram,
            job.threads, vae)
     return bool(_CACHE.get(key))
 
@@ -262,7 +265,8 @@ def _place(pipe, device: str, optimize: bool, low_vram: bool, threads: int | Non
     if device.startswith("cuda") and optimize:
         return speed.optimize_cuda(pipe)
     if device == "cpu":
-        return speed.cpu_settings(speed.configure_cpu_threads(threads))
+        threads = speed.configure_cpu_threads(threads, cpu.is_small(pipe))
+        return speed.cpu_settings(threads) + cpu.place(pipe)  # the path last: run.py says it on stderr
     return []
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from diffcli import __version__, adapters, hashes, hires, identity, masked, output, progress, refiner, speed, tasks
+from diffcli import __version__, adapters, families, hashes, hires, identity, masked, output, progress, refiner, speed, tasks
 from diffcli.errors import RuntimeFailure
 from diffcli.images import to_pil
 from diffcli.plan import Plan
@@ -54,12 +54,14 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     plan = plans[0]
     job = plan.job
     device = resolve_device(job.model.device)
-    dtype = resolve_dtype(job.model.dtype, device)
+    dtype = resolve_dtype(job.model.dtype, device, plan.spec)
     # 1. The pipeline, loaded once per process, with this plan's scheduler and VAE.
     started = time.perf_counter()
-    with progress.loading(plan.spec.name, not is_loaded(plan.spec, job.model, job.model.safety_checker, plan.vae),
-                          progress_bar, notify):
+    loading = not is_loaded(plan.spec, job.model, job.model.safety_checker, plan.vae)
+    with progress.loading(plan.spec.name, loading, progress_bar, notify):
         pipe = load_for_job(plan.spec, job.task, job.model, plan.scheduler, job.model.safety_checker, plan.vae)
+    if loading and device == "cpu":  # the CPU path chosen (bf16 or fp32, and why), once per model
+        notify(f"{plan.spec.name}: {pipe.diffcli_optimizations[-1]}")
     # 2. Exactly this job's LoRAs and embeddings; its ControlNets.
     adapters.activate(pipe, plan.adapters)
     if plan.controls.units:
@@ -79,7 +81,7 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     for each in plans:
         length = prompts.chunk_count(pipe, each.job.prompt) if len(plans) > 1 else 0
         groups.setdefault(length, []).extend((each, index) for index in range(len(each.seeds)))
-    size = job.sampling.batch_size
+    size = job.sampling.batch_size if families.call_style(type(pipe).__name__).batch else 1
     calls = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
     for call in calls:
         began = time.perf_counter()
@@ -281,22 +283,15 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
 
 
 def _first_pass(pipe, plan: Plan, call, rows: list, kwargs: dict, generators: list, steps: int, bar, on_step_end):
-    """Tiles (each with its region of the untiled call's noise, overlaps blended), an SDXL refiner finishing the base's
+    """Tiles (one call, the UNet and VAE in overlapping windows: tiles.lockstep), an SDXL refiner finishing the base's
     latents, an SD 1.x/2.x refiner's UNet taking over inside the call, or the plain call."""
-    import numpy as np
-
     from diffcli import tiles
 
-    job, seeds = plan.job, [generator.initial_seed() for generator in generators]
+    job = plan.job
     tile = plan.record.get("tile")
-    if tile:
-        overlap, scale = plan.record["tile_overlap"], job.inputs.scale
-        if bar is not None:  # one pipeline call per tile and image
-            count = tiles.tile_count(pipe, kwargs["image"].size, tile, overlap)
-            bar.update(bar.task_ids[0], total=steps * count * len(seeds))
-        return np.stack([tiles.upscale_with_tiles(pipe, kwargs["image"], seed, tile, overlap, scale,
-                                                  lambda extra, generator: call(dict(kwargs, **extra), [generator])[0])
-                         for seed in seeds])
+    if tile:  # one call, its UNet and VAE decoder in overlapping windows
+        with tiles.lockstep(pipe, kwargs["image"].size, tile, plan.record["tile_overlap"]):
+            return call(kwargs, generators)
     if refiner.active(job.second) and plan.spec.family == "sdxl":
         latents = call(dict(kwargs, denoising_end=job.second.refiner_start), generators, output_type="latent")
         return refiner.finish_sdxl(plan, latents, generators, steps, on_step_end)
@@ -314,7 +309,7 @@ def _call_with_sd_refiner(pipe, plan: Plan, rows: list, call, on_step_end):
 
     settings = plan.job.model
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.dtype, device, plan.spec)  # the refiner's UNet computes with the base's
     unet, config, own = refiner.load_sd(  # the cached pipeline as it is: the base may be that very pipeline
         plan.helpers["refiner"], lambda spec: load_pipeline(spec, "txt2img", device, dtype, False, settings.allow_pickle,
                                                             settings.optimize, settings.low_vram, settings.threads),

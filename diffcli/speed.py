@@ -104,13 +104,20 @@ def default_threads() -> int:
 _DEFAULT: list[int] = []  # default_threads() of this process, chosen at its first placement: torch has one pool
 
 
-def configure_cpu_threads(threads: int | None = None) -> int:
-    """Set torch's CPU threads: `threads` (--threads) if given, else OMP_NUM_THREADS if set, else default_threads()."""
+def configure_cpu_threads(threads: int | None = None, small: bool = False) -> int:
+    """Set torch's CPU threads: `threads` (--threads) if given, else OMP_NUM_THREADS if set, else 1 for a `small`
+    (overhead-bound) model, else default_threads().
+
+    A small model's ops are too short to share: the bundled model took 0.49-0.55 s per image on 1 thread and
+    0.95-0.97 s on 2 passively waiting ones on an idle 2-core Xeon (docs/performance.md, "CPU fast path")."""
     import torch
 
     if threads is not None:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
+        if small:
+            torch.set_num_threads(1)
+            return 1
         if not _DEFAULT:
             _DEFAULT.append(default_threads())
         torch.set_num_threads(_DEFAULT[0])

@@ -49,7 +49,8 @@ def test_bench_contended_reports_idle_and_contended_times_and_stops_its_competit
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--arch", "sd9"], "--arch must be one of"),
-    (["--compare", "a1111"], "--compare must be 'plain'"),
+    (["--compare", "a1111"], "--compare takes a comma list of plain, openvino, got 'a1111'"),
+    (["--compare", "plain,sdcpp"], "got 'sdcpp'"),
     (["--batch-sizes", "1,x"], "--batch-sizes must be a comma list"),
 ])
 def test_bench_usage_errors(cli, args, message):

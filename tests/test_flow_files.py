@@ -300,3 +300,13 @@ def test_replay_reads_the_recorded_base(cli, files, tiny_flux):
     assert made.exit_code == 0, made.stderr
     result = cli("replay", "r.png", "--verify", "-o", "again.png")
     assert result.exit_code == 0 and "verify: identical to r.png" in result.stderr, result.stderr
+
+
+def test_the_cpu_path_counts_a_transformer_files_parameters_without_loading(files, tiny_flux):
+    """cpu.denoiser_parameters reads GGUF and safetensors tables only: a tiny file stays on the fp32 path."""
+    from diffcli import cpu, models
+
+    expected = sum(t.numel() for t in transformer_state(tiny_flux).values())
+    for name in ("flux", "flux-gguf"):
+        spec = models.resolve_model(str(files[name]), base=str(tiny_flux))
+        assert cpu.denoiser_parameters(spec) == expected

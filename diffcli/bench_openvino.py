@@ -1,0 +1,48 @@
+"""The OpenVINO peer of `diffcli bench --compare openvino`: optimum-intel's pipeline exported from the bench's diffusers
+folder, timed as diffcli's path is (first image, then the median of --repeats), with the seed-0 image saved for PSNR.
+
+Standalone, importing nothing from diffcli: optimum-intel pins older transformers than diffcli's, so it may run in a
+venv of its own ($DIFFCLI_OPENVINO_PYTHON). Usage: python bench_openvino.py FOLDER SETTINGS_JSON; prints one JSON line.
+"""
+
+import json
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+    from optimum.intel import OVPipelineForText2Image
+
+    folder, settings = sys.argv[1], json.loads(sys.argv[2])
+    size, steps, cfg, prompt = settings["size"], settings["steps"], settings["cfg"], settings["prompt"]
+    started = time.perf_counter()
+    config = {"INFERENCE_PRECISION_HINT": settings["precision"], "INFERENCE_NUM_THREADS": str(settings["threads"]),
+              "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+    pipe = OVPipelineForText2Image.from_pretrained(folder, export=True, compile=False, ov_config=config)
+    pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)  # static shapes: OpenVINO's fast path
+    pipe.compile()
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - started
+
+    def call(seed: int = 0):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        begin = time.perf_counter()
+        images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
+                      generator=generator, output_type="np").images
+        return time.perf_counter() - begin, images[0]
+
+    first, image = call()
+    np.save(settings["image"], image)
+    times = [call()[0] for _ in range(settings["repeats"])]
+    import openvino
+
+    print(json.dumps({"first_image_s": round(first, 3), "s_per_image_end_to_end": round(statistics.median(times), 3),
+                      "load_s": round(load_s, 3), "precision": settings["precision"],
+                      "openvino": openvino.__version__.split("-")[0]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The CPU fast path: bf16 weights in channels_last memory where the CPU multiplies bf16 in hardware (Intel AMX) and the
+denoiser is large enough to gain, fp32 elsewhere. Chosen for `--dtype auto` from /proc/cpuinfo's flags and the
+denoiser's parameter count (read from safetensors headers, before any weights load); reported in `optimizations`."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+# AMX tiles: a full-size SD 1.5 at 256 px ran 3.6x faster in bf16 + channels_last than in fp32 (docs/performance.md,
+# "CPU fast path"). avx512_bf16 without AMX (AMD Zen 4) measured slower than fp32 there, and so did emulated bf16.
+NATIVE_BF16 = ("amx_bf16",)
+# Below this a denoiser is overhead-bound: tiny-shapes (9.4 M) ran no faster in bf16 (fp32 keeps its judged quality),
+# and faster on one thread than on two (speed.configure_cpu_threads).
+MIN_PARAMETERS = 100_000_000
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: fp32 is then chosen)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def choose(flags: frozenset[str], parameters: int | None) -> tuple[str, str]:
+    """("bf16" or "fp32", why) for a denoiser of `parameters` (None: unknown, taken as large) on a CPU with `flags`."""
+    native = next((flag for flag in NATIVE_BF16 if flag in flags), None)
+    if native is None:
+        return "fp32", "this CPU has no native bf16 matrix units (AMX)"
+    if parameters is not None and parameters < MIN_PARAMETERS:
+        return "fp32", f"the denoiser's {parameters / 1e6:.1f} M parameters are too few for bf16 to pay"
+    return "bf16", f"this CPU has {native}"
+
+
+def _safetensors_parameters(files) -> int | None:
+    """Elements in the tensors of these safetensors files, from their headers; None if there are none."""
+    from diffcli import weights
+
+    total, found = 0, False
+    for path in files:
+        for name, entry in weights.read_safetensors_header(path).items():
+            if name != "__metadata__":
+                total += math.prod(entry.get("shape", []))
+                found = True
+    return total if found else None
+
+
+def denoiser_parameters(spec) -> int | None:
+    """The parameters of `spec`'s U-Net or transformer (a single file: all its tensors; a pickle: its size in fp32
+    values), None when unknown (a Hub model not downloaded yet, unreadable headers)."""
+    from diffcli import models, weights
+
+    try:
+        if spec.source == "single_file" or spec.base:
+            path = Path(spec.location)
+            fmt = weights.file_format(path)
+            if fmt == weights.GGUF:  # its tensor table, memory-mapped: no weights read
+                from gguf import GGUFReader
+
+                return sum(int(tensor.n_elements) for tensor in GGUFReader(path).tensors)
+            if fmt == weights.SAFETENSORS:
+                return _safetensors_parameters([path])
+            return path.stat().st_size // 4  # a pickle: at most this many fp32 values (never unpickled here)
+        folder = Path(models._snapshot(spec.location, spec.revision)) if spec.source == "hub" else Path(spec.location)
+        denoiser = folder / models.denoiser_folder(models.read_json(folder / "model_index.json"))
+        return _safetensors_parameters(sorted(denoiser.glob("*.safetensors")))
+    except Exception:  # noqa: BLE001 (an unreadable model fails with its own message when it loads)
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def auto_dtype(spec) -> tuple[str, str]:
+    """What `--dtype auto` is on the CPU for this model, and why."""
+    return choose(cpu_flags(), denoiser_parameters(spec))
+
+
+def is_small(pipe) -> bool:
+    """Whether the pipeline's denoiser is below MIN_PARAMETERS: overhead-bound (fp32, and one CPU thread)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return denoiser is not None and sum(p.numel() for p in denoiser.parameters()) < MIN_PARAMETERS
+
+
+def place(pipe) -> list[str]:
+    """channels_last for the convolutions of a bf16 pipeline (oneDNN's fast bf16 layout); what was applied and why."""
+    import torch
+
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None or denoiser.dtype != torch.bfloat16:
+        parameters = sum(p.numel() for p in denoiser.parameters()) if denoiser is not None else None
+        dtype, why = choose(cpu_flags(), parameters)
+        return [f"cpu fp32 ({why})" if dtype == "fp32" else "cpu fp32 (--dtype fp32)"]
+    for module in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)):
+        if module is not None:
+            module.to(memory_format=torch.channels_last)
+    native = next((flag for flag in NATIVE_BF16 if flag in cpu_flags()), None)
+    return [f"cpu bf16 + channels_last ({f'this CPU has {native}' if native else 'no native bf16: emulated'})"]
