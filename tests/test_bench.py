@@ -88,3 +88,26 @@ def test_bench_reports_deep_cache_speed_and_psnr(cli, tiny_model):
     cache = report["deep_cache"]
     assert cache["interval"] == 2 and 0 < cache["psnr_vs_uncached_db"] < float("inf")  # it changed the image
     assert report["deep_cache_speedup_ms_per_step"] > 0 and "plain" in report
+
+
+def test_bench_compare_openvino_says_when_it_cannot_run(cli, tiny_model, tmp_path, monkeypatch):
+    """Without optimum-intel here the OpenVINO peer is reported as skipped (how to get it), and a Python that fails
+    gives its last error line; plain and diffcli still run, with diffcli's PSNR against plain's seed-0 image."""
+    import importlib.util
+
+    if importlib.util.find_spec("optimum") is not None:
+        pytest.skip("optimum is installed here")
+    args = ("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats", "1",
+            "--compare", "plain,openvino")
+    monkeypatch.delenv("DIFFCLI_OPENVINO_PYTHON", raising=False)
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert "optimum-intel is not installed" in report["openvino"]["skipped"]
+    assert report["diffcli"]["psnr_vs_plain_db"] > 40  # the same fp32 path as plain for this tiny model
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named optimum' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("DIFFCLI_OPENVINO_PYTHON", str(broken))
+    table = cli(*args)
+    assert table.exit_code == 0 and "openvino: ModuleNotFoundError: No module named optimum" in table.stdout
