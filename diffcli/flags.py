@@ -192,9 +192,9 @@ COMMANDS: dict[str, dict[str, Flag]] = {
 }
 
 
-# Commands the server does not run yet (no --server; a request naming one is refused): edit's --image files would be
-# the server's files.
-LOCAL_ONLY = ("edit",)
+# Commands the server does not run (no --server; a request naming one is refused): none now (edit's --image files
+# travel in the request, as INPUT does).
+LOCAL_ONLY: tuple[str, ...] = ()
 
 
 REPLAY = {  # replay's flags override the image's recorded settings

@@ -133,12 +133,24 @@ def test_bad_inputs_are_refused_before_loading(cli, tiny_flux_kontext, no_loadin
     assert result.exit_code == 2 and "edits an image from an instruction (diffcli edit IMAGE PROMPT)" in result.stderr
 
 
-def test_the_server_refuses_edit(tmp_path):
-    from diffcli.errors import UsageError
-    from diffcli.server import intake
+def test_edit_through_the_server_equals_a_local_edit(cli, tiny_flux_kontext, tmp_path):
+    """`diffcli edit --server URL` sends IMAGE in the request (never a path the server would read) and writes the
+    image and metadata here as a local edit does; a request's `image` must be base64 images, not paths."""
+    pytest.importorskip("fastapi")
+    from test_server import post, serving
 
-    with pytest.raises(UsageError, match="command 'edit' cannot run on the server"):
-        intake.build("edit", {"prompt": "make it blue"}, None, tmp_path)
+    photo = write_photo(tmp_path, SIZE)
+    local = cli("edit", photo, "make it blue", "--model", tiny_flux_kontext, *FAST, "-o", "local.png")
+    assert local.exit_code == 0, local.stderr
+    with serving(model=str(tiny_flux_kontext)) as (url, app):
+        remote = cli("edit", photo, "make it blue", "--model", Path(tiny_flux_kontext).name, *FAST, "--server", url,
+                     "-o", "remote.png", "--json")
+        assert remote.exit_code == 0, remote.stderr
+        assert np.array_equal(pixels("remote.png"), pixels("local.png"))
+        meta = read_metadata("remote.png")
+        assert (meta["task"], meta["input"], meta["model_family"]) == ("edit", str(photo), "flux-kontext")
+        status, answer = post(url, "/diffcli/v1/plan", {"command": "edit", "prompt": "x", "image": "/etc/passwd"})
+        assert status == 422 and "expected a list of base64 images" in json.dumps(answer)
 
 
 # --- Qwen-Image-Edit: transformers' Qwen2-VL processor needs torchvision (its video processor) to be built or loaded

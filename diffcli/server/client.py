@@ -63,6 +63,8 @@ def request_values(command: str, values: dict, say) -> dict:
             continue
         if name in IMAGE_KEYS:
             body[name] = _read_image(name, value)
+        elif name == "image":  # edit's reference images
+            body[name] = [_read_image(name, each) for each in value]
         elif name == "control":  # each unit's image sent along; its model is a name from the server's --controlnet-dir
             body["controlnet"] = [_control_unit(text) for text in value]
         elif flag is not None and flag.kind == "sweep":
@@ -195,6 +197,8 @@ def _local_record(event: dict, values: dict) -> dict:
     for name in IMAGE_KEYS:
         if name in record and values.get(name):
             record[name] = values[name]
+    if record.get("images") and values.get("image"):  # edit's reference images
+        record["images"] = list(values["image"])
     if record.get("control") and values.get("control"):  # each unit's image and model as named here
         from diffcli.controlnet import parse
 

@@ -90,6 +90,11 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
             values[key] = served.catalog.find(values[key], key).spec
         if name in IMAGE_KEYS and values[key] is not None:
             values[key] = decode_image(values[key], key, folder, f"{name}.img", served.limits)
+        if name == "image" and values[key] is not None:  # edit's reference images: the request's own, never paths
+            if not isinstance(values[key], list):
+                raise UsageError(f"{key}: expected a list of base64 images")
+            values[key] = [decode_image(data, f"{key}[{i}]", folder, f"image-{i}.img", served.limits)
+                           for i, data in enumerate(values[key])]
     units = values.pop("controlnet", None)
     if units is not None:  # after the refusals: these --control texts name the request's own files only
         values["control"] = control_texts(units, served, folder)
