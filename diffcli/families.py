@@ -42,6 +42,12 @@ class CallStyle:
     # resizes the input to its nearest trained size unless _auto_resize is off (off: the input at the output's size)
     max_area: bool = False
     batch: bool = True  # False: one image per call (Qwen-Image-Edit's processor reads one input image per prompt)
+    # strings only: the most tokens its max_sequence_length takes (--max-sequence-length; diffusers' check_inputs: SD3
+    # and FLUX.1 512 T5 tokens, Qwen-Image 1024); 0: taken with no bound checked (Z-Image); None: no such argument
+    max_sequence_length: int | None = None
+    # --true-cfg is the call's true_cfg_scale beside --cfg's distilled guidance, and the negative prompt goes with it
+    # (FLUX.1 and Kontext: true CFG runs when it is above 1 and a negative prompt is given)
+    takes_true_cfg: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,16 +147,18 @@ _XL_CONTROL = {"txt2img": "StableDiffusionXLControlNetPipeline", "img2img": "Sta
                "inpaint": "StableDiffusionXLControlNetInpaintPipeline"}
 # SD3 and FLUX.1 pipelines encode the prompt strings themselves (CLIP and T5); their img2img resizes its input to the
 # native size unless given a size, and their VAE encodes one input image with the first generator only (as SD's inpaint).
-_SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True)
+_SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True, max_sequence_length=512)
 _SD3_STYLES = {"StableDiffusion3Pipeline": _SD3_TEXT,
                **dict.fromkeys(("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
                                replace(_SD3_TEXT, repeat_image=True, size=True))}
-_FLUX_TEXT = CallStyle(prompt_embeds=False, negative_prompt=False)  # no true CFG (a negative prompt) yet
+# the negative prompt is read with --true-cfg only; FLUX.1 Fill's pipeline has no true CFG
+_FLUX_TEXT = CallStyle(prompt_embeds=False, negative_prompt=False, max_sequence_length=512, takes_true_cfg=True)
 _FLUX_IMAGE = replace(_FLUX_TEXT, repeat_image=True, size=True)
 _FLUX_STYLES = {"FluxPipeline": _FLUX_TEXT, "FluxImg2ImgPipeline": _FLUX_IMAGE, "FluxInpaintPipeline": _FLUX_IMAGE}
+_FLUX_FILL = replace(_FLUX_IMAGE, takes_true_cfg=False)
 # Qwen-Image and Z-Image encode the strings with their own LLM (a chat template around the prompt); their VAE encodes one
 # input image with the first generator only. Qwen-Image's img2img/inpaint resize the input to 1024 unless given a size.
-_QWEN_TEXT = CallStyle(prompt_embeds=False, true_cfg=True, cfg_off=1.0)  # CFG when true_cfg_scale > 1
+_QWEN_TEXT = CallStyle(prompt_embeds=False, true_cfg=True, cfg_off=1.0, max_sequence_length=1024)  # CFG when true_cfg_scale > 1
 _QWEN_STYLES = {"QwenImagePipeline": _QWEN_TEXT,
                 **dict.fromkeys(("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
                                 replace(_QWEN_TEXT, repeat_image=True, size=True))}
@@ -159,7 +167,7 @@ _QWEN_STYLES = {"QwenImagePipeline": _QWEN_TEXT,
 _KONTEXT = replace(_FLUX_TEXT, max_area=True)
 _QWEN_EDIT = replace(_QWEN_TEXT, batch=False)
 EDIT_MODELS = "FLUX.1 Kontext and Qwen-Image-Edit models, e.g. black-forest-labs/FLUX.1-Kontext-dev or Qwen/Qwen-Image-Edit"
-_Z_IMAGE_TEXT = CallStyle(prompt_embeds=False, cfg_off=0.0)  # CFG when guidance_scale > 0
+_Z_IMAGE_TEXT = CallStyle(prompt_embeds=False, cfg_off=0.0, max_sequence_length=0)  # CFG when guidance_scale > 0
 _Z_IMAGE_STYLES = {"ZImagePipeline": _Z_IMAGE_TEXT,
                    **dict.fromkeys(("ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
                                    replace(_Z_IMAGE_TEXT, repeat_image=True))}
@@ -283,7 +291,7 @@ _ENTRIES = (
         text_encoders=("text_encoder", "text_encoder_2"),
         prompt_encoder="clip-pooled+t5",
         native_size=1024,
-        call_styles={"FluxFillPipeline": _FLUX_IMAGE},
+        call_styles={"FluxFillPipeline": _FLUX_FILL},
         low_vram_gib=40.0,  # as FLUX.1 dev
         task_hint="a FLUX.1 Fill model only inpaints (inpaint, outpaint)",
         denoiser="transformer",
@@ -393,6 +401,15 @@ def pipeline_class(family_name: str, task: str) -> str | None:
 def call_style(class_name: str) -> CallStyle:
     """How run_plan calls a pipeline class; the default for classes no family lists."""
     return _CALL_STYLES.get(class_name, CallStyle())
+
+
+def taking(attribute: str) -> tuple[str, ...]:
+    """The families some pipeline of which takes a call style's `attribute` (set, not None or False), in registry
+    order: what a refusal of a flag names."""
+    def takes(value) -> bool:
+        return value is not None and value is not False
+
+    return tuple(f.name for f in _ENTRIES if any(takes(getattr(call_style(cls), attribute)) for cls in f.pipelines.values()))
 
 
 def refiners_of(name: str) -> tuple[str, ...]:

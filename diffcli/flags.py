@@ -23,6 +23,9 @@ PROMPT = group(
          "\\( is a literal bracket.", off="--no-weighting"),
     Flag("clip_skip", ("--clip-skip",), int, None, "Skip the last CLIP layers, counted as in A1111 (1 = none, 2 = "
          "penultimate).", min=1, max=12),
+    Flag("max_sequence_length", ("--max-sequence-length",), int, None, "Most T5/LLM prompt tokens (SD3, FLUX.1 up to "
+         "512, Qwen-Image 1024; Z-Image); default: the pipeline's own. CLIP-only models refuse it.", min=1,
+         metavar="N"),
 )
 SAMPLING = group(
     Flag("cfg", ("--cfg",), "sweep", None, "Guidance scale (default 7.5, or the model's recommendation); a comma list "
@@ -31,6 +34,8 @@ SAMPLING = group(
          parser=parse_steps, metavar="N[,N...]"),
     Flag("seed", ("--seed",), "sweep", None, SEED_HELP + " A comma list sweeps (-1 in it: a random seed).",
          parser=parse_seed, metavar="S[,S...]"),
+    Flag("true_cfg", ("--true-cfg",), float, None, "FLUX.1 (and Kontext): true CFG scale with --negative, beside "
+         "--cfg's distilled guidance (above 1: a second, unconditional pass each step).", min=1.0),
     Flag("num_images", ("--num-images", "-N"), int, 1, "How many images to make."),
     Flag("batch_size", ("--batch-size",), int, 1, "Images per pipeline call (memory grows with it)."),
     Flag("scheduler", ("--scheduler",), "sweep", None, "Sampler by name, A1111 names too (see `diffcli schedulers`); a "
@@ -188,7 +193,8 @@ COMMANDS: dict[str, dict[str, Flag]] = {
              **IMAGE_COMMON, "width": WIDTH, "height": HEIGHT},
     "upscale": {"input": INPUT, "prompt": prompt_argument("Optional description of the image.", ""), **UPSCALE,
                 **_drop(IMAGE_COMMON, "model", "model_config", "base", "safety_checker", "lora", "lora_dir", "embedding",
-                        "embedding_dir", "deep_cache", "clip_skip"), "model": UPSCALE_MODEL},
+                        "embedding_dir", "deep_cache", "clip_skip", "max_sequence_length", "true_cfg"),
+                "model": UPSCALE_MODEL},
 }
 
 

@@ -17,6 +17,7 @@ class Prompt:
     negative: str = ""
     weighting: bool = True  # A1111 attention syntax; False: brackets are literal text
     clip_skip: int | None = None  # None: the model's last layer (A1111's 1)
+    max_sequence_length: int | None = None  # T5/LLM tokens of the prompt; None: the pipeline's own default
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Sampling:
     aspect: str | None = None  # W:H: the size of about the native area in that shape (plan.size_for_aspect)
     num_images: int = 1
     batch_size: int = 1  # images per pipeline call; memory grows linearly with it
+    true_cfg: float | None = None  # FLUX.1's true_cfg_scale (with the negative prompt), beside --cfg's distilled guidance
     variation_seed: int | None = None  # A1111 subseed: image i's noise slerped toward variation_seed + i
     variation_strength: float | None = None
     prompt_sr: str | None = None  # this sweep cell's --prompt-sr replacement: a grid label and a metadata field
@@ -178,7 +180,7 @@ def _copy_inputs(inputs):
 SECTIONS = {"sampling": Sampling, "model": ModelSettings, "output": Output, "second": SecondPasses, "adapters": Adapters,
             "controls": Controls}
 RENAMED = {"prompt": ("prompt", "text"), "negative": ("prompt", "negative"), "weighting": ("prompt", "weighting"),
-           "clip_skip": ("prompt", "clip_skip"), "model": ("model", "name"), "model_config": ("model", "config"),
+           "clip_skip": ("prompt", "clip_skip"), "max_sequence_length": ("prompt", "max_sequence_length"), "model": ("model", "name"), "model_config": ("model", "config"),
            "control": ("controls", "units")}
 
 
@@ -229,7 +231,8 @@ def record(job: Job) -> dict:
     out = {"weighting": prompt.weighting}
     optional = {"clip_skip": prompt.clip_skip, "deep_cache": job.model.deep_cache, "vae": job.model.vae,
                 "base": job.model.base, "lora_dir": adapters.lora_dir, "embedding_dir": adapters.embedding_dir,
-                "prompt_sr": sampling.prompt_sr}
+                "prompt_sr": sampling.prompt_sr, "max_sequence_length": prompt.max_sequence_length,
+                "true_cfg": sampling.true_cfg}
     if sampling.variation_seed is not None:
         optional.update(variation_seed=sampling.variation_seed, variation_strength=sampling.variation_strength)
     if second.hires:

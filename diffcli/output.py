@@ -201,7 +201,8 @@ def a1111_parameters(meta: dict) -> str:
     fields = {
         "Steps": meta["steps"],
         "Sampler": meta["sampler"],
-        "CFG scale": "1" if distilled else f"{meta['cfg']:g}",
+        # Forge's FLUX.1 fields: CFG scale is its true CFG (above 1: an unconditional pass), so --true-cfg goes there
+        "CFG scale": (f"{meta['true_cfg']:g}" if meta.get("true_cfg") is not None else "1") if distilled else f"{meta['cfg']:g}",
         "Distilled CFG Scale": f"{meta['cfg']:g}" if distilled else None,
         "Seed": meta["seed"],
         "Size": f"{meta['width']}x{meta['height']}",
@@ -212,6 +213,7 @@ def a1111_parameters(meta: dict) -> str:
         "Variation seed": meta.get("variation_seed"),
         "Variation seed strength": meta.get("variation_strength"),
         "Clip skip": meta.get("clip_skip"),
+        "Max sequence length": meta.get("max_sequence_length"),
         "Denoising strength": meta.get("hires_strength", meta.get("strength")),
         "Hires upscale": meta.get("hires_scale"),
         "Hires steps": meta.get("hires_steps"),

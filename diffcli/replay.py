@@ -21,13 +21,13 @@ A1111_UPSCALERS = {"latent": "latent", "lanczos": "lanczos", "sd x4": "x4"}  # A
 # A1111 fields replay reads, or knows it need not (hashes name files it finds by other means; Version is the writer)
 A1111_KNOWN = {"Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Seed", "Size", "Model",
                "Model hash", "Clip skip", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
-               "Variation seed", "Variation seed strength", "Refiner", "Refiner switch at", "VAE", "VAE hash", "Lora hashes", "TI hashes",
+               "Variation seed", "Variation seed strength", "Max sequence length", "Refiner", "Refiner switch at", "VAE", "VAE hash", "Lora hashes", "TI hashes",
                "Version", "Mask blur", "Masked content", "Inpaint area", "Only masked padding, pixels"}
 DIFFCLI_KEYS = ("task", "prompt", "negative", "steps", "cfg", "seed", "width", "height", "model", "model_hash", "sampler",
                 "clip_skip", "variation_seed", "variation_strength", "hires_scale", "hires_steps", "hires_strength",
                 "hires_upscaler", "hires_upscaler_model", "refiner", "refiner_start", "vae", "vae_hash", "weighting",
                 "deep_cache", "lora_dir", "embedding_dir", "lora", "embedding", "input", "mask", "strength", "dtype",
-                "device", "base", "control", "guess_mode")
+                "device", "base", "control", "guess_mode", "max_sequence_length", "true_cfg")
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -106,11 +106,18 @@ def settings_from_a1111(text: str, image: str) -> tuple[dict, list[str]]:
     for key, name, kind in (("Steps", "steps", int), ("CFG scale", "cfg", float), ("Seed", "seed", int),
                             ("Clip skip", "clip_skip", int), ("Variation seed", "variation_seed", int),
                             ("Variation seed strength", "variation_strength", float), ("Hires upscale", "hires_scale", float),
-                            ("Hires steps", "hires_steps", int), ("Refiner switch at", "refiner_start", float)):
+                            ("Hires steps", "hires_steps", int), ("Refiner switch at", "refiner_start", float),
+                            ("Max sequence length", "max_sequence_length", int)):
         if key in fields:
             settings[name] = number(key, kind)
+    left = []  # fields read but not replayed
     if "Distilled CFG Scale" in fields:  # Forge's FLUX.1 images: what diffcli's --cfg sets on them
+        true_cfg = settings.get("cfg", 1.0)  # and their CFG scale is true CFG (--true-cfg), run above 1
         settings["cfg"] = number("Distilled CFG Scale", float)
+        if true_cfg > 1 and negative.strip():
+            settings["true_cfg"] = true_cfg
+        elif true_cfg > 1:
+            left.append(f"CFG scale {true_cfg:g} (true CFG without a negative prompt, which diffcli does not run)")
     if "Size" in fields:
         match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", fields["Size"])
         if not match:
@@ -120,7 +127,7 @@ def settings_from_a1111(text: str, image: str) -> tuple[dict, list[str]]:
                       ("VAE hash", "vae_hash")):
         if fields.get(key):
             settings[name] = fields[key]
-    unused = [key for key in fields if key not in A1111_KNOWN]
+    unused = [key for key in fields if key not in A1111_KNOWN] + left
     sampler = fields.get("Sampler", "")
     schedule = fields.get("Schedule type", "")
     if schedule.lower() == "karras" and "karras" not in sampler.lower():
@@ -265,7 +272,8 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
                   cfg=given["cfg"] if given.get("cfg") is not None else settings.get("cfg"),
                   scheduler=given.get("scheduler") or resolve_scheduler(settings, image),
                   seed=given["seed"] if given.get("seed") is not None else settings.get("seed"),
-                  clip_skip=settings.get("clip_skip"), lora_dir=given.get("lora_dir") or settings.get("lora_dir"),
+                  clip_skip=settings.get("clip_skip"), max_sequence_length=settings.get("max_sequence_length"),
+                  true_cfg=settings.get("true_cfg"), lora_dir=given.get("lora_dir") or settings.get("lora_dir"),
                   embedding_dir=given.get("embedding_dir") or settings.get("embedding_dir"),
                   deep_cache=settings.get("deep_cache"), control=control_texts(settings.get("control")),
                   guess_mode=bool(settings.get("guess_mode")))

@@ -213,7 +213,7 @@ def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: boo
                                                     plan.width, plan.height, pipe.unet.dtype)
     # 2. The first pass (tiled, handed to a refiner, or plain), with DeepCache and inpaint's latent fill around it.
     rows = [each.job.prompt for _, each in items]
-    call = _caller(pipe, rows, job.prompt, steps, plan.cfg, on_step_end)
+    call = _caller(pipe, rows, job.prompt, steps, plan.cfg, on_step_end, job.sampling.true_cfg)
     try:
         if bar is not None:
             bar.start()
@@ -244,9 +244,10 @@ def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: boo
     return [postprocess(to_pil(image)) for image in images], warnings
 
 
-def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, on_step_end):
+def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, on_step_end, true_cfg=None):
     """`call(kwargs, generators, output_type, step_end)`: the pipeline called the way its class takes inputs
-    (families.call_style), the prompts encoded once per batch size (tiles and retries reuse them)."""
+    (families.call_style), the prompts encoded once per batch size (tiles and retries reuse them); `true_cfg`: FLUX.1's
+    true_cfg_scale (--true-cfg), which makes it read the negative prompt."""
     from diffcli import families, prompts
 
     style = families.call_style(type(pipe).__name__)
@@ -260,12 +261,18 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
                 encoded[count] = prompts.pipeline_inputs(pipe, rows)
             call_kwargs = dict(call_kwargs, **encoded[count])
         else:  # the strings, without <lora:> tags (they chose the adapters)
-            negatives = [prompts.strip_extra_networks(each.negative) for each in rows] if style.negative_prompt else []
+            with_true_cfg = style.takes_true_cfg and true_cfg is not None
+            negatives = ([prompts.strip_extra_networks(each.negative) for each in rows]
+                         if style.negative_prompt or with_true_cfg else [])
             call_kwargs = dict(call_kwargs, prompt=[prompts.strip_extra_networks(each.text) for each in rows])
             if any(negatives) or style.true_cfg:  # true CFG runs only with a negative prompt, even an empty one
                 call_kwargs["negative_prompt"] = negatives
+            if with_true_cfg:  # FLUX.1: a second, unconditional pass when above 1 (with the negative prompt)
+                call_kwargs["true_cfg_scale"] = true_cfg
             if style.clip_skip and (one.clip_skip or 1) > 1:
                 call_kwargs["clip_skip"] = one.clip_skip - 1  # diffusers counts layers skipped, A1111 the layer used
+            if style.max_sequence_length is not None and one.max_sequence_length:
+                call_kwargs["max_sequence_length"] = one.max_sequence_length
         if style.size and "image" in call_kwargs and "width" not in call_kwargs:  # the input's size, not the native
             call_kwargs.update(width=call_kwargs["image"].width, height=call_kwargs["image"].height)
         if style.repeat_image:

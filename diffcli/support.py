@@ -32,7 +32,42 @@ def check(job, spec, scheduler: str | None, adapters) -> list[str]:
         raise UsageError(f"--fill: {spec.name!r} ({spec.family}) is a flow-matching model, whose scheduler cannot noise "
                          f"latents as the latent fills need, got {fill}", "use --fill original or fill")
     style = families.call_style(family.pipelines.get(job.task, ""))
+    _check_sequence_length(job.prompt.max_sequence_length, spec, style)
+    _check_true_cfg(job, spec, family, style)
     return [] if style.prompt_embeds else _own_prompts(job, spec, style, adapters)
+
+
+def _check_sequence_length(length: int | None, spec, style) -> None:
+    """--max-sequence-length only where the pipeline takes max_sequence_length, within what its check_inputs allows."""
+    if length is None:
+        return
+    if style.max_sequence_length is None:
+        raise UsageError(f"--max-sequence-length: {spec.name!r} ({spec.family}) encodes prompts with CLIP only, in "
+                         f"chunks of 77 tokens, got {length}",
+                         f"it works with {', '.join(families.taking('max_sequence_length'))} models")
+    if style.max_sequence_length and length > style.max_sequence_length:
+        raise UsageError(f"--max-sequence-length: {spec.family} pipelines take at most {style.max_sequence_length} "
+                         f"tokens, got {length}")
+
+
+def _check_true_cfg(job, spec, family, style) -> None:
+    """--true-cfg only where --cfg is a distilled guidance beside a true CFG pass (FLUX.1), and with a negative prompt."""
+    scale = job.sampling.true_cfg
+    if scale is None:
+        return
+    if not style.takes_true_cfg:
+        if style.true_cfg:
+            why = "its --cfg already is true CFG (the pipeline's true_cfg_scale)"
+        elif family.guidance == "cfg":
+            why = "its --cfg already is classifier-free guidance with --negative"
+        else:
+            why = "its pipeline has no true CFG"
+        raise UsageError(f"--true-cfg: {spec.name!r} ({spec.family}) takes none: {why}, got {scale:g}",
+                         f"--true-cfg works with {', '.join(families.taking('takes_true_cfg'))} models; "
+                         + ("leave it out" if why.startswith("its pipeline") else "use --cfg"))
+    if scale > 1 and not job.prompt.negative.strip():
+        raise UsageError(f"--true-cfg {scale:g} needs --negative: {spec.family} pipelines run true CFG only with a "
+                         "negative prompt", "give --negative TEXT, or leave --true-cfg out")
 
 
 def _check_task(task: str, spec, family) -> None:
@@ -77,8 +112,9 @@ def _own_prompts(job, spec, style, adapters) -> list[str]:
     if prompt.weighting and any(_weighted(text) for text in (prompt.text, prompt.negative)):
         warnings.append(f"{family} models read attention brackets like (word:1.2) and BREAK as plain text: their "
                         "pipeline encodes the prompt itself (--no-weighting silences this)")
-    if not style.negative_prompt and prompt.negative.strip():
-        warnings.append(f"--negative has no effect on {family} models: diffcli runs them without true CFG")
+    if not style.negative_prompt and prompt.negative.strip() and not (job.sampling.true_cfg or 0) > 1:
+        hint = " (--true-cfg above 1 turns it on)" if style.takes_true_cfg else ""
+        warnings.append(f"--negative has no effect on {family} models: diffcli runs them without true CFG{hint}")
     cfg = job.sampling.cfg
     used_cfg = spec.defaults.get("cfg") if cfg is None else cfg  # the --cfg the run takes
     if style.cfg_off is not None and prompt.negative.strip() and used_cfg is not None and used_cfg <= style.cfg_off:

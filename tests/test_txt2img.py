@@ -135,12 +135,12 @@ def test_non_finite_latents_fail_without_saving(tiny_model):
     plan = plan_job(build("txt2img", dict(prompt="a", model=str(tiny_model), steps=2, seed=1, out="nan.png"))[0])
     real_caller = run._caller
 
-    def caller(pipe, rows, one, steps, cfg, on_step_end):
+    def caller(pipe, rows, one, steps, cfg, on_step_end, *rest):
         def poisoned(pipeline, step, timestep, tensors):
             tensors["latents"].fill_(float("nan"))
             return on_step_end(pipeline, step, timestep, tensors)
 
-        return real_caller(pipe, rows, one, steps, cfg, poisoned)
+        return real_caller(pipe, rows, one, steps, cfg, poisoned, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run, "_caller", caller)
