@@ -47,6 +47,8 @@ GENERATING = {  # command -> its docstring (the --help text)
             "models; size kept, rounded to the model's multiple.",
     "upscale": "Upscale an image x4 (SD x4 upscaler) or x2 (latent upscaler), optionally in overlapping tiles.",
 }
+
+
 def _generating(name: str) -> None:
     def body(**values) -> None:
         from diffcli import commands
