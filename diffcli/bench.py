@@ -228,8 +228,7 @@ def fast_dtype(pipe) -> str:
     """The dtype `--dtype auto` picks on this CPU for this pipeline (cpu.choose on its denoiser's size)."""
     from diffcli import cpu
 
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    return cpu.choose(cpu.cpu_flags(), sum(p.numel() for p in denoiser.parameters()))[0]
+    return cpu.choose(cpu.cpu_flags(), cpu.loaded_parameters(pipe))[0]
 
 
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,

@@ -81,20 +81,30 @@ def auto_dtype(spec) -> tuple[str, str]:
     return choose(cpu_flags(), denoiser_parameters(spec))
 
 
+def _denoiser(pipe):
+    """A loaded pipeline's U-Net or transformer, None if it has neither."""
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
+def loaded_parameters(pipe) -> int | None:
+    """The parameters of a loaded pipeline's denoiser (what denoiser_parameters reads from headers before loading)."""
+    denoiser = _denoiser(pipe)
+    return None if denoiser is None else sum(p.numel() for p in denoiser.parameters())
+
+
 def is_small(pipe) -> bool:
     """Whether the pipeline's denoiser is below MIN_PARAMETERS: overhead-bound (fp32, and one CPU thread)."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    return denoiser is not None and sum(p.numel() for p in denoiser.parameters()) < MIN_PARAMETERS
+    parameters = loaded_parameters(pipe)
+    return parameters is not None and parameters < MIN_PARAMETERS
 
 
 def place(pipe) -> list[str]:
     """channels_last for the convolutions of a bf16 pipeline (oneDNN's fast bf16 layout); what was applied and why."""
     import torch
 
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    denoiser = _denoiser(pipe)
     if denoiser is None or denoiser.dtype != torch.bfloat16:
-        parameters = sum(p.numel() for p in denoiser.parameters()) if denoiser is not None else None
-        dtype, why = choose(cpu_flags(), parameters)
+        dtype, why = choose(cpu_flags(), loaded_parameters(pipe))
         return [f"cpu fp32 ({why})" if dtype == "fp32" else "cpu fp32 (--dtype fp32)"]
     for module in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)):
         if module is not None:
