@@ -26,7 +26,15 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 # in a session of its own, as a program started from another terminal would (Linux shares the CPU fairly between
 # sessions, not only between threads: sched_autogroup)
 COMPETITOR = "import os\nparent, n = os.getppid(), 0\nwhile n % 10_000_000 or os.getppid() == parent:\n    n += 1"
-PEERS = ("plain", "openvino")  # --compare: plain diffusers eager (same process), OpenVINO through optimum-intel
+PEERS = ("plain", "openvino", "sdcpp")  # --compare: plain diffusers eager (same process), OpenVINO, stable-diffusion.cpp
+# The peers run in a child process, each in its own venv if need be: script, the variable naming its Python, the
+# module it imports, the package that has it. optimum-intel pins older transformers than diffcli's; the sd.cpp bindings
+# compile from source.
+CHILD_PEERS = {
+    "openvino": ("bench_openvino.py", "DIFFCLI_OPENVINO_PYTHON", "optimum", "optimum-intel", "'optimum-intel[openvino]'"),
+    "sdcpp": ("bench_sdcpp.py", "DIFFCLI_SDCPP_PYTHON", "stable_diffusion_cpp", "stable-diffusion-cpp-python",
+              "stable-diffusion-cpp-python"),
+}
 COMPETITOR_START_S = 0.5  # the competitor is running before the threads are chosen again and the timing starts
 
 
@@ -198,30 +206,63 @@ def seeded_image(pipe, size: int, steps: int, cfg: float):
                 generator=generator, output_type="np").images[0]
 
 
-def measure_openvino(pipe, size: int, steps: int, cfg: float, repeats: int, precision: str, reference) -> dict:
-    """The pipeline exported to OpenVINO by optimum-intel in a child process (bench_openvino.py; its Python:
-    $DIFFCLI_OPENVINO_PYTHON, else this one), same size, steps, cfg, threads and seed; PSNR against `reference`."""
+def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: int, precision: str, reference) -> dict:
+    """A CHILD_PEERS peer in a child process (its Python: its variable, else this one) on the bench's model, same size,
+    steps, cfg, threads and seed; PSNR against `reference`. OpenVINO exports from a diffusers folder (optimum-intel),
+    stable-diffusion.cpp reads an original-layout fp16 single file."""
     import importlib.util
     import json
 
     import numpy as np
     import torch
 
-    python = os.environ.get("DIFFCLI_OPENVINO_PYTHON") or sys.executable
-    if python == sys.executable and importlib.util.find_spec("optimum") is None:
-        return {"skipped": "optimum-intel is not installed (pip install 'optimum-intel[openvino]', or point "
-                           "DIFFCLI_OPENVINO_PYTHON at a Python that has it)"}
+    script, variable, module, package, pip = CHILD_PEERS[name]
+    python = os.environ.get(variable) or sys.executable
+    if python == sys.executable and importlib.util.find_spec(module) is None:
+        return {"skipped": f"{package} is not installed (pip install {pip}, or point {variable} at a Python that has it)"}
+    if name == "sdcpp" and getattr(pipe, "unet", None) is None:
+        return {"skipped": "the bench writes stable-diffusion.cpp's checkpoints for SD 1.x/2.x/XL only"}
     with tempfile.TemporaryDirectory() as folder:
-        pipe.save_pretrained(folder)
+        if name == "sdcpp":
+            from diffcli.ldm_format import save_original_checkpoint
+
+            model = str(save_original_checkpoint(pipe, Path(folder) / "model.safetensors", dtype=torch.float16))
+        else:
+            pipe.save_pretrained(folder)
+            model = folder
         settings = {"size": size, "steps": steps, "cfg": cfg, "prompt": PROMPT, "repeats": repeats,
                     "threads": torch.get_num_threads(), "precision": precision, "image": str(Path(folder) / "seed0.npy")}
-        done = subprocess.run([python, str(Path(__file__).with_name("bench_openvino.py")), folder, json.dumps(settings)],
+        done = subprocess.run([python, str(Path(__file__).with_name(script)), model, json.dumps(settings)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             return {"failed": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["psnr_vs_plain_db"] = psnr(np.load(settings["image"]), reference)
     return result
+
+
+def check_backend(backend: str, device: str) -> None:
+    """--backend is one of backend.BACKENDS; openvino needs its package and the CPU (before any weights load)."""
+    from diffcli import extras
+    from diffcli.backend import BACKENDS
+    from diffcli.errors import UsageError
+
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "openvino":
+        extras.require("openvino", "--backend openvino")
+        if device != "cpu":
+            raise UsageError(f"--backend openvino runs on the CPU, got --device {device}", "add --device cpu")
+
+
+def bench_engine(backend: str, device: str, fast: bool) -> str:
+    """diffcli's engine in the bench: as backend.resolve picks it for a job at the defaults (no spec: the bench's
+    fast-path test stands in for cpu.auto_dtype)."""
+    from diffcli import extras
+
+    if device != "cpu" or backend == "torch":
+        return "torch"
+    return "openvino" if backend == "openvino" or (fast and extras.available("openvino")) else "torch"
 
 
 def fast_dtype(pipe) -> str:
@@ -234,7 +275,7 @@ def fast_dtype(pipe) -> str:
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,
               size: int | None, batch_sizes: list[int], repeats: int, compare: tuple[str, ...], optimize: bool,
               low_vram: bool = False, deep_cache: int | None = None, threads: int | None = None,
-              contended: bool = False) -> dict:
+              contended: bool = False, backend: str = "auto") -> dict:
     """Benchmark one architecture or model: the --compare peers first (plain diffusers eager, OpenVINO), then diffcli's
     path (on the CPU with --dtype auto: the fast path's dtype), then (--contended) diffcli's path again with one
     CPU-bound process competing. Every path's seed-0 image gets its PSNR against plain's."""
@@ -272,16 +313,45 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     fast = device == "cpu" and dtype_name == "auto" and not low_vram and fast_dtype(pipe) == "bf16"
     if "openvino" in compare:  # OpenVINO's bf16 where diffcli's path is bf16
         precision = "bf16" if fast or str(dtype) == "torch.bfloat16" else "f32"
-        report["openvino"] = measure_openvino(pipe, size, steps, cfg, repeats, precision, reference)
+        report["openvino"] = measure_peer("openvino", pipe, size, steps, cfg, repeats, precision, reference)
+    if "sdcpp" in compare:
+        report["sdcpp"] = measure_peer("sdcpp", pipe, size, steps, cfg, repeats, "fp16", reference)
     if deep_cache:  # DeepCache hooks the eager U-Net's blocks: measure it before anything is compiled
         if "plain" not in report:
             report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
         report["deep_cache"] = measure_deep_cache(pipe, device, size, steps, cfg, repeats, deep_cache)
         report["deep_cache_speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["deep_cache"]["ms_per_step"], 2)
-    if fast:
+    engine = "torch" if low_vram else bench_engine(backend, device, fast)
+    if fast and engine == "torch":
         pipe.to(torch.bfloat16)
         report["dtype"] = "bfloat16 (plain and openvino's export: float32)" if compare else "bfloat16"
     report["optimizations"] = plain_optimizations if low_vram else _place(pipe, device, optimize, False, threads)
+    scratch = None
+    if engine == "openvino":  # exported afresh into a temporary folder: its time is the first run's extra load time
+        from diffcli import openvino_unet
+
+        scratch = Path(tempfile.mkdtemp(prefix="diffcli-bench-openvino-"))
+        started = time.perf_counter()
+        report["optimizations"][-1] = openvino_unet.install(
+            pipe, scratch / "ir", torch.bfloat16 if fast or dtype == torch.bfloat16 else torch.float32)
+        report["openvino_export_s"] = round(time.perf_counter() - started, 3)
+        report["dtype"] = report["optimizations"][-1].split(" (")[0]
+    try:
+        _measure_diffcli(report, pipe, device, size, steps, cfg, batch_sizes, repeats, reference, contended, threads)
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def _measure_diffcli(report: dict, pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: list[int],
+                     repeats: int, reference, contended: bool, threads: int | None) -> None:
+    """diffcli's path into report["diffcli"] (and "contended"), with the speed-ups over plain."""
+    import torch
+
+    compare_plain = "plain" in report
     report["diffcli"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
     if reference is not None:
         report["diffcli"]["psnr_vs_plain_db"] = psnr(seeded_image(pipe, size, steps, cfg), reference)
@@ -298,7 +368,6 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
         report["speedup_end_to_end"] = round(
             report["plain"]["s_per_image_end_to_end"] / report["diffcli"]["s_per_image_end_to_end"], 2
         )
-    return report
 
 
 def _device_name(device: str) -> str:
@@ -329,7 +398,13 @@ def format_table(report: dict) -> str:
         rows.append(f"openvino: {ov.get('skipped') or ov.get('failed') or ''}" if "first_image_s" not in ov else
                     f"{'openvino':8} {ov['first_image_s']:>13} {'-':>9} {ov['s_per_image_end_to_end']:>12} {'-':>9}  "
                     f"(OpenVINO {ov['openvino']}, {ov['precision']}, export and compile {ov['load_s']} s)")
-    psnrs = [f"{path} {report[path]['psnr_vs_plain_db']} dB" for path in ("openvino", "diffcli")
+    if "sdcpp" in report:
+        peer = report["sdcpp"]
+        rows.append(f"sdcpp: {peer.get('skipped') or peer.get('failed') or ''}" if "first_image_s" not in peer else
+                    f"{'sdcpp':8} {peer['first_image_s']:>13} {'-':>9} {peer['s_per_image_end_to_end']:>12} {'-':>9}  "
+                    f"(stable-diffusion.cpp bindings {peer['sdcpp']}, {peer['precision']}, {peer['sampler']} sampler, "
+                    f"load {peer['load_s']} s)")
+    psnrs = [f"{path} {report[path]['psnr_vs_plain_db']} dB" for path in ("openvino", "sdcpp", "diffcli")
              if "psnr_vs_plain_db" in report.get(path, {})]
     if psnrs:
         rows.append(f"PSNR of the seed-0 image vs plain's: {', '.join(psnrs)}")
@@ -343,5 +418,7 @@ def format_table(report: dict) -> str:
         c = report["contention"]
         rows.append(f"contended: {c['competitor']} running: {c['idle_s_per_image']} -> {c['contended_s_per_image']} s/image "
                     f"end to end, {c['ratio']}x; cpu threads {c['idle_cpu_threads']} -> {c['contended_cpu_threads']}")
+    if "openvino_export_s" in report:
+        rows.append(f"diffcli's OpenVINO export (once per model, then cached): {report['openvino_export_s']} s")
     rows.append(f"optimizations: {', '.join(report['optimizations']) or 'none'}")
     return "\n".join(rows)

@@ -43,8 +43,8 @@ GENERATING = {  # command -> its docstring (the --help text)
     "img2img": "Change an image following a prompt (size kept, rounded to the model's multiple).",
     "inpaint": "Repaint the white area of a mask; pixels outside the (blurred) mask stay exactly as they were.",
     "outpaint": "Extend the canvas and paint the new area; the original pixels are kept.",
-    "edit": "Edit an image following an instruction (\"make the car blue\") with FLUX.1 Kontext or Qwen-Image-Edit "
-            "models; size kept, rounded to the model's multiple.",
+    "edit": "Edit an image following an instruction (\"make the car blue\") with FLUX.1 Kontext, Qwen-Image-Edit "
+            "or FLUX.2 models; size kept, rounded to the model's multiple.",
     "upscale": "Upscale an image x4 (SD x4 upscaler) or x2 (latent upscaler), optionally in overlapping tiles.",
 }
 
@@ -97,19 +97,21 @@ def bench(
     size: Annotated[Optional[int], typer.Option("--size", help="Image side in pixels (default: native).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma list for the images/s figures.")] = "1,4,8",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats; medians are reported.")] = 3,
-    compare: Annotated[Optional[str], typer.Option("--compare", help="Comma list: plain (plain diffusers eager, same process), openvino (optimum-intel, in a child process: $DIFFCLI_OPENVINO_PYTHON); each with its PSNR against plain's seed-0 image.")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="Comma list: plain (plain diffusers eager, same process), openvino (optimum-intel, in a child process: $DIFFCLI_OPENVINO_PYTHON), sdcpp (stable-diffusion.cpp's Python bindings on an fp16 single file, in a child process: $DIFFCLI_SDCPP_PYTHON); each with its PSNR against plain's seed-0 image.")] = None,
     optimize: Optimize = True,
     low_vram: Annotated[bool, typer.Option("--low-vram", help="Measure the memory-saving path instead.")] = False,
     deep_cache: Annotated[Optional[int], typer.Option("--deep-cache", min=2, help="Also measure DeepCache every N steps: speed-up and PSNR vs uncached.")] = None,
     threads: Threads = None,
     contended: Annotated[bool, typer.Option("--contended", help="Also measure with one CPU-bound process competing (started and stopped by the bench): times and ratio.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="diffcli's CPU engine: auto (OpenVINO where it is installed and the CPU runs bf16), torch or openvino.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object per model instead of a table.")] = False,
 ) -> None:
     """Measure load time, first-image latency, ms per step, end-to-end time, images/s and peak memory."""
-    from diffcli.bench import ARCHITECTURES, format_table, parse_compare, run_bench
+    from diffcli.bench import ARCHITECTURES, check_backend, format_table, parse_compare, run_bench
     from diffcli.options import check_threads
 
     check_threads(threads)
+    check_backend(backend, device)
     peers = parse_compare(compare)
     archs = list(ARCHITECTURES) if arch == "all" else [arch]
     if not model and any(a not in ARCHITECTURES for a in archs):
@@ -120,7 +122,7 @@ def bench(
         raise UsageError(f"--batch-sizes must be a comma list of integers, got {batch_sizes!r}") from None
     for name in [None] if model else archs:
         report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, peers, optimize, low_vram,
-                           deep_cache, threads, contended)
+                           deep_cache, threads, contended, backend)
         print(json.dumps(report, sort_keys=True) if as_json else format_table(report), flush=True)
 
 
@@ -190,7 +192,7 @@ def schedulers(
         from diffcli.models import resolve_model
 
         spec = resolve_model(model)
-        own, flow_match = spec.defaults.get("scheduler"), families.get(spec.family).flow_match
+        own, flow_match = spec.defaults.get("scheduler"), families.of(spec).flow_match
     for name, entry in SCHEDULERS.items():
         if flow_match is None or entry.flow_match == flow_match:
             mark = "*" if name == own or (own is None and flow_match and entry.flow_match) else " "

@@ -89,7 +89,9 @@ def _denoiser(pipe):
 def loaded_parameters(pipe) -> int | None:
     """The parameters of a loaded pipeline's denoiser (what denoiser_parameters reads from headers before loading)."""
     denoiser = _denoiser(pipe)
-    return None if denoiser is None else sum(p.numel() for p in denoiser.parameters())
+    if denoiser is None:
+        return None
+    return getattr(denoiser, "diffcli_parameters", None) or sum(p.numel() for p in denoiser.parameters())
 
 
 def is_small(pipe) -> bool:

@@ -20,6 +20,7 @@ EXTRAS = {  # import name -> (pip package, extra)
     "fastapi": ("fastapi", "server"),  # diffcli serve (with uvicorn)
     "uvicorn": ("uvicorn", "server"),
     "gguf": ("gguf", "gguf"),  # --model FILE.gguf (diffusers' GGUF quantizer reads the file with it)
+    "openvino": ("openvino", "openvino"),  # --backend openvino (and auto's choice of it)
 }
 
 

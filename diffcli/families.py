@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -13,13 +14,17 @@ from diffcli.layouts import FLUX_FILE, SD3_FILE, TransformerFile
 TASKS = ("txt2img", "img2img", "inpaint", "upscale", "edit")
 # What encodes a family's prompts: prompts.encode's CLIP hidden states, or those plus a pooled embedding (SDXL's added
 # conditioning); the pipeline's own CLIP and T5 encoders (SD3: two CLIPs and T5; FLUX.1: CLIP pooled and T5); the
-# pipeline's own chat-template LLM encoders (Qwen-Image: Qwen2.5-VL's last hidden states; Z-Image: Qwen3's second last);
-# nothing.
-PROMPT_ENCODERS = ("clip", "clip+clip-pooled", "clip+clip+t5", "clip-pooled+t5", "qwen2.5-vl", "qwen3", "none")
+# pipeline's own chat-template LLM encoders (Qwen-Image: Qwen2.5-VL's last hidden states; Z-Image: Qwen3's second last;
+# FLUX.2 dev: Mistral Small 3.1's layers 10, 20, 30 side by side; FLUX.2 klein: Qwen3's layers 9, 18, 27); whatever
+# the pipeline's own encoders are (the generic family: PixArt's T5, Sana's Gemma 2...); nothing.
+PROMPT_ENCODERS = ("clip", "clip+clip-pooled", "clip+clip+t5", "clip-pooled+t5", "qwen2.5-vl", "qwen3", "mistral3",
+                   "qwen3-layers", "own", "none")
 # What --cfg sets: classifier-free guidance with the negative prompt; the guidance a distilled model takes as an input
 # (FLUX.1 dev: one pass per step, no negative prompt); nothing (FLUX.1 schnell is distilled to need no guidance).
 GUIDANCE = ("cfg", "distilled", "none")
-DENOISERS = ("unet", "transformer")  # the pipeline component that denoises, whose config/ tells variants and sizes
+# the pipeline component that denoises, whose config/ tells variants and sizes; "own": the generic family's, a U-Net or
+# a transformer that diffcli does not hook (what needs SD's U-Net is refused as for a transformer)
+DENOISERS = ("unet", "transformer", "own")
 # GPUs with less memory than this get --low-vram automatically, unless the family says otherwise.
 LOW_VRAM_GIB = 6.0
 
@@ -48,6 +53,11 @@ class CallStyle:
     # --true-cfg is the call's true_cfg_scale beside --cfg's distilled guidance, and the negative prompt goes with it
     # (FLUX.1 and Kontext: true CFG runs when it is above 1 and a negative prompt is given)
     takes_true_cfg: bool = False
+    # image= is a list of reference images that join the transformer's sequence, never noised (FLUX.2): img2img gives
+    # IMAGE as the one reference and takes no --strength
+    reference: bool = False
+    # the generic family's pipelines: the __call__ arguments it names; run.py passes it no others (None: all it passes)
+    takes: frozenset | None = None
 
 
 @dataclass(frozen=True)
@@ -74,15 +84,18 @@ class Variant:
     name: str  # e.g. "schnell"
     defaults: dict  # steps, cfg: as a model folder's diffcli.json says them (that file, when present, wins)
     when: tuple = ()  # (config key, values that tell it) pairs, all must hold; (): the family's other models
+    index: tuple = ()  # the same for model_index.json (a pipeline's own config: FLUX.2 klein's is_distilled)
     guidance: str | None = None  # one of GUIDANCE, when not the family's
     base: str | None = None  # Hub id whose text encoders and VAE complete a transformer-only file of it (no --base)
 
     def __post_init__(self):
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
-    def fits(self, denoiser: dict) -> bool:
-        """Whether a denoiser config (unet/ or transformer/config.json) is of this variant."""
-        return all(denoiser.get(key) in values for key, values in self.when)
+    def fits(self, denoiser: dict, model_index: dict | None = None) -> bool:
+        """Whether a denoiser config (unet/ or transformer/config.json), and the folder's model_index.json when at
+        hand, are of this variant."""
+        return (all(denoiser.get(key) in values for key, values in self.when)
+                and all((model_index or {}).get(key) in values for key, values in self.index))
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,7 @@ class Family:
     # denoiser config says; None: the config's patch_size (SD3), else 1. Sizes are multiples of it x the VAE's factor
     variants: tuple[Variant, ...] = ()  # the first that fits a model gives its defaults; none fits: no defaults
     controlnet: dict[str, str] = field(default_factory=dict)  # task -> its ControlNet pipeline class (--control)
+    ip_adapter: bool = False  # its txt2img/img2img/inpaint pipelines take IP-Adapters (--ip-adapter, ip_adapter.py)
     transformer_file: TransformerFile | None = None  # transformer-only files (.safetensors, .gguf) it loads
     edit_references: bool = False  # its edit pipeline takes --image reference images beside IMAGE (a list of images)
     requires: tuple[str, ...] = ()  # import names its pipelines need beyond diffcli's own, checked before loading
@@ -166,11 +180,19 @@ _QWEN_STYLES = {"QwenImagePipeline": _QWEN_TEXT,
 # its Qwen2.5-VL with the prompt); no strength. Kontext encodes the input once (argmax latents) for the whole batch.
 _KONTEXT = replace(_FLUX_TEXT, max_area=True)
 _QWEN_EDIT = replace(_QWEN_TEXT, batch=False)
-EDIT_MODELS = "FLUX.1 Kontext and Qwen-Image-Edit models, e.g. black-forest-labs/FLUX.1-Kontext-dev or Qwen/Qwen-Image-Edit"
+EDIT_MODELS = ("FLUX.1 Kontext and Qwen-Image-Edit models, and FLUX.2 ones, e.g. black-forest-labs/FLUX.1-Kontext-dev, "
+               "Qwen/Qwen-Image-Edit or black-forest-labs/FLUX.2-klein-4B")
 _Z_IMAGE_TEXT = CallStyle(prompt_embeds=False, cfg_off=0.0, max_sequence_length=0)  # CFG when guidance_scale > 0
 _Z_IMAGE_STYLES = {"ZImagePipeline": _Z_IMAGE_TEXT,
                    **dict.fromkeys(("ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
                                    replace(_Z_IMAGE_TEXT, repeat_image=True))}
+# FLUX.2: one pipeline class generates (txt2img) and takes input images as references (img2img: IMAGE alone; edit: IMAGE
+# and the --image ones), encoded once (argmax latents) for the whole batch. Its own chat-template LLM encodes the
+# strings; no negative prompt (klein's CFG pass reads an empty one); max_sequence_length (512 unless given) is not
+# bounded by its check_inputs. img2img passes the input's size, which it would otherwise shrink to 1 MP.
+_FLUX2 = CallStyle(prompt_embeds=False, negative_prompt=False, max_sequence_length=0, reference=True, size=True)
+# FLUX.2 klein inpaint (a FLUX.2 klein img2img with a mask): the input noised by --strength beside its reference latents
+_FLUX2_INPAINT = replace(_FLUX2, reference=False)
 
 _ENTRIES = (
     Family(
@@ -184,6 +206,7 @@ _ENTRIES = (
         call_styles=_SD_STYLES,
         controlnet=_SD_CONTROL,
         safety_checker=True,
+        ip_adapter=True,
     ),
     Family(
         name="sd2",
@@ -211,6 +234,7 @@ _ENTRIES = (
         call_styles=_XL_STYLES,
         controlnet=_XL_CONTROL,
         low_vram_gib=12.0,
+        ip_adapter=True,
     ),
     Family(
         name="sdxl-refiner",
@@ -378,11 +402,71 @@ _ENTRIES = (
         edit_references=True,
         requires=("torchvision",),
     ),
+    Family(
+        name="flux2",  # FLUX.2 dev (a 32B transformer, a Mistral Small 3.1 text encoder, its own 32-channel VAE)
+        pipelines=dict.fromkeys(("txt2img", "img2img", "edit"), "Flux2Pipeline"),
+        text_encoders=("text_encoder",),
+        prompt_encoder="mistral3",
+        native_size=1024,  # its pipeline's default size (default_sample_size 128 x the VAE's 8)
+        call_styles={"Flux2Pipeline": _FLUX2},
+        low_vram_gib=96.0,  # a 32B transformer and a 24B text encoder: about 112 GB of bf16 weights (2 bytes each)
+        task_hint="a FLUX.2 dev model generates (txt2img) and takes input images as references (img2img, edit); "
+                  "it has no inpaint pipeline (a FLUX.2 klein model inpaints)",
+        denoiser="transformer",
+        guidance="distilled",  # --cfg is the guidance its transformer embeds, one pass per step
+        flow_match=True,
+        latent_patch=2,  # its pipeline packs 2x2 latents (its image processor's factor: vae_scale_factor * 2)
+        # diffusers' Flux2Pipeline: 50 steps, guidance_scale 4.0 (its call default; its docstring example shows 2.5)
+        variants=(Variant("dev", {"steps": 50, "cfg": 4.0}),),
+        edit_references=True,
+        requires=("torchvision",),  # its tokenizer is transformers' PixtralProcessor, which needs it
+    ),
+    Family(
+        name="flux2-klein",  # FLUX.2 klein 4B and 9B (a Qwen3 text encoder, FLUX.2's VAE), distilled or base
+        pipelines={**dict.fromkeys(("txt2img", "img2img", "edit"), "Flux2KleinPipeline"),
+                   "inpaint": "Flux2KleinInpaintPipeline"},
+        text_encoders=("text_encoder",),
+        prompt_encoder="qwen3-layers",
+        native_size=1024,
+        call_styles={"Flux2KleinPipeline": _FLUX2, "Flux2KleinInpaintPipeline": _FLUX2_INPAINT},
+        low_vram_gib=24.0,  # 9B: a 9B transformer and Qwen3 8B, about 34 GB of bf16 weights; 4B: about 16 GB
+        task_hint="a FLUX.2 klein model generates (txt2img), takes input images as references (img2img, edit) and "
+                  "inpaints",
+        denoiser="transformer",
+        flow_match=True,
+        latent_patch=2,
+        # --cfg is its guidance_scale: CFG against an empty negative prompt above 1 (the base models); the distilled
+        # ones (model_index.json: is_distilled) run no CFG. diffusers' docstrings: base 50 steps at 4.0; the distilled
+        # KV model 4 steps (BFL: the distilled models are 4-step). 1.0: the pipeline warns of any higher --cfg it ignores
+        variants=(Variant("distilled", {"steps": 4, "cfg": 1.0}, index=(("is_distilled", (True,)),), guidance="none"),
+                  Variant("base", {"steps": 50, "cfg": 4.0})),
+        edit_references=True,
+    ),
+    Family(
+        name="generic",  # any other diffusers text-to-image pipeline (PixArt, Sana, Chroma, HiDream...), run as it is
+        pipelines={},  # resolved from the folder (families.generic): its own class; img2img/inpaint as AutoPipeline maps it
+        text_encoders=("text_encoder",),  # whichever its pipeline has: it encodes the prompt strings itself
+        prompt_encoder="own",
+        native_size=1024,  # when its denoiser config says no sample_size (Chroma: its pipeline's 128 x the VAE's 8)
+        lora=False,  # resolved: whether its pipeline classes load LoRAs
+        task_hint="diffcli runs another diffusers pipeline for txt2img, and img2img and inpaint where diffusers' "
+                  "AutoPipelineForImage2Image/AutoPipelineForInpainting map it to one",
+        denoiser="own",
+    ),
 )
 # By name, in the order above (detection of single files and messages list them so).
 FAMILIES: MappingProxyType[str, Family] = MappingProxyType({f.name: f for f in _ENTRIES})
 # By pipeline class: one style per class, whichever families share it.
 _CALL_STYLES = {cls: style for f in _ENTRIES for cls, style in f.call_styles.items()}
+# Every pipeline class an entry names: never run as a generic one.
+_NAMED = frozenset(cls for f in _ENTRIES for cls in (*f.pipelines.values(), *f.controlnet.values(), *f.call_styles))
+GENERIC = "generic"
+# Text-to-image pipelines diffusers' AutoPipelineForText2Image does not map, which the generic family runs too.
+KNOWN_TEXT2IMAGE = ("HiDreamImagePipeline", "SanaSprintPipeline", "Cosmos2TextToImagePipeline", "HunyuanImagePipeline",
+                    "LongCatImagePipeline", "BriaPipeline")
+RUNS = ("Stable Diffusion 1.x, 2.x, XL and 3.x, FLUX.1 (dev, schnell, Fill, Kontext), FLUX.2 (dev, klein), Qwen-Image "
+        "and Z-Image models, and Qwen-Image-Edit; and other diffusers text-to-image pipelines (PixArt, Sana, Chroma, "
+        "HiDream...)")
 
 
 def get(name: str) -> Family:
@@ -399,8 +483,122 @@ def pipeline_class(family_name: str, task: str) -> str | None:
 
 
 def call_style(class_name: str) -> CallStyle:
-    """How run_plan calls a pipeline class; the default for classes no family lists."""
-    return _CALL_STYLES.get(class_name, CallStyle())
+    """How run_plan calls a pipeline class: its family's; a generic one's from its signature; else the default."""
+    if class_name in _CALL_STYLES or class_name in _NAMED or not class_name:
+        return _CALL_STYLES.get(class_name, CallStyle())
+    found = _generic_classes().get(class_name)
+    return _generic_style(found) if found is not None else CallStyle()
+
+
+def of(spec) -> Family:
+    """The family of a resolved model (models.ModelSpec): its entry; the generic one's with the folder's classes (none
+    known, as for a single file given a generic --model-config: the entry, which runs no task)."""
+    if spec.family == GENERIC and getattr(spec, "pipeline", None):
+        return generic(spec.pipeline, bool(spec.flow_match))
+    return get(spec.family)
+
+
+@functools.lru_cache(maxsize=None)
+def generic(class_name: str, flow_match: bool) -> Family:
+    """The generic entry for a folder of pipeline `class_name` (detect accepted it) with a flow-matching scheduler or
+    not: txt2img that class; img2img and inpaint the classes diffusers' AutoPipeline maps it to, if any; its LoRA
+    support, call styles and __call__ defaults (steps, guidance) from the classes themselves."""
+    from diffusers.pipelines import auto_pipeline
+
+    classes = {"txt2img": _generic_classes()[class_name]}
+    key = next((k for k, c in auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING.items() if c.__name__ == class_name), None)
+    for task, mapping in (("img2img", auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING),
+                          ("inpaint", auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING)):
+        cls = mapping.get(key)
+        if cls is not None and cls.__name__ in _generic_classes():
+            classes[task] = cls
+    defaults = {}
+    for option, argument in (("steps", "num_inference_steps"), ("cfg", "guidance_scale")):
+        default = _parameters(classes["txt2img"]).get(argument)
+        if default is not None and isinstance(default.default, (int, float)) and not isinstance(default.default, bool):
+            defaults[option] = default.default
+    entry = get(GENERIC)
+    missing = " or ".join(task for task in ("img2img", "inpaint") if task not in classes)
+    hint = f"diffcli runs {class_name} for {', '.join(classes)}" + (
+        f": diffusers' AutoPipeline maps it to no {missing} pipeline" if missing else "")
+    return replace(entry, pipelines={task: cls.__name__ for task, cls in classes.items()},
+                   call_styles={cls.__name__: _generic_style(cls) for cls in classes.values()},
+                   lora=all(hasattr(cls, "load_lora_weights") for cls in classes.values()), flow_match=flow_match,
+                   # one that takes a safety checker (LCM) leaves it out unless --safety-checker, as SD's
+                   safety_checker=all("requires_safety_checker" in _parameters(cls, "__init__") for cls in classes.values()),
+                   variants=(Variant(class_name, defaults),),  # its own __call__'s defaults
+                   task_hint=hint)
+
+
+def check_generic(class_name) -> None:
+    """A model_index.json _class_name the generic family runs, or a ModelError saying why not: only names in
+    diffusers' own pipeline namespace are looked at, never imported from the user's text."""
+    if not isinstance(class_name, str):
+        raise ModelError(f"model_index.json: _class_name is not a pipeline class name, got {class_name!r}",
+                         f"diffcli runs {RUNS}")
+    if class_name in _generic_classes() and class_name not in _generic_img2img():
+        return
+    from diffusers import pipelines
+
+    exported = {name for names in pipelines._import_structure.values() for name in names}
+    what = ("not a diffusers text-to-image pipeline that loads alone (as video, audio, image-to-image, ControlNet "
+            "and prior/decoder ones)" if class_name in exported and class_name.endswith("Pipeline")
+            else "not a diffusers pipeline class")
+    raise ModelError(f"unsupported pipeline class {class_name!r}: {what}", f"diffcli runs {RUNS}")
+
+
+@functools.lru_cache(maxsize=None)
+def _generic_classes() -> dict:
+    """Name -> class of the pipelines the generic family runs: the text-to-image ones AutoPipelineForText2Image maps
+    (not ControlNet/control ones, which need control images, nor the prior+decoder combined ones) and KNOWN_TEXT2IMAGE,
+    that take a prompt and make images (no frames), none an entry names; and their img2img and inpaint classes."""
+    import diffcli.pipeline  # noqa: F401 (its library verbosity settings, before diffusers is imported)
+    import diffusers
+    from diffusers.pipelines import auto_pipeline
+
+    text2image = [cls for key, cls in auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING.items() if "control" not in key]
+    text2image += [getattr(diffusers, name) for name in KNOWN_TEXT2IMAGE if hasattr(diffusers, name)]
+    found = {cls.__name__: cls for cls in text2image if _makes_images(cls, ("prompt",))}
+    for key, cls in auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING.items():
+        if cls.__name__ not in found:
+            continue
+        for mapping, needs in ((auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, ("prompt", "image", "strength")),
+                               (auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING, ("prompt", "image", "mask_image"))):
+            other = mapping.get(key)
+            if other is not None and _makes_images(other, needs):
+                found[other.__name__] = other
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _generic_img2img() -> frozenset:
+    """The generic classes that take an input image: a folder's own class is a text-to-image one."""
+    return frozenset(name for name, cls in _generic_classes().items() if "image" in _parameters(cls))
+
+
+def _makes_images(cls, needs: tuple) -> bool:
+    """A pipeline class no entry names, loaded alone (not a combined prior+decoder), taking `needs`, no frames."""
+    parameters = _parameters(cls)
+    return (cls.__name__ not in _NAMED and not getattr(cls, "_load_connected_pipes", False)
+            and all(name in parameters for name in needs) and "num_frames" not in parameters)
+
+
+def _parameters(cls, method: str = "__call__") -> dict:
+    import inspect
+
+    return dict(inspect.signature(getattr(cls, method)).parameters)
+
+
+@functools.lru_cache(maxsize=None)
+def _generic_style(cls) -> CallStyle:
+    """A generic pipeline's call style, from the arguments its __call__ names: strings it encodes itself, and only
+    what it takes (an input image per generator, and its size, where it takes one)."""
+    takes = frozenset(_parameters(cls))
+    image = "image" in takes
+    return CallStyle(prompt_embeds=False, repeat_image=image, step_end_callback="callback_on_step_end" in takes,
+                     negative_prompt="negative_prompt" in takes, clip_skip="clip_skip" in takes,
+                     size=image and "width" in takes, max_sequence_length=0 if "max_sequence_length" in takes else None,
+                     takes=takes)
 
 
 def taking(attribute: str) -> tuple[str, ...]:
@@ -430,27 +628,33 @@ def upscaler(method: str) -> tuple[str, int]:
     raise UsageError(f"unknown upscale method {method!r}", f"choose one of: {', '.join(upscale_methods())}")
 
 
-def variant(family_name: str, denoiser: dict) -> Variant | None:
-    """The family's variant a model of that denoiser config is (the first that fits), or None."""
-    return next((v for v in get(family_name).variants if v.fits(denoiser)), None)
+def variant(family: str | Family, denoiser: dict, model_index: dict | None = None) -> Variant | None:
+    """The family's (by name, or a resolved generic one) variant a model of that denoiser config (and
+    model_index.json, for a folder) is (the first that fits), or None."""
+    family = get(family) if isinstance(family, str) else family
+    return next((v for v in family.variants if v.fits(denoiser, model_index)), None)
 
 
 def detect(model_index: dict, denoiser: dict) -> str:
     """The family of a diffusers folder, from its pipeline class and denoiser (UNet or transformer) config (first rule
     that fits; a new family whose folders these rules do not tell apart adds one)."""
+    if not isinstance(model_index, dict) or not isinstance(model_index.get("_class_name", ""), str):
+        check_generic(model_index.get("_class_name") if isinstance(model_index, dict) else None)
     pipeline_class = model_index.get("_class_name", "")
     for family in _ENTRIES:  # the transformer families: their pipeline classes are their own
         if family.denoiser == "transformer" and pipeline_class in family.pipelines.values():
             return family.name
+    if pipeline_class and not pipeline_class.startswith("StableDiffusion") and pipeline_class in _generic_classes():
+        check_generic(pipeline_class)  # a text-to-image class of its own, not an img2img one
+        return GENERIC
     if "Upscale" in pipeline_class:
         return "sd-latent-upscaler" if "Latent" in pipeline_class else "sd-x4-upscaler"
     no_text_encoder = (model_index.get("text_encoder") or [None])[0] is None
     if "XL" in pipeline_class or denoiser.get("addition_embed_type") == "text_time":
         return "sdxl-refiner" if no_text_encoder and "text_encoder_2" in model_index else "sdxl"
     if not pipeline_class.startswith("StableDiffusion") or pipeline_class.startswith("StableDiffusion3"):
-        raise ModelError(f"unsupported pipeline class {pipeline_class!r}",
-                         "diffcli runs Stable Diffusion 1.x, 2.x, XL and 3.x, FLUX.1 (dev, schnell, Fill, Kontext), "
-                         "Qwen-Image and Z-Image models, and Qwen-Image-Edit")
+        check_generic(pipeline_class)  # says why not (a generic class it would run returned above)
+        raise ModelError(f"unsupported pipeline class {pipeline_class!r}", f"diffcli runs {RUNS}")
     if no_text_encoder:
         return "sd-refiner"  # a UNet that reads another model's prompt embeddings: only a --refiner
     return "sd2" if denoiser.get("cross_attention_dim") == 1024 else "sd1"  # OpenCLIP ViT-H's width, else CLIP ViT-L

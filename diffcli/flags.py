@@ -73,10 +73,14 @@ RUNTIME = group(
          "untrusted files."),
     Flag("optimize", ("--optimize",), bool, True, "CUDA fast path: compiled U-Net and VAE with CUDA graphs.",
          off="--no-optimize"),
-    Flag("low_vram", ("--low-vram",), "bools", None, "Attention slicing, VAE tiling, CPU offload (default: automatic "
-         "on small GPUs).", off="--no-low-vram"),
+    Flag("low_vram", ("--low-vram",), "bools", None, "Attention slicing, VAE tiling, CPU offload; --no-low-vram: all on "
+         "the device (default: offloading and VAE tiling chosen from the weights' size and the free memory).",
+         off="--no-low-vram"),
     Flag("threads", ("--threads",), int, None, "CPU threads (default: OMP_NUM_THREADS, else 1 for a model under 100 M "
          "denoiser parameters, else the cores other processes leave free).", envvar="DIFFCLI_THREADS"),
+    Flag("backend", ("--backend",), str, "auto", "CPU engine of an SD 1.x/2.x/XL U-Net and VAE decoder: auto (OpenVINO where "
+         "it is installed and the CPU runs bf16, else torch) | torch | openvino (pip install 'diffcli[openvino]').",
+         envvar="DIFFCLI_BACKEND"),
 )
 DEEP_CACHE = Flag("deep_cache", ("--deep-cache",), int, None, "DeepCache: run the whole U-Net every N steps, reuse its "
                   "deep features between (faster, slightly different; U-Net not compiled).", min=2)
@@ -126,6 +130,15 @@ CONTROL = group(
     Flag("guess_mode", ("--guess-mode",), bool, False, "The ControlNets see no prompt (A1111's control mode "
          "\"ControlNet is more important\")."),
 )
+IP_ADAPTER = group(
+    Flag("ip_adapter", ("--ip-adapter",), "texts", None, "IP-Adapter (SD 1.x, SDXL): a .safetensors file, a folder "
+         "holding one, or a Hub file owner/repo/subfolder/file.safetensors; repeatable, each with its --ip-image."),
+    Flag("ip_image", ("--ip-image",), "texts", None, "The image prompt of each --ip-adapter, in the same order."),
+    Flag("ip_scale", ("--ip-scale",), "texts", None, "Strength of each --ip-adapter, in the same order (default 1; 0 "
+         "turns it off)."),
+    Flag("ip_encoder", ("--ip-encoder",), str, None, "CLIP image encoder of the adapters (folder or Hub "
+         "owner/repo/subfolder); default: the image_encoder folder beside the adapter file."),
+)
 INPUT = Flag("input", (), str, None, "Input image (PNG, JPEG, WebP...; EXIF orientation applied).")
 STRENGTH_HELP = "How much to change the input: 0 keeps it, 1 ignores it."
 IMG2IMG = group(
@@ -163,7 +176,7 @@ UPSCALE = group(
 )
 EDIT = group(
     Flag("image", ("--image",), "texts", None, "A reference image besides the input (Picture 2, 3... of the instruction), "
-         "for models that take several (Qwen-Image-Edit-2509); repeatable."),
+         "for models that take several (Qwen-Image-Edit-2509, FLUX.2); repeatable."),
     Flag("resize", ("--resize",), str, "fit", "With --width/--height: fit (pad), crop or stretch the input."),
 )
 UPSCALE_MODEL = replace(MODEL, envvar="DIFFCLI_UPSCALE_MODEL", help="An SD x4 upscaler (default: bundled tiny-shapes-x4) "
@@ -182,13 +195,13 @@ IMAGE_COMMON = {**SAMPLING, **PROMPT, **ADAPTERS, "model": MODEL, **RUNTIME, "de
 # The options of each generating command, in --help order: what a batch line of that command may set, too.
 COMMANDS: dict[str, dict[str, Flag]] = {
     "txt2img": {"prompt": prompt_argument("What to draw."), **IMAGE_COMMON, "width": WIDTH, "height": HEIGHT,
-                "aspect": ASPECT, **VARIATION, **SECOND_PASSES, **CONTROL},
+                "aspect": ASPECT, **VARIATION, **SECOND_PASSES, **CONTROL, **IP_ADAPTER},
     "img2img": {"input": INPUT, "prompt": prompt_argument("What the result should show."), **IMG2IMG, **IMAGE_COMMON,
-                "width": WIDTH, "height": HEIGHT, **CONTROL},
+                "width": WIDTH, "height": HEIGHT, **CONTROL, **IP_ADAPTER},
     "inpaint": {"input": INPUT, "prompt": prompt_argument("What to paint into the masked area."), **INPAINT,
-                **IMAGE_COMMON, "width": WIDTH, **CONTROL},
+                **IMAGE_COMMON, "width": WIDTH, **CONTROL, **IP_ADAPTER},
     "outpaint": {"input": INPUT, "prompt": prompt_argument("What the new area should show."), **OUTPAINT,
-                 **IMAGE_COMMON},
+                 **IMAGE_COMMON, **IP_ADAPTER},
     "edit": {"input": INPUT, "prompt": prompt_argument("The instruction, e.g. \"make the car blue\"."), **EDIT,
              **IMAGE_COMMON, "width": WIDTH, "height": HEIGHT},
     "upscale": {"input": INPUT, "prompt": prompt_argument("Optional description of the image.", ""), **UPSCALE,
@@ -220,6 +233,8 @@ REPLAY = {  # replay's flags override the image's recorded settings
     **RUNTIME,
     "dtype": Flag("dtype", ("--dtype",), str, None, "fp16 | bf16 | fp32 | auto; default: the recorded one on the same "
                   "kind of device, else auto."),
+    "backend": Flag("backend", ("--backend",), str, None, "auto | torch | openvino; default: the recorded one (OpenVINO "
+                    "where it is installed), else auto."),
     **OUTPUT, **REPORTING, **ADAPTERS,
 }
 BATCH = {  # batch's own options, then the per-job ones that are defaults for every line
@@ -245,7 +260,7 @@ BATCH = {  # batch's own options, then the per-job ones that are defaults for ev
     "scheduler": Flag("scheduler", ("--scheduler",), str, None, "Sampler by name, A1111 names too (see `diffcli "
                       "schedulers`)."),
     "model": MODEL, **{name: RUNTIME[name] for name in ("model_config", "base", "device", "dtype", "safety_checker",
-                                                              "allow_pickle", "threads", "vae")},
+                                                              "allow_pickle", "threads", "vae", "backend")},
     "out": replace(OUTPUT["out"], help="Folder or template; default outputs/{job:05d}-{seed}-{slug}.png."),
     "overwrite": OUTPUT["overwrite"], **REPORTING, "server": SERVER,
 }

@@ -54,6 +54,7 @@ class ModelSettings:
     optimize: bool = True  # the CUDA fast path (compile, CUDA graphs); off with --no-optimize or --deep-cache
     low_vram: bool | None = None  # None: on automatically when the GPU is small for the model
     threads: int | None = None  # None: OMP_NUM_THREADS, else the cores other processes leave free
+    backend: str = "auto"  # the CPU engine of an SD U-Net and VAE decoder (backend.py): auto, torch or openvino
     deep_cache: int | None = None  # run the whole U-Net every N steps
 
 
@@ -80,6 +81,10 @@ class Adapters:
     lora_dir: str | None = None
     embedding: list = field(default_factory=list)  # --embedding FILE[:TOKEN]
     embedding_dir: str | None = None
+    ip_adapter: list = field(default_factory=list)  # --ip-adapter MODEL, repeatable (ip_adapter.py)
+    ip_image: list = field(default_factory=list)  # --ip-image IMAGE, one per adapter, in the same order
+    ip_scale: list = field(default_factory=list)  # --ip-scale S (text), one per adapter or none (all 1)
+    ip_encoder: str | None = None  # --ip-encoder: the CLIP image encoder; None: image_encoder beside the adapter
 
 
 @dataclass
@@ -165,7 +170,9 @@ class Job:
         """A deep-enough copy (sections are replaced, not shared) with sampling fields changed."""
         return replace(self, prompt=replace(self.prompt), sampling=replace(self.sampling, **sampling),
                        model=replace(self.model), output=replace(self.output), second=replace(self.second),
-                       adapters=replace(self.adapters, lora=list(self.adapters.lora), embedding=list(self.adapters.embedding)),
+                       adapters=replace(self.adapters, lora=list(self.adapters.lora), embedding=list(self.adapters.embedding),
+                                        ip_adapter=list(self.adapters.ip_adapter), ip_image=list(self.adapters.ip_image),
+                                        ip_scale=list(self.adapters.ip_scale)),
                        controls=replace(self.controls, units=list(self.controls.units)),
                        inputs=_copy_inputs(self.inputs))
 
@@ -232,7 +239,7 @@ def record(job: Job) -> dict:
     optional = {"clip_skip": prompt.clip_skip, "deep_cache": job.model.deep_cache, "vae": job.model.vae,
                 "base": job.model.base, "lora_dir": adapters.lora_dir, "embedding_dir": adapters.embedding_dir,
                 "prompt_sr": sampling.prompt_sr, "max_sequence_length": prompt.max_sequence_length,
-                "true_cfg": sampling.true_cfg}
+                "true_cfg": sampling.true_cfg, "backend": job.model.backend if job.model.backend != "auto" else None}
     if sampling.variation_seed is not None:
         optional.update(variation_seed=sampling.variation_seed, variation_strength=sampling.variation_strength)
     if second.hires:

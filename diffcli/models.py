@@ -36,6 +36,8 @@ class ModelSpec:
     revision: str | None = None  # a Hub model's snapshot (commit) in the cache
     guidance: str = "cfg"  # what --cfg sets (families.GUIDANCE): the family's, or its variant's
     base: str | None = None  # a transformer-only file's --base (folder or Hub id): its text encoders, VAE, scheduler
+    pipeline: str | None = None  # the generic family's: the folder's pipeline class (model_index.json's _class_name)
+    flow_match: bool | None = None  # the generic family's: its scheduler is a flow-matching one (families.of)
 
 
 def bundled_models() -> dict[str, Path]:
@@ -108,16 +110,26 @@ def denoiser_folder(model_index: dict) -> str:
 def _spec_from_configs(folder: Path, name: str, source: str, location: str) -> ModelSpec:
     """Build a ModelSpec from a folder holding model_index.json and component configs."""
     model_index = read_json(folder / "model_index.json")
+    if not isinstance(model_index, dict):
+        raise ModelError(f"{folder / 'model_index.json'} is not a JSON object", "expected a diffusers model folder")
     denoiser = read_json(folder / denoiser_folder(model_index) / "config.json")
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
     vae_path = folder / "vae" / "config.json"
-    vae_blocks = len(read_json(vae_path).get("block_out_channels", [1] * 4)) if vae_path.is_file() else None
+    vae = read_json(vae_path) if vae_path.is_file() else None
+    # (a DC-AE, Sana's, names its encoder's blocks: 6 of them, a factor of 32)
+    vae_blocks = len(vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [1] * 4) if vae else None
     defaults_path = folder / "diffcli.json"
     family = families.get(families.detect(model_index, denoiser))
-    variant = families.variant(family.name, denoiser)
+    pipeline = flow_match = None
+    if family.name == families.GENERIC:  # its classes from the folder's own, its scheduler's kind from its config
+        pipeline, flow_match = model_index["_class_name"], _flow_scheduler(scheduler)
+        family = families.generic(pipeline, flow_match)
+    variant = families.variant(family, denoiser, model_index)
     vae_factor = family.size_multiple if vae_blocks is None else 2 ** (vae_blocks - 1)
     patch = family.latent_patch or denoiser.get("patch_size") or 1  # SD3 cuts latents into patches, FLUX.1 packs 2x2
+    if pipeline and vae and denoiser.get("in_channels") == 4 * vae.get("latent_channels", 0):
+        patch = 2  # its pipeline packs 2x2 latents into the transformer's channels (Chroma, as FLUX.1)
     sample_size = denoiser.get("sample_size")
     if isinstance(sample_size, list):
         sample_size = sample_size[0]
@@ -132,7 +144,15 @@ def _spec_from_configs(folder: Path, name: str, source: str, location: str) -> M
         size_multiple=vae_factor * patch,
         defaults={**(variant.defaults if variant else {}), **(read_json(defaults_path) if defaults_path.is_file() else {})},
         guidance=(variant and variant.guidance) or family.guidance,
+        pipeline=pipeline,
+        flow_match=flow_match,
     )
+
+
+def _flow_scheduler(config: dict) -> bool:
+    """Whether a scheduler config is a flow-matching one: a FlowMatch* class, or one set to flow sigmas (Sana's DPM++)."""
+    return ("FlowMatch" in str(config.get("_class_name", "")) or config.get("prediction_type") == "flow_prediction"
+            or config.get("use_flow_sigmas") is True)
 
 
 def _from_single_file(path: Path, name: str, model_config: str | None, allow_pickle: bool,

@@ -191,7 +191,7 @@ def write_stdout(data: bytes) -> None:
 
 def a1111_parameters(meta: dict) -> str:
     """The `parameters` text that A1111, ComfyUI loaders and civitai read."""
-    from diffcli import controlnet
+    from diffcli import controlnet, ip_adapter
     from diffcli.vae import a1111_name
 
     lines = [meta["prompt"]]
@@ -222,6 +222,7 @@ def a1111_parameters(meta: dict) -> str:
         "Refiner": meta.get("refiner"),
         "Refiner switch at": meta.get("refiner_start"),
         **controlnet.a1111_fields(meta),
+        **ip_adapter.a1111_fields(meta),
         "Lora hashes": f'"{meta["lora_hashes"]}"' if meta.get("lora_hashes") else None,
         "TI hashes": f'"{meta["embedding_hashes"]}"' if meta.get("embedding_hashes") else None,
         "Version": f"diffcli {meta['versions']['diffcli']}",

@@ -84,7 +84,7 @@ def normalize_scheduler_name(name: str) -> str:
 
 def check_scheduler(name: str, spec: ModelSpec) -> None:
     """A scheduler table name fits the model's kind: flow-matching ones for SD3/FLUX.1, the others for SD 1.x/2.x/XL."""
-    flow_match = families.get(spec.family).flow_match
+    flow_match = families.of(spec).flow_match  # (the generic family: its scheduler config's kind)
     if SCHEDULERS[name].flow_match == flow_match:
         return
     flow = ", ".join(known for known, entry in SCHEDULERS.items() if entry.flow_match)
@@ -96,7 +96,7 @@ def check_scheduler(name: str, spec: ModelSpec) -> None:
 
 def pipeline_class_name(spec: ModelSpec, task: str) -> str:
     """The diffusers class that runs `task` on this model, or a UsageError."""
-    family = families.get(spec.family)
+    family = families.of(spec)
     name = family.pipelines.get(task)
     if name is None:
         raise UsageError(f"{task} does not work with {spec.name!r} ({spec.family} model)", family.task_hint)
@@ -158,17 +158,17 @@ def default_steps(scheduler) -> int:
     return CLASS_STEPS.get(type(scheduler).__name__, 30)
 
 
-_CACHE: dict[tuple, dict] = {}  # (model, device, dtype, loading options, threads, --vae) -> {task: pipeline}
+_CACHE: dict[tuple, dict] = {}  # (model, device, dtype, loading options, threads, --vae, backend) -> {task: pipeline}
 
 
 def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker: bool = False,
                   allow_pickle: bool = False, optimize: bool = True, low_vram: bool | None = None,
-                  threads: int | None = None, vae=None):
+                  threads: int | None = None, vae=None, backend: str = "torch"):
     """Load a model once per process; other tasks of the same model share its components. `threads` (--threads) is
     set when a pipeline is placed on the CPU; torch has one thread pool per process, and a command's jobs share one.
-    `vae` (a vae.VaeSpec, --vae) replaces the model's VAE: a model is cached once per VAE."""
-    low_vram = needs_low_vram(spec, device) if low_vram is None else low_vram
-    key = (spec, device, str(dtype), safety_checker, allow_pickle, optimize, low_vram, threads, vae)
+    `vae` (a vae.VaeSpec, --vae) replaces the model's VAE: a model is cached once per VAE. `backend` "openvino" (a
+    resolved backend.resolve): the weights load in fp32 and OpenVINO runs the U-Net and VAE decoder in `dtype`."""
+    key = (spec, device, str(dtype), safety_checker, allow_pickle, optimize, low_vram, threads, vae, backend)  # None: auto
     loaded = _CACHE[key] = _CACHE.pop(key, None) or {}  # most recently used last (trim_cache drops the first)
     if task not in loaded:
         import diffusers
@@ -178,9 +178,21 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
         if base is not None:
             pipe = _from_pipe(cls, base)
             pipe.diffcli_optimizations = base.diffcli_optimizations
+            pipe.diffcli_backend = getattr(base, "diffcli_backend", "torch")
         else:
-            pipe = _load_weights(cls, spec, dtype, safety_checker, allow_pickle, vae)
-            pipe.diffcli_optimizations = _place(pipe, device, optimize, low_vram, threads)
+            import torch
+
+            low_vram = memory_plan(spec, device, dtype, low_vram, backend)  # before any weights load: may not fit
+            if backend == "openvino":  # fp32 weights to export from; a U-Net already exported is not loaded
+                from diffcli import openvino_unet
+
+                pipe = _load_weights(cls, spec, torch.float32, safety_checker, allow_pickle, vae,
+                                     without_unet=openvino_unet.skips_unet(spec, vae))
+                engine = openvino_unet.apply(pipe, spec, dtype, vae)
+                pipe.diffcli_optimizations = _place(pipe, device, optimize, low_vram, threads)[:-1] + [engine]
+            else:
+                pipe = _load_weights(cls, spec, dtype, safety_checker, allow_pickle, vae)
+                pipe.diffcli_optimizations = _place(pipe, device, optimize, low_vram, threads)
         pipe.set_progress_bar_config(disable=True)
         pipe.diffcli_scheduler = pipe.scheduler  # each job builds its scheduler afresh from this one
         loaded[task] = pipe
@@ -216,13 +228,19 @@ def trim_cache(keep: int) -> list[str]:
     return dropped
 
 
-def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_checker: bool = False, vae=None):
+def job_device(settings) -> str:
+    """The device a job's model settings run on: --device resolved; --backend openvino with --device auto: the CPU."""
+    return resolve_device("cpu" if settings.backend == "openvino" and settings.device == "auto" else settings.device)
+
+
+def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_checker: bool = False, vae=None,
+                 backend: str = "torch"):
     """The cached pipeline of `spec` for `task` under the job's device, dtype and loading options (the key the job's
     own model was loaded under, so shared components are not loaded again), with a fresh `scheduler`; `vae`: the
-    plan's --vae (Plan.vae), for the job's own model only."""
-    device = resolve_device(job.device)
+    plan's --vae (Plan.vae), for the job's own model only; `backend`: backend.resolve's choice."""
+    device = job_device(job)
     pipe = load_pipeline(spec, task, device, resolve_dtype(job.dtype, device, spec), safety_checker, job.allow_pickle,
-                         job.optimize, job.low_vram, job.threads, vae)
+                         job.optimize, job.low_vram, job.threads, vae, backend)
     if device == "cpu":  # OpenMP's thread count is per calling thread: a server's worker sets its own, as the loader did
         from diffcli import speed
 
@@ -231,17 +249,32 @@ def load_for_job(spec: ModelSpec, task: str, job, scheduler: str | None, safety_
     return pipe
 
 
-def is_loaded(spec: ModelSpec, job, safety_checker: bool = False, vae=None) -> bool:
+def is_loaded(spec: ModelSpec, job, safety_checker: bool = False, vae=None, backend: str = "torch") -> bool:
     """Whether load_for_job would find the model's weights in memory already (nothing to load, nothing to report)."""
-    device = resolve_device(job.device)
-    low_vram = needs_low_vram(spec, device) if job.low_vram is None else job.low_vram
+    device = job_device(job)
+    low_vram = job.low_vram  # None: the automatic memory plan, decided once when the model loads
     key = (spec, device, str(resolve_dtype(job.dtype, device, spec)), safety_checker, job.allow_pickle, job.optimize, low_vram,
-           job.threads, vae)
+           job.threads, vae, backend)
     return bool(_CACHE.get(key))
 
 
+def memory_plan(spec: ModelSpec, device: str, dtype, low_vram: bool | None, backend: str = "torch"):
+    """--low-vram as given (True: the savers, False: none), else the automatic memory.Plan from the weights' headers and
+    the memory free now (a UsageError, exit 2, when even the cheapest placement cannot fit); weights or free memory
+    unknown: needs_low_vram's size threshold. OpenVINO loads fp32 weights."""
+    if low_vram is not None:
+        return low_vram
+    import torch
+
+    from diffcli import memory
+
+    plan = memory.plan_for(spec, device, torch.float32 if backend == "openvino" else dtype)
+    return needs_low_vram(spec, device) if plan is None else plan
+
+
 def needs_low_vram(spec: ModelSpec, device: str) -> bool:
-    """Whether a CUDA device is too small for the model at full speed."""
+    """Whether a CUDA device is too small for the model at full speed, by its total memory and the family's
+    low_vram_gib (used where memory.plan_for cannot read the weights' sizes)."""
     if not device.startswith("cuda"):
         return False
     import torch
@@ -250,31 +283,46 @@ def needs_low_vram(spec: ModelSpec, device: str) -> bool:
     return total_gib < families.get(spec.family).low_vram_gib
 
 
-def _place(pipe, device: str, optimize: bool, low_vram: bool, threads: int | None = None) -> list[str]:
-    """Move to the device with the memory savers (--low-vram), the CUDA fast path, or CPU thread settings
-    (`threads`: --threads, None for speed.configure_cpu_threads' default)."""
-    from diffcli import speed
+def _place(pipe, device: str, optimize: bool, low_vram, threads: int | None = None) -> list[str]:
+    """Move to the device with the memory savers (--low-vram True), the automatic memory plan (a memory.Plan: offload
+    and VAE tiling, recorded on the VAE for memory.fit_vae), the CUDA fast path, or CPU thread settings (`threads`:
+    --threads, None for speed.configure_cpu_threads' default)."""
+    from diffcli import memory, speed
 
-    if low_vram and device.startswith("cuda"):
+    plan = low_vram if isinstance(low_vram, memory.Plan) else None
+    cuda = device.startswith("cuda")
+    pipe.diffcli_memory = plan
+    if getattr(pipe, "vae", None) is not None:
+        pipe.vae.diffcli_memory = plan  # shared with the model's other tasks' pipelines (memory.fit_vae reads it)
+        if plan is not None and plan.vae_tiling:
+            pipe.vae.enable_tiling()
+    if plan is not None and cuda and plan.offload != "none":
+        return memory.apply(pipe, plan, device)  # offloaded: not compiled
+    entry = [plan.label(device)] if plan is not None and (cuda or plan.vae_tiling) else []
+    if low_vram is True and cuda:
         pipe.enable_attention_slicing()
         pipe.vae.enable_slicing()
         pipe.vae.enable_tiling()
         pipe.enable_model_cpu_offload(device=device)
         return ["attention slicing", "VAE slicing and tiling", "model CPU offload"]
     pipe.to(device)
-    if device.startswith("cuda") and optimize:
-        return speed.optimize_cuda(pipe)
+    if cuda and optimize:
+        return speed.optimize_cuda(pipe) + entry
     if device == "cpu":
         threads = speed.configure_cpu_threads(threads, cpu.is_small(pipe))
-        return speed.cpu_settings(threads) + cpu.place(pipe)  # the path last: run.py says it on stderr
-    return []
+        return speed.cpu_settings(threads) + entry + cpu.place(pipe)  # the path last: run.py says it on stderr
+    return entry
 
 
-def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickle: bool, vae=None):
+def _load_weights(cls, spec: ModelSpec, dtype, safety_checker: bool, allow_pickle: bool, vae=None,
+                  without_unet: bool = False):
     """from_pretrained / from_single_file with honest errors; pickle files only when allowed; `vae` (--vae) loaded
-    first and passed in place of the model's own."""
+    first and passed in place of the model's own; `without_unet`: a diffusers folder's U-Net left out (pipe.unet None:
+    OpenVINO's replaces it)."""
     kwargs = {"torch_dtype": dtype}
-    if not safety_checker and families.get(spec.family).safety_checker:
+    if without_unet:
+        kwargs["unet"] = None
+    if not safety_checker and families.of(spec).safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if vae is not None:
         from diffcli import vae as vaes

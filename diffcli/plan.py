@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffcli import adapters, controlnet, hires, identity, jobs, limits, output, refiner, support, tasks
+from diffcli import adapters, backend, controlnet, hires, identity, ip_adapter, jobs, limits, output, refiner, support, tasks
 from diffcli.errors import UsageError
 from diffcli.jobs import Job
 from diffcli.models import ModelSpec, resolve_model
@@ -37,6 +37,7 @@ class Plan:
     adapters: adapters.Resolved = field(default_factory=adapters.Resolved)
     inputs: tasks.Prepared | None = None  # the task's input images, read and fitted
     controls: controlnet.Resolved = field(default_factory=controlnet.Resolved)  # --control units with their maps
+    ip: ip_adapter.Resolved = field(default_factory=ip_adapter.Resolved)  # --ip-adapter files, encoder and images
     record: dict = field(default_factory=dict)  # settings beyond the core ones, for the metadata
 
     @property
@@ -57,6 +58,7 @@ def check_job(job: Job) -> Job:
     if job.inputs is not None:
         tasks.check_inputs(job)
     controlnet.check_texts(job.controls.units)
+    ip_adapter.parse(job.adapters)
     return job
 
 
@@ -75,6 +77,7 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     spec = resolve_model(tasks.model_name(job), job.model.config, job.model.allow_pickle, base=job.model.base)
     # what the model's family cannot do stops here; what it reads otherwise is said
     family_warnings = support.check(job, spec, sampling.scheduler or spec.defaults.get("scheduler"), resolved_adapters)
+    backend.check(job, spec)  # an explicit --backend openvino the job cannot use
     refiner.apply_default(job, spec)
     hires.apply_default(job, spec)  # --hires without --hires-strength: the model's recommendation
     helpers = {}  # resolved once here, loaded by the second pass
@@ -102,6 +105,7 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
         hires.check_target(width, height, job.second.hires, spec.size_multiple)
     warnings = family_warnings + limits.check(spec, job, width, height)  # and what it was not trained for (diffcli.json)
     controls = controlnet.resolve(job, spec, width, height)  # maps made now: a bad image stops the run before loading
+    ip = ip_adapter.resolve(job, spec)  # adapter headers against the model, the encoder's config, the images read
     if sampling.seed is None:
         sampling.seed = draw_seed()
     seeds = [sampling.seed + i for i in range(sampling.num_images)]
@@ -111,7 +115,8 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
         from diffcli.pipeline import normalize_scheduler_name
 
         normalize_scheduler_name(scheduler)
-    if job.inputs is not None and hasattr(job.inputs, "strength"):  # against the steps the run will take, --steps or not
+    if prepared is not None and "strength" in prepared.pipeline_kwargs:  # against the steps the run will take, --steps or
+        # not (FLUX.2's img2img takes its input as a reference: no strength)
         tasks.check_strength(job.inputs.strength, sampling.steps or default_steps_of(spec, scheduler),
                              default=not sampling.steps)
     fields = {
@@ -130,14 +135,16 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     except OSError as exc:  # a name the file system refuses (too long, a loop of links, no permission)
         raise UsageError(f"--out {out or output.DEFAULT_DIR!r}: cannot use {exc.filename or 'it'}: {exc.strerror or exc}",
                          "choose another --out") from None
-    record = dict(jobs.record(job), **resolved_adapters.record(), **controls.record())
+    record = dict(jobs.record(job), **resolved_adapters.record(), **controls.record(), **ip.record())
     if spec.guidance != "cfg":  # --cfg is FLUX.1's distilled guidance (A1111 text: Distilled CFG Scale), or unused
         record["guidance"] = spec.guidance
     if prepared:
         record.update(prepared.record, **prepared.notes)
+        if "strength" not in prepared.pipeline_kwargs:  # FLUX.2's img2img: a reference, no strength to record
+            record.pop("strength", None)
     plan = Plan(job, spec, seeds, paths, width, height, cfg, scheduler, warnings=warnings, helpers=helpers,
                 name_template=output.name_template(out, len(seeds)), name_fields=fields, vae=vae,
-                adapters=resolved_adapters, inputs=prepared, controls=controls, record=record)
+                adapters=resolved_adapters, inputs=prepared, controls=controls, ip=ip, record=record)
     plan.identity = identity.settings_digest(plan)
     return plan
 

@@ -27,7 +27,7 @@ DIFFCLI_KEYS = ("task", "prompt", "negative", "steps", "cfg", "seed", "width", "
                 "clip_skip", "variation_seed", "variation_strength", "hires_scale", "hires_steps", "hires_strength",
                 "hires_upscaler", "hires_upscaler_model", "refiner", "refiner_start", "vae", "vae_hash", "weighting",
                 "deep_cache", "lora_dir", "embedding_dir", "lora", "embedding", "input", "mask", "strength", "dtype",
-                "device", "base", "control", "guess_mode", "max_sequence_length", "true_cfg")
+                "device", "base", "control", "guess_mode", "max_sequence_length", "true_cfg", "ip_adapter", "ip_encoder", "backend")
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -216,6 +216,18 @@ def recorded_dtype(settings: dict, device: str, dtype: str | None) -> str:
     return recorded if recorded and same_kind else "auto"
 
 
+def recorded_backend(settings: dict, notify) -> str:
+    """The recorded --backend (OpenVINO's images replay on OpenVINO where it is installed), else auto."""
+    from diffcli import extras
+
+    recorded = settings.get("backend") or "auto"
+    if recorded == "openvino" and not extras.available("openvino"):
+        notify("replay: the image was made with --backend openvino, not installed here: using torch "
+               "(pip install 'diffcli[openvino]' to replay it exactly)")
+        return "auto"
+    return recorded
+
+
 def vae_found(value: str) -> bool:
     """Whether a recorded VAE is at hand: a file or folder here, or (with a '/' and no file suffix) a Hub id."""
     from diffcli.models import HUB_ID
@@ -266,6 +278,7 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
                   model=given.get("model") or resolve_model_name(settings.get("model"), settings.get("model_hash"), image,
                                                                  allow_pickle, base),
                   dtype=recorded_dtype(settings, given.get("device") or "auto", given.get("dtype")),
+                  backend=given.get("backend") or recorded_backend(settings, notify),
                   weighting=settings.get("weighting", True), vae=given.get("vae") or vae,
                   base=base,
                   steps=given.get("steps") or settings.get("steps"),
@@ -276,7 +289,7 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
                   true_cfg=settings.get("true_cfg"), lora_dir=given.get("lora_dir") or settings.get("lora_dir"),
                   embedding_dir=given.get("embedding_dir") or settings.get("embedding_dir"),
                   deep_cache=settings.get("deep_cache"), control=control_texts(settings.get("control")),
-                  guess_mode=bool(settings.get("guess_mode")))
+                  guess_mode=bool(settings.get("guess_mode")), **ip_texts(settings))
     if settings.get("task", "txt2img") == "img2img":
         return dict(values, input=settings["input"], strength=settings.get("strength", 0.75), resize="fit")
     if settings.get("task") == "edit":
@@ -287,6 +300,13 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
                 hires_strength=settings.get("hires_strength"), hires_upscaler=settings.get("hires_upscaler") or "latent",
                 hires_upscaler_model=settings.get("hires_upscaler_model"), refiner_start=settings.get("refiner_start"),
                 refiner="none" if "refiner" in settings and refiner is None else refiner)
+
+
+def ip_texts(settings: dict) -> dict:
+    """The recorded IP-Adapters as the --ip-adapter/--ip-image/--ip-scale/--ip-encoder values that make them again."""
+    from diffcli.ip_adapter import texts
+
+    return texts(settings)
 
 
 def control_texts(units) -> list[str]:

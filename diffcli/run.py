@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from diffcli import __version__, adapters, families, hashes, hires, identity, masked, output, progress, refiner, speed, tasks
+from diffcli import __version__, adapters, families, hashes, hires, identity, ip_adapter, masked, output, progress, refiner, speed, tasks
 from diffcli.errors import RuntimeFailure
 from diffcli.images import to_pil
 from diffcli.plan import Plan
@@ -49,21 +49,32 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     is the one its plan alone would make (up to batching noise).
     """
     from diffcli import prompts
-    from diffcli.pipeline import default_steps, is_loaded, load_for_job, resolve_device, resolve_dtype
+    from diffcli import backend
+    from diffcli import memory
+    from diffcli.pipeline import default_steps, is_loaded, job_device, load_for_job, memory_plan, resolve_dtype
 
     plan = plans[0]
     job = plan.job
-    device = resolve_device(job.model.device)
+    device = job_device(job.model)
     dtype = resolve_dtype(job.model.dtype, device, plan.spec)
-    # 1. The pipeline, loaded once per process, with this plan's scheduler and VAE.
+    # 1. The pipeline, loaded once per process, with this plan's scheduler and VAE, on torch or OpenVINO.
     started = time.perf_counter()
-    loading = not is_loaded(plan.spec, job.model, job.model.safety_checker, plan.vae)
+    engine = backend.resolve(job, plan.spec, device)
+    loading = not is_loaded(plan.spec, job.model, job.model.safety_checker, plan.vae, engine)
+    if loading:  # a model too large for the memory free stops here, before its weights load (exit 2)
+        memory_plan(plan.spec, device, dtype, job.model.low_vram, engine)
+    if loading and engine == "openvino":
+        backend.say_export(plan.spec, plan.vae, notify)
     with progress.loading(plan.spec.name, loading, progress_bar, notify):
-        pipe = load_for_job(plan.spec, job.task, job.model, plan.scheduler, job.model.safety_checker, plan.vae)
+        pipe = load_for_job(plan.spec, job.task, job.model, plan.scheduler, job.model.safety_checker, plan.vae, engine)
     if loading and device == "cpu":  # the CPU path chosen (bf16 or fp32, and why), once per model
         notify(f"{plan.spec.name}: {pipe.diffcli_optimizations[-1]}")
-    # 2. Exactly this job's LoRAs and embeddings; its ControlNets.
+    if loading and memory.note(pipe, device):  # the automatic memory plan on CUDA, once per model
+        notify(f"{plan.spec.name}: {memory.note(pipe, device)}")
+    memory.fit_vae(pipe, device, plan.width, plan.height, notify)  # VAE tiling when this size's decode would not fit
+    # 2. Exactly this job's LoRAs, embeddings and IP-Adapters; its ControlNets.
     adapters.activate(pipe, plan.adapters)
+    ip_adapter.activate(pipe, plan.ip, device, dtype, job.model.allow_pickle)
     if plan.controls.units:
         from diffcli import controlnet
 
@@ -71,7 +82,7 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     load_s = time.perf_counter() - started
     # 3. Steps: --steps, else the model's recommendation, else what suits the scheduler; checks that need them.
     steps = job.sampling.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
-    if job.inputs is not None and hasattr(job.inputs, "strength"):
+    if plan.inputs is not None and "strength" in plan.inputs.pipeline_kwargs:  # (not FLUX.2's reference img2img)
         tasks.check_strength(job.inputs.strength, steps)
     if refiner.active(job.second):
         refiner.check_steps(steps, job.second.refiner_start)
@@ -107,10 +118,15 @@ def _metadata(plan: Plan, pipe, steps: int, device: str, dtype) -> dict:
         "scheduler": scheduler or type(pipe.scheduler).__name__,
         "sampler": SCHEDULERS[scheduler].label if scheduler else CLASS_LABELS.get(type(pipe.scheduler).__name__, ""),
         "model": plan.spec.name, "model_hash": hashes.model_hash(plan.spec), "model_family": plan.spec.family,
+        **({"pipeline": type(pipe).__name__} if plan.spec.pipeline else {}),  # the generic family: the class run
         "device": device, "generator_device": "cpu", "dtype": str(dtype).removeprefix("torch."),
         "optimizations": pipe.diffcli_optimizations, "versions": versions(),
         "prompt": plan.job.prompt.text, "negative": plan.job.prompt.negative,
     }
+    if getattr(pipe, "diffcli_backend", "torch") == "openvino":  # replay runs it again on OpenVINO
+        import openvino
+
+        meta.update(backend="openvino", versions=dict(meta["versions"], openvino=openvino.__version__.split("-")[0]))
     if plan.vae:
         from diffcli import vae as vaes
 
@@ -204,6 +220,8 @@ def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: boo
         from diffcli import controlnet
 
         kwargs.update(controlnet.call_kwargs(job.task, plan.controls))
+    if plan.ip.adapters:
+        kwargs.update(ip_adapter.call_kwargs(plan.ip))
     variation = job.sampling.variation_seed
     if variation is not None:  # image i: seed+i noise slerped toward variation_seed+i
         from diffcli import noise
@@ -283,8 +301,13 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
             call_kwargs.update(callback=lambda i, t, latents: on_step_end(pipe, i, t, {"latents": latents}), callback_steps=1)
         # Qwen-Image: --cfg is true CFG; its guidance_scale (for guidance-distilled transformers only) stays unset
         guidance = {"true_cfg_scale": cfg} if style.true_cfg else {"guidance_scale": cfg}
-        return pipe(num_inference_steps=steps, generator=call_generators, output_type=output_type, **guidance,
-                    **call_kwargs).images
+        call_kwargs = dict(num_inference_steps=steps, generator=call_generators, output_type=output_type, **guidance,
+                           **call_kwargs)
+        if style.takes is not None:  # a generic pipeline: only what its __call__ names; the size asked (not binned to
+            # its trained aspect ratios and resized back: PixArt, Sana) and the prompt as written (no caption cleaning)
+            call_kwargs = {key: value for key, value in dict(call_kwargs, use_resolution_binning=False,
+                                                             clean_caption=False).items() if key in style.takes}
+        return pipe(**call_kwargs).images
 
     return call
 

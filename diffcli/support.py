@@ -19,8 +19,11 @@ UNET_ONLY_HINTS = {
 def check(job, spec, scheduler: str | None, adapters) -> list[str]:
     """Refuse (UsageError) what the family of `spec` cannot do for `job`, with `scheduler` (a table name or None) and
     the resolved `adapters`; return the warning lines for what it reads otherwise."""
-    family = families.get(spec.family)
+    family = families.of(spec)  # (the generic family: with the folder's pipeline classes)
     _check_task(job.task, spec, family)
+    if adapters.loras and not family.lora:
+        raise UsageError(f"--lora: {spec.name!r} ({_kind(spec)}) loads no LoRAs: its pipeline has no load_lora_weights",
+                         "leave --lora and <lora:...> tags out")
     if scheduler:
         from diffcli.pipeline import check_scheduler, normalize_scheduler_name
 
@@ -76,8 +79,8 @@ def _check_task(task: str, spec, family) -> None:
         also = "; `diffcli img2img` changes an image with this one" if family.img2img else ""
         raise UsageError(f"edit: {spec.name!r} ({spec.family}) cannot edit from an instruction",
                          f"edit runs {families.EDIT_MODELS}{also}")
-    if task not in family.pipelines and "edit" in family.pipelines:  # (other families: pipeline.pipeline_class_name)
-        raise UsageError(f"{task} does not work with {spec.name!r} ({spec.family} model)", family.task_hint)
+    if task not in family.pipelines and ("edit" in family.pipelines or spec.pipeline):  # (others: pipeline_class_name)
+        raise UsageError(f"{task} does not work with {spec.name!r} ({_kind(spec)} model)", family.task_hint)
     from diffcli import extras
 
     for module in family.requires:
@@ -94,14 +97,15 @@ def _unet_only(job, spec) -> None:
             "--variation-seed": job.sampling.variation_seed is not None}
     for flag, value in used.items():
         if value:
+            what = "its own pipeline" if spec.pipeline else "a transformer"
             raise UsageError(f"{flag}: works with U-Net models (SD 1.x, 2.x, XL) only, got {spec.name!r} "
-                             f"({spec.family}, a transformer)", UNET_ONLY_HINTS[flag])
+                             f"({spec.family}, {what})", UNET_ONLY_HINTS[flag])
 
 
 def _own_prompts(job, spec, style, adapters) -> list[str]:
     """A pipeline that encodes the prompt strings itself: no embeddings, --clip-skip only where it takes one; warnings
     for attention brackets it reads as text, a negative prompt it ignores, and a --cfg it does not use."""
-    prompt, family = job.prompt, spec.family
+    prompt, family = job.prompt, _kind(spec)
     if adapters.embeddings:
         raise UsageError(f"--embedding: textual inversion works with the CLIP prompts diffcli encodes (SD 1.x, 2.x, XL), "
                          f"got {spec.name!r} ({family}) for {adapters.embeddings[0][1]}", "leave --embedding out")
@@ -114,7 +118,10 @@ def _own_prompts(job, spec, style, adapters) -> list[str]:
                         "pipeline encodes the prompt itself (--no-weighting silences this)")
     if not style.negative_prompt and prompt.negative.strip() and not (job.sampling.true_cfg or 0) > 1:
         hint = " (--true-cfg above 1 turns it on)" if style.takes_true_cfg else ""
-        warnings.append(f"--negative has no effect on {family} models: diffcli runs them without true CFG{hint}")
+        why = ("its pipeline takes no negative prompt" if style.takes is not None  # a generic one
+               else "their pipeline's CFG reads an empty negative prompt" if spec.guidance == "cfg"  # FLUX.2 klein base
+               else f"diffcli runs them without true CFG{hint}")
+        warnings.append(f"--negative has no effect on {family} models: {why}")
     cfg = job.sampling.cfg
     used_cfg = spec.defaults.get("cfg") if cfg is None else cfg  # the --cfg the run takes
     if style.cfg_off is not None and prompt.negative.strip() and used_cfg is not None and used_cfg <= style.cfg_off:
@@ -122,7 +129,14 @@ def _own_prompts(job, spec, style, adapters) -> list[str]:
                         f"negative prompt only above --cfg {style.cfg_off:g}")
     if spec.guidance == "none" and cfg:
         warnings.append(f"--cfg {cfg:g} has no effect on {spec.name}: it takes no guidance (as FLUX.1 schnell)")
+    if style.takes is not None and "guidance_scale" not in style.takes and cfg is not None:
+        warnings.append(f"--cfg {cfg:g} has no effect on {spec.name}: its pipeline takes no guidance_scale")
     return warnings
+
+
+def _kind(spec) -> str:
+    """The family as messages name it: the generic one with its pipeline class."""
+    return f"{spec.family} {spec.pipeline}" if spec.pipeline else spec.family
 
 
 def _weighted(text: str) -> bool:

@@ -114,12 +114,16 @@ def _edit(job: Job, spec: ModelSpec, inputs: EditInput) -> Prepared:
     if inputs.image and not family.edit_references:
         count = len(inputs.image)
         raise UsageError(f"--image: {spec.name!r} ({spec.family}) edits one image, got {count} reference"
-                         f"{'s' if count > 1 else ''}", "drop --image, or use a Qwen-Image-Edit Plus (2509 or later) model")
+                         f"{'s' if count > 1 else ''}", "drop --image, or use a Qwen-Image-Edit Plus (2509 or later) or FLUX.2 model")
     image = images.load_image(inputs.input)
     fitted = images.fit_to_multiple(image, job.sampling.width, job.sampling.height, spec.size_multiple, inputs.resize)
     references = [images.load_image(path, "--image") for path in inputs.image]
+    style = families.call_style(family.pipelines["edit"])
+    if style.reference:
+        for flag, each in [("INPUT", fitted)] + [("--image", reference) for reference in references]:
+            _check_reference(flag, each, spec)
     kwargs: dict = {"image": [fitted, *references] if references else fitted}
-    if families.call_style(family.pipelines["edit"]).max_area:
+    if style.max_area:
         kwargs.update(max_area=fitted.size[0] * fitted.size[1], _auto_resize=False)
     return Prepared(fitted.size, kwargs, notes=_resized(image.size, fitted.size))
 
@@ -128,7 +132,29 @@ def _img2img(job: Job, spec: ModelSpec, inputs: ImageInput) -> Prepared:
     """The input kept at its size (rounded to the model's multiple) or resized to --width/--height."""
     image = images.load_image(inputs.input)
     fitted = images.fit_to_multiple(image, job.sampling.width, job.sampling.height, spec.size_multiple, inputs.resize)
+    if families.call_style(families.of(spec).pipelines.get("img2img", "")).reference:  # FLUX.2
+        if inputs.strength != ImageInput.strength:
+            raise UsageError(f"--strength: {spec.name!r} ({spec.family}) takes INPUT as a reference image, which it "
+                             f"does not noise, so no strength, got {inputs.strength:g}",
+                             "leave --strength out (the prompt says what to keep or change)")
+        _check_reference("INPUT", fitted, spec)
+        return Prepared(fitted.size, {"image": fitted}, notes=_resized(image.size, fitted.size))
     return Prepared(fitted.size, {"image": fitted, "strength": inputs.strength}, notes=_resized(image.size, fitted.size))
+
+
+# FLUX.2's image processor refuses reference images smaller than this on a side, or longer than this to one
+# (diffusers' Flux2ImageProcessor.check_image_input): said here, before any weights load.
+REFERENCE_MIN_SIDE = 64
+REFERENCE_MAX_ASPECT = 8
+
+
+def _check_reference(flag: str, image, spec: ModelSpec) -> None:
+    """A reference image a FLUX.2 pipeline takes: at least 64 px a side, at most 8:1."""
+    width, height = image.size
+    if min(width, height) < REFERENCE_MIN_SIDE or max(width, height) > REFERENCE_MAX_ASPECT * min(width, height):
+        raise UsageError(f"{flag}: {spec.family} pipelines take reference images of at least {REFERENCE_MIN_SIDE} px a "
+                         f"side and at most {REFERENCE_MAX_ASPECT}:1, got {width}x{height}",
+                         "use a larger image (or larger --width/--height)")
 
 
 def _inpaint(job: Job, spec: ModelSpec, inputs: MaskInput) -> Prepared:

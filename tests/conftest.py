@@ -247,7 +247,7 @@ def tiny_x4_upscaler(tmp_path_factory) -> Path:
 def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
     """The tiny model as one original-layout (A1111/CompVis) .safetensors file."""
     from diffusers import StableDiffusionPipeline
-    from ldm_format import save_original_checkpoint
+    from diffcli.ldm_format import save_original_checkpoint
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     return save_original_checkpoint(pipe, tmp_path_factory.mktemp("single") / "tiny.safetensors")

@@ -481,3 +481,196 @@ def tiny_qwen_image_edit_plus(tmp_path_factory, qwen_vl_without_torchvision) -> 
     """The tiny Qwen-Image-Edit-Plus (2509) layout model as a local diffusers folder."""
     root = tmp_path_factory.mktemp("qwen-image-edit-plus")
     return save(build_tiny_qwen_image_edit(root, plus=True), root / "tiny-qwen-image-edit-plus")
+
+
+# --- FLUX.2: dev (a Mistral3 text encoder, its tokenizer a PixtralProcessor in the real folders) and klein (Qwen3) ---
+
+FLUX2_HIDDEN = 16  # the text encoders' width; the transformer reads three of their layers side by side (x 3)
+FLUX2_WEIGHT_SCALE = 3.0  # the tiny transformer's weights scaled up, so the prompt and references visibly count
+MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+# Mistral's turns; FLUX.2 dev's messages hold content lists ({"type": "text", "text": ...}), whose texts are joined
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['content'] is string %}{% set text = m['content'] %}{% else %}"
+    "{% set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}{% endif %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}"
+    "[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def write_tiny_mistral_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer (every byte a token, no merges) with Mistral's specials and turns, built with the
+    tokenizers library. FLUX.2 dev's real tokenizer is a PixtralProcessor around Mistral's, which transformers builds
+    only with torchvision installed; the pipeline calls only its apply_chat_template, which a tokenizer has too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(list(MISTRAL_SPECIALS) + sorted(ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(list(MISTRAL_SPECIALS))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                            chat_template=MISTRAL_TEMPLATE).save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def tiny_flux2_parts(guidance: bool) -> dict:
+    """FLUX.2's own components: a transformer of one double- and one single-stream block (`guidance`: dev's embedded
+    guidance), its VAE (batch-norm statistics over 2x2-patched latents), downsampling by 8, and its scheduler."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * FLUX2_HIDDEN,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance)
+    with torch.no_grad():  # at its default init another prompt or reference moves pixels by about one level: x3 shows it
+        for parameter in transformer.parameters():
+            parameter.mul_(FLUX2_WEIGHT_SCALE)
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(block_out_channels=VAE_BLOCKS, latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+
+
+def build_tiny_flux2(root: Path):
+    """Tiny FLUX.2 dev-layout components: a Mistral3 text encoder (a small Pixtral vision tower, unused for text) with
+    the 31 hidden states the pipeline reads layers 10, 20 and 30 of, and a transformer with the guidance embedding."""
+    import torch
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = write_tiny_mistral_tokenizer(root / "mistral-tokenizer")
+    text = {"model_type": "mistral", "hidden_size": FLUX2_HIDDEN, "intermediate_size": 16, "num_hidden_layers": 30,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": len(tokenizer),
+            "max_position_embeddings": 1024, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    vision = {"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "head_dim": 8, "image_size": 64, "patch_size": 16}
+    torch.manual_seed(0)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                                   image_token_index=tokenizer.unk_token_id)).eval()
+    return Flux2Pipeline(text_encoder=text_encoder, tokenizer=tokenizer, **tiny_flux2_parts(guidance=True))
+
+
+def build_tiny_flux2_klein(root: Path, distilled: bool = True):
+    """Tiny FLUX.2 klein-layout components: a Qwen3 causal LM (the pipeline reads its layers 9, 18 and 27), a
+    transformer without a guidance embedding; `distilled` as model_index.json's is_distilled (False: a base model,
+    whose pipeline runs CFG)."""
+    import torch
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = write_tiny_qwen_tokenizer(root / "qwen-tokenizer")
+    torch.manual_seed(0)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=FLUX2_HIDDEN, intermediate_size=16, num_hidden_layers=27,
+                                                num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                                vocab_size=len(tokenizer), max_position_embeddings=1024,
+                                                bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                tie_word_embeddings=True)).eval()
+    return Flux2KleinPipeline(text_encoder=text_encoder, tokenizer=tokenizer, is_distilled=distilled,
+                              **tiny_flux2_parts(guidance=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory) -> Path:
+    """The tiny FLUX.2 dev-layout model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("flux2")
+    return save(build_tiny_flux2(root), root / "tiny-flux2")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory) -> Path:
+    """The tiny FLUX.2 klein-layout model (distilled, as FLUX.2-klein-4B) as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("flux2-klein")
+    return save(build_tiny_flux2_klein(root), root / "tiny-flux2-klein")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_base(tmp_path_factory) -> Path:
+    """The tiny FLUX.2 klein base-layout model (not distilled: CFG) as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("flux2-klein-base")
+    return save(build_tiny_flux2_klein(root, distilled=False), root / "tiny-flux2-klein-base")
+
+
+# --- the generic family: other diffusers text-to-image pipelines, run through their own class (test_generic) ---
+
+PIXART_VAE_FACTORS = {"scaling_factor": 0.13025}  # SD's VAE layout, as PixArt-Sigma's (no shift factor)
+
+
+def tiny_t5(root: Path) -> dict:
+    """A character-level T5 tokenizer (written locally) and a tiny T5 encoder, TEXT_HIDDEN wide."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = write_tiny_t5_tokenizer(root / "t5-tokenizer")
+    torch.manual_seed(0)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=1,
+                                      num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    return {"text_encoder": encoder, "tokenizer": tokenizer}
+
+
+def build_tiny_pixart_sigma(root: Path):
+    """Tiny PixArt-Sigma components: a T5 encoder, a 2x2-patch DiT (learned sigma: 8 output channels for 4 latent
+    ones) whose sample_size 8 x the VAE's 8 makes its native size 64, an SD-layout VAE, DPM++ (noise prediction)."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=1, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                           caption_channels=TEXT_HIDDEN)
+    return PixArtSigmaPipeline(transformer=transformer, vae=tiny_vae(PIXART_VAE_FACTORS, 4),
+                               scheduler=DPMSolverMultistepScheduler(), **tiny_t5(root))
+
+
+def build_tiny_chroma(root: Path):
+    """Tiny Chroma components: a T5 encoder, a FLUX.1-like transformer without CLIP or guidance embedding (it reads
+    the packed 2x2 latents: 16 channels for the VAE's 4), FLUX.1's VAE layout and flow-matching Euler."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN,
+                                           axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+                                           approximator_hidden_dim=16, approximator_layers=1)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return ChromaPipeline(transformer=transformer, vae=tiny_vae(FLUX_VAE_FACTORS, 4), scheduler=scheduler,
+                          **tiny_t5(root))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart(tmp_path_factory) -> Path:
+    """The tiny PixArt-Sigma model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("pixart")
+    return save(build_tiny_pixart_sigma(root), root / "tiny-pixart")
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma(tmp_path_factory) -> Path:
+    """The tiny Chroma model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("chroma")
+    return save(build_tiny_chroma(root), root / "tiny-chroma")
+
+
+def build_tiny_lcm(root: Path):
+    """A tiny Latent Consistency Model: the tiny SD1 components with a U-Net that embeds the guidance scale
+    (time_cond_proj_dim) and LCM's scheduler; AutoPipeline maps it to an img2img pipeline too."""
+    import torch
+    from conftest import build_tiny_pipeline
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    base = build_tiny_pipeline(root)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(base.unet.config, time_cond_proj_dim=32)
+    parts = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
+    return LatentConsistencyModelPipeline(**dict(parts, unet=unet, scheduler=LCMScheduler.from_config(base.scheduler.config)))
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm(tmp_path_factory) -> Path:
+    """The tiny LCM as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("lcm")
+    return save(build_tiny_lcm(root), root / "tiny-lcm")

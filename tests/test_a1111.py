@@ -68,7 +68,7 @@ def vaes(tiny_model, tmp_path_factory):
     diffusers-layout file, a pickle; and an 8-latent-channel VAE the tiny model cannot use."""
     import torch
     from diffusers import AutoencoderKL
-    from ldm_format import vae_to_ldm
+    from diffcli.ldm_format import vae_to_ldm
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("vaes")

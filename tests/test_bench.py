@@ -49,8 +49,8 @@ def test_bench_contended_reports_idle_and_contended_times_and_stops_its_competit
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--arch", "sd9"], "--arch must be one of"),
-    (["--compare", "a1111"], "--compare takes a comma list of plain, openvino, got 'a1111'"),
-    (["--compare", "plain,sdcpp"], "got 'sdcpp'"),
+    (["--compare", "a1111"], "--compare takes a comma list of plain, openvino, sdcpp, got 'a1111'"),
+    (["--compare", "plain,comfyui"], "got 'comfyui'"),
     (["--batch-sizes", "1,x"], "--batch-sizes must be a comma list"),
 ])
 def test_bench_usage_errors(cli, args, message):
@@ -111,3 +111,27 @@ def test_bench_compare_openvino_says_when_it_cannot_run(cli, tiny_model, tmp_pat
     monkeypatch.setenv("DIFFCLI_OPENVINO_PYTHON", str(broken))
     table = cli(*args)
     assert table.exit_code == 0 and "openvino: ModuleNotFoundError: No module named optimum" in table.stdout
+
+
+def test_bench_compare_sdcpp_says_when_it_cannot_run(cli, tiny_model, tmp_path, monkeypatch):
+    """stable-diffusion.cpp's peer: skipped with how to get it when its bindings are missing; a Python that fails on
+    the bench's single file gives its last error line (the tiny model is no SD version sd.cpp knows)."""
+    import importlib.util
+
+    args = ("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats", "1",
+            "--compare", "sdcpp", "--json")
+    if importlib.util.find_spec("stable_diffusion_cpp") is None:
+        monkeypatch.delenv("DIFFCLI_SDCPP_PYTHON", raising=False)
+        result = cli(*args)
+        assert result.exit_code == 0, result.stderr
+        assert "stable-diffusion-cpp-python is not installed" in json.loads(result.stdout)["sdcpp"]["skipped"]
+    broken = tmp_path / "python"
+    written = tmp_path / "given.txt"
+    broken.write_text(f"#!/bin/sh\nhead -c 8 \"$2\" > /dev/null; ls -l \"$2\" > {written}\n"
+                      "echo 'RuntimeError: unknown model version' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("DIFFCLI_SDCPP_PYTHON", str(broken))
+    result = cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["sdcpp"] == {"failed": "RuntimeError: unknown model version"}
+    assert "model.safetensors" in written.read_text()  # it was handed the original-layout single file

@@ -11,7 +11,7 @@ import pytest
 from diffcli import checkpoints, weights
 from diffcli.errors import ModelError
 from conftest import build_tiny_sdxl
-from ldm_format import save_original_checkpoint, unet_to_ldm
+from diffcli.ldm_format import save_original_checkpoint, unet_to_ldm
 
 SD1_TEXT = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
 SD2_TEXT = "cond_stage_model.model.token_embedding.weight"

@@ -73,6 +73,9 @@ def amx(monkeypatch):
 def test_auto_runs_bf16_in_channels_last_where_it_pays_and_says_so(cli, tiny_model, amx, monkeypatch):
     import torch
 
+    from diffcli import extras
+
+    monkeypatch.setattr(extras, "available", lambda module: module != "openvino")  # torch's path (test_openvino: auto's)
     placed = []
     original = cpu.place
     monkeypatch.setattr(cpu, "place", lambda pipe: placed.append(pipe) or original(pipe))

@@ -29,6 +29,37 @@ def test_plain_prompt_encodes_exactly_as_diffusers_sdxl(tiny_sdxl):
     assert torch.allclose(pooled[0], theirs_pooled[0]) and torch.allclose(pooled[1], negative_pooled[0])
 
 
+PARITY = 2  # 8-bit values: the CLI's PNG against diffusers' own float output, rounded (measured: 0)
+
+
+def test_txt2img_equals_plain_diffusers_sdxl(cli, tiny_sdxl):
+    """Same seed, steps, cfg and size: diffcli's image is plain StableDiffusionXLPipeline's, with and without a
+    negative prompt, two images in one call each equal to its seed alone. An empty --negative is diffusers'
+    default `negative_prompt=None`, i.e. zero embeddings (force_zeros_for_empty_prompt): NOT diffusers called
+    with `negative_prompt=""`, which encodes "" instead and gives a visibly different image (the intended
+    difference; A1111 also zeros an empty SDXL negative)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.set_progress_bar_config(disable=True)
+
+    def diffusers_image(seed: int, **kwargs) -> np.ndarray:
+        image = pipe("a red cat", num_inference_steps=4, guidance_scale=7.5, width=64, height=64, output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images[0]
+        return np.round(image * 255)
+
+    base = ("--model", tiny_sdxl, "--steps", "4", "--cfg", "7.5", "--width", "64", "--height", "64", "--quiet")
+    result = cli("txt2img", "a red cat", *base, "--seed", "1", "--num-images", "2", "--batch-size", "2", "-o", "p-{seed}.png")
+    assert result.exit_code == 0, result.stderr
+    for seed in (1, 2):
+        assert np.abs(pixels(f"p-{seed}.png") - diffusers_image(seed)).max() <= PARITY, seed
+    assert np.abs(pixels("p-1.png") - diffusers_image(1, negative_prompt="")).max() > 8 * PARITY  # "" encoded, not zeros
+    result = cli("txt2img", "a red cat", *base, "--seed", "3", "-n", "blurry", "-o", "n.png")
+    assert result.exit_code == 0, result.stderr
+    assert np.abs(pixels("n.png") - diffusers_image(3, negative_prompt="blurry")).max() <= PARITY
+
+
 def test_sdxl_txt2img_weighting_long_prompts_and_clip_skip(cli, tiny_sdxl):
     base = ("--model", tiny_sdxl, *FAST)
     first = cli("txt2img", "a (cat:1.6)", *base, "-o", "weighted.png", "--json")

@@ -42,6 +42,23 @@ def test_same_seed_same_image_and_batch_equals_single(cli, tiny_model):
     assert not np.array_equal(pixels("b-10.png"), pixels("b-11.png"))
 
 
+def test_txt2img_equals_plain_diffusers_sd(cli, tiny_model):
+    """Same seed, steps, cfg and size: diffcli's SD 1.x image is plain StableDiffusionPipeline's, with and without a
+    negative prompt (SD encodes an empty negative as "" either way), within 2/255 (measured: 0)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    for seed, negative in ((1, ""), (2, "blurry")):
+        result = cli("txt2img", "a red cat", "-n", negative, "--model", tiny_model, "--seed", seed, "--steps", "4",
+                     "--cfg", "7.5", "--width", "64", "--height", "64", "--quiet", "-o", f"s{seed}.png")
+        assert result.exit_code == 0, result.stderr
+        expected = pipe("a red cat", negative_prompt=negative or None, num_inference_steps=4, guidance_scale=7.5, width=64,
+                        height=64, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+        assert np.abs(pixels(f"s{seed}.png") - np.round(expected * 255)).max() <= 2, seed
+
+
 @pytest.mark.parametrize("name", sorted(name for name, entry in SCHEDULERS.items() if not entry.flow_match))
 def test_every_scheduler_runs(cli, tiny_model, name):
     result = cli("txt2img", "a cat", "--model", tiny_model, "--seed", "1", "--scheduler", name, "--json", *FAST)

@@ -86,6 +86,10 @@ def controlnet_units(body: dict) -> list[dict] | None:
         if unit.get("enabled") is False:
             continue
         module = str(unit.get("module") or "none").lower()
+        if module.startswith("ip-adapter"):  # ip-adapter_clip_h, _clip_g, -auto...: the model is a --controlnet-dir file
+            units.append({"ip_adapter": True, "model": unit.get("model"), "image": unit.get("input_image") or unit.get("image"),
+                          "scale": _number(unit, "weight", float, 1.0)})
+            continue
         if module not in MODULES:
             raise UsageError(f"{where}.module {module!r} is not available", f"one of: {', '.join(MODULES)}")
         kind, names = MODULES[module]
@@ -127,6 +131,10 @@ def common_values(body: dict) -> dict:
         subseed = _number(body, "subseed", int, -1)
         values.update(variation_seed=draw_seed() if subseed == -1 else subseed, variation_strength=subseed_strength)
     units = controlnet_units(body)
+    ip_units = [unit for unit in units or [] if unit.pop("ip_adapter", False)]  # IP-Adapter units: diffcli's own flags
+    if ip_units:
+        values["ip_adapter"] = ip_units
+        units = [unit for unit in units if unit not in ip_units]
     if units:
         values["guess_mode"] = any(unit.pop("guess", False) for unit in units)
         values["controlnet"] = units

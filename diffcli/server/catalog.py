@@ -38,6 +38,7 @@ class Catalog:
                 self.entries.setdefault(name, Entry(name, str(path)))
         self.default = self.add(default) if default else self.entries.get(DEFAULT_MODEL) or Entry(DEFAULT_MODEL, DEFAULT_MODEL)
         self.controlnets = _controlnets(controlnet_dir)
+        self.ip_adapters = _ip_adapters(controlnet_dir)
 
     def controlnet(self, asked: str) -> str:
         """The folder of a ControlNet a request names (its folder name in --controlnet-dir, or A1111's "name [hash]")."""
@@ -46,6 +47,16 @@ class Catalog:
             raise UsageError(f"controlnet model {str(asked)[:120]!r} is not one of this server's ControlNets",
                              f"its --controlnet-dir offers: {', '.join(self.controlnets) or 'none'}")
         return self.controlnets[plain]
+
+    def ip_adapter(self, asked: str) -> str:
+        """The file of an IP-Adapter a request names: a .safetensors file name in --controlnet-dir, where A1111 keeps
+        them too (its image_encoder folder beside it), with or without the suffix or A1111's " [hash]"."""
+        plain = str(asked).strip().rsplit(" [", 1)[0]
+        found = self.ip_adapters.get(plain) or self.ip_adapters.get(plain + ".safetensors")
+        if found is None:
+            raise UsageError(f"ip_adapter model {str(asked)[:120]!r} is not one of this server's IP-Adapters",
+                             f"its --controlnet-dir offers: {', '.join(self.ip_adapters) or 'none'}")
+        return found
 
     def add(self, spec: str) -> Entry:
         """The server's own --model (any --model value: trusted, it comes from the command line)."""
@@ -117,5 +128,24 @@ def _controlnets(folder: str | None) -> dict[str, str]:
         except (OSError, ValueError):
             continue
         if path.resolve().is_relative_to(root) and "ControlNet" in str(config.get("_class_name", "")) and ";" not in str(path):
+            found[path.name] = str(path)
+    return found
+
+
+def _ip_adapters(folder: str | None) -> dict[str, str]:
+    """--controlnet-dir's IP-Adapter files (.safetensors with image_proj. tensors in their header) by file name."""
+    from diffcli import weights
+    from diffcli.errors import ModelError
+
+    if not folder or not Path(folder).is_dir():
+        return {}
+    root = Path(folder).resolve()
+    found = {}
+    for path in sorted(root.glob("*.safetensors")):
+        try:
+            header = weights.read_safetensors_header(path)
+        except ModelError:
+            continue
+        if path.resolve().is_relative_to(root) and any(key.startswith("image_proj.") for key in header):
             found[path.name] = str(path)
     return found

@@ -27,9 +27,9 @@ AUTO_TIMEOUT_S = 0.5  # --server auto: a local server answers its health check w
 TIMEOUT_S = 3600.0  # one request may wait in the queue and run long (big models on a CPU)
 LOCAL = {"out", "overwrite"}  # the client's own: where and how it writes
 IGNORED = {"device": "the server's workers choose the device", "threads": "the server's --threads is used",
-           "optimize": "the server decides", "low_vram": "the server decides",
+           "optimize": "the server decides", "low_vram": "the server decides", "backend": "the server decides",
            "lora_dir": "the server's --lora-dir is used", "embedding_dir": "the server has none"}
-REFUSED = {"vae", "lora", "embedding", "model_config", "allow_pickle", "base"}  # local files: the server cannot read them
+REFUSED = {"vae", "lora", "embedding", "model_config", "allow_pickle", "base", "ip_encoder"}  # local files: the server cannot read them
 IMAGE_KEYS = ("input", "mask")
 
 
@@ -67,6 +67,10 @@ def request_values(command: str, values: dict, say) -> dict:
             body[name] = [_read_image(name, each) for each in value]
         elif name == "control":  # each unit's image sent along; its model is a name from the server's --controlnet-dir
             body["controlnet"] = [_control_unit(text) for text in value]
+        elif name == "ip_adapter":  # each adapter with its image (sent along) and scale; a name in its --controlnet-dir
+            body["ip_adapter"] = _ip_units(values)
+        elif name in ("ip_image", "ip_scale"):
+            continue
         elif flag is not None and flag.kind == "sweep":
             body[name] = _sweep_text(name, value)
         else:
@@ -199,6 +203,10 @@ def _local_record(event: dict, values: dict) -> dict:
             record[name] = values[name]
     if record.get("images") and values.get("image"):  # edit's reference images
         record["images"] = list(values["image"])
+    if record.get("ip_adapter") and values.get("ip_adapter"):  # each adapter and image as named here
+        record["ip_adapter"] = [dict(unit, model=model, image=image) for unit, model, image
+                                in zip(record["ip_adapter"], values["ip_adapter"], values.get("ip_image") or [])]
+        record.pop("ip_encoder", None)  # the server's folder
     if record.get("control") and values.get("control"):  # each unit's image and model as named here
         from diffcli.controlnet import parse
 
@@ -246,6 +254,17 @@ def _check_stdout(planned: list, as_json: bool) -> None:
     if count != 1:
         raise UsageError(f"--out - writes one image to stdout, got {count}", "use a folder or a template")
     output.check_stdout(as_json)
+
+
+def _ip_units(values: dict) -> list[dict]:
+    """The --ip-adapter/--ip-image/--ip-scale values as the server's units: checked here, each image read and sent;
+    the model by its file name, which the server looks up in its --controlnet-dir."""
+    from diffcli.ip_adapter import parse
+    from diffcli.jobs import Adapters
+
+    adapters = parse(Adapters(ip_adapter=list(values.get("ip_adapter") or []), ip_image=list(values.get("ip_image") or []),
+                              ip_scale=list(values.get("ip_scale") or [])))
+    return [{"model": Path(a.model).name, "image": _read_image("ip-image", a.image), "scale": a.scale} for a in adapters]
 
 
 def _control_unit(text: str) -> dict:

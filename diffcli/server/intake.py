@@ -22,8 +22,11 @@ REFUSED = {"allow_pickle": "trust comes from the server's command line only",
            "lora_dir": "the server's --lora-dir is used", "embedding": "files are the server's",
            "embedding_dir": "files are the server's", "device": "the server's workers choose the device",
            "threads": "the server's --threads is used", "optimize": "the server's setting", "low_vram": "the server's setting",
+           "backend": "the server's setting (auto)",
            "out": "the client names and writes the files", "overwrite": "the client names and writes the files",
-           "control": "ControlNet through the server is not available yet: run --control locally"}
+           "control": "ControlNet through the server is not available yet: run --control locally",
+           "ip_image": "send each image inside its ip_adapter unit", "ip_scale": "send each scale inside its ip_adapter unit",
+           "ip_encoder": "files are the server's: the image_encoder folder beside the adapter in its --controlnet-dir"}
 MODEL_KEYS = ("model", "refiner", "hires_upscaler_model")  # names from the catalog, never paths
 IMAGE_KEYS = ("input", "mask")  # base64 image data (a data: URL prefix is allowed)
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
@@ -82,6 +85,7 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
         hint = "run `diffcli edit` locally" if command in LOCAL_ONLY else f"available: {', '.join(served_tasks)}"
         raise UsageError(f"command {command!r} cannot run on the server", hint)
     values = dict(values)
+    ip_units = values.pop("ip_adapter", None)
     for key in list(values):
         name = str(key).lstrip("-").replace("-", "_")
         if name in REFUSED:
@@ -98,6 +102,8 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
     units = values.pop("controlnet", None)
     if units is not None:  # after the refusals: these --control texts name the request's own files only
         values["control"] = control_texts(units, served, folder)
+    if ip_units is not None:  # the server's adapter files and the request's own images only
+        values.update(ip_values(ip_units, served, folder))
     if command != "upscale":  # upscale's default is its own (the bundled x4 upscaler)
         values.setdefault("model", served.catalog.default.spec)
     made = [job for _, job in build_jobs([Entry(1, values, "request")], command, {}, [])]
@@ -131,6 +137,22 @@ def control_texts(units, served: Served, folder: Path) -> list[str]:
             raise UsageError(f"{where}: values may not contain ';'")
         texts.append(f"{unit['type']}:{image};" + ";".join(f"{key}={value}" for key, value in options.items()))
     return texts
+
+
+def ip_values(units, served: Served, folder: Path) -> dict:
+    """A request's IP-Adapter units ({"model" (a file name in the server's --controlnet-dir), "image" (base64),
+    "scale"}) as the ip_adapter/ip_image/ip_scale values of the server's files and the request's images."""
+    if not isinstance(units, list):
+        raise UsageError("ip_adapter: expected a list of units ({model, image, scale})")
+    values: dict = {"ip_adapter": [], "ip_image": [], "ip_scale": []}
+    for index, unit in enumerate(units):
+        where = f"ip_adapter[{index}]"
+        if not isinstance(unit, dict) or not isinstance(unit.get("model"), str):
+            raise UsageError(f"{where}: expected an object with model, image and scale")
+        values["ip_adapter"].append(served.catalog.ip_adapter(unit["model"]))
+        values["ip_image"].append(decode_image(unit.get("image"), f"{where}.image", folder, f"ip-{index}.img", served.limits))
+        values["ip_scale"].append(str(unit.get("scale", 1.0)))
+    return values
 
 
 def plan(made: list, limits: Limits) -> list:

@@ -1,8 +1,9 @@
 """Save a diffusers SD1 or SDXL pipeline as an original (CompVis/A1111) single-file checkpoint.
 
 The inverse of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint` and
-`convert_ldm_clip_checkpoint` and `convert_open_clip_checkpoint` (loaders/single_file_utils.py),
-so tests can make the files users download from model sites out of tiny components.
+`convert_ldm_clip_checkpoint` and `convert_open_clip_checkpoint` (loaders/single_file_utils.py), so tests can make
+the files users download from model sites out of tiny components, and `diffcli bench --compare sdcpp` can give
+stable-diffusion.cpp the bench's model in the layout it reads.
 """
 
 from __future__ import annotations
@@ -127,10 +128,11 @@ def pipeline_to_ldm(pipe) -> dict:
     return state
 
 
-def save_original_checkpoint(pipe, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write `pipe` as an A1111-style .safetensors single file; returns the path."""
+def save_original_checkpoint(pipe, path: str | Path, metadata: dict | None = None, dtype=None) -> Path:
+    """Write `pipe` as an A1111-style .safetensors single file (its floats in `dtype` if given); returns the path."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().clone() for k, v in pipeline_to_ldm(pipe).items()}
+    state = {k: (v if dtype is None or not v.is_floating_point() else v.to(dtype)).detach().contiguous().clone()
+             for k, v in pipeline_to_ldm(pipe).items()}
     save_file(state, str(path), metadata=metadata)
     return Path(path)

@@ -1,0 +1,65 @@
+"""`--backend`: which engine computes the U-Net and the VAE decoder of an SD 1.x/2.x/XL pipeline on the CPU: torch, or
+OpenVINO (diffcli/openvino_unet.py), whose CPU plugin runs a full-size SD 1.5 U-Net step in about 0.7x torch bf16's time
+on AMX (docs/performance.md, "CPU fast path").
+
+`auto` picks OpenVINO where the CPU fast path would run bf16 (cpu.auto_dtype: AMX and a large denoiser), the package is
+installed (`diffcli[openvino]`) and the job uses nothing that changes the U-Net at run time; else torch. An explicit
+`--backend openvino` that cannot run a job is refused when the job is planned, before any weights load.
+"""
+
+from __future__ import annotations
+
+from diffcli import extras
+from diffcli.errors import UsageError
+
+BACKENDS = ("auto", "torch", "openvino")
+FAMILIES = ("sd1", "sd2", "sdxl")  # U-Nets of the SD layout (SDXL: with its added text and time conditioning)
+
+
+def unsupported(job, spec) -> list[str]:
+    """What in the job the OpenVINO path cannot run: another family, or flags that change the U-Net at run time."""
+    reasons = []
+    if spec.family not in FAMILIES:
+        reasons.append(f"{spec.name!r} is a {spec.family} model (OpenVINO runs {', '.join(FAMILIES)})")
+    used = {"--lora": job.adapters.lora, "<lora:...> tags": "<lora:" in job.prompt.text,
+            "--control": job.controls.units, "--deep-cache": job.model.deep_cache,
+            "--refiner": job.second.refiner not in (None, "none"), "--ip-adapter": getattr(job.adapters, "ip_adapter", None)}
+    return reasons + [f"{flag} changes the U-Net at run time" for flag, value in used.items() if value]
+
+
+def check(job, spec) -> None:
+    """Refuse an explicit --backend openvino the job cannot use (UsageError, exit 2); nothing for auto and torch."""
+    requested = job.model.backend
+    if requested not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested != "openvino":
+        return
+    extras.require("openvino", "--backend openvino")
+    reasons = unsupported(job, spec)
+    if job.model.device not in ("auto", "cpu"):
+        reasons.insert(0, f"it runs on the CPU, not on --device {job.model.device}")
+    if job.model.dtype not in ("auto", "bf16", "fp32"):
+        reasons.append(f"--dtype {job.model.dtype} (OpenVINO computes in bf16 or fp32 on the CPU)")
+    if reasons:
+        raise UsageError(f"--backend openvino cannot run this job: {reasons[0]}", "leave --backend out")
+
+
+def resolve(job, spec, device: str) -> str:
+    """"torch" or "openvino" for a checked job on `device` (resolved)."""
+    requested = job.model.backend
+    if requested != "auto":
+        return requested if device == "cpu" else "torch"
+    if device != "cpu" or job.model.dtype != "auto" or unsupported(job, spec) or not extras.available("openvino"):
+        return "torch"
+    from diffcli import cpu
+
+    return "openvino" if cpu.auto_dtype(spec)[0] == "bf16" else "torch"
+
+
+def say_export(spec, vae, notify) -> None:
+    """Say (before loading) that the model's U-Net and VAE decoder are about to be converted, once, if they are."""
+    from diffcli import openvino_unet
+
+    where = openvino_unet.folder(spec, vae)
+    if not openvino_unet.is_cached(where):
+        notify(f"{spec.name}: converting its U-Net and VAE decoder to OpenVINO, once (kept in {where.parent})")

@@ -1,0 +1,273 @@
+"""The OpenVINO side of `--backend openvino` (diffcli/backend.py chooses it): a pipeline's U-Net and VAE decoder
+replaced by OpenVINO models that diffusers calls as it calls the torch ones.
+
+Everything else stays diffusers' own (text encoders, scheduler, the initial noise drawn from diffcli's seeds, the VAE
+encoder), so seeds, schedulers and metadata mean what they mean on torch. The two modules are converted with
+`openvino.convert_model` from the loaded torch modules once per model and kept as OpenVINO IR in
+cache_dir()/openvino/<key>/ (the key names the weights by hash, and the versions); later runs read the IR and compile it
+per input shape (about a second: static shapes are OpenVINO's fast path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from diffcli.errors import ModelError, first_line
+
+IR_VERSION = 1  # part of the cache key: bump when what is exported changes
+# Traced at a latent side that does not halve evenly, so the U-Net's up blocks take their sizes from the skip
+# connections (diffusers' forward_upsample_size) and the graph serves every size; at even sizes it computes the same.
+EXAMPLE_SIDE = 9
+
+
+def cache_key(spec, vae=None) -> str:
+    """The IR's folder name: the weights (by hash), the --vae, and the versions that export and read it."""
+    import diffusers
+    import openvino
+
+    from diffcli import identity
+    from diffcli import vae as vaes
+
+    parts = {"model": identity.model_identity(spec), "vae": vaes.identity(vae) if vae is not None else None,
+             "base": spec.base, "ir": IR_VERSION, "openvino": openvino.__version__, "torch": torch.__version__,
+             "diffusers": diffusers.__version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cache_root() -> Path:
+    from diffcli.hashes import cache_dir
+
+    return cache_dir() / "openvino"
+
+
+def folder(spec, vae=None) -> Path:
+    """Where the model's IR is (or will be) kept."""
+    return cache_root() / cache_key(spec, vae)
+
+
+def skips_unet(spec, vae=None) -> bool:
+    """Whether the model's torch U-Net need not load: a diffusers folder (local, bundled or Hub) whose IR is cached and
+    readable. A damaged IR is removed here, so that the U-Net loads and is exported again."""
+    where = folder(spec, vae)
+    if spec.source not in ("folder", "bundled", "hub") or spec.base or not is_cached(where):
+        return False
+    try:
+        for name in ("unet", "vae_decoder"):
+            _read(where / f"{name}.xml")
+    except ModelError:
+        shutil.rmtree(where, ignore_errors=True)
+        return False
+    return True
+
+
+def apply(pipe, spec, dtype, vae=None) -> str:
+    """Replace `pipe`'s U-Net and VAE decoder by OpenVINO ones computing in bf16 (`dtype` bfloat16) or fp32, exported
+    on first use, then read from the cache; the optimizations line that says so. A U-Net left out of the load
+    (skips_unet) is built on the meta device for its config: no weights."""
+    if pipe.unet is None:
+        pipe.unet = _meta_unet(spec)
+    return install(pipe, folder(spec, vae), dtype)
+
+
+def _meta_unet(spec):
+    """The model's U-Net without weights: its full config (defaults filled in) and parameter count."""
+    from diffusers import UNet2DConditionModel
+
+    from diffcli import models
+
+    root = Path(models._snapshot(spec.location, spec.revision)) if spec.source == "hub" else Path(spec.location)
+    config = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def install(pipe, where: Path, dtype) -> str:
+    """apply() with the IR kept in `where` (the bench's: a temporary folder)."""
+    from diffcli import cpu
+
+    hint = "bf16" if dtype == torch.bfloat16 else "f32"
+    config = {"INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+    parameters = sum(p.numel() for p in pipe.unet.parameters())
+    if not is_cached(where):
+        export(pipe, where)
+    try:
+        unet, decoder = OpenVINOUNet(where / "unet.xml", config, pipe.unet, parameters), _decoder(where, config)
+    except ModelError:  # a damaged cache file (skips_unet removes those of folders first): exported again, once
+        if pipe.unet.device.type == "meta":
+            raise
+        export(pipe, where)
+        unet, decoder = OpenVINOUNet(where / "unet.xml", config, pipe.unet, parameters), _decoder(where, config)
+    pipe.unet = unet
+    pipe.vae.decoder = decoder
+    pipe.diffcli_backend = "openvino"
+    chosen, why = cpu.choose(cpu.cpu_flags(), parameters)
+    if (chosen == "bf16") != (hint == "bf16"):
+        why = f"--dtype {'bf16' if hint == 'bf16' else 'fp32'}"
+    return f"openvino {hint} U-Net and VAE decoder ({why})"
+
+
+def _decoder(where: Path, config: dict):
+    return OpenVINODecoder(where / "vae_decoder.xml", config)
+
+
+def is_cached(where: Path) -> bool:
+    return all((where / f"{name}.xml").is_file() and (where / f"{name}.bin").is_file() for name in ("unet", "vae_decoder"))
+
+
+def export(pipe, folder: Path) -> None:
+    """Convert the pipeline's U-Net and VAE decoder to OpenVINO IR in `folder`, atomically (a temporary folder beside
+    it, renamed): a crash leaves no half-written model behind."""
+    import openvino
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
+    try:
+        unet = _Traced(pipe.unet)
+        latents = torch.randn(1, pipe.vae.config.latent_channels, EXAMPLE_SIDE, EXAMPLE_SIDE)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shape checks it fixes as constants
+            openvino.save_model(openvino.convert_model(unet, example_input=unet.example()), scratch / "unet.xml",
+                                compress_to_fp16=False)
+            openvino.save_model(openvino.convert_model(pipe.vae.decoder, example_input=(latents,)),
+                                scratch / "vae_decoder.xml", compress_to_fp16=False)
+        if folder.exists():
+            shutil.rmtree(folder)
+        try:
+            os.replace(scratch, folder)
+        except OSError:
+            if not is_cached(folder):  # else another process exported it meanwhile: theirs is as good
+                raise
+            shutil.rmtree(scratch, ignore_errors=True)
+    except Exception as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ModelError(f"--backend openvino: converting the U-Net failed: {first_line(exc)[:300]}",
+                         "run with --backend torch") from exc
+
+
+class _Traced(torch.nn.Module):
+    """The U-Net with plain tensor inputs (SDXL's added conditioning, LCM's guidance embedding) and a tensor out."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.inputs = input_names(unet.config)
+
+    def example(self) -> dict:
+        config, batch, side = self.unet.config, 2, EXAMPLE_SIDE
+        shapes = {"sample": (batch, config.in_channels, side, side), "timestep": (batch,),
+                  "encoder_hidden_states": (batch, 77, config.cross_attention_dim), "time_ids": (batch, 6),
+                  "text_embeds": (batch, (config.projection_class_embeddings_input_dim or 0) - 6 * (config.addition_time_embed_dim or 0)),
+                  "timestep_cond": (batch, config.time_cond_proj_dim or 0)}
+        return {name: torch.randn(shapes[name]) for name in self.inputs}
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, added_cond_kwargs=added,
+                         return_dict=False)[0]
+
+
+def input_names(config) -> list[str]:
+    """The exported U-Net's inputs, in order: SDXL's added conditioning and an LCM U-Net's guidance embedding if any."""
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        names += ["text_embeds", "time_ids"]
+    if getattr(config, "time_cond_proj_dim", None) is not None:
+        names.append("timestep_cond")
+    return names
+
+
+def _read(path: Path):
+    """An OpenVINO model read from its IR (weights memory-mapped); a damaged file is a ModelError."""
+    import openvino
+
+    try:
+        return openvino.Core().read_model(path)
+    except Exception as exc:  # noqa: BLE001 (OpenVINO raises RuntimeError subclasses of its own)
+        raise ModelError(f"--backend openvino: the cached {path.name} cannot be read ({first_line(exc)[:200]})",
+                         f"delete {path.parent} and run again") from None
+
+
+class _Compiled:
+    """An OpenVINO IR read now and compiled once per input shapes, on as many threads as torch has then (--threads,
+    speed.configure_cpu_threads)."""
+
+    def __init__(self, path: Path, config: dict):
+        self.config, self.requests, self.model = config, {}, _read(path)
+
+    def __call__(self, tensors: list) -> torch.Tensor:
+        import openvino
+
+        shapes = tuple(tuple(t.shape) for t in tensors)
+        request = self.requests.get(shapes)
+        if request is None:
+            model = self.model.clone()
+            model.reshape({port: list(shape) for port, shape in zip(model.inputs, shapes)})
+            config = dict(self.config, INFERENCE_NUM_THREADS=str(torch.get_num_threads()))
+            request = openvino.Core().compile_model(model, "CPU", config).create_infer_request()
+            self.requests[shapes] = request
+        result = request.infer([t.detach().to("cpu", torch.float32).contiguous().numpy() for t in tensors])
+        return torch.from_numpy(result[0].copy())
+
+
+class OpenVINOUNet(torch.nn.Module):
+    """Stands in for a UNet2DConditionModel in a diffusers pipeline: the config and attributes the pipelines read, and
+    the forward they call, computed by OpenVINO."""
+
+    def __init__(self, path: Path, config: dict, unet, parameters: int):
+        super().__init__()
+        self.compiled = _Compiled(path, config)
+        self.config = unet.config
+        self.inputs = input_names(unet.config)
+        self.diffcli_parameters = parameters  # what cpu.loaded_parameters counts: the torch weights are gone
+        if getattr(unet, "add_embedding", None) is not None:  # SDXL's pipelines read its input width, nothing else
+            self.add_embedding = _Width(unet.add_embedding.linear_1.in_features)
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
+                attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=True, **others):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        unused = [name for name, value in dict(others, class_labels=class_labels, attention_mask=attention_mask).items()
+                  if value is not None]
+        if unused or (cross_attention_kwargs or {}).get("scale", 1.0) != 1.0:
+            raise RuntimeError(f"the OpenVINO U-Net does not take {', '.join(unused) or 'cross_attention_kwargs'}")
+        given = dict(added_cond_kwargs or {}, sample=sample, encoder_hidden_states=encoder_hidden_states,
+                     timestep=torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0]),
+                     timestep_cond=timestep_cond)
+        out = self.compiled([given[name] for name in self.inputs]).to(sample.dtype)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+class _Width:
+    """What SDXL's pipelines read of the U-Net's add_embedding: `add_embedding.linear_1.in_features`."""
+
+    def __init__(self, width: int):
+        self.linear_1 = type("Linear", (), {"in_features": width})()
+
+
+class OpenVINODecoder(torch.nn.Module):
+    """Stands in for the VAE's Decoder (latents after post_quant_conv -> image), computed by OpenVINO."""
+
+    def __init__(self, path: Path, config: dict):
+        super().__init__()
+        self.compiled = _Compiled(path, config)
+
+    def forward(self, sample, latent_embeds=None):
+        if latent_embeds is not None:
+            raise RuntimeError("the OpenVINO VAE decoder does not take latent_embeds")
+        return self.compiled([sample]).to(sample.dtype)

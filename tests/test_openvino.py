@@ -1,0 +1,194 @@
+"""`--backend openvino` (diffcli/backend.py, diffcli/openvino_unet.py): the U-Net and VAE decoder run by OpenVINO give
+torch's image within a stated tolerance, through the CLI, for SD 1.x and SDXL, txt2img, img2img and inpaint, at sizes
+whose latents do not halve evenly; the IR is exported once and reused; what it cannot run is exit 2 before loading;
+`auto` picks it only where the CPU fast path is bf16. Timings: `diffcli bench` (docs/performance.md), never here."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from task_inputs import write_mask, write_photo
+
+from diffcli import backend, cpu, extras, jobs, models, openvino_unet, pipeline
+
+pytest.importorskip("openvino")
+FAST = ("--steps", "3", "--seed", "4", "--device", "cpu", "--overwrite")
+# fp32 on both engines: the same arithmetic in another order (OpenVINO fuses and reorders), so not bit-exact.
+MAX_DIFF_FP32 = 3  # /255, any pixel
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch, tmp_path):
+    """Each test loads its models afresh, with its own OpenVINO cache."""
+    monkeypatch.setattr(pipeline, "_CACHE", {})
+    monkeypatch.setenv("DIFFCLI_HOME", str(tmp_path / "home"))
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def both(cli, tmp_path, *args) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The image of `args` on torch and on OpenVINO, and OpenVINO's JSON record."""
+    made = {}
+    for engine in ("torch", "openvino"):
+        out = tmp_path / f"{engine}.png"
+        result = cli(*args, *FAST, "--backend", engine, "-o", out, "--json")
+        assert result.exit_code == 0, result.stderr
+        made[engine] = (pixels(out), result.json_lines()[0])
+    return made["torch"][0], made["openvino"][0], made["openvino"][1]
+
+
+@pytest.mark.parametrize("size", [("--width", "64", "--height", "64"), ("--width", "72", "--height", "88")])
+def test_txt2img_on_openvino_is_torchs_image(cli, tiny_model, tmp_path, size):
+    """72x88: latents of 9x11, which the U-Net's up blocks cannot double back to: the traced graph takes its sizes from
+    the skip connections, as diffusers does."""
+    torch_image, ov_image, record = both(cli, tmp_path, "txt2img", "a red star", "-m", tiny_model, *size)
+    assert np.abs(torch_image - ov_image).max() <= MAX_DIFF_FP32
+    assert record["backend"] == "openvino" and record["versions"]["openvino"]
+    assert record["optimizations"][-1].startswith("openvino f32 U-Net and VAE decoder")
+    assert record["dtype"] == "float32"
+
+
+def test_img2img_and_inpaint_share_the_openvino_unet(cli, tiny_model, tmp_path):
+    photo, mask = write_photo(tmp_path, (64, 64)), write_mask(tmp_path, (64, 64))
+    a, b, _ = both(cli, tmp_path, "img2img", photo, "a blue circle", "-m", tiny_model, "--strength", "0.7")
+    assert np.abs(a - b).max() <= MAX_DIFF_FP32
+    a, b, record = both(cli, tmp_path, "inpaint", photo, "--mask", mask, "a blue circle", "-m", tiny_model)
+    assert np.abs(a - b).max() <= MAX_DIFF_FP32 and record["backend"] == "openvino"
+
+
+@pytest.mark.slow
+def test_sdxl_and_a_dedicated_inpainting_unet(cli, tiny_sdxl, tiny_inpaint_model, tmp_path):
+    """SDXL's added text and time conditioning are inputs of the exported U-Net, and a second run, whose U-Net does not
+    load, still gives the pipeline the width it checks them against; a 9-channel U-Net exports as it is."""
+    a, b, _ = both(cli, tmp_path, "txt2img", "a red star", "-m", tiny_sdxl, "--width", "64", "--height", "64")
+    assert np.abs(a - b).max() <= MAX_DIFF_FP32
+    pipeline._CACHE.clear()
+    again = tmp_path / "again.png"
+    assert cli("txt2img", "a red star", "-m", tiny_sdxl, "--width", "64", "--height", "64", *FAST, "--backend", "openvino",
+               "-o", again).exit_code == 0
+    assert np.array_equal(pixels(again), b)
+    photo, mask = write_photo(tmp_path, (64, 64)), write_mask(tmp_path, (64, 64))
+    a, b, _ = both(cli, tmp_path, "inpaint", photo, "--mask", mask, "a star", "-m", tiny_inpaint_model)
+    assert np.abs(a - b).max() <= MAX_DIFF_FP32
+
+
+def test_bf16_runs_and_stays_close(cli, tiny_model, tmp_path):
+    out = tmp_path / "bf16.png"
+    result = cli("txt2img", "a red star", "-m", tiny_model, *FAST, "--backend", "openvino", "--dtype", "bf16", "-o", out,
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    record = result.json_lines()[0]
+    assert record["dtype"] == "bfloat16" and record["optimizations"][-1].startswith("openvino bf16")
+    reference = tmp_path / "fp32.png"
+    assert cli("txt2img", "a red star", "-m", tiny_model, *FAST, "--backend", "torch", "-o", reference).exit_code == 0
+    assert np.abs(pixels(out) - pixels(reference)).mean() < 8  # bf16 keeps 8 bits of mantissa: close, not equal
+
+
+@pytest.mark.slow
+def test_the_ir_is_exported_once_and_a_damaged_one_again(cli, tiny_model, tmp_path, monkeypatch):
+    args = ("txt2img", "a red star", "-m", tiny_model, *FAST, "--backend", "openvino", "-o", tmp_path / "a.png")
+    first = cli(*args)
+    assert first.exit_code == 0 and "converting its U-Net and VAE decoder to OpenVINO, once" in first.stderr
+    (folder,) = (tmp_path / "home" / "openvino").iterdir()
+    assert openvino_unet.is_cached(folder)
+    exports = []
+    monkeypatch.setattr(openvino_unet, "export", lambda *a, real=openvino_unet.export: exports.append(1) or real(*a))
+    monkeypatch.setattr(pipeline, "_CACHE", {})
+    loaded = []
+    real_load = pipeline._load_weights
+    monkeypatch.setattr(pipeline, "_load_weights", lambda *a, **k: loaded.append(k) or real_load(*a, **k))
+    second = cli(*args)
+    assert second.exit_code == 0 and "converting" not in second.stderr and exports == []
+    assert loaded[-1]["without_unet"]  # the torch U-Net's weights are not read again
+    (folder / "unet.xml").write_text("<net><layers>")  # truncated
+    monkeypatch.setattr(pipeline, "_CACHE", {})
+    third = cli(*args)
+    assert third.exit_code == 0, third.stderr
+    assert exports == [1] and openvino_unet.is_cached(folder)
+
+
+def test_another_model_or_vae_gets_another_cache_key(tiny_model, tiny_sdxl):
+    assert openvino_unet.cache_key(models.resolve_model(str(tiny_model))) != openvino_unet.cache_key(
+        models.resolve_model(str(tiny_sdxl)))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--backend", "tpu"), "--backend must be one of auto, torch, openvino"),
+    (("--backend", "openvino", "--lora", "missing.safetensors"), None),  # the LoRA file is checked first
+    (("--backend", "openvino", "--deep-cache", "3"), "--deep-cache changes the U-Net at run time"),
+    (("--backend", "openvino", "--device", "cuda"), None),
+    (("--backend", "openvino", "--dtype", "fp16"), None),
+])
+def test_what_openvino_cannot_run_is_exit_2_before_loading(cli, tiny_model, monkeypatch, args, message):
+    monkeypatch.setattr(pipeline, "_load_weights", lambda *a, **k: pytest.fail("a model loaded"))
+    result = cli("txt2img", "a red star", "-m", tiny_model, "--steps", "2", *args)
+    assert result.exit_code == 2 and result.stderr.count("\n") <= 2, result.stderr
+    if message:
+        assert message in result.stderr
+
+
+def test_lora_with_openvino_is_refused(cli, tiny_model, tiny_lora, monkeypatch):
+    monkeypatch.setattr(pipeline, "_load_weights", lambda *a, **k: pytest.fail("a model loaded"))
+    result = cli("txt2img", "a red star", "-m", tiny_model, "--backend", "openvino", "--lora", tiny_lora)
+    assert result.exit_code == 2 and "--backend openvino cannot run this job: --lora changes the U-Net" in result.stderr
+
+
+def test_openvino_not_installed_names_the_extra(cli, tiny_model, monkeypatch):
+    monkeypatch.setattr(extras, "available", lambda module: module != "openvino")
+    result = cli("txt2img", "a red star", "-m", tiny_model, "--backend", "openvino")
+    assert result.exit_code == 2 and "pip install 'diffcli[openvino]'" in result.stderr
+
+
+@pytest.mark.parametrize(("dtype", "auto", "installed", "lora", "device", "expected"), [
+    ("auto", "bf16", True, [], "cpu", "openvino"),  # AMX and a large U-Net, OpenVINO installed
+    ("auto", "fp32", True, [], "cpu", "torch"),  # no AMX, or a small model: torch's fp32 path
+    ("auto", "bf16", False, [], "cpu", "torch"),  # not installed
+    ("auto", "bf16", True, ["x.safetensors"], "cpu", "torch"),  # a LoRA changes the U-Net
+    ("bf16", "bf16", True, [], "cpu", "torch"),  # an explicit --dtype keeps torch unless --backend says otherwise
+    ("auto", "bf16", True, [], "cuda", "torch"),
+])
+def test_auto_picks_openvino_only_where_the_cpu_path_is_bf16(monkeypatch, tiny_model, dtype, auto, installed, lora,
+                                                              device, expected):
+    monkeypatch.setattr(cpu, "auto_dtype", lambda spec: (auto, "why"))
+    monkeypatch.setattr(extras, "available", lambda module: installed)
+    job = jobs.Job(command="txt2img")
+    job.model.dtype, job.adapters.lora = dtype, lora
+    assert backend.resolve(job, models.resolve_model(str(tiny_model)), device) == expected
+
+
+def test_auto_runs_openvino_bf16_where_the_cpu_path_is_bf16_and_says_so(cli, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    monkeypatch.setattr(cpu, "MIN_PARAMETERS", 0)  # the tiny U-Net counts as large
+    cpu.auto_dtype.cache_clear()
+    try:
+        result = cli("txt2img", "a red star", "-m", tiny_model, *FAST, "-o", tmp_path / "auto.png", "--json")
+    finally:
+        cpu.auto_dtype.cache_clear()
+    assert result.exit_code == 0, result.stderr
+    record = result.json_lines()[0]
+    line = "openvino bf16 U-Net and VAE decoder (this CPU has amx_bf16)"
+    assert record["backend"] == "openvino" and record["dtype"] == "bfloat16" and record["optimizations"][-1] == line
+    assert line in result.stderr
+
+
+def test_a_replay_of_an_openvino_image_runs_on_openvino(cli, tiny_model, tmp_path):
+    made = tmp_path / "made.png"
+    assert cli("txt2img", "a red star", "-m", tiny_model, *FAST, "--backend", "openvino", "-o", made).exit_code == 0
+    result = cli("replay", made, "--verify", "-o", tmp_path / "again.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    record = result.json_lines()[0]
+    assert record["backend"] == "openvino" and record["verify"]["identical"]
+
+
+def test_bench_measures_the_openvino_path(cli, tiny_model):
+    result = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats", "1",
+                 "--compare", "plain", "--backend", "openvino", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["openvino_export_s"] > 0 and report["optimizations"][-1].startswith("openvino f32")
+    assert report["diffcli"]["psnr_vs_plain_db"] > 35
+    refused = cli("bench", "--model", tiny_model, "--device", "cuda", "--backend", "openvino")
+    assert refused.exit_code == 2 and "runs on the CPU" in refused.stderr
