@@ -10,6 +10,7 @@ per input shape (about a second: static shapes are OpenVINO's fast path).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -184,12 +185,20 @@ def input_names(config) -> list[str]:
     return names
 
 
-def _read(path: Path):
-    """An OpenVINO model read from its IR (weights memory-mapped); a damaged file is a ModelError."""
+@functools.cache
+def core():
+    """The process's one OpenVINO Core, kept for its lifetime. Each Core loads its own CPU plugin, which swaps the
+    calling thread's alternate signal stack for its own and puts the previous one back when it is destroyed: Cores
+    destroyed out of order left the main thread on a freed stack, and the next Ctrl-C crashed the process."""
     import openvino
 
+    return openvino.Core()
+
+
+def _read(path: Path):
+    """An OpenVINO model read from its IR (weights memory-mapped); a damaged file is a ModelError."""
     try:
-        return openvino.Core().read_model(path)
+        return core().read_model(path)
     except Exception as exc:  # noqa: BLE001 (OpenVINO raises RuntimeError subclasses of its own)
         raise ModelError(f"--backend openvino: the cached {path.name} cannot be read ({first_line(exc)[:200]})",
                          f"delete {path.parent} and run again") from None
@@ -203,15 +212,13 @@ class _Compiled:
         self.config, self.requests, self.model = config, {}, _read(path)
 
     def __call__(self, tensors: list) -> torch.Tensor:
-        import openvino
-
         shapes = tuple(tuple(t.shape) for t in tensors)
         request = self.requests.get(shapes)
         if request is None:
             model = self.model.clone()
             model.reshape({port: list(shape) for port, shape in zip(model.inputs, shapes)})
             config = dict(self.config, INFERENCE_NUM_THREADS=str(torch.get_num_threads()))
-            request = openvino.Core().compile_model(model, "CPU", config).create_infer_request()
+            request = core().compile_model(model, "CPU", config).create_infer_request()
             self.requests[shapes] = request
         result = request.infer([t.detach().to("cpu", torch.float32).contiguous().numpy() for t in tensors])
         return torch.from_numpy(result[0].copy())

@@ -4,6 +4,8 @@ whose latents do not halve evenly; the IR is exported once and reused; what it c
 `auto` picks it only where the CPU fast path is bf16. Timings: `diffcli bench` (docs/performance.md), never here."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -108,6 +110,36 @@ def test_the_ir_is_exported_once_and_a_damaged_one_again(cli, tiny_model, tmp_pa
     third = cli(*args)
     assert third.exit_code == 0, third.stderr
     assert exports == [1] and openvino_unet.is_cached(folder)
+
+
+CTRL_C_AFTER_MODELS_ARE_DROPPED = """
+import faulthandler, os, signal, sys, time
+faulthandler.enable()  # as pytest and `python -X faulthandler` do: the main thread gets an alternate signal stack
+from typer.testing import CliRunner
+from diffcli import pipeline
+from diffcli.cli import app
+model, out = sys.argv[1:]
+for name, size, drop in (("a", "64", True), ("b", "64", False), ("c", "72", True)):
+    args = ["txt2img", "a red star", "-m", model, "--steps", "2", "--device", "cpu", "--backend", "openvino",
+            "--width", size, "-o", os.path.join(out, name + ".png")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    if drop:  # as a server's model cache drops models
+        pipeline._CACHE.clear()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1)
+except KeyboardInterrupt:
+    print("interrupted cleanly")
+"""
+
+
+def test_ctrl_c_after_openvino_models_are_dropped_is_a_keyboard_interrupt(tiny_model, tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack and restores it when it is destroyed: plugins
+    destroyed out of order left a freed stack behind, and the next signal crashed the process (SIGSEGV). One Core per
+    process (openvino_unet.core) keeps the plugin alive. In a child: a crash would take the test run down."""
+    child = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_MODELS_ARE_DROPPED, str(tiny_model), str(tmp_path)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and "interrupted cleanly" in child.stdout, (child.returncode, child.stderr[-2000:])
 
 
 def test_another_model_or_vae_gets_another_cache_key(tiny_model, tiny_sdxl):
