@@ -57,9 +57,9 @@ def resolve(job, spec, device: str) -> str:
 
 
 def say_export(spec, vae, notify) -> None:
-    """Say (before loading) that the model's U-Net and VAE decoder are about to be converted, once, if they are."""
+    """Say (before loading) that the model's modules are about to be converted to OpenVINO, once, if they are."""
     from diffcli import openvino_unet
 
     where = openvino_unet.folder(spec, vae)
     if not openvino_unet.is_cached(where):
-        notify(f"{spec.name}: converting its U-Net and VAE decoder to OpenVINO, once (kept in {where.parent})")
+        notify(f"{spec.name}: converting its U-Net, text encoders and VAE decoder to OpenVINO, once (kept in {where.parent})")

@@ -1,8 +1,9 @@
 """The OpenVINO side of `--backend openvino` (diffcli/backend.py chooses it): a pipeline's U-Net and VAE decoder
-replaced by OpenVINO models that diffusers calls as it calls the torch ones.
+replaced by OpenVINO models that diffusers calls as it calls the torch ones, and its CLIP text encoders given an
+OpenVINO twin that diffcli's prompt encoding uses (prompts.py; the torch encoder stays for tokens added at run time).
 
-Everything else stays diffusers' own (text encoders, scheduler, the initial noise drawn from diffcli's seeds, the VAE
-encoder), so seeds, schedulers and metadata mean what they mean on torch. The two modules are converted with
+Everything else stays diffusers' own (scheduler, the initial noise drawn from diffcli's seeds, the VAE encoder), so
+seeds, schedulers and metadata mean what they mean on torch. The modules are converted with
 `openvino.convert_model` from the loaded torch modules once per model and kept as OpenVINO IR in
 cache_dir()/openvino/<key>/ (the key names the weights by hash, and the versions); later runs read the IR and compile it
 per input shape (about a second: static shapes are OpenVINO's fast path).
@@ -23,10 +24,11 @@ import torch
 
 from diffcli.errors import ModelError, first_line
 
-IR_VERSION = 1  # part of the cache key: bump when what is exported changes
+IR_VERSION = 2  # part of the cache key: bump when what is exported changes
 # Traced at a latent side that does not halve evenly, so the U-Net's up blocks take their sizes from the skip
 # connections (diffusers' forward_upsample_size) and the graph serves every size; at even sizes it computes the same.
 EXAMPLE_SIDE = 9
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD 1.x/2.x have the first, SDXL both
 
 
 def cache_key(spec, vae=None) -> str:
@@ -108,11 +110,15 @@ def install(pipe, where: Path, dtype) -> str:
         unet, decoder = OpenVINOUNet(where / "unet.xml", config, pipe.unet, parameters), _decoder(where, config)
     pipe.unet = unet
     pipe.vae.decoder = decoder
+    for name in TEXT_ENCODERS:
+        encoder = getattr(pipe, name, None)
+        if encoder is not None and (where / f"{name}.xml").is_file():
+            encoder.diffcli_openvino = OpenVINOTextEncoder(where / f"{name}.xml", config, encoder)
     pipe.diffcli_backend = "openvino"
     chosen, why = cpu.choose(cpu.cpu_flags(), parameters)
     if (chosen == "bf16") != (hint == "bf16"):
         why = f"--dtype {'bf16' if hint == 'bf16' else 'fp32'}"
-    return f"openvino {hint} U-Net and VAE decoder ({why})"
+    return f"openvino {hint} U-Net, text encoder and VAE decoder ({why})"
 
 
 def _decoder(where: Path, config: dict):
@@ -120,11 +126,12 @@ def _decoder(where: Path, config: dict):
 
 
 def is_cached(where: Path) -> bool:
-    return all((where / f"{name}.xml").is_file() and (where / f"{name}.bin").is_file() for name in ("unet", "vae_decoder"))
+    return all((where / f"{name}.xml").is_file() and (where / f"{name}.bin").is_file()
+               for name in ("unet", "vae_decoder", "text_encoder"))
 
 
 def export(pipe, folder: Path) -> None:
-    """Convert the pipeline's U-Net and VAE decoder to OpenVINO IR in `folder`, atomically (a temporary folder beside
+    """Convert the pipeline's U-Net, VAE decoder and text encoders to OpenVINO IR in `folder`, atomically (a temporary folder beside
     it, renamed): a crash leaves no half-written model behind."""
     import openvino
 
@@ -139,6 +146,12 @@ def export(pipe, folder: Path) -> None:
                                 compress_to_fp16=False)
             openvino.save_model(openvino.convert_model(pipe.vae.decoder, example_input=(latents,)),
                                 scratch / "vae_decoder.xml", compress_to_fp16=False)
+            for name in TEXT_ENCODERS:
+                encoder = getattr(pipe, name, None)
+                if encoder is not None:
+                    ids = torch.zeros(1, encoder.config.max_position_embeddings, dtype=torch.int64)
+                    openvino.save_model(openvino.convert_model(_TracedText(encoder), example_input=(ids,)),
+                                        scratch / f"{name}.xml", compress_to_fp16=False)
         if folder.exists():
             shutil.rmtree(folder)
         try:
@@ -175,6 +188,18 @@ class _Traced(torch.nn.Module):
                          return_dict=False)[0]
 
 
+class _TracedText(torch.nn.Module):
+    """A CLIP text encoder with every hidden state out (clip skip picks one): (first output, second, *hidden states)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids):
+        out = self.encoder(ids, output_hidden_states=True, return_dict=False)
+        return (out[0], out[1], *out[2])
+
+
 def input_names(config) -> list[str]:
     """The exported U-Net's inputs, in order: SDXL's added conditioning and an LCM U-Net's guidance embedding if any."""
     names = ["sample", "timestep", "encoder_hidden_states"]
@@ -204,6 +229,9 @@ def _read(path: Path):
                          f"delete {path.parent} and run again") from None
 
 
+_INPUT_TYPES = {torch.int64: torch.int64, torch.int32: torch.int64}
+
+
 class _Compiled:
     """An OpenVINO IR read now and compiled once per input shapes, on as many threads as torch has then (--threads,
     speed.configure_cpu_threads)."""
@@ -212,6 +240,10 @@ class _Compiled:
         self.config, self.requests, self.model = config, {}, _read(path)
 
     def __call__(self, tensors: list) -> torch.Tensor:
+        return self.all(tensors)[0]
+
+    def all(self, tensors: list) -> list:
+        """Every output, for inputs of these shapes (float inputs as fp32, token ids as int64)."""
         shapes = tuple(tuple(t.shape) for t in tensors)
         request = self.requests.get(shapes)
         if request is None:
@@ -220,8 +252,9 @@ class _Compiled:
             config = dict(self.config, INFERENCE_NUM_THREADS=str(torch.get_num_threads()))
             request = core().compile_model(model, "CPU", config).create_infer_request()
             self.requests[shapes] = request
-        result = request.infer([t.detach().to("cpu", torch.float32).contiguous().numpy() for t in tensors])
-        return torch.from_numpy(result[0].copy())
+        result = request.infer([t.detach().to("cpu", _INPUT_TYPES.get(t.dtype, torch.float32)).contiguous().numpy()
+                                for t in tensors])
+        return [torch.from_numpy(result[i].copy()) for i in range(len(result))]
 
 
 class OpenVINOUNet(torch.nn.Module):
@@ -278,3 +311,25 @@ class OpenVINODecoder(torch.nn.Module):
         if latent_embeds is not None:
             raise RuntimeError("the OpenVINO VAE decoder does not take latent_embeds")
         return self.compiled([sample]).to(sample.dtype)
+
+
+class OpenVINOTextEncoder:
+    """A CLIP text encoder's OpenVINO twin, kept on the torch encoder as `diffcli_openvino` for prompts.py: called with
+    token ids, it gives what the torch encoder gives with output_hidden_states=True, or None for ids the export does not
+    know (a textual-inversion token added since), which the torch encoder then encodes."""
+
+    def __init__(self, path: Path, config: dict, encoder):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+        self.compiled = _Compiled(path, config)
+        self.vocabulary = encoder.config.vocab_size
+        projected = hasattr(encoder, "text_projection")  # SDXL's second encoder: text_embeds first
+        self.fields = ("text_embeds", "last_hidden_state") if projected else ("last_hidden_state", "pooler_output")
+        self.output = CLIPTextModelOutput if projected else BaseModelOutputWithPooling
+
+    def __call__(self, ids):
+        if int(ids.max()) >= self.vocabulary:
+            return None
+        outputs = self.compiled.all([ids])
+        return self.output(**dict(zip(self.fields, outputs[:2])), hidden_states=tuple(outputs[2:]))

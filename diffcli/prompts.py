@@ -155,8 +155,11 @@ def _padded(tokenizer, chunk: tuple[list[int], list[float]]) -> tuple[list[int],
 
 
 def _hidden(encoder, ids, clip_skip: int, xl: bool):
-    """Hidden states as diffusers' pipelines take them; clip_skip counts as in A1111 (1 = last layer)."""
-    out = encoder(ids, output_hidden_states=True)
+    """Hidden states as diffusers' pipelines take them; clip_skip counts as in A1111 (1 = last layer). The encoder's
+    OpenVINO twin (openvino_unet.OpenVINOTextEncoder, --backend openvino) computes them where it knows every token."""
+    twin = getattr(encoder, "diffcli_openvino", None)
+    out = twin(ids) if twin is not None else None
+    out = encoder(ids, output_hidden_states=True) if out is None else out
     if xl:  # SDXL uses the penultimate layer without the final norm; clip skip goes further back
         return out.hidden_states[-(clip_skip + 1)], out[0]
     if clip_skip <= 1:

@@ -49,7 +49,7 @@ def test_txt2img_on_openvino_is_torchs_image(cli, tiny_model, tmp_path, size):
     torch_image, ov_image, record = both(cli, tmp_path, "txt2img", "a red star", "-m", tiny_model, *size)
     assert np.abs(torch_image - ov_image).max() <= MAX_DIFF_FP32
     assert record["backend"] == "openvino" and record["versions"]["openvino"]
-    assert record["optimizations"][-1].startswith("openvino f32 U-Net and VAE decoder")
+    assert record["optimizations"][-1].startswith("openvino f32 U-Net, text encoder and VAE decoder")
     assert record["dtype"] == "float32"
 
 
@@ -77,6 +77,28 @@ def test_sdxl_and_a_dedicated_inpainting_unet(cli, tiny_sdxl, tiny_inpaint_model
     assert np.abs(a - b).max() <= MAX_DIFF_FP32
 
 
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_prompts_are_encoded_by_the_openvino_text_encoder_and_new_tokens_by_torch(tiny_model, clip_skip):
+    """The text encoder's OpenVINO twin gives torch's hidden states (fp32: within float noise), clip skip included; ids
+    it was not exported with (a textual-inversion token added later) go to the torch encoder."""
+    import torch
+
+    from diffcli import prompts
+
+    spec = models.resolve_model(str(tiny_model))
+    pipe = pipeline.load_pipeline(spec, "txt2img", "cpu", torch.float32, backend="openvino")
+    twin = pipe.text_encoder.diffcli_openvino
+    calls = []
+    pipe.text_encoder.diffcli_openvino = lambda ids: calls.append(ids) or twin(ids)
+    on_openvino, _ = prompts.encode(pipe, ["a (red:1.2) star"], clip_skip=clip_skip)
+    assert len(calls) == 1
+    del pipe.text_encoder.diffcli_openvino
+    on_torch, _ = prompts.encode(pipe, ["a (red:1.2) star"], clip_skip=clip_skip)
+    assert torch.allclose(on_openvino, on_torch, atol=1e-4)
+    unknown = torch.full((1, 77), pipe.text_encoder.config.vocab_size)
+    assert twin(unknown) is None and twin(unknown - 1) is not None
+
+
 def test_bf16_runs_and_stays_close(cli, tiny_model, tmp_path):
     out = tmp_path / "bf16.png"
     result = cli("txt2img", "a red star", "-m", tiny_model, *FAST, "--backend", "openvino", "--dtype", "bf16", "-o", out,
@@ -93,7 +115,7 @@ def test_bf16_runs_and_stays_close(cli, tiny_model, tmp_path):
 def test_the_ir_is_exported_once_and_a_damaged_one_again(cli, tiny_model, tmp_path, monkeypatch):
     args = ("txt2img", "a red star", "-m", tiny_model, *FAST, "--backend", "openvino", "-o", tmp_path / "a.png")
     first = cli(*args)
-    assert first.exit_code == 0 and "converting its U-Net and VAE decoder to OpenVINO, once" in first.stderr
+    assert first.exit_code == 0 and "converting its U-Net, text encoders and VAE decoder to OpenVINO, once" in first.stderr
     (folder,) = (tmp_path / "home" / "openvino").iterdir()
     assert openvino_unet.is_cached(folder)
     exports = []
@@ -201,7 +223,7 @@ def test_auto_runs_openvino_bf16_where_the_cpu_path_is_bf16_and_says_so(cli, tin
         cpu.auto_dtype.cache_clear()
     assert result.exit_code == 0, result.stderr
     record = result.json_lines()[0]
-    line = "openvino bf16 U-Net and VAE decoder (this CPU has amx_bf16)"
+    line = "openvino bf16 U-Net, text encoder and VAE decoder (this CPU has amx_bf16)"
     assert record["backend"] == "openvino" and record["dtype"] == "bfloat16" and record["optimizations"][-1] == line
     assert line in result.stderr
 
