@@ -80,24 +80,36 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_call(pipe, device: str, **kwargs) -> float:
-    """Seconds for one pipeline call, synchronised."""
+def prompt_inputs(pipe, batch: int, own: bool) -> dict:
+    """The prompt arguments of a call for `batch` images: the text for diffusers to encode (plain's path), or, `own`,
+    the embeddings diffcli's prompt encoding makes (txt2img's path: prompts.py, OpenVINO's text encoder there)."""
+    if not own:
+        return {"prompt": [PROMPT] * batch if batch > 1 else PROMPT}
+    from diffcli import jobs, prompts
+
+    return prompts.pipeline_inputs(pipe, [jobs.Prompt(text=PROMPT)] * batch)
+
+
+def _time_call(pipe, device: str, own: bool = False, batch: int = 1, **kwargs) -> float:
+    """Seconds for one pipeline call, prompt encoding included, synchronised."""
     _sync(device)
     start = time.perf_counter()
-    pipe(**kwargs)
+    pipe(**prompt_inputs(pipe, batch, own), **kwargs)
     _sync(device)
     return time.perf_counter() - start
 
 
-def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: list[int], repeats: int) -> dict:
-    """First-image latency, steady ms per step, end-to-end s per image, images/s per batch size, peak memory."""
+def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: list[int], repeats: int,
+            own: bool = False) -> dict:
+    """First-image latency, steady ms per step, end-to-end s per image, images/s per batch size, peak memory; `own`:
+    prompts encoded as diffcli encodes them (prompt_inputs)."""
     import torch
 
-    base = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size)
+    base = dict(num_inference_steps=steps, guidance_scale=cfg, width=size, height=size)
     result = {}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    result["first_image_s"] = round(_time_call(pipe, device, **base), 3)
+    result["first_image_s"] = round(_time_call(pipe, device, own, **base), 3)
     stamps: list[float] = []
 
     def on_step(pipeline, step, timestep, tensors):
@@ -108,7 +120,7 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
     per_step = []
     for _ in range(repeats):
         stamps.clear()
-        pipe(**base, output_type="latent", callback_on_step_end=on_step)
+        pipe(**prompt_inputs(pipe, 1, own), **base, output_type="latent", callback_on_step_end=on_step)
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
         gaps = gaps[min(2, len(gaps) - 1):]  # skip the first steps (warm caches)
         per_step.append(statistics.mean(gaps) * 1000)  # mean, not median: DeepCache's steps are not alike
@@ -118,7 +130,7 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
         for i in range(repeats):
             _sync(device)
             start = time.perf_counter()
-            image = pipe(**base).images[0]
+            image = pipe(**prompt_inputs(pipe, 1, own), **base).images[0]
             image.save(Path(folder) / f"{i}.png")
             end_to_end.append(time.perf_counter() - start)
     result["s_per_image_end_to_end"] = round(statistics.median(end_to_end), 3)
@@ -126,9 +138,9 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     throughput = {}
     for batch in batch_sizes:
-        kwargs = dict(base, prompt=[PROMPT] * batch, output_type="latent")
-        _time_call(pipe, device, **kwargs)  # warm-up: a new shape may compile
-        seconds = statistics.median(_time_call(pipe, device, **kwargs) for _ in range(repeats))
+        kwargs = dict(base, output_type="latent")
+        _time_call(pipe, device, own, batch, **kwargs)  # warm-up: a new shape may compile
+        seconds = statistics.median(_time_call(pipe, device, own, batch, **kwargs) for _ in range(repeats))
         throughput[str(batch)] = round(batch / seconds, 3)
     result["images_per_s_latents"] = throughput
     return result
@@ -163,7 +175,7 @@ def measure_deep_cache(pipe, device: str, size: int, steps: int, cfg: float, rep
 
 
 def measure_contended(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: list[int], repeats: int,
-                      threads: int | None) -> dict:
+                      threads: int | None, own: bool = True) -> dict:
     """measure() while one CPU-bound process competes for the cores; on the CPU the threads are chosen again as a
     diffcli starting now would choose them (--threads and OMP_NUM_THREADS still win), and put back afterwards."""
     import torch
@@ -177,7 +189,7 @@ def measure_contended(pipe, device: str, size: int, steps: int, cfg: float, batc
         time.sleep(COMPETITOR_START_S)
         if device == "cpu" and threads is None and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(speed.default_threads())
-        result = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+        result = measure(pipe, device, size, steps, cfg, batch_sizes, repeats, own)
         result["cpu_threads"] = torch.get_num_threads()
     finally:
         competitor.kill()
@@ -197,12 +209,12 @@ def parse_compare(text: str | None) -> tuple[str, ...]:
     return names
 
 
-def seeded_image(pipe, size: int, steps: int, cfg: float):
-    """The seed-0 image as floats in [0, 1], the reference every path's PSNR is measured against."""
+def seeded_image(pipe, size: int, steps: int, cfg: float, own: bool = False):
+    """The seed-0 image as floats in [0, 1] (plain's: the reference every path's PSNR is measured against)."""
     import torch
 
     generator = torch.Generator("cpu").manual_seed(0)
-    return pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
+    return pipe(**prompt_inputs(pipe, 1, own), num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
                 generator=generator, output_type="np").images[0]
 
 
@@ -352,9 +364,9 @@ def _measure_diffcli(report: dict, pipe, device: str, size: int, steps: int, cfg
     import torch
 
     compare_plain = "plain" in report
-    report["diffcli"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+    report["diffcli"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats, own=True)
     if reference is not None:
-        report["diffcli"]["psnr_vs_plain_db"] = psnr(seeded_image(pipe, size, steps, cfg), reference)
+        report["diffcli"]["psnr_vs_plain_db"] = psnr(seeded_image(pipe, size, steps, cfg, own=True), reference)
     if contended:
         report["diffcli"]["cpu_threads"] = torch.get_num_threads()
         report["contended"] = measure_contended(pipe, device, size, steps, cfg, batch_sizes, repeats, threads)
