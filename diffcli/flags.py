@@ -78,7 +78,7 @@ RUNTIME = group(
          off="--no-low-vram"),
     Flag("threads", ("--threads",), int, None, "CPU threads (default: OMP_NUM_THREADS, else 1 for a model under 100 M "
          "denoiser parameters, else the cores other processes leave free).", envvar="DIFFCLI_THREADS"),
-    Flag("backend", ("--backend",), str, "auto", "CPU engine of an SD 1.x/2.x/XL U-Net and VAE decoder: auto (OpenVINO where "
+    Flag("backend", ("--backend",), str, "auto", "CPU engine of an SD 1.x/2.x/XL U-Net, text encoders and VAE decoder: auto (OpenVINO where "
          "it is installed and the CPU runs bf16, else torch) | torch | openvino (pip install 'diffcli[openvino]').",
          envvar="DIFFCLI_BACKEND"),
 )

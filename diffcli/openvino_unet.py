@@ -72,9 +72,9 @@ def skips_unet(spec, vae=None) -> bool:
 
 
 def apply(pipe, spec, dtype, vae=None) -> str:
-    """Replace `pipe`'s U-Net and VAE decoder by OpenVINO ones computing in bf16 (`dtype` bfloat16) or fp32, exported
-    on first use, then read from the cache; the optimizations line that says so. A U-Net left out of the load
-    (skips_unet) is built on the meta device for its config: no weights."""
+    """Replace `pipe`'s U-Net and VAE decoder by OpenVINO ones, and give its text encoders OpenVINO twins, computing in
+    bf16 (`dtype` bfloat16) or fp32, exported on first use, then read from the cache; the optimizations line that says
+    so. A U-Net left out of the load (skips_unet) is built on the meta device for its config: no weights."""
     if pipe.unet is None:
         pipe.unet = _meta_unet(spec)
     return install(pipe, folder(spec, vae), dtype)

@@ -167,7 +167,7 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
     """Load a model once per process; other tasks of the same model share its components. `threads` (--threads) is
     set when a pipeline is placed on the CPU; torch has one thread pool per process, and a command's jobs share one.
     `vae` (a vae.VaeSpec, --vae) replaces the model's VAE: a model is cached once per VAE. `backend` "openvino" (a
-    resolved backend.resolve): the weights load in fp32 and OpenVINO runs the U-Net and VAE decoder in `dtype`."""
+    resolved backend.resolve): the weights load in fp32 and OpenVINO runs the U-Net, text encoders and VAE decoder in `dtype`."""
     key = (spec, device, str(dtype), safety_checker, allow_pickle, optimize, low_vram, threads, vae, backend)  # None: auto
     loaded = _CACHE[key] = _CACHE.pop(key, None) or {}  # most recently used last (trim_cache drops the first)
     if task not in loaded:

@@ -1,5 +1,5 @@
-"""`--backend openvino` (diffcli/backend.py, diffcli/openvino_unet.py): the U-Net and VAE decoder run by OpenVINO give
-torch's image within a stated tolerance, through the CLI, for SD 1.x and SDXL, txt2img, img2img and inpaint, at sizes
+"""`--backend openvino` (diffcli/backend.py, diffcli/openvino_unet.py): the U-Net, text encoders and VAE decoder run by
+OpenVINO give torch's image within a stated tolerance, through the CLI, for SD 1.x and SDXL, txt2img, img2img and inpaint, at sizes
 whose latents do not halve evenly; the IR is exported once and reused; what it cannot run is exit 2 before loading;
 `auto` picks it only where the CPU fast path is bf16. Timings: `diffcli bench` (docs/performance.md), never here."""
 
