@@ -77,7 +77,7 @@ def test_sdxl_and_a_dedicated_inpainting_unet(cli, tiny_sdxl, tiny_inpaint_model
     assert np.abs(a - b).max() <= MAX_DIFF_FP32
 
 
-@pytest.mark.parametrize("clip_skip", [1, 2])
+@pytest.mark.parametrize("clip_skip", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_prompts_are_encoded_by_the_openvino_text_encoder_and_new_tokens_by_torch(tiny_model, clip_skip):
     """The text encoder's OpenVINO twin gives torch's hidden states (fp32: within float noise), clip skip included; ids
     it was not exported with (a textual-inversion token added later) go to the torch encoder."""
@@ -99,6 +99,7 @@ def test_prompts_are_encoded_by_the_openvino_text_encoder_and_new_tokens_by_torc
     assert twin(unknown) is None and twin(unknown - 1) is not None
 
 
+@pytest.mark.slow
 def test_bf16_runs_and_stays_close(cli, tiny_model, tmp_path):
     out = tmp_path / "bf16.png"
     result = cli("txt2img", "a red star", "-m", tiny_model, *FAST, "--backend", "openvino", "--dtype", "bf16", "-o", out,
@@ -155,6 +156,7 @@ except KeyboardInterrupt:
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_openvino_models_are_dropped_is_a_keyboard_interrupt(tiny_model, tmp_path):
     """OpenVINO's CPU plugin swaps the thread's alternate signal stack and restores it when it is destroyed: plugins
     destroyed out of order left a freed stack behind, and the next signal crashed the process (SIGSEGV). One Core per
@@ -228,6 +230,7 @@ def test_auto_runs_openvino_bf16_where_the_cpu_path_is_bf16_and_says_so(cli, tin
     assert line in result.stderr
 
 
+@pytest.mark.slow
 def test_a_replay_of_an_openvino_image_runs_on_openvino(cli, tiny_model, tmp_path):
     made = tmp_path / "made.png"
     assert cli("txt2img", "a red star", "-m", tiny_model, *FAST, "--backend", "openvino", "-o", made).exit_code == 0
@@ -237,6 +240,7 @@ def test_a_replay_of_an_openvino_image_runs_on_openvino(cli, tiny_model, tmp_pat
     assert record["backend"] == "openvino" and record["verify"]["identical"]
 
 
+@pytest.mark.slow
 def test_bench_measures_the_openvino_path(cli, tiny_model):
     result = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats", "1",
                  "--compare", "plain", "--backend", "openvino", "--json")
