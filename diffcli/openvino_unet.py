@@ -63,7 +63,7 @@ def skips_unet(spec, vae=None) -> bool:
     if spec.source not in ("folder", "bundled", "hub") or spec.base or not is_cached(where):
         return False
     try:
-        for name in ("unet", "vae_decoder"):
+        for name in ("unet", "vae_decoder", *[n for n in TEXT_ENCODERS if (where / f"{n}.xml").is_file()]):
             _read(where / f"{name}.xml")
     except ModelError:
         shutil.rmtree(where, ignore_errors=True)
@@ -102,18 +102,16 @@ def install(pipe, where: Path, dtype) -> str:
     if not is_cached(where):
         export(pipe, where)
     try:
-        unet, decoder = OpenVINOUNet(where / "unet.xml", config, pipe.unet, parameters), _decoder(where, config)
+        unet, decoder, twins = _read_all(pipe, where, config, parameters)
     except ModelError:  # a damaged cache file (skips_unet removes those of folders first): exported again, once
         if pipe.unet.device.type == "meta":
             raise
         export(pipe, where)
-        unet, decoder = OpenVINOUNet(where / "unet.xml", config, pipe.unet, parameters), _decoder(where, config)
+        unet, decoder, twins = _read_all(pipe, where, config, parameters)
     pipe.unet = unet
     pipe.vae.decoder = decoder
-    for name in TEXT_ENCODERS:
-        encoder = getattr(pipe, name, None)
-        if encoder is not None and (where / f"{name}.xml").is_file():
-            encoder.diffcli_openvino = OpenVINOTextEncoder(where / f"{name}.xml", config, encoder)
+    for encoder, twin in twins:
+        encoder.diffcli_openvino = twin
     pipe.diffcli_backend = "openvino"
     chosen, why = cpu.choose(cpu.cpu_flags(), parameters)
     if (chosen == "bf16") != (hint == "bf16"):
@@ -121,8 +119,12 @@ def install(pipe, where: Path, dtype) -> str:
     return f"openvino {hint} U-Net, text encoder and VAE decoder ({why})"
 
 
-def _decoder(where: Path, config: dict):
-    return OpenVINODecoder(where / "vae_decoder.xml", config)
+def _read_all(pipe, where: Path, config: dict, parameters: int):
+    """The U-Net, the VAE decoder and (encoder, twin) pairs read from `where`; a damaged file is a ModelError."""
+    twins = [(encoder, OpenVINOTextEncoder(where / f"{name}.xml", config, encoder)) for name in TEXT_ENCODERS
+             if (encoder := getattr(pipe, name, None)) is not None and (where / f"{name}.xml").is_file()]
+    return (OpenVINOUNet(where / "unet.xml", config, pipe.unet, parameters),
+            OpenVINODecoder(where / "vae_decoder.xml", config), twins)
 
 
 def is_cached(where: Path) -> bool:

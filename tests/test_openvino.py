@@ -133,6 +133,11 @@ def test_the_ir_is_exported_once_and_a_damaged_one_again(cli, tiny_model, tmp_pa
     third = cli(*args)
     assert third.exit_code == 0, third.stderr
     assert exports == [1] and openvino_unet.is_cached(folder)
+    (folder / "text_encoder.bin").write_bytes(b"\0" * 16)  # a damaged text encoder is exported again too
+    monkeypatch.setattr(pipeline, "_CACHE", {})
+    fourth = cli(*args)
+    assert fourth.exit_code == 0, fourth.stderr
+    assert exports == [1, 1] and openvino_unet.is_cached(folder)
 
 
 CTRL_C_AFTER_MODELS_ARE_DROPPED = """
