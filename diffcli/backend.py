@@ -27,14 +27,20 @@ def unsupported(job, spec) -> list[str]:
     return reasons + [f"{flag} changes the U-Net at run time" for flag, value in used.items() if value]
 
 
+def require(requested: str) -> None:
+    """A known --backend, and for openvino its package (UsageError, exit 2): what check and the bench both need."""
+    if requested not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested == "openvino":
+        extras.require("openvino", "--backend openvino")
+
+
 def check(job, spec) -> None:
     """Refuse an explicit --backend openvino the job cannot use (UsageError, exit 2); nothing for auto and torch."""
     requested = job.model.backend
-    if requested not in BACKENDS:
-        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    require(requested)
     if requested != "openvino":
         return
-    extras.require("openvino", "--backend openvino")
     reasons = unsupported(job, spec)
     if job.model.device not in ("auto", "cpu"):
         reasons.insert(0, f"it runs on the CPU, not on --device {job.model.device}")

@@ -255,16 +255,12 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
 
 def check_backend(backend: str, device: str) -> None:
     """--backend is one of backend.BACKENDS; openvino needs its package and the CPU (before any weights load)."""
-    from diffcli import extras
-    from diffcli.backend import BACKENDS
+    from diffcli import backend as backends
     from diffcli.errors import UsageError
 
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "openvino":
-        extras.require("openvino", "--backend openvino")
-        if device != "cpu":
-            raise UsageError(f"--backend openvino runs on the CPU, got --device {device}", "add --device cpu")
+    backends.require(backend)
+    if backend == "openvino" and device != "cpu":
+        raise UsageError(f"--backend openvino runs on the CPU, got --device {device}", "add --device cpu")
 
 
 def bench_engine(backend: str, device: str, fast: bool) -> str:
