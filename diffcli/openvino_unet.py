@@ -223,7 +223,19 @@ def core():
 
 
 def _read(path: Path):
-    """An OpenVINO model read from its IR (weights memory-mapped); a damaged file is a ModelError."""
+    """An OpenVINO model read from its IR (weights memory-mapped); a damaged file is a ModelError. Read once per file
+    version: skips_unet's check and the load that follows share it (callers clone before they reshape)."""
+    try:
+        infos = (path.stat(), path.with_suffix(".bin").stat())
+        stamp = tuple((info.st_ino, info.st_mtime_ns, info.st_size) for info in infos)
+    except OSError as exc:
+        raise ModelError(f"--backend openvino: the cached {path.name} cannot be read ({exc.strerror})",
+                         f"delete {path.parent} and run again") from None
+    return _read_version(path, stamp)
+
+
+@functools.lru_cache(maxsize=8)  # a model's four modules, for two models
+def _read_version(path: Path, stamp: tuple):
     try:
         return core().read_model(path)
     except Exception as exc:  # noqa: BLE001 (OpenVINO raises RuntimeError subclasses of its own)
