@@ -23,7 +23,7 @@ def unsupported(job, spec) -> list[str]:
         reasons.append(f"{spec.name!r} is a {spec.family} model (OpenVINO runs {', '.join(FAMILIES)})")
     used = {"--lora": job.adapters.lora, "<lora:...> tags": "<lora:" in job.prompt.text,
             "--control": job.controls.units, "--deep-cache": job.model.deep_cache,
-            "--refiner": job.second.refiner not in (None, "none"), "--ip-adapter": getattr(job.adapters, "ip_adapter", None)}
+            "--refiner": job.second.refiner not in (None, "none"), "--ip-adapter": job.adapters.ip_adapter}
     return reasons + [f"{flag} changes the U-Net at run time" for flag, value in used.items() if value]
 
 

@@ -52,7 +52,7 @@ class ModelSettings:
     safety_checker: bool = False
     allow_pickle: bool = False  # trust: from the command line only, never from a jobs file
     optimize: bool = True  # the CUDA fast path (compile, CUDA graphs); off with --no-optimize or --deep-cache
-    low_vram: bool | None = None  # None: on automatically when the GPU is small for the model
+    low_vram: bool | None = None  # None: the automatic memory plan (memory.py) from the weights and the free memory
     threads: int | None = None  # None: OMP_NUM_THREADS, else the cores other processes leave free
     backend: str = "auto"  # the CPU engine of an SD U-Net, text encoders and VAE decoder (backend.py): auto, torch or openvino
     deep_cache: int | None = None  # run the whole U-Net every N steps

@@ -69,8 +69,8 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
         pipe = load_for_job(plan.spec, job.task, job.model, plan.scheduler, job.model.safety_checker, plan.vae, engine)
     if loading and device == "cpu":  # the CPU path chosen (bf16 or fp32, and why), once per model
         notify(f"{plan.spec.name}: {pipe.diffcli_optimizations[-1]}")
-    if loading and memory.note(pipe, device):  # the automatic memory plan on CUDA, once per model
-        notify(f"{plan.spec.name}: {memory.note(pipe, device)}")
+    if loading and (chosen := memory.note(pipe, device)):  # the automatic memory plan on CUDA, once per model
+        notify(f"{plan.spec.name}: {chosen}")
     memory.fit_vae(pipe, device, plan.width, plan.height, notify)  # VAE tiling when this size's decode would not fit
     # 2. Exactly this job's LoRAs, embeddings and IP-Adapters; its ControlNets.
     adapters.activate(pipe, plan.adapters)
