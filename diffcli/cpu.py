@@ -68,7 +68,7 @@ def denoiser_parameters(spec) -> int | None:
             if fmt == weights.SAFETENSORS:
                 return _safetensors_parameters([path])
             return path.stat().st_size // 4  # a pickle: at most this many fp32 values (never unpickled here)
-        folder = Path(models._snapshot(spec.location, spec.revision)) if spec.source == "hub" else Path(spec.location)
+        folder = models.folder_of(spec)
         denoiser = folder / models.denoiser_folder(models.read_json(folder / "model_index.json"))
         return _safetensors_parameters(sorted(denoiser.glob("*.safetensors")))
     except Exception:  # noqa: BLE001 (an unreadable model fails with its own message when it loads)

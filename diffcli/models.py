@@ -312,6 +312,11 @@ def _hub_base(repo: str, given: str | None, info):
                          f"from --base, by default {repo}, which {reason}", hint) from None
 
 
+def folder_of(spec: ModelSpec) -> Path:
+    """A diffusers-folder model's files on disk: its folder, or a Hub model's cached snapshot."""
+    return Path(_snapshot(spec.location, spec.revision)) if spec.source == "hub" else Path(spec.location)
+
+
 def _snapshot(repo: str, revision: str) -> str:
     """The cached snapshot folder of a Hub repo's revision (models._from_hub fetched its configs there)."""
     from huggingface_hub import hf_hub_download

@@ -86,8 +86,7 @@ def _meta_unet(spec):
 
     from diffcli import models
 
-    root = Path(models._snapshot(spec.location, spec.revision)) if spec.source == "hub" else Path(spec.location)
-    config = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((models.folder_of(spec) / "unet" / "config.json").read_text(encoding="utf-8"))
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
 
