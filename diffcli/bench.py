@@ -241,6 +241,7 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
             model = str(save_original_checkpoint(pipe, Path(folder) / "model.safetensors", dtype=torch.float16))
         else:
             pipe.save_pretrained(folder)
+            hub_layout_text_encoders(Path(folder))
             model = folder
         settings = {"size": size, "steps": steps, "cfg": cfg, "prompt": PROMPT, "repeats": repeats,
                     "threads": torch.get_num_threads(), "precision": precision, "image": str(Path(folder) / "seed0.npy")}
@@ -251,6 +252,24 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["psnr_vs_plain_db"] = psnr(np.load(settings["image"]), reference)
     return result
+
+
+def hub_layout_text_encoders(folder: Path) -> None:
+    """Rewrite a saved pipeline's CLIP text encoders with the `text_model.` level the Hub's files have: transformers
+    >= 5.6 saves without it and older ones (optimum-intel's) then load random weights, warning only."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    def hub(key: str) -> str:
+        return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+
+    for path in folder.glob("text_encoder*/*.safetensors"):
+        save_file({hub(k): v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    for path in folder.glob("text_encoder*/*.safetensors.index.json"):  # a sharded save names each key's file
+        index = json.loads(path.read_text(encoding="utf-8"))
+        index["weight_map"] = {hub(k): v for k, v in index["weight_map"].items()}
+        path.write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
 def check_backend(backend: str, device: str) -> None:

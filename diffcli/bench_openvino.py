@@ -1,13 +1,17 @@
 """The OpenVINO peer of `diffcli bench --compare openvino`: optimum-intel's pipeline exported from the bench's diffusers
-folder, timed as diffcli's path is (first image, then the median of --repeats), with the seed-0 image saved for PSNR.
+folder, timed as diffcli's path is (prompt to PNG: first image, then the median of --repeats), with the seed-0 image
+saved for PSNR.
 
 Standalone, importing nothing from diffcli: optimum-intel pins older transformers than diffcli's, so it may run in a
 venv of its own ($DIFFCLI_OPENVINO_PYTHON). Usage: python bench_openvino.py FOLDER SETTINGS_JSON; prints one JSON line.
 """
 
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 
@@ -27,16 +31,20 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - started
 
-    def call(seed: int = 0):
+    scratch = tempfile.mkdtemp()
+
+    def call(seed: int = 0):  # as diffcli's path is timed: to a PNG on disk
         generator = torch.Generator("cpu").manual_seed(seed)
         begin = time.perf_counter()
-        images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
-                      generator=generator, output_type="np").images
-        return time.perf_counter() - begin, images[0]
+        image = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
+                     generator=generator).images[0]
+        image.save(os.path.join(scratch, "image.png"))
+        return time.perf_counter() - begin, image
 
     first, image = call()
-    np.save(settings["image"], image)
+    np.save(settings["image"], np.asarray(image, dtype=np.float32) / 255)
     times = [call()[0] for _ in range(settings["repeats"])]
+    shutil.rmtree(scratch, ignore_errors=True)
     import openvino
 
     print(json.dumps({"first_image_s": round(first, 3), "s_per_image_end_to_end": round(statistics.median(times), 3),

@@ -17,6 +17,7 @@ EMPHASIS = 1.1  # A1111: ( ) multiplies by 1.1, [ ] divides by 1.1
 CHUNK = 75  # tokens per chunk, before BOS and EOS
 COMMA_BACKTRACK = 20  # a chunk that fills up within 20 tokens after a comma moves the words after it to the next chunk
 BREAK = -1.0  # weight marking a BREAK between fragments
+COMMA = ",</w>"  # CLIP's BPE spelling of a comma that ends a word
 
 _TOKEN = re.compile(
     r"""\\[\\()\[\]]            # escaped bracket or backslash
@@ -135,6 +136,11 @@ def chunk_tokens(fragments: list[tuple[list[int], float]], comma: int | None) ->
     return chunks
 
 
+def has_break(text: str) -> bool:
+    """Whether the text has an A1111 BREAK (read with --weighting)."""
+    return any(weight == BREAK for _, weight in parse_weights(strip_extra_networks(text)))
+
+
 def tokenize(pipe, tokenizer, text: str, weighting: bool) -> list[tuple[list[int], list[float]]]:
     """Prompt text -> chunks of (token ids, weights), without BOS/EOS or padding."""
     text = strip_extra_networks(text)
@@ -142,11 +148,17 @@ def tokenize(pipe, tokenizer, text: str, weighting: bool) -> list[tuple[list[int
     convert = getattr(pipe, "maybe_convert_prompt", None)  # expands multi-vector textual-inversion tokens
     texts = [convert(t, tokenizer) if convert and w != BREAK else t for t, w in fragments]
     ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
-    comma = tokenizer.get_vocab().get(",</w>")
-    return chunk_tokens([(i, w) for i, (_, w) in zip(ids, fragments)], comma)
+    return chunk_tokens([(i, w) for i, (_, w) in zip(ids, fragments)], comma_id(tokenizer))
 
 
-def _padded(tokenizer, chunk: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+def comma_id(tokenizer) -> int | None:
+    """The comma token's id (A1111 breaks long prompts after the last comma), or None where the vocabulary has none.
+    Looked up alone: get_vocab() builds the whole 49,408-entry dict, 20 ms a call."""
+    found = tokenizer.convert_tokens_to_ids(COMMA)
+    return None if found is None or (found == tokenizer.unk_token_id and tokenizer.unk_token != COMMA) else found
+
+
+def padded(tokenizer, chunk: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
     """BOS + tokens + EOS + padding to 77, as diffusers' tokenizer call lays a single chunk out."""
     tokens, weights = chunk
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -193,7 +205,7 @@ def encode(pipe, prompts: list[str], weighting: bool = True, clip_skip: int = 1)
             hidden, first_pooled = [], None
             weights = None
             for tokenizer, encoder in pairs:
-                laid_out = [_padded(tokenizer, c) for c in chunks]
+                laid_out = [padded(tokenizer, c) for c in chunks]
                 ids = torch.tensor([ids for ids, _ in laid_out], device=device)
                 weights = torch.tensor([w for _, w in laid_out], device=device)
                 states, pool = _hidden(encoder, ids, clip_skip, xl)
@@ -202,13 +214,13 @@ def encode(pipe, prompts: list[str], weighting: bool = True, clip_skip: int = 1)
                     first_pooled = pool[:1]
             z = torch.cat(hidden, dim=-1)  # (chunks, 77, dim) with the XL encoders side by side
             if weighting and bool((weights != 1).any()):
-                z = _apply_weights(z, weights.to(z.dtype))
+                z = apply_weights(z, weights.to(z.dtype))
             embeds.append(z.reshape(1, -1, z.shape[-1]))
             pooled.append(first_pooled)
     return torch.cat(embeds), (torch.cat(pooled) if xl else None)
 
 
-def _apply_weights(z, weights):
+def apply_weights(z, weights):
     """Scale each token's hidden state by its weight, then restore each chunk's mean (A1111).
 
     A chunk whose mean is ~0 (relative to its magnitude) before or after keeps its scale: the ratio would be noise.

@@ -136,3 +136,23 @@ def test_bench_compare_sdcpp_says_when_it_cannot_run(cli, tiny_model, tmp_path, 
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["sdcpp"] == {"failed": "RuntimeError: unknown model version"}
     assert "model.safetensors" in written.read_text()  # it was handed the original-layout single file
+
+
+def test_the_peers_folder_has_the_hubs_text_encoder_layout(tiny_sdxl, tmp_path):
+    """The folder handed to optimum-intel keeps the Hub's `text_model.` level (its older transformers would otherwise
+    load random text encoders, and its PSNR would measure that); this transformers reads it back to the same weights."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from diffcli.bench import hub_layout_text_encoders
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.save_pretrained(tmp_path)
+    hub_layout_text_encoders(tmp_path)
+    for name in ("text_encoder", "text_encoder_2"):
+        keys = list(load_file(next((tmp_path / name).glob("*.safetensors"))))
+        assert keys and all(k.startswith(("text_model.", "text_projection.")) for k in keys), keys[:3]
+        again = type(getattr(pipe, name)).from_pretrained(tmp_path / name)
+        for (key, value), (_, read) in zip(getattr(pipe, name).state_dict().items(), again.state_dict().items()):
+            assert torch.equal(value, read), key

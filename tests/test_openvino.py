@@ -99,6 +99,28 @@ def test_prompts_are_encoded_by_the_openvino_text_encoder_and_new_tokens_by_torc
     assert twin(unknown) is None and twin(unknown - 1) is not None
 
 
+def test_the_text_twin_keeps_recent_results_by_token_ids(tiny_model):
+    """A prompt met again is not encoded again (the IR cannot change); other ids are; what a caller gets is its own
+    to change; only the last KEPT results stay."""
+    import torch
+
+    spec = models.resolve_model(str(tiny_model))
+    twin = pipeline.load_pipeline(spec, "txt2img", "cpu", torch.float32, backend="openvino").text_encoder.diffcli_openvino
+    runs = []
+    compiled = twin.compiled.all
+    twin.compiled.all = lambda tensors: runs.append(1) or compiled(tensors)
+    ids = torch.arange(77).reshape(1, 77)
+    first = twin(ids)
+    first.last_hidden_state.zero_()
+    again = twin(ids)
+    assert len(runs) == 1 and again.last_hidden_state.abs().sum() > 0
+    assert not torch.equal(twin(ids + 1).last_hidden_state, again.last_hidden_state) and len(runs) == 2
+    for shift in range(twin.KEPT):
+        twin(ids + 2 + shift)
+    twin(ids)
+    assert len(runs) == 3 + twin.KEPT and len(twin.kept) == twin.KEPT
+
+
 @pytest.mark.slow
 def test_bf16_runs_and_stays_close(cli, tiny_model, tmp_path):
     out = tmp_path / "bf16.png"

@@ -62,6 +62,28 @@ def test_chunks_of_75_break_after_a_nearby_comma_and_on_break():
     assert chunk_tokens([([], 1.0)], comma) == [([], [])]
 
 
+def test_the_comma_id_is_the_vocabularys_or_none(tmp_path):
+    """comma_id looks the comma up alone (get_vocab builds the whole dict); a vocabulary without it gives None, not the
+    unknown token's id (which would break chunks at every unknown word)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    from diffcli.prompts import COMMA, comma_id
+    from conftest import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path / "with")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "with")
+    assert comma_id(tokenizer) == tokenizer.get_vocab()[COMMA]
+    vocab = json.loads((tmp_path / "with" / "vocab.json").read_text())
+    del vocab[COMMA]
+    (tmp_path / "without").mkdir()
+    for name in ("merges.txt", "tokenizer_config.json"):
+        (tmp_path / "without" / name).write_bytes((tmp_path / "with" / name).read_bytes())
+    (tmp_path / "without" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    assert comma_id(CLIPTokenizer.from_pretrained(tmp_path / "without")) is None
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_model):
     from diffusers import StableDiffusionPipeline
@@ -157,11 +179,11 @@ def test_variation_flag_errors(cli, tiny_model, args, message):
 def test_weighting_a_zero_mean_chunk_stays_finite():
     import torch
 
-    from diffcli.prompts import _apply_weights
+    from diffcli.prompts import apply_weights
 
     z = torch.randn(1, 77, 8)
     z -= z.mean()  # the tiny models' layer norm gives chunks a mean of ~0: the A1111 ratio would explode
     weights = torch.ones(1, 77)
     weights[0, 3] = 1.3
-    out = _apply_weights(z, weights)
+    out = apply_weights(z, weights)
     assert torch.isfinite(out).all() and torch.allclose(out, z * weights.unsqueeze(-1))
