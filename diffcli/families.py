@@ -58,6 +58,9 @@ class CallStyle:
     reference: bool = False
     # the generic family's pipelines: the __call__ arguments it names; run.py passes it no others (None: all it passes)
     takes: frozenset | None = None
+    # strings only: a prompt with A1111 weights goes as embeddings diffcli builds from its CLIP and T5 encoders
+    # (t5_prompts.py: SD3, FLUX.1); unweighted ones still go as text
+    weighted_t5: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,12 +164,13 @@ _XL_CONTROL = {"txt2img": "StableDiffusionXLControlNetPipeline", "img2img": "Sta
                "inpaint": "StableDiffusionXLControlNetInpaintPipeline"}
 # SD3 and FLUX.1 pipelines encode the prompt strings themselves (CLIP and T5); their img2img resizes its input to the
 # native size unless given a size, and their VAE encodes one input image with the first generator only (as SD's inpaint).
-_SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True, max_sequence_length=512)
+_SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True, max_sequence_length=512, weighted_t5=True)
 _SD3_STYLES = {"StableDiffusion3Pipeline": _SD3_TEXT,
                **dict.fromkeys(("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
                                replace(_SD3_TEXT, repeat_image=True, size=True))}
 # the negative prompt is read with --true-cfg only; FLUX.1 Fill's pipeline has no true CFG
-_FLUX_TEXT = CallStyle(prompt_embeds=False, negative_prompt=False, max_sequence_length=512, takes_true_cfg=True)
+_FLUX_TEXT = CallStyle(prompt_embeds=False, negative_prompt=False, max_sequence_length=512, takes_true_cfg=True,
+                       weighted_t5=True)
 _FLUX_IMAGE = replace(_FLUX_TEXT, repeat_image=True, size=True)
 _FLUX_STYLES = {"FluxPipeline": _FLUX_TEXT, "FluxImg2ImgPipeline": _FLUX_IMAGE, "FluxInpaintPipeline": _FLUX_IMAGE}
 _FLUX_FILL = replace(_FLUX_IMAGE, takes_true_cfg=False)

@@ -266,7 +266,7 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
     """`call(kwargs, generators, output_type, step_end)`: the pipeline called the way its class takes inputs
     (families.call_style), the prompts encoded once per batch size (tiles and retries reuse them); `true_cfg`: FLUX.1's
     true_cfg_scale (--true-cfg), which makes it read the negative prompt."""
-    from diffcli import families, prompts
+    from diffcli import families, prompts, t5_prompts
 
     style = families.call_style(type(pipe).__name__)
     encoded: dict[int, dict] = {}
@@ -280,17 +280,26 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
             call_kwargs = dict(call_kwargs, **encoded[count])
         else:  # the strings, without <lora:> tags (they chose the adapters)
             with_true_cfg = style.takes_true_cfg and true_cfg is not None
+            texts = [prompts.strip_extra_networks(each.text) for each in rows]
             negatives = ([prompts.strip_extra_networks(each.negative) for each in rows]
                          if style.negative_prompt or with_true_cfg else [])
-            call_kwargs = dict(call_kwargs, prompt=[prompts.strip_extra_networks(each.text) for each in rows])
-            if any(negatives) or style.true_cfg:  # true CFG runs only with a negative prompt, even an empty one
-                call_kwargs["negative_prompt"] = negatives
+            # true CFG runs only with a negative prompt, even an empty one; without one SD3 encodes "" itself
+            negatives = negatives if any(negatives) or style.true_cfg else None
+            if style.weighted_t5 and one.weighting and t5_prompts.weighted(texts + (negatives or [])):  # SD3, FLUX.1
+                if count not in encoded:
+                    encoded[count] = t5_prompts.pipeline_inputs(pipe, texts, negatives, one.clip_skip,
+                                                                one.max_sequence_length)
+                call_kwargs = dict(call_kwargs, **encoded[count])
+            else:
+                call_kwargs = dict(call_kwargs, prompt=texts)
+                if negatives is not None:
+                    call_kwargs["negative_prompt"] = negatives
+                if style.clip_skip and (one.clip_skip or 1) > 1:
+                    call_kwargs["clip_skip"] = one.clip_skip - 1  # diffusers counts layers skipped, A1111 the layer used
+                if style.max_sequence_length is not None and one.max_sequence_length:
+                    call_kwargs["max_sequence_length"] = one.max_sequence_length
             if with_true_cfg:  # FLUX.1: a second, unconditional pass when above 1 (with the negative prompt)
                 call_kwargs["true_cfg_scale"] = true_cfg
-            if style.clip_skip and (one.clip_skip or 1) > 1:
-                call_kwargs["clip_skip"] = one.clip_skip - 1  # diffusers counts layers skipped, A1111 the layer used
-            if style.max_sequence_length is not None and one.max_sequence_length:
-                call_kwargs["max_sequence_length"] = one.max_sequence_length
         if style.size and "image" in call_kwargs and "width" not in call_kwargs:  # the input's size, not the native
             call_kwargs.update(width=call_kwargs["image"].width, height=call_kwargs["image"].height)
         if style.repeat_image:

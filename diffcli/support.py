@@ -113,7 +113,10 @@ def _own_prompts(job, spec, style, adapters) -> list[str]:
         raise UsageError(f"--clip-skip: {spec.name!r} ({family}) takes no CLIP skip, got {prompt.clip_skip}",
                          "leave --clip-skip out")
     warnings = []
-    if prompt.weighting and any(_weighted(text) for text in (prompt.text, prompt.negative)):
+    texts = (prompt.text, prompt.negative)
+    if style.weighted_t5 and prompt.weighting and any(prompts.has_break(text) for text in texts):
+        warnings.append(f"BREAK has no meaning for {family} models (their T5 reads one sequence): dropped")
+    elif prompt.weighting and not style.weighted_t5 and any(_weighted(text) for text in texts):
         warnings.append(f"{family} models read attention brackets like (word:1.2) and BREAK as plain text: their "
                         "pipeline encodes the prompt itself (--no-weighting silences this)")
     if not style.negative_prompt and prompt.negative.strip() and not (job.sampling.true_cfg or 0) > 1:

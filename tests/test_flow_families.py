@@ -98,16 +98,80 @@ def test_schnell_defaults_and_a_cfg_it_ignores(cli, tiny_flux_schnell):
 
 
 def test_flux_warns_about_what_it_reads_otherwise(cli, tiny_flux):
-    result = cli("txt2img", "a (cat:1.3)", "-n", "blurry", "--model", tiny_flux, "--width", "32", "--height", "32",
+    result = cli("txt2img", "a cat BREAK", "-n", "blurry", "--model", tiny_flux, "--width", "32", "--height", "32",
                  "--steps", "2", "-o", "w.png")
     assert result.exit_code == 0, result.stderr
     warnings = read_metadata("w.png")["warnings"]
     assert len(warnings) == 2 and all(line in result.stderr for line in warnings)
-    assert "read attention brackets like (word:1.2) and BREAK as plain text" in warnings[0]
+    assert warnings[0] == "BREAK has no meaning for flux models (their T5 reads one sequence): dropped"
     assert warnings[1].startswith("--negative has no effect on flux models")
-    quiet = cli("txt2img", "a (cat:1.3)", "--no-weighting", "--model", tiny_flux, "--width", "32", "--height", "32",
+    quiet = cli("txt2img", "a cat BREAK", "--no-weighting", "--model", tiny_flux, "--width", "32", "--height", "32",
                 *FAST, "--json")
     assert quiet.exit_code == 0 and quiet.json_lines()[0]["warnings"] == []
+
+
+@pytest.mark.parametrize(("model", "sd3"), [("tiny_sd3", True), ("tiny_flux", False)], indirect=["model"])
+def test_t5_families_encode_unweighted_prompts_as_their_pipeline_does(model, sd3):
+    """t5_prompts' embeddings of prompts without weights are the pipeline's own encode_prompt's (SD3: with a negative
+    and clip skip; FLUX.1: pooled CLIP and T5), so weighting changes only what the weights say."""
+    import diffusers
+    import torch
+
+    from diffcli import t5_prompts
+
+    pipe = getattr(diffusers, "StableDiffusion3Pipeline" if sd3 else "FluxPipeline").from_pretrained(model)
+    prompt, negative = "a red cat on a long wall, " * 12, "blurry"  # CLIP keeps 77 tokens, T5 more
+    for clip_skip in ((1, 2) if sd3 else (1,)):
+        ours = t5_prompts.pipeline_inputs(pipe, [prompt], [negative] if sd3 else None, clip_skip, None)
+        with torch.no_grad():
+            if sd3:
+                theirs = pipe.encode_prompt(prompt, None, None, negative_prompt=negative, clip_skip=clip_skip - 1 or None)
+                names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+            else:
+                theirs = pipe.encode_prompt(prompt, None)[:2]
+                names = ("prompt_embeds", "pooled_prompt_embeds")
+        for name, expected in zip(names, theirs):
+            assert ours[name].shape == expected.shape and torch.allclose(ours[name], expected, atol=1e-5), name
+
+
+@pytest.mark.parametrize(("model", "sd3"), [("tiny_sd3", True), ("tiny_flux", False)], indirect=["model"])
+def test_t5_family_weights_move_tokens_from_the_empty_prompts_states(model, sd3):
+    """A token of weight w gets empty + w * (hidden - empty): affine in w at the weighted tokens only, and at w = 0 the
+    empty prompt's state there (a scale would be undone by the transformers' layer norms)."""
+    import diffusers
+    import torch
+
+    from diffcli import t5_prompts
+
+    pipe = getattr(diffusers, "StableDiffusion3Pipeline" if sd3 else "FluxPipeline").from_pretrained(model)
+    embeds = {w: t5_prompts.pipeline_inputs(pipe, [f"a (red:{w}) cat"], None, None, 64)["prompt_embeds"][0]
+              for w in (0, 0.5, 1.5, 2.5)}
+    step = embeds[2.5] - embeds[1.5]
+    assert torch.allclose(step, embeds[1.5] - embeds[0.5], atol=1e-4)
+    moved = step.abs().amax(dim=-1) > 1e-6  # the token positions the weight reaches
+    assert 0 < int(moved.sum()) < 8, int(moved.sum())
+    empty = t5_prompts.pipeline_inputs(pipe, [""], None, None, 64)["prompt_embeds"][0]
+    assert torch.allclose(embeds[0][moved], empty[moved], atol=1e-5)
+    pooled = [t5_prompts.pipeline_inputs(pipe, [f"a (red:{w}) cat"], None, None, 64)["pooled_prompt_embeds"] for w in (0.5, 2.5)]
+    assert torch.equal(*pooled)  # the pooled vectors stay unweighted
+
+
+@pytest.mark.parametrize("model", ["tiny_sd3", "tiny_flux"], indirect=True)
+def test_t5_families_take_a1111_weights(cli, model):
+    """Through the CLI: a weighted prompt is encoded with its weights (no warning that brackets are text, the prompt
+    recorded as written); one whose weights are all 1 but which goes diffcli's way (a BREAK, dropped and warned)
+    gives the plain prompt's image; --no-weighting reads the brackets as text."""
+    size = ("--width", "32", "--height", "32", *FAST)
+    assert cli("txt2img", "a red cat", "--model", model, *size, "-o", "plain.png").exit_code == 0
+    weighted = cli("txt2img", "(a red cat:3)", "--model", model, *size, "-o", "weighted.png", "--json")
+    assert weighted.exit_code == 0, weighted.stderr
+    assert weighted.json_lines()[0]["warnings"] == [] and read_metadata("weighted.png")["prompt"] == "(a red cat:3)"
+    assert not np.array_equal(pixels("weighted.png"), pixels("plain.png"))
+    broken = cli("txt2img", "a red cat BREAK", "--model", model, *size, "-o", "break.png", "--json")
+    assert broken.exit_code == 0 and "BREAK has no meaning" in broken.json_lines()[0]["warnings"][0]
+    assert np.abs(pixels("break.png") - pixels("plain.png")).max() <= TOLERANCE
+    literal = cli("txt2img", "(a red cat:3)", "--no-weighting", "--model", model, *size, "-o", "literal.png")
+    assert literal.exit_code == 0 and not np.array_equal(pixels("literal.png"), pixels("weighted.png"))
 
 
 def test_a_batch_line_runs_a_flux_folder(cli, tiny_flux):
