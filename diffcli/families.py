@@ -56,7 +56,8 @@ class CallStyle:
     # image= is a list of reference images that join the transformer's sequence, never noised (FLUX.2): img2img gives
     # IMAGE as the one reference and takes no --strength
     reference: bool = False
-    # the generic family's pipelines: the __call__ arguments it names; run.py passes it no others (None: all it passes)
+    # a pipeline whose __call__ lacks some of what run.py passes (the generic family's, FLUX.2 klein KV's): the
+    # arguments it names; run.py passes it no others (None: all it passes)
     takes: frozenset | None = None
     # strings only: a prompt with A1111 weights goes as embeddings diffcli builds from its CLIP and T5 encoders
     # (t5_prompts.py: SD3, FLUX.1); unweighted ones still go as text
@@ -197,6 +198,12 @@ _Z_IMAGE_STYLES = {"ZImagePipeline": _Z_IMAGE_TEXT,
 _FLUX2 = CallStyle(prompt_embeds=False, negative_prompt=False, max_sequence_length=0, reference=True, size=True)
 # FLUX.2 klein inpaint (a FLUX.2 klein img2img with a mask): the input noised by --strength beside its reference latents
 _FLUX2_INPAINT = replace(_FLUX2, reference=False)
+# FLUX.2 klein KV: the distilled klein with the references' attention keys and values cached after the first step; its
+# __call__ takes no guidance_scale (run.py passes only what it names)
+_FLUX2_KV = replace(_FLUX2, takes=frozenset((
+    "image", "prompt", "height", "width", "num_inference_steps", "sigmas", "num_images_per_prompt", "generator",
+    "latents", "prompt_embeds", "output_type", "return_dict", "attention_kwargs", "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs", "max_sequence_length", "text_encoder_out_layers")))
 
 _ENTRIES = (
     Family(
@@ -444,6 +451,22 @@ _ENTRIES = (
         # KV model 4 steps (BFL: the distilled models are 4-step). 1.0: the pipeline warns of any higher --cfg it ignores
         variants=(Variant("distilled", {"steps": 4, "cfg": 1.0}, index=(("is_distilled", (True,)),), guidance="none"),
                   Variant("base", {"steps": 50, "cfg": 4.0})),
+        edit_references=True,
+    ),
+    Family(
+        name="flux2-klein-kv",  # FLUX.2 klein 9B KV: klein's components, reference images' K/V cached across steps
+        pipelines=dict.fromkeys(("txt2img", "img2img", "edit"), "Flux2KleinKVPipeline"),
+        text_encoders=("text_encoder",),
+        prompt_encoder="qwen3-layers",
+        native_size=1024,
+        call_styles={"Flux2KleinKVPipeline": _FLUX2_KV},
+        low_vram_gib=24.0,  # as klein 9B
+        task_hint="a FLUX.2 klein KV model generates (txt2img) and takes input images as references (img2img, edit)",
+        denoiser="transformer",
+        flow_match=True,
+        latent_patch=2,
+        # diffusers' docstring: 4 steps; its pipeline takes no guidance at all, as FLUX.1 schnell (cfg 0)
+        variants=(Variant("distilled-kv", {"steps": 4, "cfg": 0.0}, guidance="none"),),
         edit_references=True,
     ),
     Family(

@@ -132,7 +132,7 @@ def _own_prompts(job, spec, style, adapters) -> list[str]:
                         f"negative prompt only above --cfg {style.cfg_off:g}")
     if spec.guidance == "none" and cfg:
         warnings.append(f"--cfg {cfg:g} has no effect on {spec.name}: it takes no guidance (as FLUX.1 schnell)")
-    if style.takes is not None and "guidance_scale" not in style.takes and cfg is not None:
+    elif style.takes is not None and "guidance_scale" not in style.takes and cfg is not None:
         warnings.append(f"--cfg {cfg:g} has no effect on {spec.name}: its pipeline takes no guidance_scale")
     return warnings
 

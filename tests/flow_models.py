@@ -572,6 +572,15 @@ def build_tiny_flux2_klein(root: Path, distilled: bool = True):
                               **tiny_flux2_parts(guidance=False))
 
 
+def build_tiny_flux2_klein_kv(root: Path):
+    """The tiny distilled klein's components in FLUX.2 klein KV's pipeline (references' K/V cached across steps)."""
+    from diffusers import Flux2KleinKVPipeline
+
+    klein = build_tiny_flux2_klein(root)
+    return Flux2KleinKVPipeline(**{name: getattr(klein, name) for name in
+                                   ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")}, is_distilled=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_flux2(tmp_path_factory) -> Path:
     """The tiny FLUX.2 dev-layout model as a local diffusers folder."""
@@ -584,6 +593,13 @@ def tiny_flux2_klein(tmp_path_factory) -> Path:
     """The tiny FLUX.2 klein-layout model (distilled, as FLUX.2-klein-4B) as a local diffusers folder."""
     root = tmp_path_factory.mktemp("flux2-klein")
     return save(build_tiny_flux2_klein(root), root / "tiny-flux2-klein")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_kv(tmp_path_factory) -> Path:
+    """The tiny FLUX.2 klein KV-layout model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("flux2-klein-kv")
+    return save(build_tiny_flux2_klein_kv(root), root / "tiny-flux2-klein-kv")
 
 
 @pytest.fixture(scope="session")

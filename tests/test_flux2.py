@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_models import TOLERANCE, model, tiny_flux2, tiny_flux2_klein, tiny_flux2_klein_base  # noqa: F401 (fixtures)
+from flow_models import TOLERANCE, model, tiny_flux2, tiny_flux2_klein, tiny_flux2_klein_base, tiny_flux2_klein_kv  # noqa: F401 (fixtures)
 from PIL import Image
 from task_inputs import pixels, write_mask, write_photo
 
@@ -145,6 +145,36 @@ def test_replay_makes_a_flux2_image_again(cli, tiny_flux2):
     assert made.exit_code == 0, made.stderr
     result = cli("replay", "r.png", "--verify", "-o", "again.png")
     assert result.exit_code == 0 and "verify: identical to r.png" in result.stderr, result.stderr
+
+
+def test_klein_kv_generates_and_takes_references_as_diffusers(cli, tiny_flux2_klein_kv, tmp_path):
+    """FLUX.2 klein KV (its own family: a pipeline without guidance_scale): txt2img and edit equal its plain pipeline,
+    4 steps by default, a --cfg or --negative it cannot use said once each, inpaint refused before loading."""
+    from diffcli.models import resolve_model
+
+    spec = resolve_model(str(tiny_flux2_klein_kv))
+    assert (spec.family, spec.guidance, spec.defaults) == ("flux2-klein-kv", "none", {"steps": 4, "cfg": 0.0})
+    size = ("--width", str(SIZE[0]), "--height", str(SIZE[1]))
+    result = cli("txt2img", "a red cat", "--model", tiny_flux2_klein_kv, *size, *FAST, "-o", "t.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    expected = flux2_image("Flux2KleinKVPipeline", tiny_flux2_klein_kv, "a red cat", width=SIZE[0], height=SIZE[1])
+    assert np.abs(pixels("t.png") - expected).max() <= TOLERANCE
+    assert (read_metadata("t.png")["model_family"], result.json_lines()[0]["warnings"]) == ("flux2-klein-kv", [])
+    photo, reference = write_photo(tmp_path, SIZE), write_photo(tmp_path, (64, 96), name="ref.png")
+    edited = cli("edit", photo, "put the hat of image 2 on it", "--image", reference, "--model", tiny_flux2_klein_kv,
+                 *FAST, "-o", "e.png")
+    assert edited.exit_code == 0, edited.stderr
+    expected = flux2_image("Flux2KleinKVPipeline", tiny_flux2_klein_kv, "put the hat of image 2 on it",
+                           image=[Image.open(photo), Image.open(reference)], width=SIZE[0], height=SIZE[1])
+    assert np.abs(pixels("e.png") - expected).max() <= TOLERANCE
+    said = cli("txt2img", "a cat", "--model", tiny_flux2_klein_kv, "--width", "32", "--height", "32", "--cfg", "3",
+               "-n", "blurry", *FAST, "--json")
+    assert said.exit_code == 0, said.stderr
+    assert said.json_lines()[0]["warnings"] == [
+        "--negative has no effect on flux2-klein-kv models: its pipeline takes no negative prompt",
+        f"--cfg 3 has no effect on {tiny_flux2_klein_kv}: it takes no guidance (as FLUX.1 schnell)"]
+    refused = cli("inpaint", photo, "a cat", "--mask", write_mask(tmp_path, SIZE), "--model", tiny_flux2_klein_kv)
+    assert refused.exit_code == 2 and "inpaint does not work with" in refused.stderr, refused.stderr
 
 
 def test_what_they_read_otherwise_is_said(cli, tiny_flux2_klein, tiny_flux2_klein_base):
