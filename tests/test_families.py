@@ -15,7 +15,7 @@ from diffcli.models import BUNDLED_DIR, ModelSpec
 # Recorded in image metadata as model_family: a rename breaks every image made before it.
 NAMES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd-refiner", "sd-x4-upscaler", "sd-latent-upscaler", "sd3", "flux",
          "flux-fill", "qwen-image", "z-image", "flux-kontext", "qwen-image-edit", "qwen-image-edit-plus", "flux2",
-         "flux2-klein", "generic")
+         "flux2-klein", "flux2-klein-kv", "generic")
 ENTRIES = list(families.FAMILIES.values())
 
 
