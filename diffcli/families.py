@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from diffcli.errors import ModelError, UsageError
-from diffcli.layouts import FLUX_FILE, SD3_FILE, TransformerFile
+from diffcli.layouts import FLUX2_FILE, FLUX_FILE, SD3_FILE, TransformerFile
 
 # The tasks a family names a pipeline class for (outpaint runs the inpaint pipeline, hires the img2img one; edit is
 # instruction editing: the input image conditions the model beside the prompt, it is not noised).
@@ -428,9 +428,10 @@ _ENTRIES = (
         flow_match=True,
         latent_patch=2,  # its pipeline packs 2x2 latents (its image processor's factor: vae_scale_factor * 2)
         # diffusers' Flux2Pipeline: 50 steps, guidance_scale 4.0 (its call default; its docstring example shows 2.5)
-        variants=(Variant("dev", {"steps": 50, "cfg": 4.0}),),
+        variants=(Variant("dev", {"steps": 50, "cfg": 4.0}, base="black-forest-labs/FLUX.2-dev"),),
         edit_references=True,
         requires=("torchvision",),  # its tokenizer is transformers' PixtralProcessor, which needs it
+        transformer_file=FLUX2_FILE,  # a file without guidance embedding is klein's
     ),
     Family(
         name="flux2-klein",  # FLUX.2 klein 4B and 9B (a Qwen3 text encoder, FLUX.2's VAE), distilled or base
@@ -452,6 +453,7 @@ _ENTRIES = (
         variants=(Variant("distilled", {"steps": 4, "cfg": 1.0}, index=(("is_distilled", (True,)),), guidance="none"),
                   Variant("base", {"steps": 50, "cfg": 4.0})),
         edit_references=True,
+        transformer_file=replace(FLUX2_FILE, unguided=None),  # its files need --base: 4B and 9B differ
     ),
     Family(
         name="flux2-klein-kv",  # FLUX.2 klein 9B KV: klein's components, reference images' K/V cached across steps

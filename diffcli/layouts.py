@@ -1,4 +1,4 @@
-"""Tensor-name layouts of transformer-only files (SD3, FLUX.1): the registry's single-file knowledge for them,
+"""Tensor-name layouts of transformer-only files (SD3, FLUX.1, FLUX.2): the registry's single-file knowledge for them,
 read by transformer_files.py to tell a file's family from its names and shapes, before any weights load."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class TransformerFile:
     class_name: str  # the diffusers model class
     layouts: tuple[tuple[str, Layout], ...]  # (name, layout), the original layout first
     widened: str | None = None  # the family a file of more input than output channels is (FLUX.1 Fill)
+    unguided: str | None = None  # the family a file without a guidance embedding is (FLUX.2 klein)
     converted_width: int | None = None  # the only width diffusers converts from the original layout (None: any)
 
 # Transformer-only files: SAI's sd3.5_large.safetensors and BFL's flux1-dev.safetensors (ComfyUI's and city96's GGUF
@@ -36,10 +37,20 @@ SD3_FILE = TransformerFile("SD3Transformer2DModel", (
     ("diffusers", Layout("pos_embed.proj.weight", "pos_embed.proj.weight", (("num_layers", "transformer_blocks."),),
                          (("qk_norm", ".attn.norm_q.", "rms_norm", None),)))))
 FLUX_FILE = TransformerFile("FluxTransformer2DModel", (
-    ("original", Layout("double_blocks.0.img_attn.qkv.weight", "img_in.weight",
+    ("original", Layout("double_blocks.0.img_mod.lin.weight", "img_in.weight",  # FLUX.2's blocks share modulations
                         (("num_layers", "double_blocks."), ("num_single_layers", "single_blocks.")),
                         (("guidance_embeds", "guidance_in.", True, False),), "final_layer.linear.weight")),
     ("diffusers", Layout("single_transformer_blocks.0.attn.to_q.weight", "x_embedder.weight",
                          (("num_layers", "transformer_blocks."), ("num_single_layers", "single_transformer_blocks.")),
                          (("guidance_embeds", "time_text_embed.guidance_embedder.", True, False),), "proj_out.weight"))),
     widened="flux-fill", converted_width=3072)
+# FLUX.2 (dev: embedded guidance; klein: none), BFL's flux2-dev.safetensors layout or diffusers'; diffusers' converter
+# splits the fused q, k, v at any width
+FLUX2_FILE = TransformerFile("Flux2Transformer2DModel", (
+    ("original", Layout("single_stream_modulation.lin.weight", "img_in.weight",
+                        (("num_layers", "double_blocks."), ("num_single_layers", "single_blocks.")),
+                        (("guidance_embeds", "guidance_in.", True, False),), "final_layer.linear.weight")),
+    ("diffusers", Layout("single_stream_modulation.linear.weight", "x_embedder.weight",
+                         (("num_layers", "transformer_blocks."), ("num_single_layers", "single_transformer_blocks.")),
+                         (("guidance_embeds", "time_guidance_embed.guidance_embedder.", True, False),), "proj_out.weight"))),
+    unguided="flux2-klein")

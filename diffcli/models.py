@@ -346,7 +346,8 @@ def _transformer_spec(info, name: str, base: str | None, allow_pickle: bool):
     sizes and configs."""
     location, folder, revision = resolve_base(info, base, allow_pickle)
     spec = _spec_from_configs(folder, name, "single_file", info.path)
-    variant = families.variant(info.family, info.denoiser)
+    # the base's model_index.json too: FLUX.2 klein's says whether it is distilled
+    variant = families.variant(info.family, info.denoiser, read_json(Path(folder) / "model_index.json"))
     return replace(spec, family=info.family, config_dir=str(folder), base=location, revision=revision,
                    defaults=dict(variant.defaults) if variant else {},
                    guidance=(variant and variant.guidance) or families.get(info.family).guidance)

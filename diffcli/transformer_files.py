@@ -1,9 +1,10 @@
-"""Transformer-only single files (SD3, FLUX.1; .safetensors or .gguf): their family from tensor names and shapes (the
+"""Transformer-only single files (SD3, FLUX.1, FLUX.2; .safetensors or .gguf): their family from tensor names and shapes (the
 header only), and loading them offline through diffusers' `from_single_file` (GGUF through its GGUF quantizer) into
 the pipeline of their --base (models.py resolves the base: a model of its own)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ class TransformerInfo:
 
     path: str
     format: str  # weights.SAFETENSORS | weights.GGUF
-    family: str  # "sd3" | "flux" | "flux-fill"
+    family: str  # "sd3" | "flux" | "flux-fill" | "flux2" | "flux2-klein"
     layout: str  # "original" (BFL/SAI, ComfyUI, city96's GGUF) | "diffusers"
     width: int  # the transformer's inner width (heads x head size)
     config: tuple  # (config key, value) pairs the file decides over the base's transformer config
@@ -57,12 +58,13 @@ def inspect(path: str | Path, allow_pickle: bool = False) -> TransformerInfo | N
                 return _info(path, fmt, family.name, layout_name, layout, shapes)
     if fmt == weights.GGUF:
         raise ModelError(f"--model {str(path)!r} is a GGUF file of no transformer diffcli loads (first tensors: "
-                         f"{', '.join(sorted(shapes)[:3]) or 'none'})", "diffcli loads SD3 and FLUX.1 GGUF transformers")
+                         f"{', '.join(sorted(shapes)[:3]) or 'none'})", "diffcli loads SD3, FLUX.1 and FLUX.2 GGUF transformers")
     return None
 
 
 def _info(path: Path, fmt: str, family: str, layout_name: str, layout, shapes: dict) -> TransformerInfo:
-    """The family (FLUX.1 Fill: more input than output channels), width and the config values the file decides."""
+    """The family (FLUX.1 Fill: more input than output channels; FLUX.2 klein: no guidance embedding), width and the
+    config values the file decides."""
     where = f"--model {str(path)!r}"
     embedding = shapes.get(layout.input) or []
     if len(embedding) < 2:
@@ -79,6 +81,8 @@ def _info(path: Path, fmt: str, family: str, layout_name: str, layout, shapes: d
     known = families.get(family).transformer_file
     if known.widened and config["in_channels"] > config.get("out_channels", config["in_channels"]):
         family = known.widened
+    if known.unguided and not config.get("guidance_embeds"):
+        family = known.unguided
     return TransformerInfo(str(path), fmt, family, layout_name, embedding[0], tuple(sorted(config.items())))
 
 
@@ -92,8 +96,28 @@ def load(cls, spec, allow_pickle: bool, **kwargs):
     quantized = {}
     if info.format == weights.GGUF:
         quantized["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=kwargs["torch_dtype"])
-    transformer = model_class.from_single_file(weights.named_for_loader(info.path, info.format), config=spec.config_dir,
-                                               subfolder="transformer", local_files_only=True,
-                                               torch_dtype=kwargs["torch_dtype"], **info.denoiser, **quantized)
+    with _names_without_comfy_prefix(model_class.__name__):
+        transformer = model_class.from_single_file(weights.named_for_loader(info.path, info.format),
+                                                   config=spec.config_dir, subfolder="transformer", local_files_only=True,
+                                                   torch_dtype=kwargs["torch_dtype"], **info.denoiser, **quantized)
     safe = None if allow_pickle else True
     return cls.from_pretrained(spec.base, transformer=transformer, use_safetensors=safe, **kwargs)
+
+
+@contextlib.contextmanager
+def _names_without_comfy_prefix(class_name: str):
+    """During the block, diffusers' converter of `class_name` gets tensor names without ComfyUI's prefix: its FLUX.2
+    converter (diffusers 0.42) reads BFL's names only, where its FLUX.1 and SD3 ones strip the prefix themselves."""
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    entry = SINGLE_FILE_LOADABLE_CLASSES[class_name]
+    convert = entry["checkpoint_mapping_fn"]
+
+    def stripped(checkpoint, **kwargs):
+        return convert({k.removeprefix(COMFY_PREFIX): v for k, v in checkpoint.items()}, **kwargs)
+
+    entry["checkpoint_mapping_fn"] = stripped
+    try:
+        yield
+    finally:
+        entry["checkpoint_mapping_fn"] = convert

@@ -302,6 +302,49 @@ def sd3_to_original(state: dict) -> dict:
     return out
 
 
+def flux2_to_original(state: dict) -> dict:
+    """A FLUX.2 transformer's weights under BFL's names (flux2-dev.safetensors): diffusers' converter inverted (q, k, v
+    joined, norm weights named scale, the output's adaLN halves swapped back)."""
+    import torch
+
+    renames = {"x_embedder.": "img_in.", "context_embedder.": "txt_in.", "proj_out.": "final_layer.linear.",
+               "time_guidance_embed.timestep_embedder.linear_1.": "time_in.in_layer.",
+               "time_guidance_embed.timestep_embedder.linear_2.": "time_in.out_layer.",
+               "time_guidance_embed.guidance_embedder.linear_1.": "guidance_in.in_layer.",
+               "time_guidance_embed.guidance_embedder.linear_2.": "guidance_in.out_layer.",
+               "double_stream_modulation_img.linear.": "double_stream_modulation_img.lin.",
+               "double_stream_modulation_txt.linear.": "double_stream_modulation_txt.lin.",
+               "single_stream_modulation.linear.": "single_stream_modulation.lin."}
+    double = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+              "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+              "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale", "attn.to_out.0.": "img_attn.proj.",
+              "attn.to_add_out.": "txt_attn.proj.", "ff.linear_in.": "img_mlp.0.", "ff.linear_out.": "img_mlp.2.",
+              "ff_context.linear_in.": "txt_mlp.0.", "ff_context.linear_out.": "txt_mlp.2."}
+    single = {"attn.to_qkv_mlp_proj.": "linear1.", "attn.to_out.": "linear2.", "attn.norm_q.weight": "norm.query_norm.scale",
+              "attn.norm_k.weight": "norm.key_norm.scale"}
+    out, joined = {}, {}
+    for name, tensor in state.items():
+        if name.startswith("norm_out.linear."):
+            out["final_layer.adaLN_modulation.1." + name.rsplit(".", 1)[1]] = torch.cat(tensor.chunk(2, dim=0)[::-1])
+        elif name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            kind, index, rest = name.split(".", 2)
+            if kind == "transformer_blocks" and any(p in rest for p in ("to_q.", "to_k.", "to_v.", "add_q_proj.",
+                                                                        "add_k_proj.", "add_v_proj.")):
+                joined.setdefault((index, "txt" if ".add_" in "." + rest else "img", rest.rsplit(".", 1)[1]), {})[
+                    rest.split(".")[1]] = tensor
+                continue
+            table, block = (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
+            old = next(old for old in table if rest.startswith(old))
+            out[f"{block}.{index}.{table[old]}{rest[len(old):]}"] = tensor
+        else:
+            old = next(old for old in renames if name.startswith(old))
+            out[renames[old] + name[len(old):]] = tensor
+    for (index, stream, kind), parts in joined.items():
+        order = ("to_q", "to_k", "to_v") if stream == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
+        out[f"double_blocks.{index}.{stream}_attn.qkv.{kind}"] = torch.cat([parts[p] for p in order])
+    return out
+
+
 GGUF_BLOCK = 32  # Q8_0 and Q5_0 quantize rows in blocks of 32 values
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_models import sd3_to_original, tiny_flux, tiny_flux_fill, tiny_sd3, write_gguf  # noqa: F401 (fixtures)
+from flow_models import flux2_to_original, sd3_to_original, tiny_flux, tiny_flux2, tiny_flux2_klein, tiny_flux_fill, tiny_sd3, write_gguf  # noqa: F401 (fixtures)
 from PIL import Image
 from task_inputs import pixels, write_photo
 
@@ -56,7 +56,7 @@ def diffusers_image(class_name: str, file: Path, base: Path, prompt: str = "a re
     import diffusers
     import torch
 
-    family = "SD3" if class_name.startswith("StableDiffusion3") else "Flux"
+    family = "SD3" if class_name.startswith("StableDiffusion3") else "Flux2" if class_name.startswith("Flux2") else "Flux"
     model_class = getattr(diffusers, f"{family}Transformer2DModel")
     quantized = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32)} \
         if file.suffix == ".gguf" else {}
@@ -64,7 +64,7 @@ def diffusers_image(class_name: str, file: Path, base: Path, prompt: str = "a re
                                                torch_dtype=torch.float32, **quantized)
     pipe = getattr(diffusers, class_name).from_pretrained(base, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(1), output_type="np",
+    image = pipe(prompt=prompt, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(1), output_type="np",
                  width=SIZE[0], height=SIZE[1], **kwargs).images[0]
     return np.round(image * 255)
 
@@ -82,6 +82,47 @@ def test_txt2img_equals_diffusers(cli, files, request, name, class_name, base, g
     assert np.abs(pixels("t.png") - expected).max() <= TOLERANCE
     meta = read_metadata("t.png")
     assert (meta["model_family"], meta["cfg"], meta["base"]) == (name.split("-")[0], guidance, str(base))
+
+
+@pytest.fixture(scope="module")
+def flux2_files(tiny_flux2, tiny_flux2_klein, tmp_path_factory) -> dict[str, Path]:
+    """Transformer-only FLUX.2 files: dev in BFL's layout (ComfyUI prefix) and as GGUF, klein in diffusers' layout and
+    as a GGUF of BFL's names."""
+    root = tmp_path_factory.mktemp("flux2-files")
+    dev, klein = transformer_state(tiny_flux2), transformer_state(tiny_flux2_klein)
+    return {"flux2": save_safetensors(root / "flux2-dev-tiny.safetensors", flux2_to_original(dev), COMFY),
+            "flux2-bfl": save_safetensors(root / "flux2-dev-bfl.safetensors", flux2_to_original(dev)),
+            "flux2-gguf": write_gguf(root / "flux2-dev-tiny-Q8_0.gguf", flux2_to_original(dev), "flux"),
+            "flux2-klein": save_safetensors(root / "flux2-klein-tiny.safetensors", klein),
+            "flux2-klein-gguf": write_gguf(root / "flux2-klein-tiny-Q8_0.gguf", flux2_to_original(klein), "flux")}
+
+
+@pytest.mark.parametrize("name, class_name, base, guidance", [
+    ("flux2", "Flux2Pipeline", "tiny_flux2", 4.0), ("flux2-gguf", "Flux2Pipeline", "tiny_flux2", 4.0),
+    ("flux2-klein", "Flux2KleinPipeline", "tiny_flux2_klein", 1.0),
+    ("flux2-klein-gguf", "Flux2KleinPipeline", "tiny_flux2_klein", 1.0),
+])
+def test_flux2_files_equal_diffusers(cli, flux2_files, request, monkeypatch, name, class_name, base, guidance):
+    """FLUX.2 dev and klein transformer files (BFL's names, diffusers', GGUF) with --base: the family from the file
+    (no guidance embedding: klein), the image diffusers makes of the same file."""
+    import diffcli.extras
+
+    available = diffcli.extras.available  # the tiny dev's tokenizer needs no torchvision (tests/test_flux2.py)
+    monkeypatch.setattr(diffcli.extras, "available", lambda module: module == "torchvision" or available(module))
+    base = request.getfixturevalue(base)
+    result = cli("txt2img", "a red cat", "--model", flux2_files[name], "--base", base, "--width", SIZE[0], "--height",
+                 SIZE[1], *FAST, "-o", "t.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    reference = flux2_files["flux2-bfl" if name == "flux2" else name]  # diffusers' own converter reads no ComfyUI prefix
+    expected = diffusers_image(class_name, reference, base, guidance_scale=guidance)
+    assert np.abs(pixels("t.png") - expected).max() <= TOLERANCE
+    meta = read_metadata("t.png")
+    assert (meta["model_family"], meta["cfg"], meta["base"]) == (name.removesuffix("-gguf"), guidance, str(base))
+
+
+def test_a_klein_file_needs_its_base(cli, no_loading, flux2_files):
+    line = refused(cli, "--model", flux2_files["flux2-klein"])
+    assert "holds only a flux2-klein transformer and its family names no default base" in line and "pass --base" in line
 
 
 def test_a_gguf_file_runs_img2img_and_inpaint(cli, files, tiny_flux, tmp_path):
@@ -142,9 +183,14 @@ def names_file(path: Path, shapes: dict[str, tuple]) -> Path:
     return save_safetensors(path, {name: torch.zeros(shape) for name, shape in shapes.items()})
 
 
-BFL = {"double_blocks.0.img_attn.qkv.weight": (9, 3), "img_in.weight": (3, 64), "final_layer.linear.weight": (64, 3),
+BFL = {"double_blocks.0.img_attn.qkv.weight": (9, 3), "double_blocks.0.img_mod.lin.weight": (18, 3),
+       "img_in.weight": (3, 64), "final_layer.linear.weight": (64, 3),
        "single_blocks.0.linear1.weight": (1, 3), "single_blocks.1.linear1.weight": (1, 3)}
 GUIDANCE = {"guidance_in.in_layer.weight": (3, 1)}
+# FLUX.2's BFL names: FLUX.1's double and single blocks, but one modulation shared by all of each kind
+FLUX2 = {"double_blocks.0.img_attn.qkv.weight": (9, 3), "single_stream_modulation.lin.weight": (9, 3),
+         "img_in.weight": (3, 128), "final_layer.linear.weight": (128, 3), "single_blocks.0.linear1.weight": (1, 3),
+         "single_blocks.1.linear1.weight": (1, 3)}
 
 
 @pytest.mark.parametrize("shapes, prefix, expected", [
@@ -156,13 +202,22 @@ GUIDANCE = {"guidance_in.in_layer.weight": (3, 1)}
      ("sd3", "original", "stabilityai/stable-diffusion-3.5-large", 2, None)),
     ({"pos_embed.proj.weight": (3, 16, 2, 2), "transformer_blocks.0.attn.to_q.weight": (3, 3)}, "",
      ("sd3", "diffusers", "stabilityai/stable-diffusion-3-medium-diffusers", 1, None)),
-], ids=["flux-dev", "flux-schnell-comfy", "flux-fill", "sd3.5-comfy", "sd3-diffusers"])
+    ({**FLUX2, **GUIDANCE}, COMFY, ("flux2", "original", "black-forest-labs/FLUX.2-dev", 1, 2)),
+    (FLUX2, "", ("flux2-klein", "original", None, 1, 2)),
+    ({"single_stream_modulation.linear.weight": (9, 3), "x_embedder.weight": (3, 128), "proj_out.weight": (128, 3),
+      "transformer_blocks.0.attn.to_q.weight": (3, 3), "single_transformer_blocks.0.attn.to_out.weight": (3, 12)}, "",
+     ("flux2-klein", "diffusers", None, 1, 1)),
+], ids=["flux-dev", "flux-schnell-comfy", "flux-fill", "sd3.5-comfy", "sd3-diffusers", "flux2-dev-comfy", "flux2-klein",
+        "flux2-klein-diffusers"])
 def test_family_layout_and_default_base_from_names(tmp_path, shapes, prefix, expected):
     path = names_file(tmp_path / "t.safetensors", {prefix + name: shape for name, shape in shapes.items()})
     info = transformer_files.inspect(path)
     config = info.denoiser
-    assert (info.family, info.layout, models.default_base(info), config["num_layers"],
-            config.get("num_single_layers")) == expected
+    try:
+        base = models.default_base(info)
+    except ModelError:  # FLUX.2 klein: 4B and 9B need their own --base
+        base = None
+    assert (info.family, info.layout, base, config["num_layers"], config.get("num_single_layers")) == expected
 
 
 def test_an_sd_checkpoint_is_no_transformer_file(tmp_path):
