@@ -319,6 +319,7 @@ _ENTRIES = (
                           base="black-forest-labs/FLUX.1-schnell"),
                   Variant("dev", {"steps": 28, "cfg": 3.5}, base="black-forest-labs/FLUX.1-dev")),
         transformer_file=FLUX_FILE,
+        ip_adapter=True,  # XLabs' adapters, through diffusers' FluxIPAdapterMixin
     ),
     Family(
         name="flux-fill",  # FLUX.1 Fill dev: the masked image and the mask packed beside the latents

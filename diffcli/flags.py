@@ -131,13 +131,14 @@ CONTROL = group(
          "\"ControlNet is more important\")."),
 )
 IP_ADAPTER = group(
-    Flag("ip_adapter", ("--ip-adapter",), "texts", None, "IP-Adapter (SD 1.x, SDXL): a .safetensors file, a folder "
+    Flag("ip_adapter", ("--ip-adapter",), "texts", None, "IP-Adapter (SD 1.x, SDXL, FLUX.1): a .safetensors file, a folder "
          "holding one, or a Hub file owner/repo/subfolder/file.safetensors; repeatable, each with its --ip-image."),
     Flag("ip_image", ("--ip-image",), "texts", None, "The image prompt of each --ip-adapter, in the same order."),
     Flag("ip_scale", ("--ip-scale",), "texts", None, "Strength of each --ip-adapter, in the same order (default 1; 0 "
          "turns it off)."),
     Flag("ip_encoder", ("--ip-encoder",), str, None, "CLIP image encoder of the adapters (folder or Hub "
-         "owner/repo/subfolder); default: the image_encoder folder beside the adapter file."),
+         "owner/repo/subfolder); default: the image_encoder folder beside the adapter file (FLUX.1: else "
+         "openai/clip-vit-large-patch14)."),
 )
 INPUT = Flag("input", (), str, None, "Input image (PNG, JPEG, WebP...; EXIF orientation applied).")
 STRENGTH_HELP = "How much to change the input: 0 keeps it, 1 ignores it."

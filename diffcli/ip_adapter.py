@@ -1,7 +1,8 @@
 """IP-Adapter image prompts (--ip-adapter MODEL --ip-image IMAGE [--ip-scale S], repeatable in step; --ip-encoder):
-checked at plan time from file headers and configs (no weights read), loaded into the U-Net at run time through
-diffusers' IPAdapterMixin (load_ip_adapter with the tensors we read, set_ip_adapter_scale, ip_adapter_image=), and
-recorded as A1111's ControlNet extension records its ip-adapter units.
+checked at plan time from file headers and configs (no weights read), loaded into the U-Net (SD 1.x, SDXL) or FLUX.1's
+transformer at run time through diffusers' IPAdapterMixin / FluxIPAdapterMixin (load_ip_adapter with the tensors we
+read, set_ip_adapter_scale, ip_adapter_image=), and recorded as A1111's ControlNet extension records its ip-adapter
+units. FLUX.1's adapters are XLabs' (ip_adapter_proj_model.*, double_blocks.N.processor.*), read under diffusers' names.
 
 MODEL is a .safetensors file (pickle only with --allow-pickle, judged from the bytes), a folder holding one such file,
 or a Hub file `owner/repo/subfolder/file.safetensors` (h94/IP-Adapter/models/ip-adapter_sd15.safetensors). The CLIP
@@ -26,7 +27,9 @@ TASKS = ("txt2img", "img2img", "inpaint")  # pipelines of these tasks take ip_ad
 # The image encoder's width -> the preprocessor sd-webui-controlnet names in its infotext (PR #2710): ViT-H, bigG
 A1111_MODULES = {1280: "ip-adapter_clip_h", 1664: "ip-adapter_clip_g"}
 UNKNOWN_MODULE = "ip-adapter-auto"  # sd-webui-controlnet's own choice when the encoder is neither
-CROSS_DIMS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}  # the U-Net's cross-attention width when its config is not at hand
+CROSS_DIMS = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "flux": 4096}  # the text width adapters attend with, configs absent
+# A family's encoder when none is beside the adapter: XLabs' FLUX.1 adapter was trained on CLIP ViT-L/14's (diffusers' docs)
+DEFAULT_ENCODERS = {"flux": "openai/clip-vit-large-patch14"}
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,10 @@ def resolve(job, spec) -> Resolved:
         raise UsageError(f"{FLAG}: the adapters come with different image encoders ({', '.join(sorted(encoders))}); a "
                          "pipeline runs one", "pass --ip-encoder DIR, the CLIP image encoder they all take")
     encoder = given or next(iter(encoders))
-    config = _check_encoder(encoder, allow_pickle, given=bool(given), hub=bool(given) or isinstance(files[0], tuple))
+    if not given and spec.family in DEFAULT_ENCODERS and not Path(encoder).expanduser().is_dir():
+        encoder = DEFAULT_ENCODERS[spec.family]
+    config = _check_encoder(encoder, allow_pickle, given=bool(given),
+                            hub=bool(given) or isinstance(files[0], tuple) or encoder in DEFAULT_ENCODERS.values())
     cross = _model_cross_attention(spec)
     for adapter, file in zip(adapters, files):
         if isinstance(file, str) and _is_safetensors(file):
@@ -224,21 +230,25 @@ def _offline_check(repo: str, filename: str, flag: str, given: str) -> None:
 
 
 def _model_cross_attention(spec) -> tuple[int | None, int | None]:
-    """(cross-attention width, number of cross-attention layers) of the model's U-Net, from its config when at hand;
-    else the family's width and no count."""
+    """(cross-attention width, number of cross-attention layers) of the model's U-Net (or FLUX.1's transformer: the
+    text width and its double-stream blocks), from its config when at hand; else the family's width and no count."""
     from diffcli.models import read_json
 
-    configs = [Path(folder) / "unet" / "config.json" for folder in (spec.config_dir, spec.location) if folder]
+    name = "transformer/config.json" if spec.family == "flux" else "unet/config.json"
+    configs = [Path(folder) / name for folder in (spec.config_dir, spec.location) if folder]
     if spec.source == "hub":  # the config models.resolve_model fetched (or found) in the HF cache
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(spec.location, "unet/config.json", revision=spec.revision)
+        cached = try_to_load_from_cache(spec.location, name, revision=spec.revision)
         configs = [Path(cached)] if isinstance(cached, str) else []
     for config in configs:
         if config.is_file():
-            unet = read_json(config)
-            dim = unet.get("cross_attention_dim")
-            return (dim if isinstance(dim, int) else None), _cross_layers(unet)
+            model = read_json(config)
+            if spec.family == "flux":
+                dim, layers = model.get("joint_attention_dim", 4096), model.get("num_layers", 19)  # the class defaults
+                return (dim if isinstance(dim, int) else None), (layers if isinstance(layers, int) else None)
+            dim = model.get("cross_attention_dim")
+            return (dim if isinstance(dim, int) else None), _cross_layers(model)
     return CROSS_DIMS.get(spec.family), None
 
 
@@ -263,10 +273,22 @@ def _cross_layers(unet: dict) -> int | None:
         return None
 
 
+def diffusers_name(key: str) -> str:
+    """An adapter tensor's name as diffusers' loaders take it: XLabs' FLUX.1 names (ip_adapter_proj_model.*,
+    double_blocks.N.processor.ip_adapter_double_stream_k_proj.*) renamed as load_ip_adapter renames a FLUX.1 file."""
+    head, _, rest = key.partition(".")
+    if head == "ip_adapter_proj_model":
+        return "image_proj." + rest
+    if head == "double_blocks":
+        return "ip_adapter." + (rest.replace("ip_adapter_double_stream_k_proj", "to_k_ip")
+                                .replace("ip_adapter_double_stream_v_proj", "to_v_ip").replace("processor.", ""))
+    return key
+
+
 def check_tensors(model: str, header: dict, cross: tuple, encoder: dict | None, spec) -> None:
     """An IP-Adapter state dict's names and shapes (a safetensors header, or tensors) fit the model and encoder."""
     shape = lambda entry: list(entry["shape"]) if isinstance(entry, dict) else list(entry.shape)  # noqa: E731
-    names = {k: shape(v) for k, v in header.items() if k != "__metadata__"}
+    names = {diffusers_name(k): shape(v) for k, v in header.items() if k != "__metadata__"}
     proj = {k.removeprefix("image_proj."): v for k, v in names.items() if k.startswith("image_proj.")}
     keys = {k: v for k, v in names.items() if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")}
     if not proj or not keys:
@@ -304,20 +326,20 @@ _ENCODERS: dict[tuple, object] = {}  # (encoder, device, dtype) -> CLIPVisionMod
 
 
 def activate(pipe, resolved: Resolved, device: str, dtype, allow_pickle: bool) -> None:
-    """Give the pipeline exactly the job's IP-Adapters at their scales, or none (the U-Net is shared by every task's
-    pipeline of the cached model: an earlier job's adapters must not reach this one)."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
+    """Give the pipeline exactly the job's IP-Adapters at their scales, or none (the U-Net or transformer is shared by
+    every task's pipeline of the cached model: an earlier job's adapters must not reach this one)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None:
         return
-    loaded = getattr(unet, "diffcli_ip_adapters", None)
+    loaded = getattr(denoiser, "diffcli_ip_adapters", None)
     wanted = (tuple(map(str, resolved.files)), resolved.encoder) if resolved.adapters else None
     if loaded is not None and loaded != wanted:
         pipe.unload_ip_adapter()
-        unet.diffcli_ip_adapters = None
+        denoiser.diffcli_ip_adapters = None
     if wanted is None:
         return
     encoder = _encoder(resolved.encoder, device, dtype, allow_pickle)
-    if getattr(pipe, "image_encoder", None) is not encoder:  # a pipeline of another task sharing the U-Net
+    if getattr(pipe, "image_encoder", None) is not encoder:  # a pipeline of another task sharing the denoiser
         pipe.register_modules(image_encoder=encoder)
     if loaded != wanted:
         states = [_state_dict(file, a.model, allow_pickle) for file, a in zip(resolved.files, resolved.adapters)]
@@ -327,13 +349,14 @@ def activate(pipe, resolved: Resolved, device: str, dtype, allow_pickle: bool) -
         except (KeyError, RuntimeError, ValueError) as exc:
             pipe.unload_ip_adapter()
             raise UsageError(f"{FLAG} cannot be loaded into this model: {first_line(exc)}") from exc
-        unet.diffcli_ip_adapters = wanted
+        denoiser.diffcli_ip_adapters = wanted
     elif getattr(pipe, "feature_extractor", None) is None:
         from transformers import CLIPImageProcessor
 
         size = encoder.config.image_size
         pipe.register_modules(feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
-    pipe.set_ip_adapter_scale([a.scale for a in resolved.adapters])
+    scales = [a.scale for a in resolved.adapters]
+    pipe.set_ip_adapter_scale(scales[0] if len(scales) == 1 else scales)  # FLUX.1 reads a list of one as per-block
 
 
 def _encoder(encoder: str, device: str, dtype, allow_pickle: bool):
@@ -374,7 +397,7 @@ def _state_dict(file, model: str, allow_pickle: bool) -> dict:
         return {"image_proj": state["image_proj"], "ip_adapter": state["ip_adapter"]}  # the original .bin layout
     nested = {"image_proj": {}, "ip_adapter": {}}
     for key, value in state.items():
-        head, _, rest = key.partition(".")
+        head, _, rest = diffusers_name(key).partition(".")
         if head in nested:
             nested[head][rest] = value
     return nested

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flow_models import tiny_flux  # noqa: F401 (fixture)
 from PIL import Image, ImageDraw
 
 SEED = ("--seed", "3", "--steps", "2", "--quiet", "--width", "64", "--height", "64")
@@ -235,7 +236,7 @@ def test_bad_input_exits_2_before_loading(cli, isolated, tiny_model, tiny_ip, ti
 def test_family_without_adapters_is_refused(cli, isolated, tiny_ip):
     red = picture(isolated / "red.png")
     result = cli("txt2img", "a circle", "--model", "tiny-shapes-x4", *SEED, "--ip-adapter", tiny_ip[0], "--ip-image", red)
-    assert result.exit_code == 2 and "IP-Adapters run on sd1, sdxl models" in result.stderr, result.stderr
+    assert result.exit_code == 2 and "IP-Adapters run on sd1, sdxl, flux models" in result.stderr, result.stderr
 
 
 @pytest.mark.slow
@@ -309,3 +310,71 @@ def test_a_refiner_finishes_without_the_image_prompt(cli, isolated, tiny_model, 
         made = cli(*args, "-o", f"{name}-ip.png", "--ip-adapter", ip, "--ip-image", red)
         assert free.exit_code == made.exit_code == 0, (name, made.stderr)
         assert np.abs(pixels(f"{name}-ip.png") - pixels(f"{name}-free.png")).max() > 0, name
+
+
+# --- FLUX.1: XLabs' adapter layout, loaded into the transformer -------------------------------------------------------
+
+def save_flux_adapter(root: Path, model: Path) -> Path:
+    """An adapter for the tiny FLUX.1 under XLabs' names (flux-ip-adapter's ip_adapter.safetensors: ip_adapter_proj_model.*
+    and double_blocks.N.processor.ip_adapter_double_stream_{k,v}_proj.*), with a CLIP image encoder beside it."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        image_size=32, patch_size=8)).save_pretrained(root / "image_encoder")
+    config = FluxTransformer2DModel.load_config(model, subfolder="transformer")
+    text, inner = config["joint_attention_dim"], config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(0)
+    state = {"ip_adapter_proj_model.proj.weight": torch.randn(4 * text, 16, generator=generator),
+             "ip_adapter_proj_model.proj.bias": torch.zeros(4 * text),
+             "ip_adapter_proj_model.norm.weight": torch.ones(text), "ip_adapter_proj_model.norm.bias": torch.zeros(text)}
+    for block in range(config["num_layers"]):
+        for kind in ("k", "v"):
+            name = f"double_blocks.{block}.processor.ip_adapter_double_stream_{kind}_proj"
+            state[f"{name}.weight"] = torch.randn(inner, text, generator=generator) * 2
+            state[f"{name}.bias"] = torch.zeros(inner)
+    save_file(state, root / "ip_adapter.safetensors")
+    return root / "ip_adapter.safetensors"
+
+
+FLUX_RUN = ("--seed", "3", "--steps", "2", "--quiet", "--width", "32", "--height", "32")
+
+
+def test_flux_adapter_equals_diffusers_and_scale_zero_is_off(cli, isolated, tiny_flux):
+    """XLabs' layout into FLUX.1's transformer: the image of diffusers' own load_ip_adapter of the file; scale 0 and
+    the next job without it give the adapter-free image."""
+    import torch
+    from diffusers import FluxPipeline
+
+    adapter, red = save_flux_adapter(isolated / "ip", tiny_flux), picture(isolated / "red.png")
+    runs = {name: cli("txt2img", "a circle", "--model", tiny_flux, *FLUX_RUN, "-o", f"{name}.png", *args)
+            for name, args in (("free", ()), ("full", ("--ip-adapter", adapter, "--ip-image", red, "--ip-scale", "0.8")),
+                               ("zero", ("--ip-adapter", adapter, "--ip-image", red, "--ip-scale", "0")), ("after", ()))}
+    assert all(r.exit_code == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(adapter.parent), weight_name=adapter.name, image_encoder_dtype=torch.float32,
+                         image_encoder_pretrained_model_name_or_path=str(adapter.parent / "image_encoder"))
+    pipe.set_ip_adapter_scale(0.8)
+    expected = pipe("a circle", ip_adapter_image=Image.open(red).convert("RGB"), num_inference_steps=2, width=32,
+                    height=32, guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    assert np.abs(pixels("full.png") - (expected * 255).round()).max() <= TOLERANCE
+    assert np.abs(pixels("full.png") - pixels("free.png")).max() > 4 * TOLERANCE  # the adapter counts
+    for name in ("zero", "after"):
+        assert np.abs(pixels(f"{name}.png") - pixels("free.png")).max() <= ZERO_TOLERANCE, name
+
+
+def test_flux_adapter_without_an_encoder_beside_it_names_clip_vit_l(cli, isolated, tiny_flux):
+    """XLabs' repository has no image_encoder folder: CLIP ViT-L/14 from the Hub is the default, offline (and not
+    cached) a one-line error naming it, before any model loads."""
+    adapter, red = save_flux_adapter(isolated / "ip", tiny_flux), picture(isolated / "red.png")
+    import shutil
+
+    shutil.rmtree(adapter.parent / "image_encoder")
+    result = cli("txt2img", "a circle", "--model", tiny_flux, *FLUX_RUN, "--ip-adapter", adapter, "--ip-image", red)
+    assert result.exit_code == 2 and "openai/clip-vit-large-patch14" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
