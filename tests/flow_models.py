@@ -700,6 +700,54 @@ def build_tiny_chroma(root: Path):
                           **tiny_t5(root))
 
 
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
+
+
+def build_tiny_sana(root: Path):
+    """Tiny Sana components: a Gemma 2 encoder with a byte-level BPE Gemma tokenizer (built with the tokenizers
+    library), a linear-attention DiT, a six-block DC-AE (factor 32; the pipeline wants sizes of 32) and DPM++ on flow
+    sigmas, as Sana's folders have."""
+    import torch
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(list(GEMMA_SPECIALS) + sorted(ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(list(GEMMA_SPECIALS))
+    GemmaTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                       pad_token="<pad>").save_pretrained(root / "gemma-tokenizer")
+    tokenizer = GemmaTokenizerFast.from_pretrained(root / "gemma-tokenizer")
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                            num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                            max_position_embeddings=1024, pad_token_id=0, eos_token_id=1,
+                                            bos_token_id=2)).eval()
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
+                                         num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                         cross_attention_dim=8, caption_channels=16, sample_size=32, patch_size=1)
+    blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3  # six blocks: a factor of 32, as Sana's DC-AE
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=blocks,
+                        decoder_block_types=blocks, encoder_block_out_channels=(8,) * 6, decoder_block_out_channels=(8,) * 6,
+                        encoder_qkv_multiscales=((),) * 3 + ((5,),) * 3, decoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+                        encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6, downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                        scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory) -> Path:
+    """The tiny Sana model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("sana")
+    return save(build_tiny_sana(root), root / "tiny-sana")
+
+
 @pytest.fixture(scope="session")
 def tiny_pixart(tmp_path_factory) -> Path:
     """The tiny PixArt-Sigma model as a local diffusers folder."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_models import FAST, SIZE, TOLERANCE, diffusers_image, model, tiny_chroma, tiny_lcm, tiny_pixart  # noqa: F401 (fixtures)
+from flow_models import FAST, SIZE, TOLERANCE, diffusers_image, model, tiny_chroma, tiny_lcm, tiny_pixart, tiny_sana  # noqa: F401 (fixtures)
 from PIL import Image
 from task_inputs import pixels, write_mask, write_photo
 
@@ -42,15 +42,16 @@ def test_folders_resolve_to_the_generic_family_with_their_pipeline(tiny_pixart, 
     assert not families.of(pixart).lora and families.of(chroma).lora
 
 
-@pytest.mark.parametrize("model, class_name, extra", [
-    ("tiny_pixart", "PixArtSigmaPipeline", PIXART), ("tiny_chroma", "ChromaPipeline", {}),
-], indirect=["model"], ids=["pixart", "chroma"])
-def test_txt2img_equals_diffusers(cli, model, class_name, extra):
-    result = cli("txt2img", "a red cat", "-n", "blurry", "--cfg", "3", "--model", model, "--width", SIZE[0],
-                 "--height", SIZE[1], *FAST, "-o", "t.png", "--json")
+@pytest.mark.parametrize("model, class_name, extra, size", [
+    ("tiny_pixart", "PixArtSigmaPipeline", PIXART, SIZE), ("tiny_chroma", "ChromaPipeline", {}, SIZE),
+    ("tiny_sana", "SanaPipeline", PIXART, (64, 32)),  # its DC-AE's factor 32
+], indirect=["model"], ids=["pixart", "chroma", "sana"])
+def test_txt2img_equals_diffusers(cli, model, class_name, extra, size):
+    result = cli("txt2img", "a red cat", "-n", "blurry", "--cfg", "3", "--model", model, "--width", size[0],
+                 "--height", size[1], *FAST, "-o", "t.png", "--json")
     assert result.exit_code == 0, result.stderr
     expected = diffusers_image(class_name, model, "a red cat", negative_prompt="blurry", guidance_scale=3.0,
-                               width=SIZE[0], height=SIZE[1], **extra)
+                               width=size[0], height=size[1], **extra)
     assert np.abs(pixels("t.png") - expected).max() <= TOLERANCE
     meta = read_metadata("t.png")
     assert (meta["model_family"], meta["pipeline"], meta["steps"], meta["cfg"]) == ("generic", class_name, 2, 3.0)
@@ -108,8 +109,10 @@ def test_img2img_where_autopipeline_maps_it_equals_diffusers(cli, tiny_lcm, tmp_
     ("tiny_pixart", "txt2img", ["--scheduler", "flow-euler"], "is a noise-prediction model (generic) and takes every "
      "scheduler but flow-euler, got flow-euler"),
     ("tiny_chroma", "txt2img", ["--scheduler", "euler"], "is a flow-matching model (generic) and takes flow-euler"),
+    ("tiny_sana", "txt2img", ["--width", "48", "--height", "64"],
+     "--width and --height must be multiples of 32 for this model, got 48x64 (try 32x64)"),
 ], indirect=["model"], ids=["pixart-img2img", "pixart-inpaint", "lcm-inpaint", "edit", "clip-skip", "true-cfg", "hires",
-                            "variation", "lora", "flow-scheduler", "noise-scheduler"])
+                            "variation", "lora", "flow-scheduler", "noise-scheduler", "sana-size"])
 def test_what_they_cannot_do_is_refused_before_loading(cli, no_loading, tmp_path, model, command, args, message):
     from safetensors.torch import save_file
     import torch
