@@ -104,8 +104,23 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
         peak = speed.peak_memory_gib(device)  # CUDA: this call's allocations; CPU: the process's resident peak
         for image, (each, index) in zip(pixels, call):
             timings = {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3), "peak_memory_gib": peak}
-            yield each, index, image, dict(common[id(each)], warnings=each.warnings + warnings, timings=timings)
+            meta = _as_made(dict(common[id(each)], warnings=each.warnings + warnings, timings=timings), image,
+                            notify if index == 0 else lambda message: None)  # said once per plan
+            yield each, index, image, meta
             load_s = 0.0
+
+
+def _as_made(meta: dict, image, notify) -> dict:
+    """The record with the size the image has: a generic pipeline may pick its own (HiDream generates at its native
+    area, keeping the aspect ratio), and the record must say what was made, so that a replay asks for that, once said."""
+    if "pipeline" not in meta or image.size == (meta["width"], meta["height"]):
+        return meta
+    width, height = image.size
+    note = (f"{meta['pipeline']} made {width}x{height} for --width {meta['width']} --height {meta['height']} (it "
+            "chooses its own size); recorded as made")
+    if note not in meta["warnings"]:
+        notify(note)
+    return dict(meta, width=width, height=height, warnings=[*meta["warnings"], note])
 
 
 def _metadata(plan: Plan, pipe, steps: int, device: str, dtype) -> dict:

@@ -741,6 +741,57 @@ def build_tiny_sana(root: Path):
                         scheduler=scheduler)
 
 
+LLAMA_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
+
+
+def build_tiny_hidream(root: Path):
+    """Tiny HiDream-I1 components: two CLIPs with projection (248 positions, as its long CLIPs), T5, a Llama with a
+    byte-level BPE tokenizer (built with the tokenizers library), a mixture-of-experts transformer reading both Llama
+    layers, FLUX.1's VAE layout and flow-matching Euler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, LlamaConfig, LlamaForCausalLM,
+                              PreTrainedTokenizerFast)
+
+    size = write_tiny_tokenizer(root / "clip-tokenizer")
+    clip_tokenizer = CLIPTokenizer.from_pretrained(root / "clip-tokenizer")
+    vocab = {token: i for i, token in enumerate(list(LLAMA_SPECIALS) + sorted(ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(list(LLAMA_SPECIALS))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=LLAMA_SPECIALS[0], eos_token=LLAMA_SPECIALS[1],
+                            pad_token=LLAMA_SPECIALS[2]).save_pretrained(root / "llama-tokenizer")
+    llama_tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "llama-tokenizer")
+    torch.manual_seed(0)
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1, hidden_size=TEXT_HIDDEN, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=size, max_position_embeddings=248,
+        projection_dim=TEXT_HIDDEN, hidden_act="gelu")) for _ in range(2)]
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, vocab_size=len(llama_tokenizer), max_position_embeddings=256,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=2)).eval()
+    t5 = tiny_t5(root)
+    transformer = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                                 num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
+                                                 caption_channels=[TEXT_HIDDEN, 16], text_emb_dim=2 * TEXT_HIDDEN,
+                                                 num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+                                                 max_resolution=(128, 128), llama_layers=(0, 1))
+    return HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(FLUX_VAE_FACTORS, 4),
+                                text_encoder=clips[0], tokenizer=clip_tokenizer, text_encoder_2=clips[1],
+                                tokenizer_2=clip_tokenizer, text_encoder_3=t5["text_encoder"], tokenizer_3=t5["tokenizer"],
+                                text_encoder_4=llama, tokenizer_4=llama_tokenizer, transformer=transformer)
+
+
+@pytest.fixture(scope="session")
+def tiny_hidream(tmp_path_factory) -> Path:
+    """The tiny HiDream-I1 model as a local diffusers folder."""
+    root = tmp_path_factory.mktemp("hidream")
+    return save(build_tiny_hidream(root), root / "tiny-hidream")
+
+
 @pytest.fixture(scope="session")
 def tiny_sana(tmp_path_factory) -> Path:
     """The tiny Sana model as a local diffusers folder."""

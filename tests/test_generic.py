@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_models import FAST, SIZE, TOLERANCE, diffusers_image, model, tiny_chroma, tiny_lcm, tiny_pixart, tiny_sana  # noqa: F401 (fixtures)
+from flow_models import FAST, SIZE, TOLERANCE, diffusers_image, model, tiny_chroma, tiny_lcm, tiny_pixart, tiny_sana, tiny_hidream  # noqa: F401 (fixtures)
 from PIL import Image
 from task_inputs import pixels, write_mask, write_photo
 
@@ -56,6 +56,25 @@ def test_txt2img_equals_diffusers(cli, model, class_name, extra, size):
     meta = read_metadata("t.png")
     assert (meta["model_family"], meta["pipeline"], meta["steps"], meta["cfg"]) == ("generic", class_name, 2, 3.0)
     assert meta["negative"] == "blurry" and meta["warnings"] == [] and result.json_lines()[0]["pipeline"] == class_name
+
+
+@pytest.mark.slow
+def test_hidream_records_the_size_it_makes(cli, tiny_hidream):
+    """HiDream's pipeline generates at its native area (1024x1024 worth of pixels, the asked aspect ratio): the image
+    is diffusers' own, recorded at the size made, said once, and replay makes it again."""
+    result = cli("txt2img", "a red cat", "--model", tiny_hidream, "--width", "64", "--height", "32", *FAST, "-o", "h.png",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    expected = diffusers_image("HiDreamImagePipeline", tiny_hidream, "a red cat", width=64, height=32,
+                               guidance_scale=5.0)
+    assert Image.open("h.png").size == (1440, 720) and np.abs(pixels("h.png") - expected).max() <= TOLERANCE
+    meta = read_metadata("h.png")
+    assert (meta["pipeline"], meta["width"], meta["height"]) == ("HiDreamImagePipeline", 1440, 720)
+    assert meta["warnings"] == ["HiDreamImagePipeline made 1440x720 for --width 64 --height 32 (it chooses its own "
+                                "size); recorded as made"]
+    again = cli("replay", "h.png", "-o", "again.png")
+    assert again.exit_code == 0, again.stderr
+    assert np.abs(pixels("again.png") - pixels("h.png")).max() <= 1
 
 
 def test_a_batch_line_runs_at_the_native_size_with_the_pipeline_defaults(cli, tiny_pixart):
