@@ -539,22 +539,30 @@ MISTRAL_TEMPLATE = (
     "[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}")
 
 
-def write_tiny_mistral_tokenizer(folder: Path):
-    """A byte-level BPE tokenizer (every byte a token, no merges) with Mistral's specials and turns, built with the
-    tokenizers library. FLUX.2 dev's real tokenizer is a PixtralProcessor around Mistral's, which transformers builds
-    only with torchvision installed; the pipeline calls only its apply_chat_template, which a tokenizer has too."""
+def write_byte_bpe_tokenizer(folder: Path, specials: tuple, **tokens):
+    """A byte-level BPE tokenizer (every byte a token, no merges) with these special tokens first, built with the
+    tokenizers library and saved as a PreTrainedTokenizerFast (or `cls`, in tokens); `tokens` names bos/eos/pad...
+    (and chat_template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(list(MISTRAL_SPECIALS) + sorted(ByteLevel.alphabet()))}
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    cls = tokens.pop("cls", PreTrainedTokenizerFast)
+    vocab = {token: i for i, token in enumerate(list(specials) + sorted(ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=tokens.get("unk_token")))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens(list(MISTRAL_SPECIALS))
-    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                            chat_template=MISTRAL_TEMPLATE).save_pretrained(folder)
-    return PreTrainedTokenizerFast.from_pretrained(folder)
+    bpe.add_special_tokens(list(specials))
+    cls(tokenizer_object=bpe, **tokens).save_pretrained(folder)
+    return cls.from_pretrained(folder)
+
+
+def write_tiny_mistral_tokenizer(folder: Path):
+    """Mistral's specials and turns on a byte-level BPE. FLUX.2 dev's real tokenizer is a PixtralProcessor around
+    Mistral's, which transformers builds only with torchvision installed; the pipeline calls only its
+    apply_chat_template, which a tokenizer has too."""
+    return write_byte_bpe_tokenizer(folder, MISTRAL_SPECIALS, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                    pad_token="<pad>", chat_template=MISTRAL_TEMPLATE)
 
 
 def tiny_flux2_parts(guidance: bool) -> dict:
@@ -709,18 +717,10 @@ def build_tiny_sana(root: Path):
     sigmas, as Sana's folders have."""
     import torch
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
     from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(list(GEMMA_SPECIALS) + sorted(ByteLevel.alphabet()))}
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens(list(GEMMA_SPECIALS))
-    GemmaTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                       pad_token="<pad>").save_pretrained(root / "gemma-tokenizer")
-    tokenizer = GemmaTokenizerFast.from_pretrained(root / "gemma-tokenizer")
+    tokenizer = write_byte_bpe_tokenizer(root / "gemma-tokenizer", GEMMA_SPECIALS, cls=GemmaTokenizerFast, bos_token="<bos>",
+                                         eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
     torch.manual_seed(0)
     text_encoder = Gemma2Model(Gemma2Config(head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
                                             num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
@@ -750,21 +750,12 @@ def build_tiny_hidream(root: Path):
     layers, FLUX.1's VAE layout and flow-matching Euler."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, LlamaConfig, LlamaForCausalLM,
-                              PreTrainedTokenizerFast)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, LlamaConfig, LlamaForCausalLM
 
     size = write_tiny_tokenizer(root / "clip-tokenizer")
     clip_tokenizer = CLIPTokenizer.from_pretrained(root / "clip-tokenizer")
-    vocab = {token: i for i, token in enumerate(list(LLAMA_SPECIALS) + sorted(ByteLevel.alphabet()))}
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens(list(LLAMA_SPECIALS))
-    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=LLAMA_SPECIALS[0], eos_token=LLAMA_SPECIALS[1],
-                            pad_token=LLAMA_SPECIALS[2]).save_pretrained(root / "llama-tokenizer")
-    llama_tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "llama-tokenizer")
+    llama_tokenizer = write_byte_bpe_tokenizer(root / "llama-tokenizer", LLAMA_SPECIALS, bos_token=LLAMA_SPECIALS[0],
+                                               eos_token=LLAMA_SPECIALS[1], pad_token=LLAMA_SPECIALS[2])
     torch.manual_seed(0)
     clips = [CLIPTextModelWithProjection(CLIPTextConfig(
         bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1, hidden_size=TEXT_HIDDEN, intermediate_size=37,
