@@ -1,10 +1,11 @@
-"""Transformer-only single files (SD3, FLUX.1, FLUX.2; .safetensors or .gguf): their family from tensor names and shapes (the
-header only), and loading them offline through diffusers' `from_single_file` (GGUF through its GGUF quantizer) into
-the pipeline of their --base (models.py resolves the base: a model of its own)."""
+"""Transformer-only single files (SD3, FLUX.1, FLUX.2; .safetensors or .gguf): their family from tensor names and
+shapes (the header only), and loading them offline through diffusers' `from_single_file` (GGUF through its GGUF
+quantizer) into the pipeline of their --base (models.py resolves the base: a model of its own)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ def inspect(path: str | Path, allow_pickle: bool = False) -> TransformerInfo | N
                 return _info(path, fmt, family.name, layout_name, layout, shapes)
     if fmt == weights.GGUF:
         raise ModelError(f"--model {str(path)!r} is a GGUF file of no transformer diffcli loads (first tensors: "
-                         f"{', '.join(sorted(shapes)[:3]) or 'none'})", "diffcli loads SD3, FLUX.1 and FLUX.2 GGUF transformers")
+                         f"{', '.join(sorted(shapes)[:3]) or 'none'})",
+                         "diffcli loads SD3, FLUX.1 and FLUX.2 GGUF transformers")
     return None
 
 
@@ -113,6 +115,7 @@ def _names_without_comfy_prefix(class_name: str):
     entry = SINGLE_FILE_LOADABLE_CLASSES[class_name]
     convert = entry["checkpoint_mapping_fn"]
 
+    @functools.wraps(convert)  # diffusers passes the keyword arguments the converter's signature names
     def stripped(checkpoint, **kwargs):
         return convert({k.removeprefix(COMFY_PREFIX): v for k, v in checkpoint.items()}, **kwargs)
 
