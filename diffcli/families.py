@@ -91,15 +91,20 @@ class Variant:
     index: tuple = ()  # the same for model_index.json (a pipeline's own config: FLUX.2 klein's is_distilled)
     guidance: str | None = None  # one of GUIDANCE, when not the family's
     base: str | None = None  # Hub id whose text encoders and VAE complete a transformer-only file of it (no --base)
+    # words of the model's name (Hub id, folder or file; `_` read as `-`) that tell it where no config can: SD3.5 Large
+    # Turbo has Large's configs. (): any name
+    named: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
-    def fits(self, denoiser: dict, model_index: dict | None = None) -> bool:
-        """Whether a denoiser config (unet/ or transformer/config.json), and the folder's model_index.json when at
-        hand, are of this variant."""
+    def fits(self, denoiser: dict, model_index: dict | None = None, name: str = "") -> bool:
+        """Whether a denoiser config (unet/ or transformer/config.json), and the folder's model_index.json and the
+        model's name when at hand, are of this variant."""
+        spelled = name.lower().replace("_", "-")
         return (all(denoiser.get(key) in values for key, values in self.when)
-                and all((model_index or {}).get(key) in values for key, values in self.index))
+                and all((model_index or {}).get(key) in values for key, values in self.index)
+                and (not self.named or any(word in spelled for word in self.named)))
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ _XL_CONTROL = {"txt2img": "StableDiffusionXLControlNetPipeline", "img2img": "Sta
                "inpaint": "StableDiffusionXLControlNetInpaintPipeline"}
 # SD3 and FLUX.1 pipelines encode the prompt strings themselves (CLIP and T5); their img2img resizes its input to the
 # native size unless given a size, and their VAE encodes one input image with the first generator only (as SD's inpaint).
-_SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True, max_sequence_length=512, weighted_t5=True)
+_SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True, max_sequence_length=512, weighted_t5=True, cfg_off=1.0)
 _SD3_STYLES = {"StableDiffusion3Pipeline": _SD3_TEXT,
                **dict.fromkeys(("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
                                replace(_SD3_TEXT, repeat_image=True, size=True))}
@@ -297,7 +302,10 @@ _ENTRIES = (
         low_vram_gib=24.0,  # SD3.5 Large: an 8B transformer and T5-XXL, about 27 GiB in bf16
         denoiser="transformer",
         flow_match=True,
-        variants=(Variant("sd3.5", {"steps": 28, "cfg": 4.5}, when=(("qk_norm", ("rms_norm",)),),  # 3.5 added QK norm
+        # SD3.5 Large Turbo: Large's configs, so its name tells it; its model card: 4 steps, guidance 0
+        variants=(Variant("sd3.5-large-turbo", {"steps": 4, "cfg": 0.0}, when=(("qk_norm", ("rms_norm",)),),
+                          named=("large-turbo",), base="stabilityai/stable-diffusion-3.5-large-turbo"),
+                  Variant("sd3.5", {"steps": 28, "cfg": 4.5}, when=(("qk_norm", ("rms_norm",)),),  # 3.5 added QK norm
                           base="stabilityai/stable-diffusion-3.5-large"),
                   Variant("sd3", {"steps": 28, "cfg": 7.0}, base="stabilityai/stable-diffusion-3-medium-diffusers")),
         transformer_file=SD3_FILE,
@@ -658,11 +666,11 @@ def upscaler(method: str) -> tuple[str, int]:
     raise UsageError(f"unknown upscale method {method!r}", f"choose one of: {', '.join(upscale_methods())}")
 
 
-def variant(family: str | Family, denoiser: dict, model_index: dict | None = None) -> Variant | None:
+def variant(family: str | Family, denoiser: dict, model_index: dict | None = None, name: str = "") -> Variant | None:
     """The family's (by name, or a resolved generic one) variant a model of that denoiser config (and
-    model_index.json, for a folder) is (the first that fits), or None."""
+    model_index.json, for a folder, and its name) is (the first that fits), or None."""
     family = get(family) if isinstance(family, str) else family
-    return next((v for v in family.variants if v.fits(denoiser, model_index)), None)
+    return next((v for v in family.variants if v.fits(denoiser, model_index, name)), None)
 
 
 def detect(model_index: dict, denoiser: dict) -> str:

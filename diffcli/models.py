@@ -125,7 +125,7 @@ def _spec_from_configs(folder: Path, name: str, source: str, location: str) -> M
     if family.name == families.GENERIC:  # its classes from the folder's own, its scheduler's kind from its config
         pipeline, flow_match = model_index["_class_name"], _flow_scheduler(scheduler)
         family = families.generic(pipeline, flow_match)
-    variant = families.variant(family, denoiser, model_index)
+    variant = families.variant(family, denoiser, model_index, name)
     vae_factor = family.size_multiple if vae_blocks is None else 2 ** (vae_blocks - 1)
     patch = family.latent_patch or denoiser.get("patch_size") or 1  # SD3 cuts latents into patches, FLUX.1 packs 2x2
     if pipeline and vae and denoiser.get("in_channels") == 4 * vae.get("latent_channels", 0):
@@ -263,7 +263,7 @@ def hub_unreachable() -> str | None:
 
 def default_base(info) -> str:
     """The registry's Hub id for the file's variant (families.Variant.base)."""
-    variant = families.variant(info.family, info.denoiser)
+    variant = families.variant(info.family, info.denoiser, name=Path(info.path).name)
     if variant is None or variant.base is None:
         raise ModelError(f"--base: {info.path!r} holds only a {info.family} transformer and its family names no "
                          "default base", BASE_HINT)
@@ -347,7 +347,8 @@ def _transformer_spec(info, name: str, base: str | None, allow_pickle: bool):
     location, folder, revision = resolve_base(info, base, allow_pickle)
     spec = _spec_from_configs(folder, name, "single_file", info.path)
     # the base's model_index.json too: FLUX.2 klein's says whether it is distilled
-    variant = families.variant(info.family, info.denoiser, read_json(Path(folder) / "model_index.json"))
+    variant = families.variant(info.family, info.denoiser, read_json(Path(folder) / "model_index.json"),
+                               Path(info.path).name)
     return replace(spec, family=info.family, config_dir=str(folder), base=location, revision=revision,
                    defaults=dict(variant.defaults) if variant else {},
                    guidance=(variant and variant.guidance) or families.get(info.family).guidance)

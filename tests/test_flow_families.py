@@ -26,6 +26,25 @@ def test_folders_resolve_to_their_family_variant_and_defaults(tiny_sd3, tiny_flu
     assert sd3.size_multiple == dev.size_multiple == 16
 
 
+def test_sd35_large_turbo_is_told_by_its_name(cli, tiny_sd3, tmp_path):
+    """SD3.5 Large Turbo has Large's configs: its name gives it its model card's 4 steps and no guidance (a negative
+    prompt then unread, said); the same folder under another name keeps SD3.5's defaults."""
+    import shutil
+
+    from diffcli.models import resolve_model
+
+    turbo = shutil.copytree(tiny_sd3, tmp_path / "sd3.5_Large_Turbo")
+    assert resolve_model(str(turbo)).defaults == {"steps": 4, "cfg": 0.0}
+    assert resolve_model(str(tiny_sd3)).defaults == {"steps": 28, "cfg": 4.5}
+    result = cli("txt2img", "a cat", "-n", "blurry", "--model", turbo, "--width", "32", "--height", "32", "--seed", "1",
+                 "--quiet", "--json")
+    assert result.exit_code == 0, result.stderr
+    record = result.json_lines()[0]
+    assert (record["steps"], record["cfg"]) == (4, 0.0)
+    assert record["warnings"] == ["--negative has no effect on sd3 models at --cfg 0: their pipeline reads the negative "
+                                  "prompt only above --cfg 1"]
+
+
 @pytest.mark.parametrize("model, class_name, args, kwargs, parameters", [
     ("tiny_sd3", "StableDiffusion3Pipeline", ("-n", "blurry", "--cfg", "5", "--clip-skip", "2"),
      {"negative_prompt": "blurry", "guidance_scale": 5.0, "clip_skip": 1}, "CFG scale: 5, Seed: 1"),

@@ -5,6 +5,7 @@ and every bad file or base refused with one line (exit 2) before any weights loa
 from __future__ import annotations
 
 import pickle
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -211,6 +212,9 @@ FLUX2 = {"double_blocks.0.img_attn.qkv.weight": (9, 3), "single_stream_modulatio
         "flux2-klein-diffusers"])
 def test_family_layout_and_default_base_from_names(tmp_path, shapes, prefix, expected):
     path = names_file(tmp_path / "t.safetensors", {prefix + name: shape for name, shape in shapes.items()})
+    if expected[0] == "sd3" and expected[3] == 2:  # the same SD3.5 names in a file named as Large Turbo's
+        turbo = transformer_files.inspect(shutil.copy(path, tmp_path / "sd3.5_large_turbo.safetensors"))
+        assert models.default_base(turbo) == "stabilityai/stable-diffusion-3.5-large-turbo"
     info = transformer_files.inspect(path)
     config = info.denoiser
     try:
