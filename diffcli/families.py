@@ -91,8 +91,8 @@ class Variant:
     index: tuple = ()  # the same for model_index.json (a pipeline's own config: FLUX.2 klein's is_distilled)
     guidance: str | None = None  # one of GUIDANCE, when not the family's
     base: str | None = None  # Hub id whose text encoders and VAE complete a transformer-only file of it (no --base)
-    # words of the model's name (Hub id, folder or file; `_` read as `-`) that tell it where no config can: SD3.5 Large
-    # Turbo has Large's configs. (): any name
+    # words of the model's name (a Hub id's repo, a folder's or file's own name; `_` read as `-`) that tell it where no
+    # config can: SD3.5 Large Turbo has Large's configs. (): any name
     named: tuple = ()
 
     def __post_init__(self):
@@ -101,7 +101,7 @@ class Variant:
     def fits(self, denoiser: dict, model_index: dict | None = None, name: str = "") -> bool:
         """Whether a denoiser config (unet/ or transformer/config.json), and the folder's model_index.json and the
         model's name when at hand, are of this variant."""
-        spelled = name.lower().replace("_", "-")
+        spelled = name.rstrip("/").rsplit("/", 1)[-1].lower().replace("_", "-")  # the last part: a folder's own name
         return (all(denoiser.get(key) in values for key, values in self.when)
                 and all((model_index or {}).get(key) in values for key, values in self.index)
                 and (not self.named or any(word in spelled for word in self.named)))

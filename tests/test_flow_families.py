@@ -36,6 +36,8 @@ def test_sd35_large_turbo_is_told_by_its_name(cli, tiny_sd3, tmp_path):
     turbo = shutil.copytree(tiny_sd3, tmp_path / "sd3.5_Large_Turbo")
     assert resolve_model(str(turbo)).defaults == {"steps": 4, "cfg": 0.0}
     assert resolve_model(str(tiny_sd3)).defaults == {"steps": 28, "cfg": 4.5}
+    inside = shutil.copytree(tiny_sd3, tmp_path / "large-turbo-tries" / "sd3.5-medium")  # only its own name counts
+    assert resolve_model(str(inside)).defaults == {"steps": 28, "cfg": 4.5}
     result = cli("txt2img", "a cat", "-n", "blurry", "--model", turbo, "--width", "32", "--height", "32", "--seed", "1",
                  "--quiet", "--json")
     assert result.exit_code == 0, result.stderr
