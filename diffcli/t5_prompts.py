@@ -1,6 +1,6 @@
 """A1111 attention weighting for the families whose pipelines pair CLIP with T5: SD3 (two CLIPs' hidden states beside
 T5's, both CLIPs pooled) and FLUX.1 (T5's hidden states, CLIP pooled). Built here: the embeddings their encode_prompt
-makes, with each token's hidden state scaled by its weight.
+makes, with each token's hidden state moved by its weight.
 
 As ComfyUI weights CLIP and T5 tokens, not by scaling (A1111's rule, sd_embed's for T5): these transformers
 layer-normalise their text tokens, which undoes a scale (on a tiny SD3, "a (red:1.8) cat" moved the image by 1/255).
@@ -31,8 +31,9 @@ def pipeline_inputs(pipe, texts: list[str], negatives: list[str] | None, clip_sk
         max_sequence_length = inspect.signature(pipe.__call__).parameters["max_sequence_length"].default
     # SD3's encode_prompt applies clip skip to the prompt, not to the negative: so here too
     wanted = [(text, clip_skip or 1) for text in texts] + [(text, 1) for text in negatives or []]
+    empty: dict[int, list] = {}  # the empty prompt's states per clip skip, encoded once for every weighted text
     with torch.no_grad():
-        rows = {key: _encode(pipe, *key, max_sequence_length) for key in dict.fromkeys(wanted)}
+        rows = {key: _encode(pipe, *key, max_sequence_length, empty) for key in dict.fromkeys(wanted)}
     inputs = {"prompt_embeds": torch.cat([rows[key][0] for key in wanted[:len(texts)]]),
               "pooled_prompt_embeds": torch.cat([rows[key][1] for key in wanted[:len(texts)]])}
     if negatives is not None:
@@ -41,16 +42,17 @@ def pipeline_inputs(pipe, texts: list[str], negatives: list[str] | None, clip_sk
     return inputs
 
 
-def _encode(pipe, text: str, clip_skip: int, length: int):
+def _encode(pipe, text: str, clip_skip: int, length: int, empty: dict):
     """One text's (embeds, pooled) as the pipeline's encode_prompt lays them out, weighted: a token of weight w gets
-    empty + w * (hidden - empty), `empty` being the empty prompt's hidden state at its place."""
+    empty + w * (hidden - empty), `empty` being the empty prompt's hidden state at its place (kept in `empty`)."""
     import torch
 
     parts, weights, pooled = _unweighted(pipe, text, clip_skip, length)
     if any(w != 1.0 for each in weights for w in each):
-        empty, _, _ = _unweighted(pipe, "", clip_skip, length)
+        if clip_skip not in empty:
+            empty[clip_skip] = _unweighted(pipe, "", clip_skip, length)[0]
         parts = [e + torch.tensor(w, device=h.device, dtype=h.dtype).view(1, -1, 1) * (h - e)
-                 for h, e, w in zip(parts, empty, weights)]
+                 for h, e, w in zip(parts, empty[clip_skip], weights)]
     if len(parts) == 3:  # SD3: CLIP-L and CLIP-G side by side, padded to T5's width, then T5
         clip = torch.cat(parts[:2], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, parts[2].shape[-1] - clip.shape[-1]))
