@@ -136,6 +136,11 @@ def chunk_tokens(fragments: list[tuple[list[int], float]], comma: int | None) ->
     return chunks
 
 
+def is_weighted(text: str) -> bool:
+    """Whether A1111 attention syntax changes the weight of some of the text (or BREAKs it)."""
+    return any(weight != 1.0 for _, weight in parse_weights(strip_extra_networks(text)))
+
+
 def has_break(text: str) -> bool:
     """Whether the text has an A1111 BREAK (read with --weighting)."""
     return any(weight == BREAK for _, weight in parse_weights(strip_extra_networks(text)))

@@ -112,14 +112,13 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
 
 def _as_made(meta: dict, image, notify) -> dict:
     """The record with the size the image has: a generic pipeline may pick its own (HiDream generates at its native
-    area, keeping the aspect ratio), and the record must say what was made, so that a replay asks for that, once said."""
+    area, keeping the aspect ratio), and the record must say what was made, so that a replay asks for that."""
     if "pipeline" not in meta or image.size == (meta["width"], meta["height"]):
         return meta
     width, height = image.size
     note = (f"{meta['pipeline']} made {width}x{height} for --width {meta['width']} --height {meta['height']} (it "
             "chooses its own size); recorded as made")
-    if note not in meta["warnings"]:
-        notify(note)
+    notify(note)
     return dict(meta, width=width, height=height, warnings=[*meta["warnings"], note])
 
 
@@ -300,7 +299,8 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
                          if style.negative_prompt or with_true_cfg else [])
             # true CFG runs only with a negative prompt, even an empty one; without one SD3 encodes "" itself
             negatives = negatives if any(negatives) or style.true_cfg else None
-            if style.weighted_t5 and one.weighting and t5_prompts.weighted(texts + (negatives or [])):  # SD3, FLUX.1
+            weighted = one.weighting and any(map(prompts.is_weighted, texts + (negatives or [])))
+            if style.weighted_t5 and weighted:  # SD3, FLUX.1: diffcli's weighted embeddings
                 if count not in encoded:
                     encoded[count] = t5_prompts.pipeline_inputs(pipe, texts, negatives, one.clip_skip,
                                                                 one.max_sequence_length)

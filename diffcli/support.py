@@ -116,7 +116,7 @@ def _own_prompts(job, spec, style, adapters) -> list[str]:
     texts = (prompt.text, prompt.negative)
     if style.weighted_t5 and prompt.weighting and any(prompts.has_break(text) for text in texts):
         warnings.append(f"BREAK has no meaning for {family} models (their T5 reads one sequence): dropped")
-    elif prompt.weighting and not style.weighted_t5 and any(_weighted(text) for text in texts):
+    elif prompt.weighting and not style.weighted_t5 and any(prompts.is_weighted(text) for text in texts):
         warnings.append(f"{family} models read attention brackets like (word:1.2) and BREAK as plain text: their "
                         "pipeline encodes the prompt itself (--no-weighting silences this)")
     if not style.negative_prompt and prompt.negative.strip() and not (job.sampling.true_cfg or 0) > 1:
@@ -140,8 +140,3 @@ def _own_prompts(job, spec, style, adapters) -> list[str]:
 def _kind(spec) -> str:
     """The family as messages name it: the generic one with its pipeline class."""
     return f"{spec.family} {spec.pipeline}" if spec.pipeline else spec.family
-
-
-def _weighted(text: str) -> bool:
-    """Whether A1111 attention syntax changes the weight of some of `text` (or BREAKs it)."""
-    return any(weight != 1.0 for _, weight in prompts.parse_weights(prompts.strip_extra_networks(text)))

@@ -16,11 +16,6 @@ import inspect
 from diffcli import prompts
 
 
-def weighted(texts: list[str]) -> bool:
-    """Whether A1111 attention syntax changes the weight of some of the texts (or BREAKs them)."""
-    return any(weight != 1.0 for text in texts for _, weight in prompts.parse_weights(prompts.strip_extra_networks(text)))
-
-
 def pipeline_inputs(pipe, texts: list[str], negatives: list[str] | None, clip_skip: int | None,
                     max_sequence_length: int | None) -> dict:
     """prompt_embeds and pooled_prompt_embeds (and their negative_ pair when `negatives` is given), one row per image;
@@ -76,12 +71,11 @@ def _unweighted(pipe, text: str, clip_skip: int, length: int):
     return [hidden], [weights], pooled
 
 
-def _fragments(tokenizer, text: str) -> tuple[list[int], list[float]]:
-    """The text's token ids (no special tokens) and each one's weight; BREAK has no meaning here and is dropped."""
-    parts = [(t, w) for t, w in prompts.parse_weights(prompts.strip_extra_networks(text)) if w != prompts.BREAK]
-    ids = tokenizer([t for t, _ in parts], add_special_tokens=False)["input_ids"] if parts else []
-    tokens = [i for each in ids for i in each]
-    return tokens, [w for each, (_, w) in zip(ids, parts) for _ in each]
+def _tokens(pipe, tokenizer, text: str) -> tuple[list[int], list[float]]:
+    """The text's token ids (no special tokens) and each one's weight, as prompts.tokenize reads them (textual
+    inversion, extra networks, weights), its chunks joined again: BREAK has no meaning in one sequence."""
+    chunks = prompts.tokenize(pipe, tokenizer, text, weighting=True)
+    return [t for ids, _ in chunks for t in ids], [w for _, weights in chunks for w in weights]
 
 
 def _clip(pipe, tokenizer, encoder, text: str, clip_skip: int | None):
@@ -89,7 +83,7 @@ def _clip(pipe, tokenizer, encoder, text: str, clip_skip: int | None):
     further back) and the projected pooled output; clip_skip None: FLUX.1's pooled output only (hidden None)."""
     import torch
 
-    tokens, weights = _fragments(tokenizer, text)
+    tokens, weights = _tokens(pipe, tokenizer, text)
     ids, weights = prompts.padded(tokenizer, (tokens[:prompts.CHUNK], weights[:prompts.CHUNK]))
     out = encoder(torch.tensor([ids], device=pipe._execution_device), output_hidden_states=True)
     if clip_skip is None:
@@ -105,7 +99,7 @@ def _t5(pipe, tokenizer, encoder, text: str, length: int, like):
     if encoder is None:
         shape = (1, pipe.tokenizer_max_length, pipe.transformer.config.joint_attention_dim)
         return torch.zeros(shape, device=like.device, dtype=like.dtype), [1.0] * shape[1]
-    tokens, weights = _fragments(tokenizer, text)
+    tokens, weights = _tokens(pipe, tokenizer, text)
     tokens, weights = tokens[:length - 1] + [tokenizer.eos_token_id], weights[:length - 1] + [1.0]
     fill = length - len(tokens)
     ids = torch.tensor([tokens + [tokenizer.pad_token_id] * fill], device=pipe._execution_device)
