@@ -369,3 +369,17 @@ def test_the_cpu_path_counts_a_transformer_files_parameters_without_loading(file
     for name in ("flux", "flux-gguf"):
         spec = models.resolve_model(str(files[name]), base=str(tiny_flux))
         assert cpu.denoiser_parameters(spec) == expected
+
+
+@pytest.mark.parametrize("case, message", [
+    ("flat-input", "tensor img_in.weight has shape [128], not a flux2 transformer's"),
+    ("flux1-base", "is not a flux2-klein model (its transformer is FluxTransformer2DModel), got a flux2-klein file"),
+    ("dev-base", "its transformer is 32 wide, the file's 3"),
+])
+def test_bad_flux2_files_and_bases_are_refused(cli, no_loading, tmp_path, tiny_flux, tiny_flux2, case, message):
+    """A FLUX.2-named file whose input projection is no matrix, a klein file with a FLUX.1 base, and one wider than
+    its base: one line, exit 2, before any weights load."""
+    shapes = dict(FLUX2, **({"img_in.weight": (128,)} if case == "flat-input" else {}))
+    path = names_file(tmp_path / "flux2-klein.safetensors", shapes)
+    base = {"flat-input": tiny_flux2, "flux1-base": tiny_flux, "dev-base": tiny_flux2}[case]
+    assert message in refused(cli, "--model", path, "--base", base)

@@ -378,3 +378,37 @@ def test_flux_adapter_without_an_encoder_beside_it_names_clip_vit_l(cli, isolate
     result = cli("txt2img", "a circle", "--model", tiny_flux, *FLUX_RUN, "--ip-adapter", adapter, "--ip-image", red)
     assert result.exit_code == 2 and "openai/clip-vit-large-patch14" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-proj", "not an IP-Adapter (no image_proj.* and ip_adapter.*.to_k_ip tensors)"),
+    ("wide", "made for a model with 48-wide cross-attention"),
+    ("blocks", "has 2 cross-attention layers"),
+    ("truncated", "truncated"),
+    ("sd-adapter", "has 4 cross-attention layers"),
+])
+def test_bad_flux_adapter_files_exit_2_before_loading(cli, isolated, tiny_flux, tiny_ip, damage, message):
+    """XLabs-layout files read as diffusers' names are checked like SD ones: a file without its projection, one made
+    for another text width or block count, a cut file, and an SD adapter on FLUX.1 are one line, exit 2."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter, red = save_flux_adapter(isolated / "ip", tiny_flux), picture(isolated / "red.png")
+    state, bad = load_file(adapter), isolated / "ip" / "bad.safetensors"
+    if damage == "no-proj":
+        save_file({k: v for k, v in state.items() if not k.startswith("ip_adapter_proj_model.")}, bad)
+    elif damage == "wide":
+        save_file({k: torch.zeros(v.shape[0], 48) if "double_stream" in k and k.endswith("weight") else v
+                   for k, v in state.items()}, bad)
+    elif damage == "blocks":
+        extra = {k.replace("double_blocks.0.", "double_blocks.1."): v.clone() for k, v in state.items()
+                 if "double_blocks.0." in k}
+        save_file({**state, **extra}, bad)
+    elif damage == "truncated":
+        bad.write_bytes(adapter.read_bytes()[:300])
+    else:
+        bad = tiny_ip[0]
+    result = cli("txt2img", "a circle", "--model", tiny_flux, *FLUX_RUN, "--ip-adapter", bad, "--ip-image", red,
+                 "--ip-encoder", adapter.parent / "image_encoder")
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
