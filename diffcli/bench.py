@@ -36,16 +36,20 @@ CHILD_PEERS = {
               "stable-diffusion-cpp-python"),
 }
 COMPETITOR_START_S = 0.5  # the competitor is running before the threads are chosen again and the timing starts
+WEIGHT_HEADROOM = 1.15  # a flow-matching family is built only where its weights and this much more fit (activations)
 
 
 def random_pipeline(arch: str, device: str, dtype):
-    """A full-size pipeline of `arch` with random weights, built on `device` from shipped configs."""
+    """A full-size pipeline of `arch` with random weights, built on `device` from shipped configs (the flow-matching
+    families: bench_families.py's)."""
     import diffusers
     import torch
     import transformers
 
-    from diffcli import checkpoints
+    from diffcli import bench_families, checkpoints
 
+    if arch in bench_families.FAMILIES:
+        return bench_families.build(arch, device, dtype, PROMPT)
     folder, class_name, _ = ARCHITECTURES[arch]
     root = CONFIGS / folder
     index = diffusers.DiffusionPipeline.load_config(root)
@@ -80,21 +84,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def prompt_inputs(pipe, batch: int, own: bool) -> dict:
-    """The prompt arguments of a call for `batch` images: the text for diffusers to encode (plain's path), or, `own`,
-    the embeddings diffcli's prompt encoding makes (txt2img's path: prompts.py, OpenVINO's text encoder there)."""
-    if not own:
-        return {"prompt": [PROMPT] * batch if batch > 1 else PROMPT}
+def prompt_inputs(pipe, batch: int, own: bool, cfg: float) -> dict:
+    """The prompt and guidance arguments of a call for `batch` images: the text for diffusers to encode (plain's path),
+    or, `own`, what diffcli's run passes: its own prompt embeddings (prompts.py, OpenVINO's text encoder there) where
+    the family takes them, else the text. --cfg is the guidance scale, or the true CFG scale with an empty negative
+    prompt where the family's CFG is that (Qwen-Image), on both paths."""
+    from diffcli import families
+
+    style = families.call_style(type(pipe).__name__)
+    guidance = {"guidance_scale": cfg}
+    if style.true_cfg:
+        guidance = {"true_cfg_scale": cfg, "negative_prompt": [""] * batch if batch > 1 else ""}
+    if not own or not style.prompt_embeds:
+        return {"prompt": [PROMPT] * batch if batch > 1 else PROMPT, **guidance}
     from diffcli import jobs, prompts
 
-    return prompts.pipeline_inputs(pipe, [jobs.Prompt(text=PROMPT)] * batch)
+    return {**prompts.pipeline_inputs(pipe, [jobs.Prompt(text=PROMPT)] * batch), **guidance}
 
 
-def _time_call(pipe, device: str, own: bool = False, batch: int = 1, **kwargs) -> float:
+def _time_call(pipe, device: str, cfg: float, own: bool = False, batch: int = 1, **kwargs) -> float:
     """Seconds for one pipeline call, prompt encoding included, synchronised."""
     _sync(device)
     start = time.perf_counter()
-    pipe(**prompt_inputs(pipe, batch, own), **kwargs)
+    pipe(**prompt_inputs(pipe, batch, own, cfg), **kwargs)
     _sync(device)
     return time.perf_counter() - start
 
@@ -105,11 +117,11 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
     prompts encoded as diffcli encodes them (prompt_inputs)."""
     import torch
 
-    base = dict(num_inference_steps=steps, guidance_scale=cfg, width=size, height=size)
+    base = dict(num_inference_steps=steps, width=size, height=size)
     result = {}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    result["first_image_s"] = round(_time_call(pipe, device, own, **base), 3)
+    result["first_image_s"] = round(_time_call(pipe, device, cfg, own, **base), 3)
     stamps: list[float] = []
 
     def on_step(pipeline, step, timestep, tensors):
@@ -120,7 +132,7 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
     per_step = []
     for _ in range(repeats):
         stamps.clear()
-        pipe(**prompt_inputs(pipe, 1, own), **base, output_type="latent", callback_on_step_end=on_step)
+        pipe(**prompt_inputs(pipe, 1, own, cfg), **base, output_type="latent", callback_on_step_end=on_step)
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
         gaps = gaps[min(2, len(gaps) - 1):]  # skip the first steps (warm caches)
         per_step.append(statistics.mean(gaps) * 1000)  # mean, not median: DeepCache's steps are not alike
@@ -130,7 +142,7 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
         for i in range(repeats):
             _sync(device)
             start = time.perf_counter()
-            image = pipe(**prompt_inputs(pipe, 1, own), **base).images[0]
+            image = pipe(**prompt_inputs(pipe, 1, own, cfg), **base).images[0]
             image.save(Path(folder) / f"{i}.png")
             end_to_end.append(time.perf_counter() - start)
     result["s_per_image_end_to_end"] = round(statistics.median(end_to_end), 3)
@@ -139,8 +151,8 @@ def measure(pipe, device: str, size: int, steps: int, cfg: float, batch_sizes: l
     throughput = {}
     for batch in batch_sizes:
         kwargs = dict(base, output_type="latent")
-        _time_call(pipe, device, own, batch, **kwargs)  # warm-up: a new shape may compile
-        seconds = statistics.median(_time_call(pipe, device, own, batch, **kwargs) for _ in range(repeats))
+        _time_call(pipe, device, cfg, own, batch, **kwargs)  # warm-up: a new shape may compile
+        seconds = statistics.median(_time_call(pipe, device, cfg, own, batch, **kwargs) for _ in range(repeats))
         throughput[str(batch)] = round(batch / seconds, 3)
     result["images_per_s_latents"] = throughput
     return result
@@ -214,7 +226,7 @@ def seeded_image(pipe, size: int, steps: int, cfg: float, own: bool = False):
     import torch
 
     generator = torch.Generator("cpu").manual_seed(0)
-    return pipe(**prompt_inputs(pipe, 1, own), num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
+    return pipe(**prompt_inputs(pipe, 1, own, cfg), num_inference_steps=steps, width=size, height=size,
                 generator=generator, output_type="np").images[0]
 
 
@@ -230,10 +242,10 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
 
     script, variable, module, package, pip = CHILD_PEERS[name]
     python = os.environ.get(variable) or sys.executable
+    if getattr(pipe, "unet", None) is None:
+        return {"skipped": f"the bench runs {package} on SD 1.x/2.x/XL only"}
     if python == sys.executable and importlib.util.find_spec(module) is None:
         return {"skipped": f"{package} is not installed (pip install {pip}, or point {variable} at a Python that has it)"}
-    if name == "sdcpp" and getattr(pipe, "unet", None) is None:
-        return {"skipped": "the bench writes stable-diffusion.cpp's checkpoints for SD 1.x/2.x/XL only"}
     with tempfile.TemporaryDirectory() as folder:
         if name == "sdcpp":
             from diffcli.ldm_format import save_original_checkpoint
@@ -299,6 +311,54 @@ def fast_dtype(pipe) -> str:
     return cpu.choose(cpu.cpu_flags(), cpu.loaded_parameters(pipe))[0]
 
 
+def arch_names() -> tuple[str, ...]:
+    """Every --arch: the SD ones, then the flow-matching families."""
+    from diffcli import bench_families
+
+    return (*ARCHITECTURES, *bench_families.FAMILIES)
+
+
+def arch_defaults(arch: str | None) -> tuple[int | None, int, float]:
+    """Native size (None: the model's), steps and cfg of an --arch: the family's usual settings (FLUX.1 dev 28 steps at
+    distilled guidance 3.5, Z-Image Turbo 8 at 0, ...); 30 steps at 7.5 for SD and a --model."""
+    from diffcli import bench_families
+
+    if arch in bench_families.FAMILIES:
+        return bench_families.FAMILIES[arch][1:4]
+    return (ARCHITECTURES[arch][2] if arch else None), 30, 7.5
+
+
+def weights_fit(arch: str, device: str, dtype_name: str) -> str | None:
+    """Why the random weights of `arch` cannot be built on `device` (None: they fit): the flow-matching families are
+    8-29 B parameters."""
+    from diffcli import bench_families, memory
+    from diffcli.pipeline import resolve_device
+
+    if arch not in bench_families.FAMILIES:
+        return None
+    device = resolve_device(device)
+    dtype = bench_dtype(arch, dtype_name, device)
+    need = bench_families.FAMILIES[arch][4] * 1e9 * dtype.itemsize
+    free = memory.device_free(device)
+    if free is None or need * WEIGHT_HEADROOM <= free:
+        return None
+    return (f"--arch {arch} needs about {memory.gib(need)} for its {str(dtype).removeprefix('torch.')} weights alone, "
+            f"and {device} has {memory.gib(free)} free")
+
+
+def bench_dtype(arch: str | None, dtype_name: str, device: str):
+    """--dtype for the bench: auto is bf16 on CUDA for the flow-matching families (as they are published and run;
+    fp16 overflows in FLUX.1), else pipeline.resolve_dtype's."""
+    import torch
+
+    from diffcli import bench_families
+    from diffcli.pipeline import resolve_dtype
+
+    if dtype_name == "auto" and device.startswith("cuda") and arch in bench_families.FAMILIES:
+        return torch.bfloat16
+    return resolve_dtype(dtype_name, device)
+
+
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,
               size: int | None, batch_sizes: list[int], repeats: int, compare: tuple[str, ...], optimize: bool,
               low_vram: bool = False, deep_cache: int | None = None, threads: int | None = None,
@@ -308,13 +368,17 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     CPU-bound process competing. Every path's seed-0 image gets its PSNR against plain's."""
     import torch
 
+    from diffcli import bench_families
+    from diffcli.errors import UsageError
     from diffcli.models import resolve_model
-    from diffcli.pipeline import _load_weights, _place, pipeline_class_name, resolve_device, resolve_dtype
+    from diffcli.pipeline import _load_weights, _place, pipeline_class_name, resolve_device
     from diffcli.speed import check_deep_cache
 
     check_deep_cache(deep_cache)  # before any weights load
+    if deep_cache and arch in bench_families.FAMILIES:
+        raise UsageError(f"--deep-cache caches U-Net blocks; --arch {arch} has a transformer", "drop --deep-cache")
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype_name, device)
+    dtype = bench_dtype(arch, dtype_name, device)
     start = time.perf_counter()
     if model:
         import diffusers
@@ -325,7 +389,7 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
         label = spec.name
     else:
         pipe = random_pipeline(arch, device, dtype)
-        size = size or ARCHITECTURES[arch][2]
+        size = size or arch_defaults(arch)[0]
         label = f"{arch} (random weights)"
     plain_optimizations = _place(pipe, device, optimize=False, low_vram=low_vram, threads=threads)
     _sync(device)

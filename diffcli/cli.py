@@ -88,12 +88,12 @@ def replay(image: str, verify: bool, as_json: bool, quiet: bool, **given) -> Non
 
 @app.command()
 def bench(
-    arch: Annotated[str, typer.Option("--arch", help="sd15, sd21, sdxl (random weights, no download) or all.")] = "sd15",
+    arch: Annotated[str, typer.Option("--arch", help="sd15, sd21, sdxl, flux, sd35, qwen-image, z-image (full size, random weights, no download; the last four are 10-29 B parameters: a GPU's) or all.")] = "sd15",
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Benchmark this model instead of an --arch.")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    steps: Annotated[int, typer.Option("--steps", min=3, help="Steps per image.")] = 30,
-    cfg: Annotated[float, typer.Option("--cfg", help="Guidance scale (>1 runs the U-Net on a batch of 2).")] = 7.5,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=3, help="Steps per image (default: 30; the family's usual for flux 28, sd35 28, qwen-image 50, z-image 8).")] = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale as the family reads it: CFG (>1 runs the denoiser on a batch of 2), FLUX.1's distilled guidance, Qwen-Image's true CFG (default: 7.5; flux 3.5, sd35 3.5, qwen-image 4, z-image 0).")] = None,
     size: Annotated[Optional[int], typer.Option("--size", help="Image side in pixels (default: native).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma list for the images/s figures.")] = "1,4,8",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats; medians are reported.")] = 3,
@@ -107,22 +107,30 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object per model instead of a table.")] = False,
 ) -> None:
     """Measure load time, first-image latency, ms per step, end-to-end time, images/s and peak memory."""
-    from diffcli.bench import ARCHITECTURES, check_backend, format_table, parse_compare, run_bench
+    from diffcli.bench import arch_defaults, arch_names, check_backend, format_table, parse_compare, run_bench, weights_fit
     from diffcli.options import check_threads
 
     check_threads(threads)
     check_backend(backend, device)
     peers = parse_compare(compare)
-    archs = list(ARCHITECTURES) if arch == "all" else [arch]
-    if not model and any(a not in ARCHITECTURES for a in archs):
-        raise UsageError(f"--arch must be one of {', '.join(ARCHITECTURES)} or all, got {arch!r}")
+    archs = list(arch_names()) if arch == "all" else [arch]
+    if not model and any(a not in arch_names() for a in archs):
+        raise UsageError(f"--arch must be one of {', '.join(arch_names())} or all, got {arch!r}")
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
     except ValueError:
         raise UsageError(f"--batch-sizes must be a comma list of integers, got {batch_sizes!r}") from None
+    if not model:  # before anything is built: one too big is refused, and skipped by all
+        unfit = {name: why for name in archs if (why := weights_fit(name, device, dtype))}
+        if unfit and arch != "all":
+            raise UsageError(unfit[arch], "run it on a GPU with that much free memory")
+        for name, why in unfit.items():
+            typer.echo(f"diffcli: skipping {name}: {why}", err=True)
+        archs = [name for name in archs if name not in unfit]
     for name in [None] if model else archs:
-        report = run_bench(name, model, device, dtype, steps, cfg, size, sizes, repeats, peers, optimize, low_vram,
-                           deep_cache, threads, contended, backend)
+        _, default_steps, default_cfg = arch_defaults(name)
+        report = run_bench(name, model, device, dtype, steps or default_steps, default_cfg if cfg is None else cfg, size,
+                           sizes, repeats, peers, optimize, low_vram, deep_cache, threads, contended, backend)
         print(json.dumps(report, sort_keys=True) if as_json else format_table(report), flush=True)
 
 

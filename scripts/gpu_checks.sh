@@ -4,8 +4,10 @@
 # in $OUT. A device command may run 600 s, so the steps go in two calls:
 #   bash scripts/gpu_checks.sh sd15 second lowvram deepcache      (at most 480 s of benches)
 #   bash scripts/gpu_checks.sh sdxl tests                         (at most 490 s)
+#   bash scripts/gpu_checks.sh flux zimage                        (at most 390 s; sd35 qwen: 500 s)
 set -uo pipefail
-declare -A limit=([sd15]=200 [second]=90 [lowvram]=70 [deepcache]=120 [sdxl]=240 [tests]=250)
+declare -A limit=([sd15]=200 [second]=90 [lowvram]=70 [deepcache]=120 [sdxl]=240 [tests]=250
+                 [flux]=240 [sd35]=200 [qwen]=300 [zimage]=150)
 total=0
 for step in "$@"; do
   [ -n "${limit[$step]:-}" ] || { echo "unknown step $step (steps: ${!limit[*]})"; exit 2; }
@@ -27,6 +29,11 @@ for step in "$@"; do
     lowvram) bench lowvram --arch sd15 --low-vram --batch-sizes 1 --repeats 2 ;;
     sdxl) bench sdxl --arch sdxl --compare plain --batch-sizes 1 --repeats 2 ;;
     deepcache) bench deepcache --arch sd15 --deep-cache 3 --no-optimize --batch-sizes 1 --repeats 2 ;;
+    # the flow-matching families at full size (8-29 B parameters, bf16), fewer steps than their defaults to fit
+    flux) bench flux --arch flux --compare plain --steps 8 --batch-sizes 1 --repeats 2 ;;
+    sd35) bench sd35 --arch sd35 --compare plain --steps 8 --batch-sizes 1 --repeats 2 ;;
+    qwen) bench qwen --arch qwen-image --compare plain --steps 6 --batch-sizes 1 --repeats 2 ;;
+    zimage) bench zimage --arch z-image --compare plain --batch-sizes 1 --repeats 2 ;;
   esac
 done
 tail -n 3 "$OUT"/*.err 2>/dev/null
