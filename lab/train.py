@@ -250,15 +250,19 @@ def _load_vae(run: Run, name, dev):
     return AutoencoderKL.from_pretrained(path, dtype=torch.float32).to(dev).eval().requires_grad_(False)
 
 
-def _diffusion_loss(pred, noise, t, sched, latents=None):
+def _diffusion_loss(pred, noise, t, sched, latents=None, pixel_weights=None):
     """Epsilon MSE with min-SNR-5 weighting (Hang et al. 2023); for v-prediction, v MSE weighted so the x0 error
-    counts clamp(SNR, 1, 5) times (at low SNR min-SNR would weight x0 by SNR, ~0 near pure noise)."""
+    counts clamp(SNR, 1, 5) times (at low SNR min-SNR would weight x0 by SNR, ~0 near pure noise). `pixel_weights`
+    (N, 1, h, w) weight each latent position's error."""
     snr = sched.alphas_cumprod.to(t.device)[t] / (1 - sched.alphas_cumprod.to(t.device)[t])
     if sched.config.prediction_type == "v_prediction":
         target, w = sched.get_velocity(latents, noise, t), snr.clamp(1.0, 5.0) / (snr + 1)
     else:
         target, w = noise, snr.clamp(max=5.0) / snr
-    return (w * ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()
+    error = (pred.float() - target) ** 2
+    if pixel_weights is not None:
+        error = error * pixel_weights
+    return (w * error.mean(dim=(1, 2, 3))).mean()
 
 
 

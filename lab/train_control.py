@@ -26,6 +26,7 @@ from lab.train import Logger, Run, _diffusion_loss, _optimize, loop, optimizer
 BUNDLED = Path(__file__).resolve().parents[1] / "diffcli" / "bundled"
 HANDOVER = 500  # timesteps below this go to the refiner (tiny-shapes' refiner_start 0.5)
 OUTLINE_SHARE = 0.25  # maps made from an outline drawing rather than the filled scene
+UNSAID = ("shape0", "shape1", "size0", "size1", "position", "relation")  # --unsaid-share: what only the map then gives
 
 
 def controlnet(unet):
@@ -70,10 +71,12 @@ def canny_maps(images: torch.Tensor) -> torch.Tensor:
 class Pool:
     """Scenes drawn once: frozen-VAE latent moments, canny maps, caption token ids."""
 
-    def __init__(self, n, seed, tokenizer, vae):
+    def __init__(self, n, seed, tokenizer, vae, unsaid_share=0.0):
         rng = random.Random(seed)
         scenes = [world.sample_scene(rng, rng.random() < 0.5) for _ in range(n)]
-        captions = [world.caption(rng, s) for s in scenes]  # train=True: held-out captions never said in full
+        # train=True: held-out captions never said in full; a share say no shape, size or place (the map's to give)
+        captions = [world.caption(rng, s, drop=UNSAID if unsaid_share and rng.random() < unsaid_share else ())
+                    for s in scenes]
         self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         self.empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
         moments, maps = [], []
@@ -88,18 +91,24 @@ class Pool:
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self, b, dropout):
-        """Latents (sampled from their moments), maps (N, 3, 128, 128) in [0, 1], caption ids (`dropout` emptied)."""
+        """Latents (sampled from their moments), maps (N, 3, 128, 128) in [0, 1], caption ids (`dropout` emptied),
+        and where each map has edges, dilated at the latent's resolution (N, 1, h, w) for --object-weight."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         idx = torch.randint(0, self.n, (b,), generator=self.gen)
         drop = (torch.rand(b, generator=self.gen) < dropout)[:, None]
         latents = DiagonalGaussianDistribution(self.moments[idx]).sample(self.gen)
-        return latents, self.maps[idx].float()[:, None].expand(-1, 3, -1, -1), torch.where(drop, self.empty, self.ids[idx])
+        maps = self.maps[idx].float()[:, None]
+        near = torch.nn.functional.max_pool2d(maps, maps.shape[-1] // latents.shape[-1])
+        near = torch.nn.functional.max_pool2d(near, 3, stride=1, padding=1)
+        return latents, maps.expand(-1, 3, -1, -1), torch.where(drop, self.empty, self.ids[idx]), near
 
 
-def train(run: Run, base: Path, refiner: Path | None, pool_size: int) -> Path:
+def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_share: float = 0.0,
+          object_weight: float = 0.0) -> Path:
     """Train (from `run.resume`, a ControlNet folder, if given) and save `run.out/tiny-shapes-control` (fp16
-    safetensors); returns that folder."""
+    safetensors); returns that folder. `object_weight`: the loss counts 1 + this much near the map's edges (the
+    object, a few percent of the latent, where its shape is decided)."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -114,16 +123,17 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int) -> Path:
     # the refiner's own timestep at each of the base's (nearest alphas_cumprod), as the --refiner handover calls it
     own_t = matched_timesteps(alphas_cumprod(dict(sched.config)), alphas_cumprod(dict(own_sched.config))) if refiner else None
     net = (ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32) if run.resume else controlnet(unet)).train()
-    pool = Pool(pool_size, run.seed + 3, tok, vae)
+    pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share)
     print(f"pool of {pool_size} scenes in {(time.time() - t0) / 60:.1f} min", flush=True)
     params = list(net.parameters())
     opt, lr_sched = optimizer(params, run.lr, torch.device("cpu"))
     logger = Logger(run, "control", params_controlnet=models.n_params(net), batch=run.batch, pool=pool_size,
-                    base=str(base), refiner=str(refiner))
+                    base=str(base), refiner=str(refiner), unsaid_share=unsaid_share, object_weight=object_weight)
     sf = vae.config.scaling_factor
 
     def step(i):
-        lat, cond, ids = pool.batch(run.batch, run.caption_dropout)
+        lat, cond, ids, near = pool.batch(run.batch, run.caption_dropout)
+        weights = 1 + object_weight * near if object_weight else None
         lat = lat * sf
         with torch.no_grad():
             states = text(ids)[0]
@@ -137,7 +147,8 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int) -> Path:
             if part.any():
                 pred = model(noisy[part], steps[part], states[part], down_block_additional_residuals=[d[part] for d in down],
                              mid_block_additional_residual=mid[part]).sample
-                loss = loss + _diffusion_loss(pred, eps[part], steps[part], schedule, lat[part]) * part.float().mean()
+                loss = loss + _diffusion_loss(pred, eps[part], steps[part], schedule, lat[part],
+                                              None if weights is None else weights[part]) * part.float().mean()
         return _optimize(loss, opt, params, lr_sched)
 
     loop(step, run_deadline(run, t0), run, logger, params)
@@ -166,12 +177,15 @@ def main(argv=None):
     p.add_argument("--refiner", default=str(BUNDLED / "tiny-shapes-refiner"), help="'none': the base at every step")
     p.add_argument("--resume", type=Path, default=None, help="a ControlNet folder to continue")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--unsaid-share", type=float, default=0.0, help="captions saying no shape, size or place")
+    p.add_argument("--object-weight", type=float, default=0.0, help="extra loss weight near the map's edges")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     run = Run(out=a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch, lr=a.lr,
               resume=a.resume)
-    folder = train(run, a.base, None if a.refiner == "none" else Path(a.refiner), a.pool)
+    folder = train(run, a.base, None if a.refiner == "none" else Path(a.refiner), a.pool, a.unsaid_share,
+                   a.object_weight)
     print(folder)
 
 
