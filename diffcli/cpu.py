@@ -100,6 +100,17 @@ def is_small(pipe) -> bool:
     return parameters is not None and parameters < MIN_PARAMETERS
 
 
+def channels_last(module) -> bool:
+    """`module`'s 4-D weights in channels_last, unless it has 5-D ones (Qwen-Image's and Wan's video VAEs: torch refuses
+    the format for them); whether it was applied."""
+    import torch
+
+    if any(parameter.dim() == 5 for parameter in module.parameters()):
+        return False
+    module.to(memory_format=torch.channels_last)
+    return True
+
+
 def place(pipe) -> list[str]:
     """channels_last for the convolutions of a bf16 pipeline (oneDNN's fast bf16 layout); what was applied and why."""
     import torch
@@ -110,6 +121,6 @@ def place(pipe) -> list[str]:
         return [f"cpu fp32 ({why})" if dtype == "fp32" else "cpu fp32 (--dtype fp32)"]
     for module in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)):
         if module is not None:
-            module.to(memory_format=torch.channels_last)
+            channels_last(module)
     native = next((flag for flag in NATIVE_BF16 if flag in cpu_flags()), None)
     return [f"cpu bf16 + channels_last ({f'this CPU has {native}' if native else 'no native bf16: emulated'})"]

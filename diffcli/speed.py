@@ -19,6 +19,8 @@ def optimize_cuda(pipe) -> list[str]:
     """
     import torch
 
+    from diffcli import cpu
+
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
@@ -27,10 +29,9 @@ def optimize_cuda(pipe) -> list[str]:
     inductor.coordinate_descent_tuning = True
     inductor.epilogue_fusion = False
     inductor.coordinate_descent_check_all_directions = True
-    applied = ["channels_last"]
     name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"  # SD3 and FLUX.1: a transformer
-    getattr(pipe, name).to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
+    laid_out = [part for part in (name, "vae") if cpu.channels_last(getattr(pipe, part))]
+    applied = [f"channels_last ({', '.join(laid_out)})"] if laid_out else []
     if hasattr(pipe, "fuse_qkv_projections"):
         pipe.fuse_qkv_projections()
         applied.append("fused_qkv")

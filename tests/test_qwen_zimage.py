@@ -43,6 +43,25 @@ def test_txt2img_equals_diffusers(cli, model, class_name, args, kwargs):
     assert f"CFG scale: {cfg:g}, Seed: 1" in Image.open("t.png").info["parameters"]
 
 
+def test_qwen_image_runs_in_bf16_on_the_cpu_with_its_video_vae(cli, tiny_qwen_image):
+    """The CPU's bf16 path lays convolutions out channels_last; the Qwen-Image VAE's are 3-D (5-D weights), which torch
+    refuses that format for: they stay as they are (the run used to fail there), the 2-D ones of other VAEs do not."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    from diffcli import cpu
+
+    result = cli("txt2img", "a red cat", "--model", tiny_qwen_image, "--width", SIZE[0], "--height", SIZE[1], *FAST,
+                 "--dtype", "bf16", "-o", "b.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json_lines()[0]["optimizations"][-1].startswith("cpu bf16 + channels_last")
+    assert not cpu.channels_last(AutoencoderKLQwenImage.from_pretrained(tiny_qwen_image, subfolder="vae"))
+    from flow_models import FLUX_VAE_FACTORS, tiny_vae
+
+    flat = tiny_vae(FLUX_VAE_FACTORS, 16)
+    assert cpu.channels_last(flat) and flat.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_z_image_takes_turbo_defaults(cli, tiny_z_image):
     result = cli("txt2img", "a cat", "--model", tiny_z_image, "--width", "32", "--height", "32", "--seed", "2",
                  "-o", "d.png", "--json")
