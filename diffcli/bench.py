@@ -347,14 +347,15 @@ def weights_fit(arch: str, device: str, dtype_name: str) -> str | None:
 
 
 def bench_dtype(arch: str | None, dtype_name: str, device: str):
-    """--dtype for the bench: auto is bf16 on CUDA for the flow-matching families (as they are published and run;
-    fp16 overflows in FLUX.1), else pipeline.resolve_dtype's."""
+    """--dtype for the bench: pipeline.resolve_dtype's, whose auto is bf16 on CUDA for the transformer families (the
+    random pipelines have no model spec to tell it, so it is said here)."""
     import torch
 
     from diffcli import bench_families
     from diffcli.pipeline import resolve_dtype
 
-    if dtype_name == "auto" and device.startswith("cuda") and arch in bench_families.FAMILIES:
+    cuda = device.startswith("cuda")
+    if dtype_name == "auto" and cuda and arch in bench_families.FAMILIES and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return resolve_dtype(dtype_name, device)
 

@@ -122,14 +122,18 @@ def resolve_device(requested: str) -> str:
 
 
 def resolve_dtype(requested: str, device: str, spec: ModelSpec | None = None):
-    """'auto' is fp16 on CUDA/MPS; on the CPU, bf16 where the CPU fast path pays for `spec` (cpu.auto_dtype), else fp32.
-    Unsupported combinations are UsageErrors."""
+    """'auto' is fp16 on CUDA/MPS, but bf16 on a CUDA GPU that has it for a transformer family (FLUX, SD3, Qwen-Image,
+    Z-Image...: published in bf16; FLUX.1's T5 and transformer overflow fp16 to NaN); on the CPU, bf16 where the CPU
+    fast path pays for `spec` (cpu.auto_dtype), else fp32. Unsupported combinations are UsageErrors."""
     import torch
 
     kind = device.split(":")[0]
     name = requested
-    if requested == "auto":
-        name = (cpu.auto_dtype(spec)[0] if spec is not None else "fp32") if kind == "cpu" else "fp16"
+    if requested == "auto" and kind == "cpu":
+        name = cpu.auto_dtype(spec)[0] if spec is not None else "fp32"
+    elif requested == "auto":
+        transformer = spec is not None and families.of(spec).denoiser == "transformer"
+        name = "bf16" if transformer and kind == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
     if name == "fp16" and kind == "cpu":
         raise UsageError("--dtype fp16 is not supported on the CPU", "use --dtype fp32 (default) or bf16")
     if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():

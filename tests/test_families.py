@@ -214,3 +214,20 @@ def test_unknown_family(call):
     with pytest.raises(ModelError, match="unknown model family 'sd9'") as err:
         call("sd9")
     assert "sd1" in err.value.hint
+
+
+@pytest.mark.parametrize("family, bf16, expected", [
+    ("flux", True, "bfloat16"), ("sd3", True, "bfloat16"), ("qwen-image", True, "bfloat16"), ("z-image", True, "bfloat16"),
+    ("flux2", True, "bfloat16"), ("flux", False, "float16"),  # a GPU without bf16 (Turing): fp16 still
+    ("sd1", True, "float16"), ("sdxl", True, "float16"),  # the U-Net families keep fp16 (their VAEs' fixes are fp16's)
+])
+def test_auto_dtype_on_cuda_is_bf16_for_the_transformer_families(monkeypatch, family, bf16, expected):
+    import torch
+
+    from diffcli.pipeline import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    spec = ModelSpec(source="hub", location="x/y", name="x/y", family=family)
+    assert str(resolve_dtype("auto", "cuda", spec)) == f"torch.{expected}"
+    assert str(resolve_dtype("auto", "mps", spec)) == "torch.float16"
+    assert resolve_dtype("fp16", "cuda", spec) == torch.float16  # asked for: kept
