@@ -255,13 +255,16 @@ def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: boo
     finally:
         if bar is not None:
             bar.stop()
-    # 3. NaN recovery: decode the last latents again with the VAE in fp32.
+    # 3. NaN recovery: decode the last latents again with the VAE in fp32 (SD's: a transformer family's latents are
+    # packed or normalised its own way, and it runs in bf16 by default).
     warnings = []
     if not np.isfinite(images).all():
         latents = last.get("latents")
         if latents is None or not torch.isfinite(latents).all():
             raise RuntimeFailure("the model produced NaN/Inf values; no image was saved",
                                  "try --dtype fp32 (or bf16), another --scheduler, or a lower --cfg")
+        if families.of(plan.spec).denoiser != "unet":
+            raise RuntimeFailure("the VAE produced NaN/Inf pixels; no image was saved", "try --dtype bf16 or fp32")
         images = _decode_fp32(pipe, latents)
         warnings.append("vae decode retried in fp32 after non-finite pixels")
         if not np.isfinite(images).all():

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flow_models import tiny_flux  # noqa: F401 (fixture)
+
 from diffcli.output import read_metadata
 
 FAST = ("--steps", "2", "--quiet")
@@ -165,6 +167,25 @@ def test_folder_with_missing_component_or_wrong_architecture(cli, tiny_model, tm
     (wrong / "unet" / "config.json").write_text(json.dumps(dict(config, block_out_channels=[16, 32])))
     result = cli("txt2img", "a", "--model", wrong, *FAST)
     assert result.exit_code == 2 and "cannot load model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_non_finite_pixels_of_a_transformer_family_are_one_clear_error(cli, tiny_flux, monkeypatch):
+    """FLUX.1's latents are packed: the SD retry (decode latents / scaling factor) cannot apply; it says so instead."""
+    from diffusers import AutoencoderKL
+
+    real_decode = AutoencoderKL.decode
+
+    def nan(self, *args, **kwargs):
+        out = real_decode(self, *args, **kwargs)
+        (out[0] if isinstance(out, tuple) else out.sample).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(AutoencoderKL, "decode", nan)
+    result = cli("txt2img", "a", "--model", tiny_flux, "-o", "nan.png", "--seed", "1", "--steps", "2", "--width", "32",
+                 "--height", "32")
+    assert result.exit_code == 1, result.stderr
+    assert "diffcli: error: the VAE produced NaN/Inf pixels; no image was saved (try --dtype bf16 or fp32)" in result.stderr
+    assert not Path("nan.png").exists()
 
 
 def test_non_finite_pixels_retry_the_vae_in_fp32_and_record_it(cli, tiny_model, monkeypatch):
