@@ -4,10 +4,11 @@ noise, first pass, NaN recovery, second passes; each image saved as soon as its 
 from __future__ import annotations
 
 import time
+import traceback
 from typing import Callable
 
 from diffcli import __version__, adapters, families, hashes, hires, identity, ip_adapter, masked, output, progress, refiner, speed, tasks
-from diffcli.errors import RuntimeFailure
+from diffcli.errors import RuntimeFailure, UsageError, first_line
 from diffcli.images import to_pil
 from diffcli.plan import Plan
 
@@ -334,7 +335,12 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
             # its trained aspect ratios and resized back: PixArt, Sana) and the prompt as written (no caption cleaning)
             call_kwargs = {key: value for key, value in dict(call_kwargs, use_resolution_binning=False,
                                                              clean_caption=False).items() if key in style.takes}
-        return pipe(**call_kwargs).images
+        try:
+            return pipe(**call_kwargs).images
+        except ValueError as exc:  # a pipeline's own check of its inputs (a generic one's sizes are known only now)
+            if not any(frame.name == "check_inputs" for frame in traceback.extract_tb(exc.__traceback__)):
+                raise
+            raise UsageError(f"{type(pipe).__name__} refused the inputs: {first_line(exc)[:300]}") from None
 
     return call
 

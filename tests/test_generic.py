@@ -58,6 +58,25 @@ def test_txt2img_equals_diffusers(cli, model, class_name, extra, size):
     assert meta["negative"] == "blurry" and meta["warnings"] == [] and result.json_lines()[0]["pipeline"] == class_name
 
 
+def test_inputs_the_pipeline_itself_refuses_are_a_usage_error(cli, tiny_pixart, monkeypatch):
+    """A generic pipeline's own rules (known only once it is loaded) are one line and exit 2, not an unexpected error;
+    other ValueErrors stay what they are."""
+    from diffusers import PixArtSigmaPipeline
+
+    def check_inputs(self, *args, **kwargs):
+        raise ValueError("`height` and `width` have to be divisible by 48 but are 64 and 48.\nmore")
+
+    monkeypatch.setattr(PixArtSigmaPipeline, "check_inputs", check_inputs)
+    result = cli("txt2img", "a red cat", "--model", tiny_pixart, "--width", SIZE[0], "--height", SIZE[1], *FAST, "-o", "r.png")
+    assert result.exit_code == 2 and not Path("r.png").exists(), result.stderr
+    assert ("diffcli: error: PixArtSigmaPipeline refused the inputs: `height` and `width` have to be divisible by 48 but "
+            "are 64 and 48.\n") in result.stderr
+    monkeypatch.setattr(PixArtSigmaPipeline, "prepare_latents", lambda *a, **k: (_ for _ in ()).throw(ValueError("bug")))
+    monkeypatch.setattr(PixArtSigmaPipeline, "check_inputs", lambda *a, **k: None)
+    other = cli("txt2img", "a red cat", "--model", tiny_pixart, "--width", SIZE[0], "--height", SIZE[1], *FAST, "-o", "r.png")
+    assert other.exit_code == 1 and "unexpected ValueError: bug" in other.stderr, other.stderr
+
+
 @pytest.mark.slow
 def test_hidream_records_the_size_it_makes(cli, tiny_hidream):
     """HiDream's pipeline generates at its native area (1024x1024 worth of pixels, the asked aspect ratio): the image
