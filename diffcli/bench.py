@@ -346,9 +346,10 @@ def weights_fit(arch: str, device: str, dtype_name: str) -> str | None:
             f"and {device} has {memory.gib(free)} free")
 
 
-def bench_dtype(arch: str | None, dtype_name: str, device: str):
-    """--dtype for the bench: pipeline.resolve_dtype's, whose auto is bf16 on CUDA for the transformer families (the
-    random pipelines have no model spec to tell it, so it is said here)."""
+def bench_dtype(arch: str | None, dtype_name: str, device: str, spec=None):
+    """--dtype for the bench: resolve_dtype's for the --model's `spec` (bf16 on CUDA for a transformer family), and
+    for an --arch of those families too (a random pipeline has no spec to tell it, so it is said here); on the CPU the
+    model's dtype for plain's path (fp32 at auto: diffcli's path then picks its own, fast_dtype)."""
     import torch
 
     from diffcli import bench_families
@@ -357,7 +358,7 @@ def bench_dtype(arch: str | None, dtype_name: str, device: str):
     cuda = device.startswith("cuda")
     if dtype_name == "auto" and cuda and arch in bench_families.FAMILIES and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    return resolve_dtype(dtype_name, device)
+    return resolve_dtype(dtype_name, device, spec if cuda else None)
 
 
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,
@@ -379,12 +380,12 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     if deep_cache and arch in bench_families.FAMILIES:
         raise UsageError(f"--deep-cache caches U-Net blocks; --arch {arch} has a transformer", "drop --deep-cache")
     device = resolve_device(device)
-    dtype = bench_dtype(arch, dtype_name, device)
+    spec = resolve_model(model) if model else None
+    dtype = bench_dtype(arch, dtype_name, device, spec)
     start = time.perf_counter()
     if model:
         import diffusers
 
-        spec = resolve_model(model)
         pipe = _load_weights(getattr(diffusers, pipeline_class_name(spec, "txt2img")), spec, dtype, False, False)
         size = size or spec.sample_size or 512
         label = spec.name

@@ -4,7 +4,7 @@ the refusal where the weights do not fit, and the bench run end to end on tiny p
 import json
 
 import pytest
-from flow_models import build_tiny_flux, build_tiny_qwen_image
+from flow_models import build_tiny_flux, build_tiny_qwen_image, tiny_flux  # noqa: F401 (fixture)
 
 from diffcli import bench, bench_families
 
@@ -108,3 +108,17 @@ def test_deep_cache_is_refused_for_a_transformer(cli, monkeypatch):
     monkeypatch.setattr(bench_families, "build", lambda *a: pytest.fail("built"))
     result = cli("bench", "--arch", "flux", "--device", "cpu", "--deep-cache", "2")
     assert result.exit_code == 2 and "--deep-cache caches U-Net blocks; --arch flux has a transformer" in result.stderr
+
+
+def test_the_bench_dtype_on_cuda_is_bf16_for_a_transformer_family(monkeypatch, tiny_model, tiny_flux):
+    import torch
+
+    from diffcli.models import resolve_model
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert bench.bench_dtype("flux", "auto", "cuda") == torch.bfloat16
+    assert bench.bench_dtype("sd15", "auto", "cuda") == torch.float16
+    assert bench.bench_dtype(None, "auto", "cuda", resolve_model(str(tiny_model))) == torch.float16
+    assert bench.bench_dtype(None, "auto", "cuda", resolve_model(str(tiny_flux))) == torch.bfloat16  # a --model
+    assert bench.bench_dtype("flux", "fp16", "cuda") == torch.float16  # asked for
+    assert bench.bench_dtype(None, "auto", "cpu", resolve_model(str(tiny_model))) == torch.float32  # plain's, on the CPU
