@@ -25,18 +25,28 @@ from diffcli.shapes import SEED_STRIDE, evaluate, judge, world
 KEYS = ("shape", "position", "colour", "size", "background", "count", "exact")
 
 
-UNSAID = {"colour": ("shape0", "size0", "position"), "shape": ("size0", "position")}
+UNSAID = {"colour": ("shape0", "size0", "position"), "shape": ("size0", "position"), "other": ("size0", "position")}
 
 
 def scenes(n: int, seed: int, prompt: str) -> list:
     """(caption, scene) of `diffcli eval`'s held-out one-object scenes; `colour` captions leave shape, size and
     position unsaid (the map's to give), `shape` ones size and position (the issue's "a red star" with an outline),
-    `full` ones say everything."""
+    `other` ones name another shape than the map's (which one wins), `full` ones say everything."""
+    import dataclasses
+
     items = evaluate.prompts(n, seed, two_object=False)
     if prompt == "full":
         return items
     rng = random.Random(20_000 + seed)
-    return [(world.caption(rng, s, full=True, train=False, drop=UNSAID[prompt]), s) for _, s in items]
+    captions = []
+    for _, s in items:
+        said = s
+        if prompt == "other":
+            o = s.objects[0]
+            other = rng.choice([k for k in range(len(world.SHAPES)) if k != o.shape])
+            said = dataclasses.replace(s, objects=[dataclasses.replace(o, shape=other)])
+        captions.append((world.caption(rng, said, full=True, train=False, drop=UNSAID[prompt]), s))
+    return captions
 
 
 def scores(scene, image: np.ndarray) -> dict:
@@ -81,7 +91,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", choices=("colour", "shape", "full"), default="colour")
+    p.add_argument("--prompt", choices=("colour", "shape", "other", "full"), default="colour")
     p.add_argument("--source", choices=("scene", "outline"), default="scene", help="the image the canny map is made of")
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--model", default="tiny-shapes")
