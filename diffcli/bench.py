@@ -230,12 +230,55 @@ def seeded_image(pipe, size: int, steps: int, cfg: float, own: bool = False):
                 generator=generator, output_type="np").images[0]
 
 
-def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: int, precision: str, reference) -> dict:
+def json_line(stream) -> dict | None:
+    """The next line of a child's output that is a JSON object (libraries may print other lines); None at its end."""
+    import json
+
+    for line in stream:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+class Peer:
+    """A peer's child process kept after its own timings (OpenVINO's): each image() makes one more image there, timed
+    as its repeats are, so that the bench can alternate it with diffcli's path (interleave)."""
+
+    def __init__(self, process, folder: str):
+        self.process, self.folder = process, folder
+
+    def image(self) -> float:
+        self.process.stdin.write("image\n")
+        self.process.stdin.flush()
+        answer = json_line(self.process.stdout)
+        if answer is None:
+            raise RuntimeError("the peer's process ended")
+        return answer["s"]
+
+    def close(self) -> None:
+        import shutil
+
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: int, precision: str, reference,
+                 keep: bool = False) -> tuple[dict, Peer | None]:
     """A CHILD_PEERS peer in a child process (its Python: its variable, else this one) on the bench's model, same size,
     steps, cfg, threads and seed; PSNR against `reference`. OpenVINO exports from a diffusers folder (optimum-intel),
-    stable-diffusion.cpp reads an original-layout fp16 single file."""
+    stable-diffusion.cpp reads an original-layout fp16 single file. `keep`: the child stays, returned as a Peer."""
     import importlib.util
     import json
+    import shutil
 
     import numpy as np
     import torch
@@ -243,10 +286,11 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
     script, variable, module, package, pip = CHILD_PEERS[name]
     python = os.environ.get(variable) or sys.executable
     if getattr(pipe, "unet", None) is None:
-        return {"skipped": f"the bench runs {package} on SD 1.x/2.x/XL only"}
+        return {"skipped": f"the bench runs {package} on SD 1.x/2.x/XL only"}, None
     if python == sys.executable and importlib.util.find_spec(module) is None:
-        return {"skipped": f"{package} is not installed (pip install {pip}, or point {variable} at a Python that has it)"}
-    with tempfile.TemporaryDirectory() as folder:
+        return {"skipped": f"{package} is not installed (pip install {pip}, or point {variable} at a Python that has it)"}, None
+    folder = tempfile.mkdtemp(prefix=f"diffcli-bench-{name}-")
+    try:
         if name == "sdcpp":
             from diffcli.ldm_format import save_original_checkpoint
 
@@ -255,15 +299,43 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
             pipe.save_pretrained(folder)
             hub_layout_text_encoders(Path(folder))
             model = folder
-        settings = {"size": size, "steps": steps, "cfg": cfg, "prompt": PROMPT, "repeats": repeats,
+        settings = {"size": size, "steps": steps, "cfg": cfg, "prompt": PROMPT, "repeats": repeats, "serve": keep,
                     "threads": torch.get_num_threads(), "precision": precision, "image": str(Path(folder) / "seed0.npy")}
-        done = subprocess.run([python, str(Path(__file__).with_name(script)), model, json.dumps(settings)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            return {"failed": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        with open(Path(folder) / "stderr.txt", "w+") as errors:  # a file: a pipe could fill and stall the child
+            process = subprocess.Popen([python, str(Path(__file__).with_name(script)), model, json.dumps(settings)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
+            result = json_line(process.stdout)
+            if result is None:
+                process.wait()
+                errors.seek(0)
+                return {"failed": (errors.read().strip().splitlines() or ["no output"])[-1][:300]}, None
         result["psnr_vs_plain_db"] = psnr(np.load(settings["image"]), reference)
-    return result
+        if not keep:
+            process.wait()
+            return result, None
+        peer, folder = Peer(process, folder), None  # the Peer removes the folder when it is closed
+        return result, peer
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def interleave(peer: Peer, pipe, device: str, size: int, steps: int, cfg: float, rounds: int) -> dict:
+    """The peer's image and diffcli's in turn, `rounds` times, each timed to a PNG: medians and their ratio, both
+    paths meeting the same machine state (load, clock, caches) rather than one block of repeats each."""
+    base = dict(num_inference_steps=steps, width=size, height=size)
+    theirs, ours = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(rounds):
+            theirs.append(peer.image())
+            _sync(device)
+            start = time.perf_counter()
+            pipe(**prompt_inputs(pipe, 1, True, cfg), **base).images[0].save(Path(folder) / f"{i}.png")
+            _sync(device)
+            ours.append(time.perf_counter() - start)
+    peer_s, diffcli_s = statistics.median(theirs), statistics.median(ours)
+    return {"rounds": rounds, "peer_s_per_image": round(peer_s, 3), "diffcli_s_per_image": round(diffcli_s, 3),
+            "ratio": round(peer_s / diffcli_s, 3)}
 
 
 def hub_layout_text_encoders(folder: Path) -> None:
@@ -404,11 +476,12 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     if compare_plain:
         report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
     fast = device == "cpu" and dtype_name == "auto" and not low_vram and fast_dtype(pipe) == "bf16"
-    if "openvino" in compare:  # OpenVINO's bf16 where diffcli's path is bf16
+    peer = None
+    if "openvino" in compare:  # OpenVINO's bf16 where diffcli's path is bf16; kept to alternate with diffcli's path
         precision = "bf16" if fast or str(dtype) == "torch.bfloat16" else "f32"
-        report["openvino"] = measure_peer("openvino", pipe, size, steps, cfg, repeats, precision, reference)
+        report["openvino"], peer = measure_peer("openvino", pipe, size, steps, cfg, repeats, precision, reference, True)
     if "sdcpp" in compare:
-        report["sdcpp"] = measure_peer("sdcpp", pipe, size, steps, cfg, repeats, "fp16", reference)
+        report["sdcpp"] = measure_peer("sdcpp", pipe, size, steps, cfg, repeats, "fp16", reference)[0]
     if deep_cache:  # DeepCache hooks the eager U-Net's blocks: measure it before anything is compiled
         if "plain" not in report:
             report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
@@ -431,7 +504,11 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
         report["dtype"] = report["optimizations"][-1].split(" (")[0]
     try:
         _measure_diffcli(report, pipe, device, size, steps, cfg, batch_sizes, repeats, reference, contended, threads)
+        if peer is not None:
+            report["openvino_interleaved"] = interleave(peer, pipe, device, size, steps, cfg, max(5, 2 * repeats))
     finally:
+        if peer is not None:
+            peer.close()
         if scratch is not None:
             import shutil
 
@@ -503,6 +580,10 @@ def format_table(report: dict) -> str:
         rows.append(f"PSNR of the seed-0 image vs plain's: {', '.join(psnrs)}")
     if "openvino" in report and "first_image_s" in report["openvino"]:
         rows.append(f"diffcli vs openvino: {round(report['openvino']['s_per_image_end_to_end'] / report['diffcli']['s_per_image_end_to_end'], 2)}x end to end")
+    if "openvino_interleaved" in report:
+        both = report["openvino_interleaved"]
+        rows.append(f"diffcli vs openvino, alternating image by image ({both['rounds']} rounds): {both['ratio']}x "
+                    f"({both['diffcli_s_per_image']} vs {both['peer_s_per_image']} s per image)")
     if "deep_cache" in report:
         cache = report["deep_cache"]
         rows.append(f"deep_cache: every {cache['interval']} steps on the eager U-Net, {report['deep_cache_speedup_ms_per_step']}x "

@@ -1,9 +1,10 @@
 """The OpenVINO peer of `diffcli bench --compare openvino`: optimum-intel's pipeline exported from the bench's diffusers
 folder, timed as diffcli's path is (prompt to PNG: first image, then the median of --repeats), with the seed-0 image
-saved for PSNR.
+saved for PSNR; with "serve" it then makes one more image per "image" line on stdin, answering its time, until stdin
+closes (the bench alternates it with diffcli's path).
 
 Standalone, importing nothing from diffcli: optimum-intel pins older transformers than diffcli's, so it may run in a
-venv of its own ($DIFFCLI_OPENVINO_PYTHON). Usage: python bench_openvino.py FOLDER SETTINGS_JSON; prints one JSON line.
+venv of its own ($DIFFCLI_OPENVINO_PYTHON). Usage: python bench_openvino.py FOLDER SETTINGS_JSON; prints one JSON line (and one per image served).
 """
 
 import json
@@ -44,12 +45,16 @@ def main() -> None:
     first, image = call()
     np.save(settings["image"], np.asarray(image, dtype=np.float32) / 255)
     times = [call()[0] for _ in range(settings["repeats"])]
-    shutil.rmtree(scratch, ignore_errors=True)
     import openvino
 
     print(json.dumps({"first_image_s": round(first, 3), "s_per_image_end_to_end": round(statistics.median(times), 3),
                       "load_s": round(load_s, 3), "precision": settings["precision"],
-                      "openvino": openvino.__version__.split("-")[0]}))
+                      "openvino": openvino.__version__.split("-")[0]}), flush=True)
+    if settings.get("serve"):  # one more image per "image" line, until stdin closes: the bench alternates with it
+        for line in sys.stdin:
+            if line.strip() == "image":
+                print(json.dumps({"s": round(call()[0], 4)}), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

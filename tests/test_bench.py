@@ -114,6 +114,41 @@ def test_bench_compare_openvino_says_when_it_cannot_run(cli, tiny_model, tmp_pat
     assert table.exit_code == 0 and "openvino: ModuleNotFoundError: No module named optimum" in table.stdout
 
 
+def test_the_openvino_peer_alternates_with_diffcli_image_by_image(cli, tiny_model, tmp_path, monkeypatch):
+    """The OpenVINO peer's process stays after its own timings and makes one image per request, in turn with diffcli's
+    path: the report has both medians and their ratio. Here a stand-in peer (this Python, the protocol of
+    bench_openvino.py: one JSON result, then one JSON time per "image" line; other lines ignored) answers 0.25 s."""
+    import sys
+
+    served = tmp_path / "served.txt"
+    fake = tmp_path / "peer.py"
+    fake.write_text(
+        "import json, sys\nimport numpy as np\nsettings = json.loads(sys.argv[3])\n"
+        "np.save(settings['image'], np.zeros((settings['size'], settings['size'], 3), np.float32))\n"
+        "print('a library says hello')\n"
+        "print(json.dumps({'first_image_s': 1.0, 's_per_image_end_to_end': 0.5, 'load_s': 2.0, 'precision': "
+        "settings['precision'], 'openvino': 'fake'}), flush=True)\n"
+        "for line in sys.stdin:\n"
+        f"    open({str(served)!r}, 'a').write(line)\n"
+        "    print(json.dumps({'s': 0.25}), flush=True)\n")
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("DIFFCLI_OPENVINO_PYTHON", str(python))
+    result = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats",
+                 "2", "--compare", "openvino", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["openvino"]["s_per_image_end_to_end"] == 0.5 and report["openvino"]["psnr_vs_plain_db"] < 20
+    both = report["openvino_interleaved"]
+    assert both["rounds"] == 5 and both["peer_s_per_image"] == 0.25 and both["diffcli_s_per_image"] > 0
+    assert abs(both["ratio"] - 0.25 / both["diffcli_s_per_image"]) < 0.01 * both["ratio"]  # (from unrounded medians)
+    assert served.read_text() == "image\n" * 5  # one request per round, then its stdin closed
+    table = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats",
+                "1", "--compare", "openvino")
+    assert "diffcli vs openvino, alternating image by image (5 rounds):" in table.stdout, table.stdout
+
+
 def test_bench_compare_sdcpp_says_when_it_cannot_run(cli, tiny_model, tmp_path, monkeypatch):
     """stable-diffusion.cpp's peer: skipped with how to get it when its bindings are missing; a Python that fails on
     the bench's single file gives its last error line (the tiny model is no SD version sd.cpp knows)."""
