@@ -4,7 +4,8 @@ saved for PSNR; with "serve" it then makes one more image per "image" line on st
 closes (the bench alternates it with diffcli's path).
 
 Standalone, importing nothing from diffcli: optimum-intel pins older transformers than diffcli's, so it may run in a
-venv of its own ($DIFFCLI_OPENVINO_PYTHON). Usage: python bench_openvino.py FOLDER SETTINGS_JSON; prints one JSON line (and one per image served).
+venv of its own ($DIFFCLI_OPENVINO_PYTHON). Usage: python bench_openvino.py FOLDER SETTINGS_JSON; prints one JSON
+line (and one per image served).
 """
 
 import json
