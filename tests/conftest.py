@@ -12,6 +12,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -116,6 +117,15 @@ def build_tiny_sd2(root: Path):
         num_attention_heads=16, num_hidden_layers=1, vocab_size=vocab, max_position_embeddings=77, hidden_act="gelu"))
     scheduler = DDIMScheduler.from_config(base.scheduler.config, prediction_type="v_prediction")
     return StableDiffusionPipeline(**dict(base.components, unet=unet, text_encoder=text_encoder, scheduler=scheduler))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_is_delivered():
+    """A suite started in the background by a shell without job control (a CI runner's, `cmd &` in a script) inherits
+    SIGINT ignored, and so would every process it starts: the Ctrl-C tests need it delivered, as a user's terminal
+    does. A Python handler, unlike an ignored signal, is reset to the default in the processes the tests start."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
