@@ -391,12 +391,14 @@ def arch_names() -> tuple[str, ...]:
 
 
 def arch_defaults(arch: str | None) -> tuple[int | None, int, float]:
-    """Native size (None: the model's), steps and cfg of an --arch: the family's usual settings (FLUX.1 dev 28 steps at
-    distilled guidance 3.5, Z-Image Turbo 8 at 0, ...); 30 steps at 7.5 for SD and a --model."""
-    from diffcli import bench_families
+    """Native size (None: the model's), steps and cfg of an --arch: the registry's for its family and variant (FLUX.1
+    dev 28 steps at distilled guidance 3.5, Z-Image Turbo 9 at 0, ...); 30 steps at 7.5 for SD and a --model."""
+    from diffcli import bench_families, families
 
     if arch in bench_families.FAMILIES:
-        return bench_families.FAMILIES[arch][1:4]
+        _, size, family, variant, _ = bench_families.FAMILIES[arch]
+        defaults = next(v.defaults for v in families.get(family).variants if v.name == variant)
+        return size, defaults["steps"], defaults["cfg"]
     return (ARCHITECTURES[arch][2] if arch else None), 30, 7.5
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from diffcli.checkpoints import CONFIGS
 
-# name -> (pipeline class, native size, default steps, default cfg, billions of parameters in all: denoiser, text
-# encoders, VAE; what the components below have, tests/test_bench_families.py checks them)
+# name -> (pipeline class, native size, family and variant in the registry (their steps and cfg are the bench's
+# defaults), billions of parameters in all: denoiser, text encoders, VAE, as tests/test_bench_families.py checks)
 FAMILIES = {
-    "flux": ("FluxPipeline", 1024, 28, 3.5, 16.87),  # FLUX.1 [dev]
-    "sd35": ("StableDiffusion3Pipeline", 1024, 28, 3.5, 13.72),  # SD 3.5 Large
-    "qwen-image": ("QwenImagePipeline", 1024, 50, 4.0, 28.85),
-    "z-image": ("ZImagePipeline", 1024, 8, 0.0, 10.26),  # Z-Image Turbo
+    "flux": ("FluxPipeline", 1024, "flux", "dev", 16.87),  # FLUX.1 [dev]
+    "sd35": ("StableDiffusion3Pipeline", 1024, "sd3", "sd3.5", 13.72),  # SD 3.5 Large
+    "qwen-image": ("QwenImagePipeline", 1024, "qwen-image", "qwen-image", 28.85),
+    "z-image": ("ZImagePipeline", 1024, "z-image", "turbo", 10.26),  # Z-Image Turbo
 }
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",

@@ -59,7 +59,7 @@ def test_all_skips_the_families_that_do_not_fit(cli, monkeypatch):
     result = cli("bench", "--arch", "all", "--device", "cpu", "--dtype", "bf16", "--json")
     assert result.exit_code == 0, result.stderr
     assert [arch for arch, _, _ in ran] == ["sd15", "sd21", "sdxl", "z-image"]  # 19.1 GiB of bf16 weights (+15 %) fit in 25
-    assert ("z-image", 8, 0.0) in ran and ("sd15", 30, 7.5) in ran  # each family's usual steps and cfg
+    assert ("z-image", 9, 0.0) in ran and ("sd15", 30, 7.5) in ran  # each family's steps and cfg from the registry
     for name in ("flux", "sd35", "qwen-image"):
         assert f"diffcli: skipping {name}: --arch {name} needs about" in result.stderr
 
@@ -70,7 +70,7 @@ def tiny_families(monkeypatch, tmp_path):
     builders = {"flux": build_tiny_flux, "qwen-image": build_tiny_qwen_image}
     monkeypatch.setattr(bench_families, "build", lambda arch, device, dtype, prompt: builders[arch](tmp_path))
     for arch in builders:
-        monkeypatch.setitem(bench_families.FAMILIES, arch, bench_families.FAMILIES[arch][:4] + (1e-6,))
+        monkeypatch.setitem(bench_families.FAMILIES, arch, bench_families.FAMILIES[arch][:4] + (1e-6,))  # fits
 
 
 @pytest.mark.parametrize("arch", ["flux", "qwen-image"])
@@ -80,7 +80,7 @@ def test_bench_runs_a_family_against_plain_diffusers(cli, tiny_families, arch):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == f"{arch} (random weights)" and report["steps"] == 3
-    assert report["cfg"] == bench_families.FAMILIES[arch][3]  # the family's default guidance
+    assert report["cfg"] == bench.arch_defaults(arch)[2] == {"flux": 3.5, "qwen-image": 4.0}[arch]  # the registry's
     for path in ("plain", "diffcli"):
         assert set(report[path]["images_per_s_latents"]) == {"1", "2"}
     assert report["diffcli"]["psnr_vs_plain_db"] > 40  # the same prompts and guidance on both paths
