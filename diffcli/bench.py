@@ -92,9 +92,9 @@ def prompt_inputs(pipe, batch: int, own: bool, cfg: float) -> dict:
     from diffcli import families
 
     style = families.call_style(type(pipe).__name__)
-    guidance = {"guidance_scale": cfg}
-    if style.true_cfg:
-        guidance = {"true_cfg_scale": cfg, "negative_prompt": [""] * batch if batch > 1 else ""}
+    guidance = style.guidance(cfg)
+    if style.true_cfg:  # the empty negative prompt that turns true CFG on, as run.py passes it
+        guidance["negative_prompt"] = [""] * batch if batch > 1 else ""
     if not own or not style.prompt_embeds:
         return {"prompt": [PROMPT] * batch if batch > 1 else PROMPT, **guidance}
     from diffcli import jobs, prompts
@@ -421,18 +421,16 @@ def weights_fit(arch: str, device: str, dtype_name: str) -> str | None:
 
 
 def bench_dtype(arch: str | None, dtype_name: str, device: str, spec=None):
-    """--dtype for the bench: resolve_dtype's for the --model's `spec` (bf16 on CUDA for a transformer family), and
-    for an --arch of those families too (a random pipeline has no spec to tell it, so it is said here); on the CPU the
-    model's dtype for plain's path (fp32 at auto: diffcli's path then picks its own, fast_dtype)."""
-    import torch
-
+    """--dtype for the bench: on CUDA resolve_dtype's for the --model's `spec` or the --arch's family (bf16 for the
+    transformer families); on the CPU the model's dtype for plain's path (fp32 at auto: diffcli's path then picks its
+    own, fast_dtype)."""
     from diffcli import bench_families
+    from diffcli.models import ModelSpec
     from diffcli.pipeline import resolve_dtype
 
-    cuda = device.startswith("cuda")
-    if dtype_name == "auto" and cuda and arch in bench_families.FAMILIES and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return resolve_dtype(dtype_name, device, spec if cuda else None)
+    if spec is None and arch in bench_families.FAMILIES:
+        spec = ModelSpec(source="hub", location=arch, name=arch, family=bench_families.FAMILIES[arch][2])
+    return resolve_dtype(dtype_name, device, spec if device.startswith("cuda") else None)
 
 
 def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str, steps: int, cfg: float,

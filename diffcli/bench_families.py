@@ -113,7 +113,7 @@ def _t5(folder: Path):
     return {"model": T5EncoderModel(T5Config(**T5_XXL)), "tokenizer": t5_tokenizer(folder / "t5")}
 
 
-def _flux(folder: Path) -> dict:
+def _flux(folder: Path, prompt: str) -> dict:  # noqa: ARG001 (the T5 and CLIP tokenizers need no corpus)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     t5 = _t5(folder)
@@ -125,7 +125,7 @@ def _flux(folder: Path) -> dict:
                                                   base_image_seq_len=256, max_image_seq_len=4096))
 
 
-def _sd35(folder: Path) -> dict:
+def _sd35(folder: Path, prompt: str) -> dict:  # noqa: ARG001 (the T5 and CLIP tokenizers need no corpus)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     t5 = _t5(folder)
@@ -181,9 +181,7 @@ def components(arch: str, device: str, dtype, prompt: str) -> dict:
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="diffcli-bench-tokenizers-") as folder, _made_as(device, dtype):
-        builder = BUILDERS[arch]
-        parts = builder(Path(folder)) if arch in ("flux", "sd35") else builder(Path(folder), prompt)
-    return parts
+        return BUILDERS[arch](Path(folder), prompt)
 
 
 def build(arch: str, device: str, dtype, prompt: str):

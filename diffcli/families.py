@@ -63,6 +63,11 @@ class CallStyle:
     # (t5_prompts.py: SD3, FLUX.1); unweighted ones still go as text
     weighted_t5: bool = False
 
+    def guidance(self, cfg: float) -> dict:
+        """--cfg as the call's argument: guidance_scale, or true_cfg_scale (Qwen-Image; its guidance_scale, read by
+        guidance-distilled transformers only, stays unset)."""
+        return {"true_cfg_scale": cfg} if self.true_cfg else {"guidance_scale": cfg}
+
 
 @dataclass(frozen=True)
 class SingleFile:

@@ -327,10 +327,8 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
             call_kwargs["callback_on_step_end"] = step_end
         else:
             call_kwargs.update(callback=lambda i, t, latents: on_step_end(pipe, i, t, {"latents": latents}), callback_steps=1)
-        # Qwen-Image: --cfg is true CFG; its guidance_scale (for guidance-distilled transformers only) stays unset
-        guidance = {"true_cfg_scale": cfg} if style.true_cfg else {"guidance_scale": cfg}
-        call_kwargs = dict(num_inference_steps=steps, generator=call_generators, output_type=output_type, **guidance,
-                           **call_kwargs)
+        call_kwargs = dict(num_inference_steps=steps, generator=call_generators, output_type=output_type,
+                           **style.guidance(cfg), **call_kwargs)
         if style.takes is not None:  # a generic pipeline: only what its __call__ names; the size asked (not binned to
             # its trained aspect ratios and resized back: PixArt, Sana) and the prompt as written (no caption cleaning)
             call_kwargs = {key: value for key, value in dict(call_kwargs, use_resolution_binning=False,
