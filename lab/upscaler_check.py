@@ -4,7 +4,7 @@ Usage: python -m lab.upscaler_check [--model tiny-shapes-x4] [--n 24] [--mosaics
 
 Makes n tiny-shapes images (`diffcli txt2img`, bundled model at its defaults, held-out prompts of
 `diffcli.shapes.evaluate.prompts(n, 0)`, seeds 0..n-1), then `diffcli upscale`s each at the upscaler's defaults:
-untiled with seeds 0 and 1, and `--tile 32` with seed 0. Prints one JSON object with the three targets of
+untiled with seeds 0 and 1, and with seed 0 in tiles of each `--tiles` size (default 32). Prints one JSON object with the three targets of
 docs/bundled-model.md ("The x4 upscaler"):
 
 - fidelity: mean absolute difference (0-255) between the input and the 512 px output box-averaged back to 128 px
@@ -85,14 +85,23 @@ def upscale(model: str, source: Path, out: Path, seed: int, tile: int | None) ->
     return pixels(out)
 
 
+UNTILED: dict = {}  # (model, source, seed) -> untiled output, made once for every tile size
+
+
+def untiled_output(model: str, source: Path, out: Path, seed: int) -> np.ndarray:
+    if (model, source, seed) not in UNTILED:
+        UNTILED[model, source, seed] = upscale(model, source, out, seed, 0)
+    return UNTILED[model, source, seed]
+
+
 def tiling(model: str, sources: list[Path], work: Path, tile: int | None, tag: str) -> tuple[dict, dict]:
     """Tiled vs untiled (seed 0) and seed 0 vs seed 1 (untiled), mean absolute differences at the output size, as a
     report; and the untiled seed-0 outputs by source."""
     tiled, seeds, untiled = [], [], {}
     for k, source in enumerate(sources):
-        whole = upscale(model, source, work / f"{tag}-{k:02d}-s0.png", 0, 0)
-        other = upscale(model, source, work / f"{tag}-{k:02d}-s1.png", 1, 0)
-        cut = upscale(model, source, work / f"{tag}-{k:02d}-tiled.png", 0, tile)
+        whole = untiled_output(model, source, work / f"{tag}-{k:02d}-s0.png", 0)
+        other = untiled_output(model, source, work / f"{tag}-{k:02d}-s1.png", 1)
+        cut = upscale(model, source, work / f"{tag}-{k:02d}-tiled{tile or ''}.png", 0, tile)
         tiled.append(np.abs(cut - whole).mean())
         seeds.append(np.abs(other - whole).mean())
         untiled[source] = whole
@@ -119,6 +128,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=24, help="tiny-shapes outputs to upscale")
     ap.add_argument("--mosaics", type=int, default=4,
                     help="384x256 mosaics for the default (automatic) tiling; 0: skip")
+    ap.add_argument("--tiles", default="32", help="comma-separated --tile sizes to compare with the untiled output")
     ap.add_argument("--work", type=Path, default=Path("upscaler-check"), help="folder for inputs and outputs")
     a = ap.parse_args(argv)
     import torch
@@ -127,7 +137,9 @@ def main(argv=None) -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     inputs = make_inputs(a.work, a.n)
-    tile32, untiled = tiling(a.model, inputs, a.work, 32, "x4")
+    sizes = [int(t) for t in a.tiles.split(",")]
+    tiled = {size: tiling(a.model, inputs, a.work, size, "x4") for size in sizes}
+    untiled = tiled[sizes[0]][1]
     fidelity, same = [], []
     for source in inputs:
         x, down = pixels(source), box_down(untiled[source], 4)
@@ -139,7 +151,7 @@ def main(argv=None) -> None:
                          "ok": max(fidelity) <= FIDELITY_MAX, "per_image": [round(v, 2) for v in fidelity]},
         "judge_same": {"share": round(float(np.mean(same)), 3), "ok": all(same),
                        "differ": [i for i, s in enumerate(same) if not s]},
-        "tiling_tile32": tile32,
+        **{f"tiling_tile{size}": report for size, (report, _) in tiled.items()},
     }
     if a.mosaics:
         sheets = [mosaic([inputs[(6 * k + j) % len(inputs)] for j in range(6)], a.work / f"mosaic-{k}.png")
