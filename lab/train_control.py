@@ -29,6 +29,17 @@ OUTLINE_SHARE = 0.25  # maps made from an outline drawing rather than the filled
 UNSAID = ("shape0", "shape1", "size0", "size1", "position", "relation")  # --unsaid-share: what only the map then gives
 
 
+def misnamed(rng: random.Random, scene):
+    """A copy of `scene` whose objects have other shapes: its caption names shapes the map does not show
+    (--conflict-share: the map's shape must win over the prompt's, as a canny map's edges do)."""
+    import copy
+
+    other = copy.deepcopy(scene)
+    for o in other.objects:
+        o.shape = rng.choice([k for k in range(len(world.SHAPES)) if k != o.shape])
+    return other
+
+
 def controlnet(unet):
     """An attention-free ControlNet shaped like `unet`'s down path, its ResNets and time embedding copied from it."""
     from diffusers import ControlNetModel
@@ -71,12 +82,20 @@ def canny_maps(images: torch.Tensor) -> torch.Tensor:
 class Pool:
     """Scenes drawn once: frozen-VAE latent moments, canny maps, caption token ids."""
 
-    def __init__(self, n, seed, tokenizer, vae, unsaid_share=0.0):
+    def __init__(self, n, seed, tokenizer, vae, unsaid_share=0.0, conflict_share=0.0):
         rng = random.Random(seed)
         scenes = [world.sample_scene(rng, rng.random() < 0.5) for _ in range(n)]
-        # train=True: held-out captions never said in full; a share say no shape, size or place (the map's to give)
-        captions = [world.caption(rng, s, drop=UNSAID if unsaid_share and rng.random() < unsaid_share else ())
-                    for s in scenes]
+        # train=True: held-out captions never said in full; a share say no shape, size or place (the map's to give),
+        # a share name other shapes than the scene's (the map's to override)
+        captions = []
+        for s in scenes:
+            draw = rng.random() if unsaid_share or conflict_share else 1.0  # no draw: the first runs' pools
+            if draw < unsaid_share:
+                captions.append(world.caption(rng, s, drop=UNSAID))
+            elif draw < unsaid_share + conflict_share:
+                captions.append(world.caption(rng, misnamed(rng, s)))
+            else:
+                captions.append(world.caption(rng, s))
         self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         self.empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
         moments, maps = [], []
@@ -105,7 +124,7 @@ class Pool:
 
 
 def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_share: float = 0.0,
-          object_weight: float = 0.0) -> Path:
+          object_weight: float = 0.0, conflict_share: float = 0.0) -> Path:
     """Train (from `run.resume`, a ControlNet folder, if given) and save `run.out/tiny-shapes-control` (fp16
     safetensors); returns that folder. `object_weight`: the loss counts 1 + this much near the map's edges (the
     object, a few percent of the latent, where its shape is decided)."""
@@ -123,12 +142,13 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
     # the refiner's own timestep at each of the base's (nearest alphas_cumprod), as the --refiner handover calls it
     own_t = matched_timesteps(alphas_cumprod(dict(sched.config)), alphas_cumprod(dict(own_sched.config))) if refiner else None
     net = (ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32) if run.resume else controlnet(unet)).train()
-    pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share)
+    pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share, conflict_share)
     print(f"pool of {pool_size} scenes in {(time.time() - t0) / 60:.1f} min", flush=True)
     params = list(net.parameters())
     opt, lr_sched = optimizer(params, run.lr, torch.device("cpu"))
     logger = Logger(run, "control", params_controlnet=models.n_params(net), batch=run.batch, pool=pool_size,
-                    base=str(base), refiner=str(refiner), unsaid_share=unsaid_share, object_weight=object_weight)
+                    base=str(base), refiner=str(refiner), unsaid_share=unsaid_share, object_weight=object_weight,
+                    conflict_share=conflict_share)
     sf = vae.config.scaling_factor
 
     def step(i):
@@ -178,6 +198,7 @@ def main(argv=None):
     p.add_argument("--resume", type=Path, default=None, help="a ControlNet folder to continue")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--unsaid-share", type=float, default=0.0, help="captions saying no shape, size or place")
+    p.add_argument("--conflict-share", type=float, default=0.0, help="captions naming other shapes than the map's")
     p.add_argument("--object-weight", type=float, default=0.0, help="extra loss weight near the map's edges")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -185,7 +206,7 @@ def main(argv=None):
     run = Run(out=a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch, lr=a.lr,
               resume=a.resume)
     folder = train(run, a.base, None if a.refiner == "none" else Path(a.refiner), a.pool, a.unsaid_share,
-                   a.object_weight)
+                   a.object_weight, a.conflict_share)
     print(folder)
 
 
