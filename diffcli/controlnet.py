@@ -4,8 +4,10 @@ ControlNet class built at run time, and the metadata A1111's ControlNet extensio
 A unit is `TYPE:IMAGE[;key=value...]`: TYPE a preprocessor of diffcli.control (canny, scribble, none...), IMAGE the
 picture it reads; keys `model` (the ControlNet: a diffusers folder or Hub id), `weight` (A1111's weight, diffusers'
 controlnet_conditioning_scale), `start`/`end` (fraction of the steps it acts on), `resize` (crop, fit, stretch: how
-the map meets the image size) and the preprocessor's own parameters (`low`, `high` for canny...). Without `model`,
-a model with a bundled ControlNet (tiny-shapes: tiny-shapes-control, canny maps) uses that one.
+the map meets the image size), `mode` (a union ControlNet's control type: a name or its number; default the TYPE's)
+and the preprocessor's own parameters (`low`, `high` for canny...). Without `model`, a model with a bundled ControlNet
+(tiny-shapes: tiny-shapes-control, canny maps) uses that one. The ControlNet's config decides its class, checked
+against the model's family (families.ControlNets) before any weights load.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from diffcli.errors import UsageError
 
-UNIT_KEYS = ("model", "weight", "start", "end", "resize")
+UNIT_KEYS = ("model", "weight", "start", "end", "resize", "mode")
 A1111_RESIZE = {"crop": "Crop and Resize", "fit": "Resize and Fill", "stretch": "Just Resize"}
 DEFAULT_RESIZE = "crop"  # A1111's ControlNet default ("Crop and Resize")
 MAX_WEIGHT = 2.0  # A1111's slider range for a unit's weight
@@ -35,10 +37,12 @@ class Unit:
     start: float = 0.0
     end: float = 1.0
     resize: str = DEFAULT_RESIZE
+    mode: str = ""  # a union ControlNet's control type as given; resolved: its number
 
     def record(self) -> dict:
         return {"type": self.type, "params": dict(self.params), "image": self.image, "model": self.model,
-                "weight": self.weight, "start": self.start, "end": self.end, "resize": self.resize}
+                "weight": self.weight, "start": self.start, "end": self.end, "resize": self.resize,
+                **({"mode": int(self.mode)} if self.mode.isdigit() else {})}
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Resolved:
     units: list[Unit] = field(default_factory=list)
     maps: list = field(default_factory=list)  # PIL RGB images, width x height
     guess_mode: bool = False
+    model_class: str = ""  # the ControlNets' diffusers class (one for all units)
+    union: bool = False  # union models: each map goes with its unit's control mode
 
     def record(self) -> dict:
         if not self.units:
@@ -82,13 +88,15 @@ def parse(text: str) -> Unit:
     resize = settings.get("resize", DEFAULT_RESIZE)
     if resize not in A1111_RESIZE:
         raise UsageError(f"--control {kind}: resize must be one of {', '.join(A1111_RESIZE)}, got {resize!r}")
-    return Unit(name, tuple(values.items()), image.strip(), settings.get("model", ""), weight, start, end, resize)
+    return Unit(name, tuple(values.items()), image.strip(), settings.get("model", ""), weight, start, end, resize,
+                settings.get("mode", "").lower())
 
 
 def unit_text(record: dict) -> str:
     """The --control text of a recorded unit (Unit.record): what replay passes to make it again."""
     options = {"model": record["model"], "weight": record["weight"], "start": record["start"], "end": record["end"],
-               "resize": record["resize"], **record.get("params", {})}
+               "resize": record["resize"], **({"mode": record["mode"]} if "mode" in record else {}),
+               **record.get("params", {})}
     return f"{record['type']}:{record['image']};" + ";".join(f"{key}={value}" for key, value in options.items())
 
 
@@ -110,8 +118,9 @@ def check_texts(texts: list) -> list[Unit]:
 
 
 def resolve(job, spec, width: int, height: int) -> Resolved:
-    """The job's units with their maps at width x height: the family able, each model a ControlNet, each image read
-    and preprocessed; raises UsageError before any weights load."""
+    """The job's units with their maps at width x height: the family able, each model a ControlNet of a class the family
+    runs (one class for all), union modes known, each image read and preprocessed; raises UsageError before any
+    weights load."""
     from diffcli import families
 
     units = check_texts(job.controls.units)
@@ -120,19 +129,118 @@ def resolve(job, spec, width: int, height: int) -> Resolved:
             raise UsageError("--guess-mode works with --control", "add a --control, or drop --guess-mode")
         return Resolved()
     family = families.get(spec.family)
-    if job.task not in family.controlnet:
-        kinds = ", ".join(name for name, f in families.FAMILIES.items() if f.controlnet)
-        raise UsageError(f"--control: ControlNet runs on {kinds} models here, got {spec.name!r} ({spec.family}) for "
+    able = ", ".join(name for name, f in families.FAMILIES.items() if f.controlnet)
+    if not family.controlnet:
+        raise UsageError(f"--control: ControlNet runs on {able} models here, got {spec.name!r} ({spec.family}) for "
                          f"{job.command}")
     sdxl_refiner = spec.family == "sdxl" and job.second.refiner not in (None, "none")  # SD 1.x/2.x hand over in the call
     for flag, used in (("--hires", job.second.hires), ("--refiner", sdxl_refiner), ("--deep-cache", job.model.deep_cache)):
         if used:
             raise UsageError(f"--control with {flag}: not supported together yet", f"drop {flag}")
     units = [unit if unit.model else _default_model(unit, spec) for unit in units]
-    for unit in units:
-        check_model(unit.model, job.model.allow_pickle)
+    configs = [check_model(unit.model, job.model.allow_pickle) for unit in units]
+    model_class = _model_class(units, configs, family, spec)
+    nets = family.controlnet[model_class]
+    if job.task not in nets.pipelines:
+        raise UsageError(f"--control: diffusers has no {spec.family} ControlNet pipeline for {job.command}",
+                         f"{spec.family} takes ControlNets for {', '.join(nets.pipelines)}")
+    if job.controls.guess_mode and not nets.guess_mode:
+        raise UsageError(f"--guess-mode: {spec.family}'s ControlNet pipelines have no guess mode", "drop --guess-mode")
+    union = [_is_union(config) for config in configs]
+    if any(union) and not all(union):
+        raise UsageError("--control: union and single-type ControlNets cannot run together",
+                         "use units of one kind in an image")
+    if all(union):
+        units = [_with_mode(unit, config, nets.modes) for unit, config in zip(units, configs)]
+    else:
+        for unit in units:
+            if unit.mode:
+                raise UsageError(f"--control {unit.type}: mode= is for union ControlNets, {unit.model} is not one",
+                                 "drop mode=")
+    if spec.family == "flux" and len({bool(config.get("conditioning_embedding_channels")) for config in configs}) > 1:
+        raise UsageError("--control: XLabs-style and InstantX-style FLUX.1 ControlNets cannot run together",
+                         "diffusers reads the maps of several FLUX.1 ControlNets one way for all")
     return Resolved(units, [control_map(unit, width, height, job.model.allow_pickle) for unit in units],
-                    job.controls.guess_mode)
+                    job.controls.guess_mode, model_class, all(union))
+
+
+def _model_class(units: list[Unit], configs: list[dict], family, spec) -> str:
+    """The ControlNets' class from their configs: one the family runs, the same for every unit, made for this model
+    (the denoiser's width where both configs say it)."""
+    classes = [str(config.get("_class_name", "")) for config in configs]
+    for unit, name, config in zip(units, classes, configs):
+        if name not in family.controlnet:
+            raise UsageError(f"--control model={unit.model}: a {name or 'config without a class'}; {spec.family} models "
+                             f"take {' or '.join(family.controlnet)}")
+        _check_made_for(unit, config, spec)
+    if len(set(classes)) > 1:
+        raise UsageError(f"--control: the units' ControlNets are of different classes ({', '.join(sorted(set(classes)))})",
+                         "use ControlNets of one class in an image")
+    return classes[0]
+
+
+MATCHED = ("cross_attention_dim", "joint_attention_dim", "in_channels")  # a ControlNet's config and its model's agree
+
+
+def _check_made_for(unit: Unit, config: dict, spec) -> None:
+    """A ControlNet made for another model (an SD 1.5 one on SDXL, ...) stops here, not in a matrix product."""
+    from diffcli import families
+
+    model = _denoiser_config(spec)
+    for key in MATCHED:
+        if isinstance(config.get(key), int) and isinstance(model.get(key), int) and config[key] != model[key]:
+            raise UsageError(f"--control model={unit.model}: made for another model ({key} {config[key]}, "
+                             f"{spec.name!r} has {model[key]})", f"use a ControlNet made for {spec.family} models")
+    if families.get(spec.family).denoiser == "unet" and "cross_attention_dim" in config:
+        xl = config.get("addition_embed_type") == "text_time"
+        if xl != (spec.family == "sdxl"):
+            raise UsageError(f"--control model={unit.model}: an {'SDXL' if xl else 'SD 1.x/2.x'} ControlNet, and "
+                             f"{spec.name!r} is a {spec.family} model", f"use a ControlNet made for {spec.family} models")
+
+
+def _denoiser_config(spec) -> dict:
+    """The model's U-Net or transformer config when at hand (a folder, or the Hub's in the HF cache), else {}."""
+    from diffcli import families
+    from diffcli.models import read_json
+
+    name = f"{'unet' if families.get(spec.family).denoiser == 'unet' else 'transformer'}/config.json"
+    paths = [Path(folder) / name for folder in (spec.config_dir, spec.location) if folder]
+    if spec.source == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec.location, name, revision=spec.revision)
+        paths = [Path(cached)] if isinstance(cached, str) else []
+    for path in paths:
+        if path.is_file():
+            try:
+                config = read_json(path)
+            except Exception:  # noqa: BLE001 - the model's own check reports a bad config
+                return {}
+            return config if isinstance(config, dict) else {}
+    return {}
+
+
+def _is_union(config: dict) -> bool:
+    """SDXL's ControlNetUnionModel, or a FLUX.1 ControlNet with control modes (num_mode)."""
+    return config.get("_class_name") == "ControlNetUnionModel" or bool(config.get("num_mode"))
+
+
+def _with_mode(unit: Unit, config: dict, modes) -> Unit:
+    """The unit with its union control mode as a number: mode= (a name or number), else its TYPE's."""
+    from dataclasses import replace
+
+    count = config.get("num_mode") or config.get("num_control_type") or len(set(modes.values()))
+    given = unit.mode or unit.type
+    number = int(given) if given.isdigit() else modes.get(given)
+    names = ", ".join(f"{name} {value}" for name, value in modes.items())
+    if number is None:
+        raise UsageError(f"--control {unit.type}: model={unit.model} is a union ControlNet: say which control it is"
+                         + (f", mode={given!r} is none of its modes" if unit.mode else ""),
+                         f"add ;mode=NAME or a number below {count} ({names})")
+    if not 0 <= number < count:
+        raise UsageError(f"--control {unit.type}: mode {number} is not one of model={unit.model}'s {count} modes",
+                         f"0..{count - 1} ({names})")
+    return replace(unit, mode=str(number))
 
 
 def _default_model(unit: Unit, spec) -> Unit:
@@ -155,32 +263,73 @@ def location(model: str) -> str:
     return str(BUNDLED_DIR / model) if model in BUNDLED.values() and not Path(model).is_dir() else model
 
 
-def check_model(model: str, allow_pickle: bool) -> None:
-    """A ControlNet diffusers folder (config.json naming a ControlNet class, safetensors weights unless --allow-pickle)
-    or a Hub id; a single file is refused for now (its config would come from the Hub)."""
+def check_model(model: str, allow_pickle: bool) -> dict:
+    """A ControlNet diffusers folder (its config naming a ControlNet class, safetensors weights unless --allow-pickle)
+    or a Hub id (its config fetched, or found in the HF cache offline); returns the config. A single file is refused
+    for now (its config would come from the Hub)."""
     from diffcli.models import HUB_ID
     from diffcli.options import check_path
 
+    check_path("--control model", model)
     path = Path(location(model))
     if path.is_dir():
         if (path / "model_index.json").is_file():
             raise UsageError(f"--control model={model}: a whole pipeline, not a ControlNet", "name a ControlNet folder")
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise UsageError(f"--control model={model}: no readable config.json", "a diffusers ControlNet folder") from None
-        if "ControlNet" not in str(config.get("_class_name", "")):
-            raise UsageError(f"--control model={model}: not a ControlNet (its config says {config.get('_class_name')!r})")
-        if not any(path.glob("*.safetensors")) and not allow_pickle:
+        config = _read_config(path / "config.json", model)
+        if not _weights(path, allow_pickle):
             raise UsageError(f"--control model={model}: no .safetensors weights (pickle files are refused)",
                              "convert it to safetensors, or pass --allow-pickle if you trust it")
-        return
+        return config
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pth", ".bin") or path.exists():
-        check_path("--control model", model)
         raise UsageError(f"--control model={model}: single-file ControlNets are not read yet",
                          "use its diffusers folder or Hub id (e.g. lllyasviel/control_v11p_sd15_canny)")
     if not HUB_ID.match(model):
         raise UsageError(f"--control model={model}: no such folder, and not a Hub id")
+    return _read_config(_hub_config(model), model)
+
+
+def _read_config(path: Path, model: str) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UsageError(f"--control model={model}: no readable config.json", "a diffusers ControlNet folder") from None
+    if not isinstance(config, dict) or "ControlNet" not in str(config.get("_class_name", "")):
+        raise UsageError(f"--control model={model}: not a ControlNet (its config says "
+                         f"{config.get('_class_name') if isinstance(config, dict) else config!r})")
+    return config
+
+
+def _weights(folder: Path, allow_pickle: bool) -> dict | None:
+    """How diffusers should load the folder's weights (use_safetensors, variant), None when it has none it may read:
+    safetensors, plain or the fp16 variant only; with --allow-pickle, .bin too."""
+    if (folder / "diffusion_pytorch_model.safetensors").is_file() or \
+            (folder / "diffusion_pytorch_model.safetensors.index.json").is_file():
+        return {"use_safetensors": True}
+    if (folder / "diffusion_pytorch_model.fp16.safetensors").is_file():
+        return {"use_safetensors": True, "variant": "fp16"}
+    if allow_pickle and any(folder.glob("*.bin")):
+        return {"use_safetensors": False}
+    return None
+
+
+def _hub_config(repo: str) -> Path:
+    """A Hub ControlNet's config.json: fetched (a few kB), or from the HF cache when the Hub is out of reach."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from diffcli.models import hub_unreachable
+
+    unreachable = hub_unreachable()
+    try:
+        return Path(hf_hub_download(repo, "config.json", **({"local_files_only": True} if unreachable else {})))
+    except LocalEntryNotFoundError:
+        raise UsageError(f"--control model={repo}: not in the Hugging Face cache and the Hub cannot be reached"
+                         + (f": {unreachable}" if unreachable else ""),
+                         f"download it once with `hf download {repo}`, or name a local folder") from None
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        raise UsageError(f"--control model={repo}: no ControlNet config.json there (or no such repository)") from None
+    except OSError as exc:
+        raise UsageError(f"--control model={repo}: {exc}") from None
 
 
 def control_map(unit: Unit, width: int, height: int, allow_pickle: bool):
@@ -201,40 +350,60 @@ def control_map(unit: Unit, width: int, height: int, allow_pickle: bool):
     return ImageOps.pad(made, (width, height), Image.LANCZOS, color=(0, 0, 0))  # a map's empty border: no control
 
 
-_MODELS: dict[tuple, object] = {}  # (model, device, dtype) -> ControlNetModel, loaded once per process
+_MODELS: dict[tuple, object] = {}  # (model, device, dtype) -> ControlNet, loaded once per process
 
 
-def pipeline(pipe, task: str, family: str, resolved: Resolved, device: str, dtype):
+def pipeline(pipe, task: str, family: str, resolved: Resolved, device: str, dtype, allow_pickle: bool = False):
     """The ControlNet pipeline class of `task` sharing `pipe`'s components, with the units' ControlNets."""
     import diffusers
+    import diffusers.models.controlnets as controlnets
 
     from diffcli import families
+    from diffcli.errors import ModelError
 
-    nets = []
+    nets = families.get(family).controlnet[resolved.model_class]
+    cls = getattr(controlnets, resolved.model_class)
+    loaded = []
     for unit in resolved.units:
         key = (unit.model, device, str(dtype))
         if key not in _MODELS:
-            _MODELS[key] = diffusers.ControlNetModel.from_pretrained(location(unit.model), torch_dtype=dtype,
-                                                                     use_safetensors=True).to(device)
-        nets.append(_MODELS[key])
-    controlnet = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
-    cls = getattr(diffusers, families.get(family).controlnet[task])
-    made = cls.from_pipe(pipe, controlnet=controlnet)
+            folder = location(unit.model)
+            how = _weights(Path(folder), allow_pickle) if Path(folder).is_dir() else {"use_safetensors": True}
+            try:
+                _MODELS[key] = cls.from_pretrained(folder, torch_dtype=dtype, **(how or {})).to(device)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"--control model={unit.model}: could not load it: {str(exc).splitlines()[0][:300]}") from None
+        loaded.append(_MODELS[key])
+    controlnet = loaded[0] if len(loaded) == 1 else getattr(controlnets, nets.multi)(loaded)
+    made = getattr(diffusers, nets.pipelines[task]).from_pipe(pipe, controlnet=controlnet)
     made.set_progress_bar_config(disable=True)
     made.diffcli_optimizations = pipe.diffcli_optimizations
     return made
 
 
-def call_kwargs(task: str, resolved: Resolved) -> dict:
-    """The ControlNet inputs of a pipeline call: maps (`image` for txt2img, `control_image` with an input image),
-    weights, start/end fractions and guess mode (one value per unit, or a single one for one unit)."""
+def call_kwargs(pipe, resolved: Resolved) -> dict:
+    """The ControlNet inputs of a pipeline call, by the names its class takes: maps (`image` in SD's txt2img, else
+    `control_image`), weights, start/end fractions, guess mode, union control modes; one value per unit, or a single
+    one for one unit (SDXL union models: lists of maps and modes, one each per unit)."""
+    import inspect
+
+    takes = inspect.signature(type(pipe).__call__).parameters
     one = len(resolved.units) == 1
     pick = (lambda values: values[0]) if one else list
     units = resolved.units
-    return {"image" if task == "txt2img" else "control_image": pick(resolved.maps),
-            "controlnet_conditioning_scale": pick([u.weight for u in units]),
-            "control_guidance_start": pick([u.start for u in units]),
-            "control_guidance_end": pick([u.end for u in units]), "guess_mode": resolved.guess_mode}
+    kwargs = {"control_image" if "control_image" in takes else "image": pick(resolved.maps),
+              "controlnet_conditioning_scale": pick([u.weight for u in units]),
+              "control_guidance_start": pick([u.start for u in units]),
+              "control_guidance_end": pick([u.end for u in units])}
+    if "guess_mode" in takes:
+        kwargs["guess_mode"] = resolved.guess_mode
+    if resolved.union:
+        modes = [int(u.mode) for u in units]
+        if resolved.model_class == "ControlNetUnionModel":  # lists even for one (it wraps each for several models)
+            kwargs["control_image"], kwargs["control_mode"] = list(resolved.maps), modes
+        else:
+            kwargs["control_mode"] = pick(modes)
+    return kwargs
 
 
 def a1111_fields(meta: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -62,6 +63,9 @@ class CallStyle:
     # strings only: a prompt with A1111 weights goes as embeddings diffcli builds from its CLIP and T5 encoders
     # (t5_prompts.py: SD3, FLUX.1); unweighted ones still go as text
     weighted_t5: bool = False
+    # it samples with torch's global RNG (SD3's ControlNet pipeline VAE-encodes the map with latent_dist.sample()):
+    # seeded with the image's seed before each call, one image per call, so an image is its seed's on every run
+    global_rng: bool = False
 
     def guidance(self, cfg: float) -> dict:
         """--cfg as the call's argument: guidance_scale, or true_cfg_scale (Qwen-Image; its guidance_scale, read by
@@ -113,6 +117,22 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class ControlNets:
+    """How a family runs ControlNets of one model class (a config's `_class_name`): the class holding several, the
+    pipeline class per task, whether those take guess mode; `modes`: a union model's control types by name (its
+    control_mode values, from the union models' cards), for the class's union models."""
+
+    multi: str
+    pipelines: Mapping[str, str]
+    guess_mode: bool = False
+    modes: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "pipelines", MappingProxyType(dict(self.pipelines)))
+        object.__setattr__(self, "modes", MappingProxyType(dict(self.modes)))
+
+
+@dataclass(frozen=True)
 class Family:
     """What a model family is, known before any weights load."""
 
@@ -137,7 +157,7 @@ class Family:
     latent_patch: int | None = None  # latent pixels per token side its pipeline packs (FLUX.1: 2x2) whatever the
     # denoiser config says; None: the config's patch_size (SD3), else 1. Sizes are multiples of it x the VAE's factor
     variants: tuple[Variant, ...] = ()  # the first that fits a model gives its defaults; none fits: no defaults
-    controlnet: dict[str, str] = field(default_factory=dict)  # task -> its ControlNet pipeline class (--control)
+    controlnet: dict[str, ControlNets] = field(default_factory=dict)  # ControlNet class -> how it runs (--control)
     ip_adapter: bool = False  # its txt2img/img2img/inpaint pipelines take IP-Adapters (--ip-adapter, ip_adapter.py)
     transformer_file: TransformerFile | None = None  # transformer-only files (.safetensors, .gguf) it loads
     edit_references: bool = False  # its edit pipeline takes --image reference images beside IMAGE (a list of images)
@@ -166,25 +186,47 @@ class Family:
 # image equals the same seed run alone.
 _SD_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
                  "inpaint": "StableDiffusionInpaintPipeline"}
-_SD_STYLES = {"StableDiffusionInpaintPipeline": CallStyle(repeat_image=True)}
-_XL_STYLES = {"StableDiffusionXLInpaintPipeline": CallStyle(repeat_image=True)}
+_SD_STYLES = dict.fromkeys(("StableDiffusionInpaintPipeline", "StableDiffusionControlNetInpaintPipeline"),
+                           CallStyle(repeat_image=True))
+_XL_INPAINT = {"StableDiffusionXLInpaintPipeline": CallStyle(repeat_image=True)}  # the refiner's too
+_XL_STYLES = {**_XL_INPAINT, **dict.fromkeys(("StableDiffusionXLControlNetInpaintPipeline",
+                                             "StableDiffusionXLControlNetUnionInpaintPipeline"), CallStyle(repeat_image=True))}
 _SD_REFINERS = ("sd1", "sd2", "sd-refiner")  # SD 1.x/2.x UNets take over inside the base pipeline's loop
-_SD_CONTROL = {"txt2img": "StableDiffusionControlNetPipeline", "img2img": "StableDiffusionControlNetImg2ImgPipeline",
-               "inpaint": "StableDiffusionControlNetInpaintPipeline"}
-_XL_CONTROL = {"txt2img": "StableDiffusionXLControlNetPipeline", "img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
-               "inpaint": "StableDiffusionXLControlNetInpaintPipeline"}
+# ControlNets: SD 1.x/2.x and XL with guess mode; XL's union models (xinsir's ProMax layout) and FLUX.1's (InstantX's
+# and Shakker-Labs' Union Pro: FluxControlNetModel with num_mode) take a control mode per map. SD3 has no ControlNet
+# img2img or inpaint pipeline in diffusers (its ControlNet "inpainting" pipeline is an inpainting ControlNet of its own).
+_SD_CONTROL = {"ControlNetModel": ControlNets("MultiControlNetModel", {
+    "txt2img": "StableDiffusionControlNetPipeline", "img2img": "StableDiffusionControlNetImg2ImgPipeline",
+    "inpaint": "StableDiffusionControlNetInpaintPipeline"}, guess_mode=True)}
+XL_UNION_MODES = {"openpose": 0, "depth": 1, "hed": 2, "softedge": 2, "scribble": 2, "canny": 3, "lineart": 3,
+                  "lineart_anime": 3, "mlsd": 3, "normal": 4, "segment": 5, "tile": 6, "blur": 6, "repaint": 7}
+FLUX_UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "openpose": 4, "gray": 5, "lq": 6}
+_XL_CONTROL = {
+    "ControlNetModel": ControlNets("MultiControlNetModel", {
+        "txt2img": "StableDiffusionXLControlNetPipeline", "img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLControlNetInpaintPipeline"}, guess_mode=True),
+    "ControlNetUnionModel": ControlNets("MultiControlNetUnionModel", {
+        "txt2img": "StableDiffusionXLControlNetUnionPipeline", "img2img": "StableDiffusionXLControlNetUnionImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLControlNetUnionInpaintPipeline"}, guess_mode=True, modes=XL_UNION_MODES)}
+_SD3_CONTROL = {"SD3ControlNetModel": ControlNets("SD3MultiControlNetModel", {"txt2img": "StableDiffusion3ControlNetPipeline"})}
+_FLUX_CONTROL = {"FluxControlNetModel": ControlNets("FluxMultiControlNetModel", {
+    "txt2img": "FluxControlNetPipeline", "img2img": "FluxControlNetImg2ImgPipeline",
+    "inpaint": "FluxControlNetInpaintPipeline"}, modes=FLUX_UNION_MODES)}
 # SD3 and FLUX.1 pipelines encode the prompt strings themselves (CLIP and T5); their img2img resizes its input to the
 # native size unless given a size, and their VAE encodes one input image with the first generator only (as SD's inpaint).
 _SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True, max_sequence_length=512, weighted_t5=True, cfg_off=1.0)
 _SD3_STYLES = {"StableDiffusion3Pipeline": _SD3_TEXT,
+               "StableDiffusion3ControlNetPipeline": replace(_SD3_TEXT, global_rng=True, batch=False),
                **dict.fromkeys(("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
                                replace(_SD3_TEXT, repeat_image=True, size=True))}
 # the negative prompt is read with --true-cfg only; FLUX.1 Fill's pipeline has no true CFG
 _FLUX_TEXT = CallStyle(prompt_embeds=False, negative_prompt=False, max_sequence_length=512, takes_true_cfg=True,
                        weighted_t5=True)
 _FLUX_IMAGE = replace(_FLUX_TEXT, repeat_image=True, size=True)
-_FLUX_STYLES = {"FluxPipeline": _FLUX_TEXT, "FluxImg2ImgPipeline": _FLUX_IMAGE, "FluxInpaintPipeline": _FLUX_IMAGE}
 _FLUX_FILL = replace(_FLUX_IMAGE, takes_true_cfg=False)
+_FLUX_STYLES = {"FluxPipeline": _FLUX_TEXT, "FluxImg2ImgPipeline": _FLUX_IMAGE, "FluxInpaintPipeline": _FLUX_IMAGE,
+                "FluxControlNetPipeline": _FLUX_TEXT,  # the ControlNet img2img and inpaint ones have no true CFG
+                "FluxControlNetImg2ImgPipeline": _FLUX_FILL, "FluxControlNetInpaintPipeline": _FLUX_FILL}
 # Qwen-Image and Z-Image encode the strings with their own LLM (a chat template around the prompt); their VAE encodes one
 # input image with the first generator only. Qwen-Image's img2img/inpaint resize the input to 1024 unless given a size.
 _QWEN_TEXT = CallStyle(prompt_embeds=False, true_cfg=True, cfg_off=1.0, max_sequence_length=1024)  # CFG when true_cfg_scale > 1
@@ -265,7 +307,7 @@ _ENTRIES = (
         prompt_encoder="clip+clip-pooled",
         native_size=1024,
         single_file=SingleFile("conditioner.embedders.0.model.", 1280, "sdxl-refiner"),  # OpenCLIP bigG alone
-        call_styles=_XL_STYLES,
+        call_styles=_XL_INPAINT,
         low_vram_gib=12.0,
     ),
     Family(
@@ -304,6 +346,7 @@ _ENTRIES = (
         prompt_encoder="clip+clip+t5",
         native_size=1024,
         call_styles=_SD3_STYLES,
+        controlnet=_SD3_CONTROL,
         low_vram_gib=24.0,  # SD3.5 Large: an 8B transformer and T5-XXL, about 27 GiB in bf16
         denoiser="transformer",
         flow_match=True,
@@ -332,6 +375,7 @@ _ENTRIES = (
                           base="black-forest-labs/FLUX.1-schnell"),
                   Variant("dev", {"steps": 28, "cfg": 3.5}, base="black-forest-labs/FLUX.1-dev")),
         transformer_file=FLUX_FILE,
+        controlnet=_FLUX_CONTROL,
         ip_adapter=True,  # XLabs' adapters, through diffusers' FluxIPAdapterMixin
     ),
     Family(
@@ -502,7 +546,8 @@ FAMILIES: MappingProxyType[str, Family] = MappingProxyType({f.name: f for f in _
 # By pipeline class: one style per class, whichever families share it.
 _CALL_STYLES = {cls: style for f in _ENTRIES for cls, style in f.call_styles.items()}
 # Every pipeline class an entry names: never run as a generic one.
-_NAMED = frozenset(cls for f in _ENTRIES for cls in (*f.pipelines.values(), *f.controlnet.values(), *f.call_styles))
+_NAMED = frozenset(cls for f in _ENTRIES for cls in (*f.pipelines.values(), *f.call_styles,
+                                                     *(c for nets in f.controlnet.values() for c in nets.pipelines.values())))
 GENERIC = "generic"
 # Text-to-image pipelines diffusers' AutoPipelineForText2Image does not map, which the generic family runs too.
 KNOWN_TEXT2IMAGE = ("HiDreamImagePipeline", "SanaSprintPipeline", "Cosmos2TextToImagePipeline", "HunyuanImagePipeline",

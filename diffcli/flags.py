@@ -125,10 +125,10 @@ SECOND_PASSES = group(
 )
 CONTROL = group(
     Flag("control", ("--control",), "texts", None, "ControlNet: TYPE:IMAGE;model=DIR_OR_ID[;weight=1;start=0;end=1;"
-         "resize=crop|fit|stretch;PARAM=V] with TYPE a `diffcli preprocess` type (canny, scribble, none...); "
-         "repeatable (several ControlNets)."),
+         "resize=crop|fit|stretch;mode=M;PARAM=V] with TYPE a `diffcli preprocess` type (canny, scribble, none...) and "
+         "mode a union ControlNet's control type (default TYPE's); repeatable (several ControlNets)."),
     Flag("guess_mode", ("--guess-mode",), bool, False, "The ControlNets see no prompt (A1111's control mode "
-         "\"ControlNet is more important\")."),
+         "\"ControlNet is more important\"; SD 1.x, 2.x and XL)."),
 )
 IP_ADAPTER = group(
     Flag("ip_adapter", ("--ip-adapter",), "texts", None, "IP-Adapter (SD 1.x, SDXL, FLUX.1): a .safetensors file, a folder "

@@ -79,7 +79,7 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     if plan.controls.units:
         from diffcli import controlnet
 
-        pipe = controlnet.pipeline(pipe, job.task, plan.spec.family, plan.controls, device, dtype)
+        pipe = controlnet.pipeline(pipe, job.task, plan.spec.family, plan.controls, device, dtype, job.model.allow_pickle)
     load_s = time.perf_counter() - started
     # 3. Steps: --steps, else the model's recommendation, else what suits the scheduler; checks that need them.
     steps = job.sampling.steps or plan.spec.defaults.get("steps") or default_steps(pipe.scheduler)
@@ -234,7 +234,7 @@ def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: boo
     if plan.controls.units:
         from diffcli import controlnet
 
-        kwargs.update(controlnet.call_kwargs(job.task, plan.controls))
+        kwargs.update(controlnet.call_kwargs(pipe, plan.controls))
     if plan.ip.adapters:
         kwargs.update(ip_adapter.call_kwargs(plan.ip))
     variation = job.sampling.variation_seed
@@ -250,6 +250,8 @@ def _generate_batch(pipe, plan: Plan, items: list, steps: int, progress_bar: boo
     try:
         if bar is not None:
             bar.start()
+        if families.call_style(type(pipe).__name__).global_rng:  # (one image per call: batch=False)
+            torch.manual_seed(seeds[0])
         with speed.deep_cache(pipe, job.model.deep_cache), \
                 masked.latent_content(pipe, getattr(job.inputs, "fill", None), kwargs.get("mask_image")):
             images = _first_pass(pipe, plan, call, rows, kwargs, generators, steps, bar, on_step_end)

@@ -35,7 +35,15 @@ def test_entry_is_complete(family):
     assert set(family.pipelines) <= set(families.TASKS)
     for class_name in family.pipelines.values():
         assert getattr(diffusers, class_name).__name__ == class_name
-    assert set(family.call_styles) <= set(family.pipelines.values())
+    controlnet_pipelines = {c for nets in family.controlnet.values() for c in nets.pipelines.values()}
+    assert set(family.call_styles) <= set(family.pipelines.values()) | controlnet_pipelines
+    import diffusers.models.controlnets as controlnets
+
+    for model_class, nets in family.controlnet.items():
+        assert getattr(controlnets, model_class).__name__ == model_class and hasattr(controlnets, nets.multi)
+        assert set(nets.pipelines) <= set(family.pipelines)  # a task runs without ControlNets too
+        assert all(getattr(diffusers, c).__name__ == c for c in nets.pipelines.values())
+        assert all(isinstance(value, int) and value >= 0 for value in nets.modes.values())
     assert family.prompt_encoder in families.PROMPT_ENCODERS
     assert (family.prompt_encoder == "none") == (not family.text_encoders)
     assert all(name.startswith("text_encoder") for name in family.text_encoders)
