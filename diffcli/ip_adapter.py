@@ -106,9 +106,10 @@ def resolve(job, spec) -> Resolved:
         kinds = ", ".join(name for name, f in families.FAMILIES.items() if getattr(f, "ip_adapter", False))
         raise UsageError(f"{FLAG}: IP-Adapters run on {kinds} models for txt2img, img2img and inpaint here, got "
                          f"{spec.name!r} ({spec.family}) for {job.command}")
-    for flag, used in (("--hires", job.second.hires), ("--deep-cache", job.model.deep_cache)):
+    for flag, used in (("--hires", job.second.hires), ("--deep-cache", job.model.deep_cache),
+                       ("--refiner (the model itself, on SDXL)", _refines_itself(job, spec))):
         if used:
-            raise UsageError(f"{FLAG} with {flag}: not supported together yet", f"drop {flag}")
+            raise UsageError(f"{FLAG} with {flag}: not supported together yet", f"drop {flag.split()[0]}")
     allow_pickle = job.model.allow_pickle
     files = [_weight_file(a.model, allow_pickle) for a in adapters]
     encoders = {_encoder_of(a.model, f) for a, f in zip(adapters, files)}
@@ -325,6 +326,22 @@ def check_tensors(model: str, header: dict, cross: tuple, encoder: dict | None, 
 _ENCODERS: dict[tuple, object] = {}  # (encoder, device, dtype) -> CLIPVisionModelWithProjection
 
 
+def _refines_itself(job, spec) -> bool:
+    """An SDXL model as its own --refiner: the refiner's pipeline shares the U-Net that holds the adapters, and its
+    call (which has no image prompt) would fail on them. Another refiner runs its steps without the adapter."""
+    from diffcli import refiner
+    from diffcli.models import resolve_model
+
+    name = refiner.active(job.second)
+    return spec.family == "sdxl" and bool(name) and resolve_model(name).location == spec.location
+
+
+def loaded(pipe) -> bool:
+    """Whether the pipeline's U-Net or transformer has IP-Adapters in (their attention processors cannot be sliced)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return getattr(denoiser, "diffcli_ip_adapters", None) is not None
+
+
 def activate(pipe, resolved: Resolved, device: str, dtype, allow_pickle: bool) -> None:
     """Give the pipeline exactly the job's IP-Adapters at their scales, or none (the U-Net or transformer is shared by
     every task's pipeline of the cached model: an earlier job's adapters must not reach this one)."""
@@ -344,6 +361,8 @@ def activate(pipe, resolved: Resolved, device: str, dtype, allow_pickle: bool) -
     if loaded != wanted:
         states = [_state_dict(file, a.model, allow_pickle) for file, a in zip(resolved.files, resolved.adapters)]
         count = len(states)
+        if any(type(p).__name__.startswith("Sliced") for p in getattr(denoiser, "attn_processors", {}).values()):
+            denoiser.set_default_attn_processor()  # diffusers' loader cannot rebuild sliced processors (--low-vram's)
         try:
             pipe.load_ip_adapter(states, subfolder=[""] * count, weight_name=[""] * count)
         except (KeyError, RuntimeError, ValueError) as exc:

@@ -180,6 +180,8 @@ def _with_oom_ladder(pipe, items: list, generate_batch, notify):
 
     import torch
 
+    # IP-Adapters' attention processors have no sliced form (diffusers would put plain ones back): that step is left out
+    ladder = [step for step in OOM_LADDER if not (step == "attention slicing" and ip_adapter.loaded(pipe))]
     applied: list[str] = []
     while True:
         try:
@@ -193,10 +195,10 @@ def _with_oom_ladder(pipe, items: list, generate_batch, notify):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if len(applied) == len(OOM_LADDER):
-                raise RuntimeFailure(f"out of GPU memory even with {', '.join(OOM_LADDER)}",
+            if len(applied) == len(ladder):
+                raise RuntimeFailure(f"out of GPU memory even with {', '.join(ladder)}",
                                      "lower --width/--height, or use --device cpu") from None
-            step = OOM_LADDER[len(applied)]
+            step = ladder[len(applied)]
             applied.append(step)
             notify(f"out of GPU memory: retrying with {step}")
             if step == "attention slicing":

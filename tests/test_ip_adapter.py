@@ -412,3 +412,55 @@ def test_bad_flux_adapter_files_exit_2_before_loading(cli, isolated, tiny_flux, 
                  "--ip-encoder", adapter.parent / "image_encoder")
     assert result.exit_code == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_sdxl_model_refining_itself_with_an_adapter_exits_2(cli, isolated, tiny_sdxl, tiny_ip_xl):
+    """Its refiner pipeline would share the U-Net holding the adapter and call it without the image prompt."""
+    red = picture(isolated / "red.png")
+    result = cli("txt2img", "a circle", "--model", tiny_sdxl, *SEED, "--refiner", tiny_sdxl, "--ip-adapter", tiny_ip_xl[0],
+                 "--ip-image", red)
+    assert result.exit_code == 2 and "--refiner (the model itself, on SDXL): not supported together" in result.stderr
+
+
+def test_adapters_load_into_a_u_net_with_sliced_attention(tiny_model, tiny_ip, isolated):
+    """--low-vram slices attention on CUDA; diffusers' loader cannot rebuild sliced processors, so they are put back to
+    the default ones first, and the out-of-memory ladder then leaves slicing out."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffcli import ip_adapter
+    from diffcli.jobs import build
+    from diffcli.models import resolve_model
+
+    [job] = build("txt2img", {"prompt": "a circle", "model": str(tiny_model), "ip_adapter": [str(tiny_ip[0])],
+                              "ip_image": [str(picture(isolated / "red.png"))]})
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.enable_attention_slicing()
+    resolved = ip_adapter.resolve(job, resolve_model(str(tiny_model)))
+    ip_adapter.activate(pipe, resolved, "cpu", pipe.unet.dtype, False)
+    assert ip_adapter.loaded(pipe)
+    assert any(type(p).__name__.startswith("IPAdapter") for p in pipe.unet.attn_processors.values())
+
+
+def test_the_out_of_memory_ladder_leaves_attention_slicing_out_with_an_adapter(cli, isolated, tiny_model, tiny_ip,
+                                                                                monkeypatch):
+    import torch
+
+    from diffcli import pipeline, run as generate
+
+    monkeypatch.setattr(pipeline, "_CACHE", {})  # the remedies stay on the pipeline: keep it out of other tests
+    real, calls = generate._generate_batch, []
+
+    def oom_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "_generate_batch", oom_twice)
+    red = picture(isolated / "red.png")
+    loud = [a for a in SEED if a != "--quiet"]  # the ladder's steps are said on stderr
+    result = cli("txt2img", "a circle", "--model", tiny_model, *loud, "-o", "o.png", "--ip-adapter", tiny_ip[0],
+                 "--ip-image", red)
+    assert result.exit_code == 0, result.stderr
+    assert "attention slicing" not in result.stderr
+    assert "retrying with VAE tiling" in result.stderr and "retrying with one image per call" in result.stderr
