@@ -117,10 +117,10 @@ def check_texts(texts: list) -> list[Unit]:
     return [parse(text) for text in texts]
 
 
-def resolve(job, spec, width: int, height: int) -> Resolved:
+def resolve(job, spec, width: int, height: int, crop: tuple | None = None) -> Resolved:
     """The job's units with their maps at width x height: the family able, each model a ControlNet of a class the family
-    runs (one class for all), union modes known, each image read and preprocessed; raises UsageError before any
-    weights load."""
+    runs (one class for all), union modes known, each image read and preprocessed (`crop`: --masked-only's area of
+    the input, (box, input size), which the maps are cut to as well); raises UsageError before any weights load."""
     from diffcli import families
 
     units = check_texts(job.controls.units)
@@ -160,7 +160,7 @@ def resolve(job, spec, width: int, height: int) -> Resolved:
     if spec.family == "flux" and len({bool(config.get("conditioning_embedding_channels")) for config in configs}) > 1:
         raise UsageError("--control: XLabs-style and InstantX-style FLUX.1 ControlNets cannot run together",
                          "diffusers reads the maps of several FLUX.1 ControlNets one way for all")
-    return Resolved(units, [control_map(unit, width, height, job.model.allow_pickle) for unit in units],
+    return Resolved(units, [control_map(unit, width, height, job.model.allow_pickle, crop) for unit in units],
                     job.controls.guess_mode, model_class, all(union))
 
 
@@ -332,8 +332,10 @@ def _hub_config(repo: str) -> Path:
         raise UsageError(f"--control model={repo}: {exc}") from None
 
 
-def control_map(unit: Unit, width: int, height: int, allow_pickle: bool):
-    """The unit's map: its image read as any input, preprocessed, and resized to the image size (crop, fit, stretch)."""
+def control_map(unit: Unit, width: int, height: int, allow_pickle: bool, crop: tuple | None = None):
+    """The unit's map: its image read as any input, preprocessed, cut to `crop` (the input's area --masked-only
+    repaints, scaled to the map's size, as A1111 cuts maps in "only masked" mode) and resized to the image size
+    (crop, fit, stretch)."""
     from PIL import Image, ImageOps
 
     from diffcli import control
@@ -341,6 +343,11 @@ def control_map(unit: Unit, width: int, height: int, allow_pickle: bool):
 
     image = load_image(unit.image, f"--control {unit.type}")
     made = control.make(image, unit.type, dict(unit.params), allow_pickle)
+    if crop is not None:
+        (left, top, right, bottom), (full_width, full_height) = crop
+        sx, sy = made.size[0] / full_width, made.size[1] / full_height
+        made = made.crop((round(left * sx), round(top * sy), max(round(left * sx) + 1, round(right * sx)),
+                          max(round(top * sy) + 1, round(bottom * sy))))
     if made.size == (width, height):
         return made
     if unit.resize == "stretch":

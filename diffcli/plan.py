@@ -104,7 +104,7 @@ def plan_job(job: Job, index_offset: int = 0) -> Plan:
     if job.second.hires:  # the second pass's size too, before any weights load
         hires.check_target(width, height, job.second.hires, spec.size_multiple)
     warnings = family_warnings + limits.check(spec, job, width, height)  # and what it was not trained for (diffcli.json)
-    controls = controlnet.resolve(job, spec, width, height)  # maps made now: a bad image stops the run before loading
+    controls = controlnet.resolve(job, spec, width, height, prepared.crop if prepared else None)  # maps made now: a bad image stops the run before loading
     ip = ip_adapter.resolve(job, spec)  # adapter headers against the model, the encoder's config, the images read
     if sampling.seed is None:
         sampling.seed = draw_seed()

@@ -31,6 +31,7 @@ class Prepared:
     postprocess: Callable | None = None  # e.g. inpaint's exact paste-back
     notes: dict = field(default_factory=dict)  # "resized", "tiling": decisions the user did not spell out (also metadata)
     record: dict = field(default_factory=dict)  # resolved settings for the metadata (the tile actually used)
+    crop: tuple | None = None  # --masked-only: (box, size) of the input's area the pipeline sees (control maps follow)
 
 
 def check_strength(strength: float, steps: int | None, default: bool = False) -> None:
@@ -197,7 +198,7 @@ def _inpaint_area(job: Job, spec: ModelSpec, image, mask, blur: int, masked_only
 
     start = masked.prefill(region, soft.crop(box), fill)  # what the masked area starts from (--fill)
     kwargs = {"image": start.resize(target), "mask_image": soft.crop(box).resize(target), "strength": strength}
-    return Prepared(target, kwargs, paste_back, notes)
+    return Prepared(target, kwargs, paste_back, notes, crop=(box, image.size) if masked_only else None)
 
 
 def parse_extend(text: str) -> dict[str, int]:

@@ -289,3 +289,34 @@ def test_sdxl_union_controlnet_equals_diffusers(cli, isolated, tiny_sdxl, sdxl_u
                            control_mode=[3, 1], controlnet_conditioning_scale=[1.0, 0.5], guidance_scale=7.5,
                            width=64, height=64)
     assert np.abs(pixels("two.png") - expected).max() <= TOLERANCE
+
+
+def test_masked_only_inpaint_cuts_the_control_map_to_the_repainted_area(isolated, tiny_model, tiny_controlnets):
+    """The pipeline sees the mask's area (plus padding) scaled up: the map is cut to the same area, not squeezed whole."""
+    from PIL import ImageOps
+
+    from diffcli.jobs import build
+    from diffcli.plan import plan_job
+
+    photo = Image.new("RGB", (128, 128), "gray")
+    photo.save(isolated / "photo.png")
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((80, 80, 111, 111), fill=255)
+    mask.save(isolated / "mask.png")
+    control = Image.new("RGB", (256, 256), "black")  # twice the input's size: the cut scales with it
+    ImageDraw.Draw(control).rectangle((128, 128, 255, 255), fill="white")
+    control.save(isolated / "control.png")
+    [job] = build("inpaint", {"input": str(isolated / "photo.png"), "mask": str(isolated / "mask.png"), "prompt": "x",
+                              "model": str(tiny_model), "masked_only": True, "padding": 8,
+                              "control": [f"none:{isolated / 'control.png'};model={tiny_controlnets[0]}"]})
+    plan = plan_job(job)
+    box = (72, 72, 120, 120)  # the mask's box with 8 px padding, in the input's pixels
+    expected = ImageOps.fit(control.crop(tuple(2 * v for v in box)), (plan.width, plan.height), Image.LANCZOS)
+    assert np.array_equal(np.asarray(plan.controls.maps[0]), np.asarray(expected))
+    assert np.asarray(plan.controls.maps[0]).mean() > 200  # all white: the cut holds the white square only
+
+
+def test_a_hub_controlnet_not_in_the_cache_offline_is_exit_2_before_loading(cli, isolated, tiny_model):
+    edges = outline(isolated / "edges.png", (64, 64))
+    result = cli("txt2img", "a ring", "--model", tiny_model, *FAST, "--control", f"canny:{edges};model=someone/cn-canny")
+    assert result.exit_code == 2 and "--control model=someone/cn-canny: not in the Hugging Face cache" in result.stderr
