@@ -361,6 +361,9 @@ def activate(pipe, resolved: Resolved, device: str, dtype, allow_pickle: bool) -
     if loaded != wanted:
         states = [_state_dict(file, a.model, allow_pickle) for file, a in zip(resolved.files, resolved.adapters)]
         count = len(states)
+        for state, adapter in zip(states, resolved.adapters):  # the encoder as loaded (a Hub one is unread at plan time)
+            flat = {f"{head}.{name}": tensor for head in ("image_proj", "ip_adapter") for name, tensor in state[head].items()}
+            check_tensors(adapter.model, flat, (None, None), encoder.config.to_dict(), None)
         if any(type(p).__name__.startswith("Sliced") for p in getattr(denoiser, "attn_processors", {}).values()):
             denoiser.set_default_attn_processor()  # diffusers' loader cannot rebuild sliced processors (--low-vram's)
         try:

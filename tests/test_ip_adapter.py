@@ -464,3 +464,22 @@ def test_the_out_of_memory_ladder_leaves_attention_slicing_out_with_an_adapter(c
     assert result.exit_code == 0, result.stderr
     assert "attention slicing" not in result.stderr
     assert "retrying with VAE tiling" in result.stderr and "retrying with one image per call" in result.stderr
+
+
+def test_an_encoder_read_only_when_it_loads_is_still_checked_against_the_adapter(cli, isolated, tiny_model, tiny_ip,
+                                                                                  monkeypatch):
+    """A Hub encoder's config is not read at plan time; once loaded, an encoder of another width is one line, exit 2,
+    not a matrix error inside the pipeline."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from diffcli import ip_adapter
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, projection_dim=24, intermediate_size=37,
+                                                   num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                                                   patch_size=8)).save_pretrained(isolated / "wide-encoder")
+    monkeypatch.setattr(ip_adapter, "_check_encoder", lambda *args, **kwargs: None)  # as a Hub encoder at plan time
+    result = cli("txt2img", "a circle", "--model", tiny_model, *SEED, "--ip-adapter", tiny_ip[0],
+                 "--ip-image", picture(isolated / "red.png"), "--ip-encoder", isolated / "wide-encoder")
+    assert result.exit_code == 2 and "takes 16-wide image embeddings, its image encoder gives 24" in result.stderr
