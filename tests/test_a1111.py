@@ -304,3 +304,27 @@ def test_model_loading_is_reported(cli, tiny_model, monkeypatch, quiet):
         assert lines[loading + 1].startswith("loaded in ") and lines[loading + 1].endswith("s")
     cached = cli("txt2img", "a", "--model", tiny_model, *FAST)  # loaded already: nothing to report
     assert "loading model" not in cached.stderr
+
+
+@pytest.mark.parametrize(("modes", "message"), [
+    ((1,), "control_mode 1 is not available"),
+    (("My prompt is more important",), "is not available"),
+    ((0, 2), "control_mode must be the same for every unit"),
+])
+def test_controlnet_control_modes_diffusers_cannot_honour_are_refused(modes, message):
+    from diffcli.errors import UsageError
+    from diffcli.server.a1111 import controlnet_units
+
+    body = {"alwayson_scripts": {"controlnet": {"args": [
+        {"module": "canny", "model": "cn", "image": "x", "control_mode": mode} for mode in modes]}}}
+    with pytest.raises(UsageError, match=message):
+        controlnet_units(body)
+
+
+def test_controlnet_guess_mode_for_every_unit_is_taken():
+    from diffcli.server.a1111 import controlnet_units
+
+    body = {"alwayson_scripts": {"controlnet": {"args": [
+        {"module": "canny", "model": "cn", "image": "x", "control_mode": "ControlNet is more important"},
+        {"module": "none", "model": "cn", "image": "x", "control_mode": 2}]}}}
+    assert [unit.get("guess") for unit in controlnet_units(body)] == [True, True]

@@ -103,8 +103,16 @@ def controlnet_units(body: dict) -> list[dict] | None:
                       "model": unit.get("model"), "weight": _number(unit, "weight", float, 1.0),
                       "start": _number(unit, "guidance_start", float, 0.0), "end": _number(unit, "guidance_end", float, 1.0),
                       "resize": resize})
-        if unit.get("control_mode") in (2, "ControlNet is more important"):
+        mode = unit.get("control_mode", 0)
+        if mode in (2, "ControlNet is more important"):
             units[-1]["guess"] = True
+        elif mode not in (0, "Balanced"):
+            raise UsageError(f"{where}.control_mode {mode!r} is not available",
+                             "0 (Balanced) or 2 (ControlNet is more important: diffusers' guess mode)")
+    control = [unit for unit in units if not unit.get("ip_adapter")]
+    if len({bool(unit.get("guess")) for unit in control}) > 1:
+        raise UsageError("alwayson_scripts.controlnet: control_mode must be the same for every unit",
+                         "diffusers' guess mode holds for all ControlNets of a call")
     return units
 
 
