@@ -332,6 +332,14 @@ def _hub_config(repo: str) -> Path:
         raise UsageError(f"--control model={repo}: {exc}") from None
 
 
+PREPROCESS_SCALE = 2  # a control image is preprocessed at most this many times the size its map is used at
+
+
+def _crop_side(crop: tuple) -> int:
+    (left, top, right, bottom), _ = crop
+    return max(right - left, bottom - top)
+
+
 def control_map(unit: Unit, width: int, height: int, allow_pickle: bool, crop: tuple | None = None):
     """The unit's map: its image read as any input, preprocessed, cut to `crop` (the input's area --masked-only
     repaints, scaled to the map's size, as A1111 cuts maps in "only masked" mode) and resized to the image size
@@ -342,6 +350,10 @@ def control_map(unit: Unit, width: int, height: int, allow_pickle: bool, crop: t
     from diffcli.images import load_image
 
     image = load_image(unit.image, f"--control {unit.type}")
+    longest = PREPROCESS_SCALE * max(width, height) * (1 if crop is None else max(crop[1]) / max(1, _crop_side(crop)))
+    if max(image.size) > longest:  # a 50 MP photo for a 1 MP image: preprocessed at twice the size it is used at
+        scale = longest / max(image.size)
+        image = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))), Image.LANCZOS)
     made = control.make(image, unit.type, dict(unit.params), allow_pickle)
     if crop is not None:
         (left, top, right, bottom), (full_width, full_height) = crop

@@ -320,3 +320,17 @@ def test_a_hub_controlnet_not_in_the_cache_offline_is_exit_2_before_loading(cli,
     edges = outline(isolated / "edges.png", (64, 64))
     result = cli("txt2img", "a ring", "--model", tiny_model, *FAST, "--control", f"canny:{edges};model=someone/cn-canny")
     assert result.exit_code == 2 and "--control model=someone/cn-canny: not in the Hugging Face cache" in result.stderr
+
+
+def test_a_huge_control_image_is_preprocessed_near_the_size_it_is_used_at(isolated, monkeypatch):
+    from diffcli import control, controlnet
+
+    Image.new("RGB", (3000, 2000), "white").save(isolated / "big.png")
+    seen = []
+    real = control.make
+    monkeypatch.setattr(control, "make", lambda image, *args: seen.append(image.size) or real(image, *args))
+    unit = controlnet.parse(f"canny:{isolated / 'big.png'};model=x")
+    made = controlnet.control_map(unit, 64, 48, False)
+    assert made.size == (64, 48) and seen == [(128, 85)]  # twice the map's longest side
+    cut = controlnet.control_map(unit, 64, 48, False, crop=((0, 0, 300, 200), (3000, 2000)))
+    assert cut.size == (64, 48) and seen[-1] == (1280, 853)  # the cut, a tenth of the image, still at twice the map
