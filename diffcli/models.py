@@ -15,7 +15,9 @@ from diffcli.transformer_files import BASE_HINT
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "tiny-shapes"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# owner/name as huggingface_hub's validate_repo_id takes it: at most 96 characters a part, word characters at both
+# ends, no "--" or "..", not ending in .git (an id it refuses would be an unexpected HFValidationError)
+HUB_ID = re.compile(r"^(?!.*(?:--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}\w)?/\w(?:[\w.-]{0,94}\w)?(?<!\.git)$")
 
 
 @dataclass(frozen=True)

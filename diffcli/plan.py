@@ -13,7 +13,7 @@ from diffcli import adapters, backend, controlnet, hires, identity, ip_adapter, 
 from diffcli.errors import UsageError
 from diffcli.jobs import Job
 from diffcli.models import ModelSpec, resolve_model
-from diffcli.options import RANDOM_SEED, check_size_multiple, draw_seed
+from diffcli.options import MAX_SIDE, RANDOM_SEED, check_size_multiple, draw_seed
 
 
 @dataclass
@@ -162,10 +162,15 @@ def size_for_aspect(aspect: str, width: int | None, height: int | None, native: 
         raise UsageError(f"--aspect {aspect} with both --width and --height: one of the three is too many")
     fit = lambda side: max(multiple, round(side / multiple) * multiple)  # noqa: E731
     if width:
-        return width, fit(width / ratio)
-    if height:
-        return fit(height * ratio), height
-    return fit(native * ratio ** 0.5), fit(native / ratio ** 0.5)
+        size = width, fit(width / ratio)
+    elif height:
+        size = fit(height * ratio), height
+    else:
+        size = fit(native * ratio ** 0.5), fit(native / ratio ** 0.5)
+    if max(size) > MAX_SIDE:
+        raise UsageError(f"--aspect {aspect} makes the image {size[0]}x{size[1]}, over the {MAX_SIDE} px limit",
+                         "a smaller --width/--height, or another --aspect")
+    return size
 
 
 def default_steps_of(spec: ModelSpec, scheduler: str | None) -> int | None:

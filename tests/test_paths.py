@@ -253,3 +253,10 @@ def test_cached_hub_model_without_network_runs_from_the_cache(isolated, hf_cache
                             env=hub_unreachable_env(HF_HUB_CACHE=str(hf_cache)))
     assert result.returncode == 0, result.stderr
     assert Path(isolated, "x.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["owner/na--me", "owner/x..y", "o/" + "x" * 100, "owner/repo.git", "owner/name-"])
+def test_names_the_hub_would_refuse_are_not_taken_for_hub_ids(cli, name):
+    """huggingface_hub's validate_repo_id refuses these (an unexpected HFValidationError before): exit 2."""
+    result = cli("txt2img", "a cat", "--model", name)
+    assert result.exit_code == 2 and "is not a bundled model, a local path or a Hub id" in result.stderr, result.stderr

@@ -301,6 +301,8 @@ def test_aspect_through_the_cli_and_its_errors(cli, isolated):
     assert Image.open("wide.png").size == (168, 96)
     assert made.json_lines()[0]["timings"]["peak_memory_gib"] > 0  # the process's resident peak on the CPU
     for args, message in ((("--aspect", "0:1"), "--aspect must be"), (("--aspect", "wide"), "--aspect must be"),
-                          (("--aspect", "16:9", "--width", "128", "--height", "64"), "one of the three")):
+                          (("--aspect", "16:9", "--width", "128", "--height", "64"), "one of the three"),
+                          (("--aspect", "1:10", "--width", "8192"), "makes the image 8192x81920, over the 8192 px limit"),
+                          (("--aspect", "10", "--height", "1024"), "over the 8192 px limit")):
         result = cli("txt2img", "a red circle", *args, *FAST)
         assert result.exit_code == 2 and message in result.stderr, result.stderr
