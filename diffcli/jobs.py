@@ -253,7 +253,7 @@ def record(job: Job) -> dict:
     elif second.refiner:
         out.update(refiner=second.refiner, refiner_start=second.refiner_start)
     if isinstance(inputs, ImageInput):
-        out.update(input=inputs.input, strength=inputs.strength)
+        out.update(input=inputs.input, strength=inputs.strength, resize=inputs.resize)
     elif isinstance(inputs, MaskInput):
         out.update(input=inputs.input, mask=inputs.mask or "alpha", mask_blur=inputs.mask_blur,
                    invert_mask=inputs.invert_mask, masked_only=inputs.masked_only, padding=inputs.padding,
@@ -262,7 +262,7 @@ def record(job: Job) -> dict:
         out.update(input=inputs.input, outpaint=inputs.extend, feather=inputs.feather, strength=inputs.strength,
                    fill=inputs.fill)
     elif isinstance(inputs, EditInput):
-        out.update(input=inputs.input, **({"images": list(inputs.image)} if inputs.image else {}))
+        out.update(input=inputs.input, resize=inputs.resize, **({"images": list(inputs.image)} if inputs.image else {}))
     elif isinstance(inputs, UpscaleInput):
         out.update(input=inputs.input, scale=inputs.scale, method=inputs.method, tile=inputs.tile,
                    tile_overlap=inputs.tile_overlap)

@@ -27,7 +27,8 @@ DIFFCLI_KEYS = ("task", "prompt", "negative", "steps", "cfg", "seed", "width", "
                 "clip_skip", "variation_seed", "variation_strength", "hires_scale", "hires_steps", "hires_strength",
                 "hires_upscaler", "hires_upscaler_model", "refiner", "refiner_start", "vae", "vae_hash", "weighting",
                 "deep_cache", "lora_dir", "embedding_dir", "lora", "embedding", "input", "mask", "strength", "dtype",
-                "device", "base", "control", "guess_mode", "max_sequence_length", "true_cfg", "ip_adapter", "ip_encoder", "backend")
+                "device", "base", "control", "guess_mode", "max_sequence_length", "true_cfg", "ip_adapter", "ip_encoder", "backend",
+                "images", "resize")
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -291,9 +292,11 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
                   deep_cache=settings.get("deep_cache"), control=control_texts(settings.get("control")),
                   guess_mode=bool(settings.get("guess_mode")), **ip_texts(settings))
     if settings.get("task", "txt2img") == "img2img":
-        return dict(values, input=settings["input"], strength=settings.get("strength", 0.75), resize="fit")
+        return dict(values, input=settings["input"], strength=settings.get("strength", 0.75),
+                    resize=settings.get("resize", "fit"))
     if settings.get("task") == "edit":
-        return dict(values, input=settings["input"], image=list(settings.get("images") or []), resize="fit")
+        return dict(values, input=settings["input"], image=list(settings.get("images") or []),
+                    resize=settings.get("resize", "fit"))
     refiner = settings.get("refiner")
     return dict(values, variation_seed=settings.get("variation_seed"), variation_strength=settings.get("variation_strength"),
                 hires=settings.get("hires_scale"), hires_steps=settings.get("hires_steps"),

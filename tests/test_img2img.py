@@ -67,3 +67,14 @@ def test_img2img_same_seed_same_image(cli, tiny_model, tmp_path):
     for name in ("a.png", "b.png"):
         assert cli("img2img", photo, "a cat", "--model", tiny_model, "-o", name, *FAST).exit_code == 0
     assert Image.open("a.png").tobytes() == Image.open("b.png").tobytes()
+
+
+def test_replay_keeps_the_resize_mode(cli, tiny_model, tmp_path):
+    """--resize crop with another size is recorded, so replay crops again (it padded: another image)."""
+    photo = write_photo(tmp_path, (96, 64))
+    made = cli("img2img", photo, "a cat", "--model", tiny_model, *FAST, "--width", "64", "--height", "64",
+               "--resize", "crop", "-o", "c.png")
+    assert made.exit_code == 0, made.stderr
+    assert read_metadata("c.png")["resize"] == "crop"
+    again = cli("replay", "c.png", "--verify", "-o", "again.png")
+    assert again.exit_code == 0 and "verify: identical to c.png" in again.stderr, again.stderr
