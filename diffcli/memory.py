@@ -73,11 +73,14 @@ def needs_vae_tiling(pixels: int, itemsize: int, spare: float) -> bool:
 
 
 def choose(weights: Weights, free: int, host_free: int | None, pixels: int, itemsize: int, cuda: bool,
-           group_supported: bool = True, what: str = "the model", hint_dtype: bool = False) -> Plan:
+           group_supported: bool = True, what: str = "the model", hint_dtype: bool = False,
+           quantised: bool = False) -> Plan:
     """The cheapest plan whose device memory (`free` bytes now, of which MARGIN is used; on CUDA less CUDA_RESERVE)
     holds what it keeps there plus an image's working memory: all weights; the largest component (model offload); two
     of the largest tensor (group offload's prefetch); one (sequential). Offloaded weights live in host memory
-    (`host_free`, None: unknown). On the CPU the weights must fit in RAM. Nothing fits: a UsageError naming the ways."""
+    (`host_free`, None: unknown). On the CPU the weights must fit in RAM. `quantised`: a GGUF transformer, which
+    sequential offload breaks (accelerate rebuilds its parameters without their quant type, diffusers#14691). Nothing
+    fits: a UsageError naming the ways."""
     usable = free * MARGIN - (CUDA_RESERVE if cuda else 0)
     work = activation_bytes(pixels, itemsize)
     host_ok = host_free is None or weights.total <= host_free * MARGIN
@@ -88,17 +91,17 @@ def choose(weights: Weights, free: int, host_free: int | None, pixels: int, item
     for offload in OFFLOADS if cuda else ("none",):
         if offload != "none" and not host_ok:
             break  # offloaded weights need host memory
-        if offload == "group" and not group_supported:
+        if (offload == "group" and not group_supported) or (offload == "sequential" and quantised):
             continue
         if keeps[offload] + work <= usable:
             spare = usable - (keeps[offload] if offload == "none" else 0)
             return Plan(offload, needs_vae_tiling(pixels, itemsize, spare), numbers)
-    ways = ["a GGUF or other quantised file", "a smaller variant"]
+    ways = ["a smaller variant"] if quantised else ["a GGUF or other quantised file", "a smaller variant"]
     if hint_dtype:
         ways.append("--dtype bf16")
     if cuda:
         ways += ["--device cpu"] if host_ok else []  # the CPU would need the same RAM
-        short = "GPU memory, even with sequential CPU offload" if host_ok else \
+        short = f"GPU memory, even with {'model' if quantised else 'sequential'} CPU offload" if host_ok else \
             f"host RAM for offloading ({gib(host_free or 0)} available)"
     else:
         short = "RAM"
@@ -154,8 +157,12 @@ def _component_files(folder: Path) -> list[Path]:
     return plain or files
 
 
+WEIGHTLESS = ("Tokenizer", "TokenizerFast", "Scheduler", "Processor", "FeatureExtractor")  # component classes
+
+
 def _folder_sizes(folder: Path, itemsize: int, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
-    """Component -> (bytes, largest tensor's) of a diffusers folder's components (model_index.json's)."""
+    """Component -> (bytes, largest tensor's) of a diffusers folder's components (model_index.json's); a LookupError
+    when a model component has no safetensors weights there (a Hub base whose configs alone are cached)."""
     from diffcli import models
 
     index = models.read_json(folder / "model_index.json")
@@ -166,6 +173,8 @@ def _folder_sizes(folder: Path, itemsize: int, skip: tuple[str, ...] = ()) -> di
         files = _component_files(folder / name) if (folder / name).is_dir() else []
         if files:
             sizes[name] = _safetensors_sizes(files, itemsize)
+        elif not str(value[1]).endswith(WEIGHTLESS):  # a model not (yet) downloaded: its size unknown, not zero
+            raise LookupError(f"{folder / name}: no safetensors weights")
     return sizes
 
 
@@ -218,6 +227,16 @@ def weight_sizes(spec, itemsize: int) -> Weights | None:
                    max(largest for _, largest in sizes.values()))
 
 
+def gguf_transformer(spec) -> bool:
+    """Whether `spec` is a GGUF transformer file completed from a base."""
+    from diffcli import weights
+
+    try:
+        return bool(spec.base) and weights.file_format(Path(spec.location)) == weights.GGUF
+    except Exception:  # noqa: BLE001 (an unreadable file fails with its own message when it loads)
+        return False
+
+
 def group_supported(spec) -> bool:
     """Whether every diffusers model of `spec`'s folder takes group offloading (ModelMixin._supports_group_offloading;
     transformers' text encoders go through apply_group_offloading); a GGUF-quantised transformer is not offered it."""
@@ -226,7 +245,7 @@ def group_supported(spec) -> bool:
     from diffcli import models, weights
 
     try:
-        if spec.base and weights.file_format(Path(spec.location)) == weights.GGUF:
+        if gguf_transformer(spec):
             return False
         folder = _folder_of(spec.base or spec.location, None if spec.base else spec.revision)
         index = models.read_json(folder / "model_index.json")
@@ -276,7 +295,8 @@ def plan_for(spec, device: str, dtype) -> Plan | None:
         return None
     cuda = device.startswith("cuda")
     return choose(sizes, free, host_available() if cuda else None, native_pixels(spec), itemsize, cuda,
-                  group_supported(spec) if cuda else False, f"model {spec.name!r}", dtype == torch.float32)
+                  group_supported(spec) if cuda else False, f"model {spec.name!r}", dtype == torch.float32,
+                  gguf_transformer(spec))
 
 
 def apply(pipe, plan: Plan, device: str) -> list[str]:

@@ -37,6 +37,15 @@ def test_the_cheapest_plan_that_fits(free_gib, group, offload, tiling):
     assert "10.0 GiB of weights" in plan.why and f"{free_gib:.1f} GiB GPU memory free" in plan.why
 
 
+def test_a_gguf_transformer_is_never_offloaded_sequentially():
+    """accelerate rebuilds a GGUF parameter without its quant type (diffusers#14691): `KeyError: None` at load. Where
+    only sequential offload would fit, a GGUF model gets the one-line refusal instead, without suggesting GGUF."""
+    assert choose(10, group_supported=False, quantised=True).offload == "model"
+    with pytest.raises(UsageError) as refused:
+        choose(4, group_supported=False, quantised=True)
+    assert "even with model CPU offload" in str(refused.value) and "GGUF" not in refused.value.hint
+
+
 def test_vae_tiling_when_the_decode_is_large_for_what_is_left():
     small = Weights(2 * GIB, GIB, GIB // 4)
     side = 2048 * 2048  # 4 GiB of activations, 12 GiB for a whole decode in fp16
@@ -122,6 +131,25 @@ def test_a_gguf_transformer_counts_as_stored_beside_its_base(tiny_flux, tmp_path
     assert memory.weight_sizes(SimpleNamespace(base=None, source="folder", location=str(tmp_path), revision=None),
                                2) is None  # no model_index.json: unknown, loading says why
     del torch
+
+
+def test_a_base_whose_weights_are_not_there_yet_makes_the_size_unknown(tiny_flux, tmp_path):
+    """A Hub base with only its configs cached (the first run): its text encoders' size is unknown, not zero, so the
+    plan falls back to the family's default instead of counting the transformer alone."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from diffcli.models import resolve_model
+
+    base = shutil.copytree(tiny_flux, tmp_path / "base")
+    for weights in (base / "text_encoder_2").glob("*.safetensors"):
+        weights.unlink()
+    path = tmp_path / "flux1-tiny.safetensors"
+    shutil.copy(next((tiny_flux / "transformer").glob("*.safetensors")), path)
+    assert load_file(path)
+    assert memory.weight_sizes(resolve_model(str(path), base=str(tiny_flux)), 2) is not None
+    assert memory.weight_sizes(resolve_model(str(path), base=str(base)), 2) is None
 
 
 # --- through the CLI on the CPU
