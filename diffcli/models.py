@@ -348,9 +348,14 @@ def _transformer_spec(info, name: str, base: str | None, allow_pickle: bool):
     sizes and configs."""
     location, folder, revision = resolve_base(info, base, allow_pickle)
     spec = _spec_from_configs(folder, name, "single_file", info.path)
+    # a base of a family whose files look like another's (FLUX.1 Kontext's are dev-layout: it declares no file layout
+    # of its own) says which pipeline runs; a family with its own layout is told by the file (a Fill file, a dev base)
+    sibling = spec.family in families.FAMILIES and spec.family != families.GENERIC and \
+        families.get(spec.family).transformer_file is None
+    family = spec.family if sibling else info.family
     # the base's model_index.json too: FLUX.2 klein's says whether it is distilled
-    variant = families.variant(info.family, info.denoiser, read_json(Path(folder) / "model_index.json"),
+    variant = families.variant(family, info.denoiser, read_json(Path(folder) / "model_index.json"),
                                Path(info.path).name)
-    return replace(spec, family=info.family, config_dir=str(folder), base=location, revision=revision,
+    return replace(spec, family=family, config_dir=str(folder), base=location, revision=revision,
                    defaults=dict(variant.defaults) if variant else {},
-                   guidance=(variant and variant.guidance) or families.get(info.family).guidance)
+                   guidance=(variant and variant.guidance) or families.get(family).guidance)

@@ -220,3 +220,18 @@ def test_qwen_edit_plus_takes_reference_images(cli, tiny_qwen_image_edit_plus, t
     assert (meta["model_family"], meta["images"], meta["steps"]) == ("qwen-image-edit-plus", [str(reference)], 2)
     result = cli("edit", photo, "make it blue", "--image", tmp_path / "nope.png", "--model", tiny_qwen_image_edit_plus)
     assert result.exit_code == 2 and "--image" in result.stderr and "nope.png" in result.stderr, result.stderr
+
+
+def test_a_kontext_transformer_file_with_its_base_edits(cli, tiny_flux_kontext, tmp_path):
+    """A Kontext transformer file (GGUF or .safetensors) has FLUX.1 dev's layout: the Kontext base says the pipeline."""
+    import shutil
+
+    photo = write_photo(tmp_path, SIZE)
+    path = tmp_path / "flux1-kontext-tiny.safetensors"
+    shutil.copy(next((tiny_flux_kontext / "transformer").glob("*.safetensors")), path)
+    from_file = cli("edit", photo, "make it blue", "--model", path, "--base", tiny_flux_kontext, "--cfg", "4", *FAST,
+                    "-o", "file.png", "--json")
+    folder = cli("edit", photo, "make it blue", "--model", tiny_flux_kontext, "--cfg", "4", *FAST, "-o", "folder.png")
+    assert from_file.exit_code == folder.exit_code == 0, from_file.stderr
+    assert from_file.json_lines()[0]["model_family"] == "flux-kontext"
+    assert np.abs(pixels("file.png") - pixels("folder.png")).max() <= TOLERANCE
