@@ -190,6 +190,8 @@ def evaluate(
 def schedulers(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only those this model's family takes (its own "
                                                  "marked *): bundled name, Hub id, folder or file; no weights load.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="The base a transformer-only --model file is completed "
+                                                "from (as txt2img's --base).")] = None,
 ) -> None:
     """List the scheduler names --scheduler accepts, with A1111's names and default steps."""
     from diffcli import families
@@ -199,7 +201,7 @@ def schedulers(
     if model:
         from diffcli.models import resolve_model
 
-        spec = resolve_model(model)
+        spec = resolve_model(model, base=base)
         own, flow_match = spec.defaults.get("scheduler"), families.of(spec).flow_match
     for name, entry in SCHEDULERS.items():
         if flow_match is None or entry.flow_match == flow_match:

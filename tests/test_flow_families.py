@@ -262,3 +262,13 @@ def test_distilled_cfg_reads_back():
 def test_schedulers_lists_the_flow_matching_one(cli):
     listing = cli("schedulers")
     assert listing.exit_code == 0 and "flow-euler" in listing.stdout and "FlowMatchEulerDiscreteScheduler" in listing.stdout
+
+
+def test_schedulers_of_a_transformer_file_take_its_base(cli, tiny_flux, tmp_path):
+    import shutil
+
+    path = tmp_path / "flux1-tiny.safetensors"
+    shutil.copy(next((tiny_flux / "transformer").glob("*.safetensors")), path)
+    listing = cli("schedulers", "--model", path, "--base", tiny_flux)
+    assert listing.exit_code == 0, listing.stderr
+    assert "flow-euler" in listing.stdout and "dpm++2m " not in listing.stdout  # the flow-matching ones only
