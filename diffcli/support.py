@@ -51,6 +51,34 @@ def _check_sequence_length(length: int | None, spec, style) -> None:
     if style.max_sequence_length and length > style.max_sequence_length:
         raise UsageError(f"--max-sequence-length: {spec.family} pipelines take at most {style.max_sequence_length} "
                          f"tokens, got {length}")
+    positions = _encoder_positions(spec) if not style.max_sequence_length else None
+    if positions and length > positions:  # the pipeline pads to this length: past the encoder's positions, a typo
+        raise UsageError(f"--max-sequence-length: {spec.name!r}'s text encoder takes at most {positions} tokens, "
+                         f"got {length}")
+
+
+def _encoder_positions(spec) -> int | None:
+    """The text encoder's max_position_embeddings (its config, or its text_config's), when its config is at hand."""
+    from pathlib import Path
+
+    from diffcli.models import read_json
+
+    name = "text_encoder/config.json"
+    paths = [Path(folder) / name for folder in (spec.config_dir, spec.location) if folder]
+    if spec.source == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec.location, name, revision=spec.revision)
+        paths = [Path(cached)] if isinstance(cached, str) else []
+    for path in paths:
+        try:
+            config = read_json(path) if path.is_file() else None
+        except Exception:  # noqa: BLE001 - loading reports a bad config
+            return None
+        if isinstance(config, dict):
+            value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+            return value if isinstance(value, int) and value > 0 else None
+    return None
 
 
 def _check_true_cfg(job, spec, family, style) -> None:

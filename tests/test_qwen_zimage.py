@@ -123,7 +123,9 @@ def flux_layout_vae(tmp_path) -> Path:
     ("tiny_qwen_image", ["--width", "72"], "--width and --height must be multiples of 16 for this model, got 72x32"),
     ("tiny_z_image", ["--scheduler", "dpm++2m"], "is a flow-matching model (z-image) and takes flow-euler, got dpm++2m"),
     ("tiny_qwen_image", ["--clip-skip", "2"], "takes no CLIP skip, got 2"),
-], indirect=["model"], ids=["hires", "deep-cache", "variation-seed", "embedding", "vae", "size", "scheduler", "clip-skip"])
+    ("tiny_z_image", ["--max-sequence-length", "100000"], "text encoder takes at most 512 tokens, got 100000"),
+], indirect=["model"], ids=["hires", "deep-cache", "variation-seed", "embedding", "vae", "size", "scheduler", "clip-skip",
+                            "sequence-length"])
 def test_what_they_cannot_do_is_refused_before_loading(cli, model, tiny_embedding, flux_layout_vae, monkeypatch, args,
                                                         message):
     monkeypatch.setattr("diffcli.pipeline._load_weights", lambda *a, **k: pytest.fail("a model was loaded"))
