@@ -339,6 +339,27 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture
+def oom_twice(monkeypatch):
+    """The first two generation calls run out of CUDA memory, the rest run: the out-of-memory ladder's first two steps
+    are taken. The pipeline cache is the test's own (the remedies stay on the pipeline)."""
+    import torch
+
+    from diffcli import pipeline, run
+
+    monkeypatch.setattr(pipeline, "_CACHE", {})
+    real, calls = run._generate_batch, []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "_generate_batch", generate)
+    return calls
+
+
 def run_subprocess(*args: str, env: dict | None = None, **kwargs):
     """diffcli as a real process (for help timing, signals and stdout bytes)."""
     import subprocess

@@ -442,21 +442,7 @@ def test_adapters_load_into_a_u_net_with_sliced_attention(tiny_model, tiny_ip, i
 
 
 def test_the_out_of_memory_ladder_leaves_attention_slicing_out_with_an_adapter(cli, isolated, tiny_model, tiny_ip,
-                                                                                monkeypatch):
-    import torch
-
-    from diffcli import pipeline, run as generate
-
-    monkeypatch.setattr(pipeline, "_CACHE", {})  # the remedies stay on the pipeline: keep it out of other tests
-    real, calls = generate._generate_batch, []
-
-    def oom_twice(*args, **kwargs):
-        calls.append(1)
-        if len(calls) <= 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generate, "_generate_batch", oom_twice)
+                                                                                oom_twice):
     red = picture(isolated / "red.png")
     loud = [a for a in SEED if a != "--quiet"]  # the ladder's steps are said on stderr
     result = cli("txt2img", "a circle", "--model", tiny_model, *loud, "-o", "o.png", "--ip-adapter", tiny_ip[0],

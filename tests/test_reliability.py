@@ -52,22 +52,7 @@ def test_malicious_pickle_never_runs(cli, pickled_model, allow):
     assert not marker.exists()
 
 
-def test_out_of_memory_ladder_recovers_and_records_it(cli, tiny_model, monkeypatch):
-    import torch
-
-    from diffcli import pipeline, run as generate
-
-    monkeypatch.setattr(pipeline, "_CACHE", {})  # the remedies stay on the pipeline: keep it out of other tests
-
-    real, calls = generate._generate_batch, []
-
-    def oom_twice(*args, **kwargs):
-        calls.append(1)
-        if len(calls) <= 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generate, "_generate_batch", oom_twice)
+def test_out_of_memory_ladder_recovers_and_records_it(cli, tiny_model, oom_twice):
     result = cli("txt2img", "a", "--model", tiny_model, "--seed", "1", "-N", "2", "--batch-size", "2", "-o", "o.png", "--steps", "2")
     assert result.exit_code == 0, result.stderr
     assert "retrying with attention slicing" in result.stderr and "retrying with VAE tiling" in result.stderr
