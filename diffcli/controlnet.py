@@ -199,25 +199,11 @@ def _check_made_for(unit: Unit, config: dict, spec) -> None:
 
 
 def _denoiser_config(spec) -> dict:
-    """The model's U-Net or transformer config when at hand (a folder, or the Hub's in the HF cache), else {}."""
+    """The model's U-Net or transformer config when at hand, else {}."""
     from diffcli import families
-    from diffcli.models import read_json
+    from diffcli.models import component_config
 
-    name = f"{'unet' if families.get(spec.family).denoiser == 'unet' else 'transformer'}/config.json"
-    paths = [Path(folder) / name for folder in (spec.config_dir, spec.location) if folder]
-    if spec.source == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(spec.location, name, revision=spec.revision)
-        paths = [Path(cached)] if isinstance(cached, str) else []
-    for path in paths:
-        if path.is_file():
-            try:
-                config = read_json(path)
-            except Exception:  # noqa: BLE001 - the model's own check reports a bad config
-                return {}
-            return config if isinstance(config, dict) else {}
-    return {}
+    return component_config(spec, f"{'unet' if families.get(spec.family).denoiser == 'unet' else 'transformer'}/config.json")
 
 
 def _is_union(config: dict) -> bool:

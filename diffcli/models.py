@@ -242,6 +242,25 @@ HUB_CHECK_TIMEOUT = 5.0  # seconds for one request to the Hub endpoint; huggingf
 
 
 @functools.lru_cache(maxsize=None)
+def component_config(spec, name: str) -> dict:
+    """A component's config (`name`, e.g. "unet/config.json") from the model's folders (its configs', then its own) or,
+    for a Hub model, the HF cache; {} when not at hand or unreadable (loading then says why)."""
+    paths = [Path(folder) / name for folder in (spec.config_dir, spec.location) if folder]
+    if spec.source == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec.location, name, revision=spec.revision)
+        paths = [Path(cached)] if isinstance(cached, str) else []
+    for path in paths:
+        if path.is_file():
+            try:
+                config = read_json(path)
+            except Exception:  # noqa: BLE001
+                return {}
+            return config if isinstance(config, dict) else {}
+    return {}
+
+
 def hub_unreachable() -> str | None:
     """Why the Hub endpoint does not answer one request, or None (it does, or HF_HUB_OFFLINE: only the cache is read).
 

@@ -58,27 +58,12 @@ def _check_sequence_length(length: int | None, spec, style) -> None:
 
 
 def _encoder_positions(spec) -> int | None:
-    """The text encoder's max_position_embeddings (its config, or its text_config's), when its config is at hand."""
-    from pathlib import Path
+    """The text encoder's max_position_embeddings (its config's, or its text_config's), when its config is at hand."""
+    from diffcli.models import component_config
 
-    from diffcli.models import read_json
-
-    name = "text_encoder/config.json"
-    paths = [Path(folder) / name for folder in (spec.config_dir, spec.location) if folder]
-    if spec.source == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(spec.location, name, revision=spec.revision)
-        paths = [Path(cached)] if isinstance(cached, str) else []
-    for path in paths:
-        try:
-            config = read_json(path) if path.is_file() else None
-        except Exception:  # noqa: BLE001 - loading reports a bad config
-            return None
-        if isinstance(config, dict):
-            value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
-            return value if isinstance(value, int) and value > 0 else None
-    return None
+    config = component_config(spec, "text_encoder/config.json")
+    value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _check_true_cfg(job, spec, family, style) -> None:
