@@ -532,3 +532,29 @@ def test_controlnet_through_a1111_and_the_client(cli, isolated, tiny_model, tiny
         from diffcli.output import read_metadata
 
         assert read_metadata(Path("b.png"))["control"][0]["model"] == "tiny-shapes-control"
+
+
+@pytest.mark.parametrize("unit, message", [
+    ({"type": "canny", "params": {"model": "/any/folder"}}, "'model' is a unit field"),
+    ({"type": "canny", "params": {" Model ": "someone/cn"}}, "is a unit field"),
+    ({"type": "canny:/etc/passwd;model=/x", "params": {}}, "a preprocessor name"),
+    ({"type": "canny", "params": {"low;model": "/x"}}, "values may not contain ';'"),
+])
+def test_a_request_cannot_name_a_controlnet_outside_the_servers_folder(tmp_path, unit, message):
+    """Only the server's --controlnet-dir names a request's ControlNet: a `model` (or a unit text) smuggled through the
+    type's parameters or its type name is refused."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from diffcli.errors import UsageError
+    from diffcli.server import intake
+    from diffcli.server.catalog import Catalog
+
+    data = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(data, "PNG")
+    served = intake.Served(Catalog(None, None), intake.Limits())
+    unit = dict(unit, image=base64.b64encode(data.getvalue()).decode())
+    with pytest.raises(UsageError, match=message):
+        intake.control_texts([unit], served, tmp_path)

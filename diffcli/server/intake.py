@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffcli.controlnet import UNIT_KEYS
 from diffcli.errors import UsageError
 
 # Keys a request may not set: trust and weight files come from the server's command line, devices and threads are the
@@ -130,10 +131,15 @@ def control_texts(units, served: Served, folder: Path) -> list[str]:
         params = unit.get("params") or {}
         if not isinstance(params, dict):
             raise UsageError(f"{where}.params: expected an object of the type's parameters")
+        taken = [key for key in params if str(key).strip().lower() in UNIT_KEYS]
+        if taken:  # the model above all: only the server's catalog names it (a path here would escape its folder)
+            raise UsageError(f"{where}.params: {taken[0]!r} is a unit field, not a parameter of the type")
+        if not re.fullmatch(r"[a-z_]+", unit["type"].strip().lower()):
+            raise UsageError(f"{where}.type: a preprocessor name (canny, none...), got {unit['type'][:40]!r}")
         options = {**({"model": served.catalog.controlnet(unit["model"])} if unit.get("model") else {}),
-                   **{key: unit[key] for key in ("weight", "start", "end", "resize") if unit.get(key) is not None},
+                   **{key: unit[key] for key in ("weight", "start", "end", "resize", "mode") if unit.get(key) is not None},
                    **params}
-        if any(";" in str(value) or "=" in str(key) for key, value in options.items()):
+        if any(";" in str(value) or "=" in str(key) or ";" in str(key) for key, value in options.items()):
             raise UsageError(f"{where}: values may not contain ';'")
         texts.append(f"{unit['type']}:{image};" + ";".join(f"{key}={value}" for key, value in options.items()))
     return texts
