@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from diffcli.batch import MANIFEST_NAME
+from diffcli.output import read_metadata
 
 FAST = ("--steps", "2")
 
@@ -35,6 +36,21 @@ def test_prompts_file_runs_once_then_resumes_to_nothing(cli, tiny_model):
     again = cli("batch", "p.txt", "--model", tiny_model, "--json", *FAST)  # no --seed: the recorded base seed
     assert again.exit_code == 0 and again.stdout == "" and "2 already made" in again.stderr
     assert images() == ["00000-5-a-red-car.png", "00001-6-a-blue-boat.png"] and len(manifest_ids()) == 2
+
+
+def test_a_removed_line_never_leaves_another_lines_image_in_place(cli, tiny_model):
+    """The lines after a removed one move onto their neighbours' paths: an id counts as made at its own path only, so
+    the rerun refuses to keep (or silently pass off) an image made with other settings."""
+    lines = ['{"prompt": "a cat", "seed": 5, "cfg": %d}' % cfg for cfg in (5, 7, 9)]
+    Path("j.jsonl").write_text("\n".join(lines) + "\n")
+    first = cli("batch", "j.jsonl", "--model", tiny_model, *FAST)
+    assert first.exit_code == 0, first.stderr
+    Path("j.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    again = cli("batch", "j.jsonl", "--model", tiny_model, *FAST)
+    assert again.exit_code == 2 and "was made with other settings than this run's" in again.stderr, again.stderr
+    forced = cli("batch", "j.jsonl", "--model", tiny_model, "--force", *FAST)
+    assert forced.exit_code == 0, forced.stderr
+    assert [read_metadata(Path("outputs") / name)["cfg"] for name in images()[:2]] == [7, 9]
 
 
 def test_jsonl_lines_override_batch_defaults(cli, tiny_model):

@@ -161,9 +161,10 @@ def run_batch(options: BatchOptions, argv_for_children) -> int:
 
 
 def _mark_dry(batch: list[BatchJob], manifest: Manifest, force: bool) -> None:
-    finished = {} if force else manifest.finished()
+    finished = set() if force else manifest.made()
     for item in batch:
-        item.pending = [i for i, (image, path) in enumerate(zip(item.ids, item.plan.paths)) if not (image in finished and path.is_file())]
+        item.pending = [i for i, (image, path) in enumerate(zip(item.ids, item.plan.paths))
+                        if not ((image, str(path)) in finished and path.is_file())]
 
 
 def dry_record(item: BatchJob, seed_unknown: bool = False) -> dict:

@@ -34,8 +34,10 @@ class Manifest:
                 out.append(record)
         return out
 
-    def finished(self) -> dict[str, dict]:
-        return {r["id"]: r for r in self.records() if "id" in r and "path" in r}
+    def made(self) -> set[tuple[str, str]]:
+        """(image id, path) of every image recorded: an id counts as done at its own path only (a line removed from
+        a jobs file moves the next one onto another's path)."""
+        return {(r["id"], r["path"]) for r in self.records() if "id" in r and "path" in r}
 
     def base_seed(self) -> int | None:
         return next((r["base_seed"] for r in self.records() if isinstance(r.get("base_seed"), int)), None)
@@ -95,14 +97,15 @@ def record_base_seed(manifest: Manifest, base: int) -> None:
 
 
 def mark_finished(batch: list, manifest: Manifest, force: bool, notify) -> None:
-    """Decide each image's fate: done (its id in the manifest, file present), adopted (the file's own id is the one
+    """Decide each image's fate: done (its id recorded at its path, file present), adopted (the file's own id is the one
     these settings give: saved, then stopped before recording), or to make."""
-    finished = {} if force else manifest.finished()
-    ours = {r["path"] for r in manifest.finished().values()}
+    made = manifest.made()
+    finished = set() if force else made
+    ours = {path for _, path in made}
     for item in batch:
         plan = item.plan
         for index, (seed, path, image) in enumerate(zip(plan.seeds, plan.paths, item.ids)):
-            if image in finished and path.is_file():
+            if (image, str(path)) in finished and path.is_file():
                 continue
             if path.exists() and not plan.job.output.overwrite:
                 if force and str(path) in ours:
