@@ -53,6 +53,16 @@ def test_a_removed_line_never_leaves_another_lines_image_in_place(cli, tiny_mode
     assert [read_metadata(Path("outputs") / name)["cfg"] for name in images()[:2]] == [7, 9]
 
 
+def test_force_remakes_our_images_only_never_a_foreign_file_beside_them(cli, tiny_model):
+    Path("j.jsonl").write_text('{"prompt": "a cat", "seed": 5, "cfg": 5}\n')
+    assert cli("batch", "j.jsonl", "--model", tiny_model, *FAST).exit_code == 0
+    Image.new("RGB", (8, 8)).save("outputs/00000-6-a-cat.png")  # not ours: no manifest record, no diffcli id
+    Path("j.jsonl").write_text('{"prompt": "a cat", "seed": 5, "cfg": 7, "num-images": 2}\n')
+    forced = cli("batch", "j.jsonl", "--model", tiny_model, "--force", *FAST)
+    assert forced.exit_code == 2 and "00000-6-a-cat.png already exists and is not in the manifest" in forced.stderr
+    assert Image.open("outputs/00000-6-a-cat.png").size == (8, 8)
+
+
 def test_jsonl_lines_override_batch_defaults(cli, tiny_model):
     Path("j.jsonl").write_text(
         '{"prompt": "a cat", "cfg": 3, "seed": 9}\n'

@@ -104,10 +104,11 @@ def mark_finished(batch: list, manifest: Manifest, force: bool, notify) -> None:
     ours = {path for _, path in made}
     for item in batch:
         plan = item.plan
+        overwrite = plan.job.output.overwrite  # as asked: --force below lets the writes replace our own files only
         for index, (seed, path, image) in enumerate(zip(plan.seeds, plan.paths, item.ids)):
             if (image, str(path)) in finished and path.is_file():
                 continue
-            if path.exists() and not plan.job.output.overwrite:
+            if path.exists() and not overwrite:
                 if force and str(path) in ours:
                     plan.job.output.overwrite = True  # --force remakes our own earlier output
                 elif not force and _image_id_of(path) == image:
