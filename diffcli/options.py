@@ -65,6 +65,9 @@ def check_core(job) -> None:
         raise UsageError(f"--cfg must be between 0 and 100, got {sampling.cfg:g}")
     if sampling.steps is not None and not 1 <= sampling.steps <= 1000:
         raise UsageError(f"--steps must be between 1 and 1000, got {sampling.steps}")
+    clip_skip = job.prompt.clip_skip  # (a jobs file, a request or a replayed image too, not only the flag's range)
+    if clip_skip is not None and not 1 <= clip_skip <= 12:
+        raise UsageError(f"--clip-skip must be between 1 and 12, got {clip_skip}")
     for flag, value in (("--width", sampling.width), ("--height", sampling.height)):
         if value is not None and not 8 <= value <= MAX_SIDE:
             raise UsageError(f"{flag} must be between 8 and {MAX_SIDE}, got {value}")

@@ -36,6 +36,7 @@ def check(job, spec, scheduler: str | None, adapters) -> list[str]:
                          f"latents as the latent fills need, got {fill}", "use --fill original or fill")
     style = families.call_style(family.pipelines.get(job.task, ""))
     _check_sequence_length(job.prompt.max_sequence_length, spec, style)
+    _check_clip_skip(job.prompt.clip_skip, spec)
     _check_true_cfg(job, spec, family, style)
     return [] if style.prompt_embeds else _own_prompts(job, spec, style, adapters)
 
@@ -55,6 +56,16 @@ def _check_sequence_length(length: int | None, spec, style) -> None:
     if positions and length > positions:  # the pipeline pads to this length: past the encoder's positions, a typo
         raise UsageError(f"--max-sequence-length: {spec.name!r}'s text encoder takes at most {positions} tokens, "
                          f"got {length}")
+
+
+def _check_clip_skip(clip_skip: int | None, spec) -> None:
+    """--clip-skip within the CLIP text encoder's layers (the bundled model's has 4): past them, an index error."""
+    from diffcli.models import component_config
+
+    layers = component_config(spec, "text_encoder/config.json").get("num_hidden_layers")
+    if clip_skip and isinstance(layers, int) and clip_skip > layers:
+        raise UsageError(f"--clip-skip: {spec.name!r}'s text encoder has {layers} layers, got {clip_skip}",
+                         f"at most {layers}")
 
 
 def _encoder_positions(spec) -> int | None:

@@ -21,6 +21,7 @@ from diffcli.options import check_size_multiple
         ({"seed": -5}, "--seed must be between 0"),
         ({"device": "gpu"}, "--device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
         ({"dtype": "int8"}, "--dtype must be one of auto, fp16, bf16, fp32, got 'int8'"),
+        ({"clip_skip": 40}, "--clip-skip must be between 1 and 12, got 40"),  # as a replayed A1111 image may say
     ],
 )
 def test_validate_names_flag_and_value(changes, message):

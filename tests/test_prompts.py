@@ -142,6 +142,8 @@ def test_clip_skip_changes_the_image_and_is_recorded(cli, tiny_model):
     assert read_metadata("skip2.png")["clip_skip"] == 2 and "Clip skip: 2" in Image.open("skip2.png").info["parameters"]
     bad = cli("txt2img", *base, "--clip-skip", "0")
     assert bad.exit_code == 2 and "--clip-skip" in bad.stderr
+    deep = cli("txt2img", "a cat", "--clip-skip", "12", *FAST)  # the bundled model's CLIP has 4 layers
+    assert deep.exit_code == 2 and "text encoder has 4 layers, got 12" in deep.stderr, deep.stderr
 
 
 def test_variation_seed_slerps_between_seeds_and_keeps_batch_equal_single(cli, tiny_model):
