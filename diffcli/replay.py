@@ -28,7 +28,7 @@ DIFFCLI_KEYS = ("task", "prompt", "negative", "steps", "cfg", "seed", "width", "
                 "hires_upscaler", "hires_upscaler_model", "refiner", "refiner_start", "vae", "vae_hash", "weighting",
                 "deep_cache", "lora_dir", "embedding_dir", "lora", "embedding", "input", "mask", "strength", "dtype",
                 "device", "base", "control", "guess_mode", "max_sequence_length", "true_cfg", "ip_adapter", "ip_encoder", "backend",
-                "images", "resize")
+                "images", "resize", "model_config")
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -184,9 +184,10 @@ def resolve_scheduler(settings: dict, image: str) -> str | None:
 
 
 def resolve_model_name(name: str | None, model_hash: str | None, image: str, allow_pickle: bool,
-                       base: str | None = None) -> str | None:
+                       base: str | None = None, model_config: str | None = None) -> str | None:
     """The recorded model as --model takes it: its name as recorded, else a .safetensors file of that name (`base`:
-    what completes a transformer-only file); a model diffcli cannot find is a UsageError (--model overrides)."""
+    what completes a transformer-only file; `model_config`: a checkpoint's recorded --model-config); a model diffcli
+    cannot find is a UsageError (--model overrides)."""
     from diffcli.errors import ModelError
     from diffcli.models import resolve_model
 
@@ -195,7 +196,7 @@ def resolve_model_name(name: str | None, model_hash: str | None, image: str, all
     candidates = [name] if Path(name).suffix else [name, f"{name}.safetensors"]
     for candidate in candidates:
         try:
-            resolve_model(candidate, None, allow_pickle, base=base)
+            resolve_model(candidate, model_config, allow_pickle, base=base)
             return candidate
         except ModelError as exc:
             error = exc
@@ -277,9 +278,10 @@ def job_values(settings: dict, image: str, given: dict, notify) -> dict:
     values = dict(given, prompt=settings["prompt"], negative=settings.get("negative") or "",
                   width=given.get("width") or settings.get("width"), height=given.get("height") or settings.get("height"),
                   model=given.get("model") or resolve_model_name(settings.get("model"), settings.get("model_hash"), image,
-                                                                 allow_pickle, base),
+                                                                 allow_pickle, base, settings.get("model_config")),
                   dtype=recorded_dtype(settings, given.get("device") or "auto", given.get("dtype")),
                   backend=given.get("backend") or recorded_backend(settings, notify),
+                  model_config=given.get("model_config") or settings.get("model_config"),
                   weighting=settings.get("weighting", True), vae=given.get("vae") or vae,
                   base=base,
                   steps=given.get("steps") or settings.get("steps"),

@@ -173,6 +173,9 @@ def test_single_file_checkpoint_matches_the_folder(cli, tiny_model, tiny_checkpo
     assert single.exit_code == folder.exit_code == 0, single.stderr
     assert single.json_lines()[0]["model"] == str(tiny_checkpoint)
     assert np.array_equal(pixels("single.png"), pixels("folder.png"))
+    assert read_metadata("single.png")["model_config"] == str(tiny_model)  # replay needs it: the file alone fails
+    again = cli("replay", "single.png", "--verify", "-o", "again.png")
+    assert again.exit_code == 0 and "verify: identical to single.png" in again.stderr, again.stderr
 
 
 def test_non_standard_single_file_needs_model_config(cli, tiny_checkpoint):
