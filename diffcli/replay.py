@@ -20,7 +20,7 @@ EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
 A1111_UPSCALERS = {"latent": "latent", "lanczos": "lanczos", "sd x4": "x4"}  # A1111's "Hires upscaler" -> ours
 # A1111 fields replay reads, or knows it need not (hashes name files it finds by other means; Version is the writer)
 A1111_KNOWN = {"Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Seed", "Size", "Model",
-               "Model hash", "Clip skip", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
+               "Model hash", "Clip skip", "Denoising strength", "Hires upscale", "Hires resize", "Hires steps", "Hires upscaler",
                "Variation seed", "Variation seed strength", "Max sequence length", "Refiner", "Refiner switch at", "VAE", "VAE hash", "Lora hashes", "TI hashes",
                "Version", "Mask blur", "Masked content", "Inpaint area", "Only masked padding, pixels"}
 DIFFCLI_KEYS = ("task", "prompt", "negative", "steps", "cfg", "seed", "width", "height", "model", "model_hash", "sampler",
@@ -124,6 +124,8 @@ def settings_from_a1111(text: str, image: str) -> tuple[dict, list[str]]:
         if not match:
             raise UsageError(f"{image}: Size {fields['Size']!r} in its parameters is not WIDTHxHEIGHT")
         settings["width"], settings["height"] = int(match.group(1)), int(match.group(2))
+    if "Hires resize" in fields and "hires_scale" not in settings:  # A1111's target size instead of a scale
+        settings["hires_scale"] = _hires_scale(fields, settings, image)
     for key, name in (("Model", "model"), ("Model hash", "model_hash"), ("Refiner", "refiner"), ("VAE", "vae"),
                       ("VAE hash", "vae_hash")):
         if fields.get(key):
@@ -154,6 +156,22 @@ def settings_from_a1111(text: str, image: str) -> tuple[dict, list[str]]:
         settings["refiner"] = None
         settings.pop("refiner_start", None)
     return settings, unused
+
+
+def _hires_scale(fields: dict, settings: dict, image: str) -> float:
+    """A1111's `Hires resize: WxH` (a target size) as diffcli's --hires scale: the same factor on both sides of the
+    first pass's Size, else a UsageError (diffcli scales both sides alike)."""
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", fields["Hires resize"])
+    width, height = settings.get("width"), settings.get("height")
+    if not match or not width or not height:
+        raise UsageError(f"{image}: Hires resize {fields['Hires resize']!r} in its parameters is not WIDTHxHEIGHT "
+                         "beside a Size")
+    across, down = int(match.group(1)) / width, int(match.group(2)) / height
+    if abs(across - down) > 0.02:
+        raise UsageError(f"{image}: its hires fix resized {width}x{height} to {match.group(1)}x{match.group(2)}, "
+                         "another factor on each side; diffcli's --hires scales both alike",
+                         "run txt2img --hires with the factor you want")
+    return round(across, 3)
 
 
 def settings_from_diffcli(meta: dict) -> dict:

@@ -257,6 +257,19 @@ def test_a1111_text_parsing():
     assert only_prompt == "just a prompt, with commas" and none == {}
 
 
+def test_a1111_hires_resize_is_a_hires_fix_not_an_img2img():
+    """A1111 writes `Hires resize: WxH` when a target size was set: the scale from Size, the strength the hires fix's."""
+    from diffcli.errors import UsageError
+    from diffcli.replay import settings_from_a1111
+
+    text = "a cat\nSteps: 20, Seed: 9, Size: 512x768, Denoising strength: 0.55, Hires resize: 1024x1536"
+    settings, unused = settings_from_a1111(text, "x.png")
+    assert unused == [] and settings["task"] == "txt2img"
+    assert (settings["hires_scale"], settings["hires_strength"]) == (2.0, 0.55)
+    with pytest.raises(UsageError, match="another factor on each side"):
+        settings_from_a1111(text.replace("1024x1536", "1024x1024"), "x.png")
+
+
 # ---------------------------------------------------------------- Prompt S/R
 
 
