@@ -558,3 +558,16 @@ def test_a_request_cannot_name_a_controlnet_outside_the_servers_folder(tmp_path,
     unit = dict(unit, image=base64.b64encode(data.getvalue()).decode())
     with pytest.raises(UsageError, match=message):
         intake.control_texts([unit], served, tmp_path)
+
+
+@pytest.mark.parametrize("word", ["", "dog, big", "dog"])
+def test_a_batch_sweep_cell_is_sent_with_its_prompt_replaced_and_not_swept_again(word):
+    """A jobs line's prompt_sr makes one job per word here; each goes to the server as its replaced prompt (an empty
+    replacement, or one with a comma, was parsed again there: refused, or split into two jobs)."""
+    from diffcli import jobs, sweep
+    from diffcli.server.client import request_values
+
+    [base] = jobs.build("txt2img", {"prompt": "a cat"})
+    cells = sweep.expand(base, prompt_sr=sweep.Values(["cat", word]))
+    body = request_values("txt2img", jobs.values_of(cells[1]), lambda message: None)
+    assert body["prompt"] == f"a {word}" and "prompt_sr" not in body

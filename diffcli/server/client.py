@@ -71,6 +71,8 @@ def request_values(command: str, values: dict, say) -> dict:
             body["ip_adapter"] = _ip_units(values)
         elif name in ("ip_image", "ip_scale"):
             continue
+        elif name == "prompt_sr" and isinstance(value, str):
+            continue  # one cell of a batch's sweep: its prompt is already replaced (sent, it would be swept again)
         elif flag is not None and flag.kind == "sweep":
             body[name] = _sweep_text(name, value)
         else:
