@@ -86,7 +86,9 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
         hint = "run `diffcli edit` locally" if command in LOCAL_ONLY else f"available: {', '.join(served_tasks)}"
         raise UsageError(f"command {command!r} cannot run on the server", hint)
     values = dict(values)
-    ip_units = values.pop("ip_adapter", None)
+    spelled = {str(key).lstrip("-").replace("-", "_"): key for key in values}  # --ip-adapter, ip-adapter, ip_adapter
+    ip_units = values.pop(spelled["ip_adapter"]) if "ip_adapter" in spelled else None
+    units = values.pop(spelled["controlnet"]) if "controlnet" in spelled else None
     for key in list(values):
         name = str(key).lstrip("-").replace("-", "_")
         if name in REFUSED:
@@ -100,7 +102,6 @@ def build(command: str, values: dict, served: Served, folder: Path) -> list:
                 raise UsageError(f"{key}: expected a list of base64 images")
             values[key] = [decode_image(data, f"{key}[{i}]", folder, f"image-{i}.img", served.limits)
                            for i, data in enumerate(values[key])]
-    units = values.pop("controlnet", None)
     if units is not None:  # after the refusals: these --control texts name the request's own files only
         values["control"] = control_texts(units, served, folder)
     if ip_units is not None:  # the server's adapter files and the request's own images only
