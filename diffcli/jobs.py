@@ -237,7 +237,8 @@ def record(job: Job) -> dict:
     prompt, sampling, second, adapters, inputs = job.prompt, job.sampling, job.second, job.adapters, job.inputs
     out = {"weighting": prompt.weighting}
     optional = {"clip_skip": prompt.clip_skip, "deep_cache": job.model.deep_cache, "vae": job.model.vae,
-                "base": job.model.base, "model_config": job.model.config, "lora_dir": adapters.lora_dir, "embedding_dir": adapters.embedding_dir,
+                "base": job.model.base, "model_config": job.model.config, "lora_dir": adapters.lora_dir,
+                "embedding_dir": adapters.embedding_dir,
                 "prompt_sr": sampling.prompt_sr, "max_sequence_length": prompt.max_sequence_length,
                 "true_cfg": sampling.true_cfg, "backend": job.model.backend if job.model.backend != "auto" else None}
     if sampling.variation_seed is not None:

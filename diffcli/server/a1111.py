@@ -103,7 +103,7 @@ def controlnet_units(body: dict) -> list[dict] | None:
                       "model": unit.get("model"), "weight": _number(unit, "weight", float, 1.0),
                       "start": _number(unit, "guidance_start", float, 0.0), "end": _number(unit, "guidance_end", float, 1.0),
                       "resize": resize})
-        mode = unit.get("control_mode", 0)
+        mode = unit.get("control_mode") or 0  # (absent or null: A1111's default, Balanced)
         if mode in (2, "ControlNet is more important"):
             units[-1]["guess"] = True
         elif mode not in (0, "Balanced"):
