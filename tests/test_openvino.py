@@ -53,6 +53,7 @@ def test_txt2img_on_openvino_is_torchs_image(cli, tiny_model, tmp_path, size):
     assert record["dtype"] == "float32"
 
 
+@pytest.mark.slow  # exports and compiles the IR: about 10 s
 def test_img2img_and_inpaint_share_the_openvino_unet(cli, tiny_model, tmp_path):
     photo, mask = write_photo(tmp_path, (64, 64)), write_mask(tmp_path, (64, 64))
     a, b, _ = both(cli, tmp_path, "img2img", photo, "a blue circle", "-m", tiny_model, "--strength", "0.7")
@@ -99,6 +100,7 @@ def test_prompts_are_encoded_by_the_openvino_text_encoder_and_new_tokens_by_torc
     assert twin(unknown) is None and twin(unknown - 1) is not None
 
 
+@pytest.mark.slow  # exports and compiles the IR: about 9 s
 def test_the_text_twin_keeps_recent_results_by_token_ids(tiny_model):
     """A prompt met again is not encoded again (the IR cannot change); other ids are; what a caller gets is its own
     to change; only the last KEPT results stay."""
