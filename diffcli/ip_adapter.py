@@ -233,24 +233,16 @@ def _offline_check(repo: str, filename: str, flag: str, given: str) -> None:
 def _model_cross_attention(spec) -> tuple[int | None, int | None]:
     """(cross-attention width, number of cross-attention layers) of the model's U-Net (or FLUX.1's transformer: the
     text width and its double-stream blocks), from its config when at hand; else the family's width and no count."""
-    from diffcli.models import read_json
+    from diffcli.models import component_config
 
-    name = "transformer/config.json" if spec.family == "flux" else "unet/config.json"
-    configs = [Path(folder) / name for folder in (spec.config_dir, spec.location) if folder]
-    if spec.source == "hub":  # the config models.resolve_model fetched (or found) in the HF cache
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(spec.location, name, revision=spec.revision)
-        configs = [Path(cached)] if isinstance(cached, str) else []
-    for config in configs:
-        if config.is_file():
-            model = read_json(config)
-            if spec.family == "flux":
-                dim, layers = model.get("joint_attention_dim", 4096), model.get("num_layers", 19)  # the class defaults
-                return (dim if isinstance(dim, int) else None), (layers if isinstance(layers, int) else None)
-            dim = model.get("cross_attention_dim")
-            return (dim if isinstance(dim, int) else None), _cross_layers(model)
-    return CROSS_DIMS.get(spec.family), None
+    model = component_config(spec, "transformer/config.json" if spec.family == "flux" else "unet/config.json")
+    if not model:  # (a Hub model's is the config models.resolve_model fetched, or found, in the HF cache)
+        return CROSS_DIMS.get(spec.family), None
+    if spec.family == "flux":
+        dim, layers = model.get("joint_attention_dim", 4096), model.get("num_layers", 19)  # the class defaults
+        return (dim if isinstance(dim, int) else None), (layers if isinstance(layers, int) else None)
+    dim = model.get("cross_attention_dim")
+    return (dim if isinstance(dim, int) else None), _cross_layers(model)
 
 
 def _cross_layers(unet: dict) -> int | None:
