@@ -2,7 +2,7 @@
 ControlNet class built at run time, and the metadata A1111's ControlNet extension writes.
 
 A unit is `TYPE:IMAGE[;key=value...]`: TYPE a preprocessor of diffcli.control (canny, scribble, none...), IMAGE the
-picture it reads; keys `model` (the ControlNet: a diffusers folder or Hub id), `weight` (A1111's weight, diffusers'
+picture it reads; keys `model` (the ControlNet: a diffusers folder, a Hub id or a single file, controlnet_files), `weight` (A1111's weight, diffusers'
 controlnet_conditioning_scale), `start`/`end` (fraction of the steps it acts on), `resize` (crop, fit, stretch: how
 the map meets the image size), `mode` (a union ControlNet's control type: a name or its number; default the TYPE's)
 and the preprocessor's own parameters (`low`, `high` for canny...). Without `model`, a model with a bundled ControlNet
@@ -22,6 +22,7 @@ UNIT_KEYS = ("model", "weight", "start", "end", "resize", "mode")
 A1111_RESIZE = {"crop": "Crop and Resize", "fit": "Resize and Fill", "stretch": "Just Resize"}
 DEFAULT_RESIZE = "crop"  # A1111's ControlNet default ("Crop and Resize")
 MAX_WEIGHT = 2.0  # A1111's slider range for a unit's weight
+WEIGHT_FILES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a single-file model= is named without its suffix, as A1111 does
 BUNDLED = {"tiny-shapes": "tiny-shapes-control"}  # bundled model -> its default ControlNet (diffcli/bundled/), by name
 
 
@@ -138,7 +139,7 @@ def resolve(job, spec, width: int, height: int, crop: tuple | None = None) -> Re
         if used:
             raise UsageError(f"--control with {flag}: not supported together yet", f"drop {flag}")
     units = [unit if unit.model else _default_model(unit, spec) for unit in units]
-    configs = [check_model(unit.model, job.model.allow_pickle) for unit in units]
+    configs = [check_model(unit.model, job.model.allow_pickle, spec) for unit in units]
     model_class = _model_class(units, configs, family, spec)
     nets = family.controlnet[model_class]
     if job.task not in nets.pipelines:
@@ -249,10 +250,11 @@ def location(model: str) -> str:
     return str(BUNDLED_DIR / model) if model in BUNDLED.values() and not Path(model).is_dir() else model
 
 
-def check_model(model: str, allow_pickle: bool) -> dict:
-    """A ControlNet diffusers folder (its config naming a ControlNet class, safetensors weights unless --allow-pickle)
-    or a Hub id (its config fetched, or found in the HF cache offline); returns the config. A single file is refused
-    for now (its config would come from the Hub)."""
+def check_model(model: str, allow_pickle: bool, spec) -> dict:
+    """A ControlNet diffusers folder (its config naming a ControlNet class, safetensors weights unless --allow-pickle),
+    a single file (controlnet_files: its config read from its tensors and the model's U-Net config) or a Hub id (its
+    config fetched, or found in the HF cache offline); returns the config."""
+    from diffcli import controlnet_files, weights
     from diffcli.models import HUB_ID
     from diffcli.options import check_path
 
@@ -266,9 +268,10 @@ def check_model(model: str, allow_pickle: bool) -> dict:
             raise UsageError(f"--control model={model}: no .safetensors weights (pickle files are refused)",
                              "convert it to safetensors, or pass --allow-pickle if you trust it")
         return config
-    if path.suffix.lower() in (".safetensors", ".ckpt", ".pth", ".bin") or path.exists():
-        raise UsageError(f"--control model={model}: single-file ControlNets are not read yet",
-                         "use its diffusers folder or Hub id (e.g. lllyasviel/control_v11p_sd15_canny)")
+    if path.is_file():
+        return controlnet_files.read_config(str(path), allow_pickle, _denoiser_config(spec))
+    if path.suffix.lower() in weights.WEIGHT_SUFFIXES or path.exists():
+        raise UsageError(f"--control model={model}: no such file")
     if not HUB_ID.match(model):
         raise UsageError(f"--control model={model}: no such folder, and not a Hub id")
     return _read_config(_hub_config(model), model)
@@ -363,7 +366,7 @@ def pipeline(pipe, task: str, family: str, resolved: Resolved, device: str, dtyp
     import diffusers
     import diffusers.models.controlnets as controlnets
 
-    from diffcli import families
+    from diffcli import controlnet_files, families
     from diffcli.errors import ModelError
 
     nets = families.get(family).controlnet[resolved.model_class]
@@ -373,6 +376,11 @@ def pipeline(pipe, task: str, family: str, resolved: Resolved, device: str, dtyp
         key = (unit.model, device, str(dtype))
         if key not in _MODELS:
             folder = location(unit.model)
+            if controlnet_files.is_single_file(folder):
+                config = controlnet_files.read_config(folder, allow_pickle, dict(_denoiser(pipe).config))
+                _MODELS[key] = controlnet_files.load(folder, config, allow_pickle, dtype).to(device)
+                loaded.append(_MODELS[key])
+                continue
             how = _weights(Path(folder), allow_pickle) if Path(folder).is_dir() else {"use_safetensors": True}
             try:
                 _MODELS[key] = cls.from_pretrained(folder, torch_dtype=dtype, **(how or {})).to(device)
@@ -384,6 +392,10 @@ def pipeline(pipe, task: str, family: str, resolved: Resolved, device: str, dtyp
     made.set_progress_bar_config(disable=True)
     made.diffcli_optimizations = pipe.diffcli_optimizations
     return made
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "unet", None) or pipe.transformer
 
 
 def call_kwargs(pipe, resolved: Resolved) -> dict:
@@ -416,7 +428,8 @@ def a1111_fields(meta: dict) -> dict:
     fields = {}
     for index, unit in enumerate(meta.get("control") or []):
         params = list(unit.get("params", {}).values())
-        parts = [f"Module: {unit['type']}", f"Model: {Path(unit['model']).name}", f"Weight: {unit['weight']:g}",
+        model = Path(unit["model"])
+        parts = [f"Module: {unit['type']}", f"Model: {model.stem if model.suffix.lower() in WEIGHT_FILES else model.name}", f"Weight: {unit['weight']:g}",
                  f"Resize Mode: {A1111_RESIZE.get(unit['resize'], unit['resize'])}",
                  *(f"Threshold {'AB'[i]}: {value:g}" for i, value in enumerate(params[:2])),
                  f"Guidance Start: {unit['start']:g}", f"Guidance End: {unit['end']:g}",

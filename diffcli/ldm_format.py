@@ -115,6 +115,27 @@ def open_clip_to_ldm(state: dict, prefix: str) -> dict:
     return out
 
 
+def controlnet_to_ldm(state: dict, layers_per_block: int, prefix: str = "control_model.") -> dict:
+    """A diffusers ControlNetModel state dict in lllyasviel's original layout (A1111's models/ControlNet files): the
+    U-Net part as the U-Net's, `zero_convs`, `middle_block_out` and the map encoder `input_hint_block` (convs at even
+    indices, as in its nn.Sequential with activations between)."""
+    blocks = len({k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "controlnet_down_blocks":
+            key = f"zero_convs.{parts[1]}.0.{parts[2]}"
+        elif parts[0] == "controlnet_mid_block":
+            key = f"middle_block_out.0.{parts[1]}"
+        elif parts[0] == "controlnet_cond_embedding":
+            index = {"conv_in": 0, "conv_out": 2 * (blocks + 1)}.get(parts[1])
+            key = f"input_hint_block.{2 * (int(parts[2]) + 1) if index is None else index}.{parts[-1]}"
+        else:
+            key = unet_key(key, layers_per_block)
+        out[prefix + key] = value
+    return out
+
+
 def pipeline_to_ldm(pipe) -> dict:
     """All weights of an SD1 or SDXL pipeline as one original-layout state dict."""
     unet, vae = pipe.unet, pipe.vae

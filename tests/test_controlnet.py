@@ -117,7 +117,7 @@ def test_a_batch_line_takes_control(cli, isolated, tiny_model, tiny_controlnets)
     ("canny:missing.png;model={net}", "missing.png: no such file"),
     ("canny:{edges};model={model}", "not a ControlNet"),
     ("canny:{edges};model=./nowhere", "no such folder"),
-    ("canny:{edges};model={edges}", "single-file ControlNets"),
+    ("canny:{edges};model={edges}", "not a weight file"),
 ])
 def test_bad_units_exit_2_before_loading(cli, isolated, tiny_model, tiny_controlnets, unit, message):
     edges = outline(isolated / "outline.png")

@@ -41,12 +41,13 @@ class Catalog:
         self.ip_adapters = _ip_adapters(controlnet_dir)
 
     def controlnet(self, asked: str) -> str:
-        """The folder of a ControlNet a request names (its folder name in --controlnet-dir, or A1111's "name [hash]")."""
+        """The folder or file of a ControlNet a request names (its name in --controlnet-dir, or A1111's "name [hash]")."""
         plain = str(asked).strip().rsplit(" [", 1)[0]
-        if plain not in self.controlnets:
+        found = self.controlnets.get(plain) or self.controlnets.get(plain.removesuffix(".safetensors"))
+        if found is None:
             raise UsageError(f"controlnet model {str(asked)[:120]!r} is not one of this server's ControlNets",
                              f"its --controlnet-dir offers: {', '.join(self.controlnets) or 'none'}")
-        return self.controlnets[plain]
+        return found
 
     def ip_adapter(self, asked: str) -> str:
         """The file of an IP-Adapter a request names: a .safetensors file name in --controlnet-dir, where A1111 keeps
@@ -113,8 +114,12 @@ def _weights(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def _controlnets(folder: str | None) -> dict[str, str]:
-    """--controlnet-dir's ControlNet folders (a config.json naming a ControlNet class) by folder name."""
+    """--controlnet-dir's ControlNets by name: folders (a config.json naming a ControlNet class) by folder name, and
+    single .safetensors files (a ControlNet's tensors in their header, as A1111 keeps them) by name without the suffix."""
     import json
+
+    from diffcli import controlnet_files, weights
+    from diffcli.errors import ModelError
 
     if not folder:
         return {}
@@ -123,11 +128,21 @@ def _controlnets(folder: str | None) -> dict[str, str]:
         raise UsageError(f"--controlnet-dir {folder!r} is not a folder")
     found = {}
     for path in sorted(root.iterdir()):
+        if not path.resolve().is_relative_to(root) or ";" in str(path):
+            continue
+        if path.is_file() and path.suffix == ".safetensors":
+            try:
+                header = weights.read_safetensors_header(path)
+            except ModelError:
+                continue
+            if controlnet_files.marks_a_controlnet(header):
+                found.setdefault(path.stem, str(path))
+            continue
         try:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if path.resolve().is_relative_to(root) and "ControlNet" in str(config.get("_class_name", "")) and ";" not in str(path):
+        if "ControlNet" in str(config.get("_class_name", "")):
             found[path.name] = str(path)
     return found
 
