@@ -147,6 +147,7 @@ def resolve(job, spec, width: int, height: int, crop: tuple | None = None) -> Re
                          f"{spec.family} takes ControlNets for {', '.join(nets.pipelines)}")
     if job.controls.guess_mode and not nets.guess_mode:
         raise UsageError(f"--guess-mode: {spec.family}'s ControlNet pipelines have no guess mode", "drop --guess-mode")
+    _check_pipeline_takes(job, units, configs, nets, spec)
     union = [_is_union(config) for config in configs]
     if any(union) and not all(union):
         raise UsageError("--control: union and single-type ControlNets cannot run together",
@@ -156,13 +157,42 @@ def resolve(job, spec, width: int, height: int, crop: tuple | None = None) -> Re
     else:
         for unit in units:
             if unit.mode:
-                raise UsageError(f"--control {unit.type}: mode= is for union ControlNets, {unit.model} is not one",
-                                 "drop mode=")
+                raise UsageError(f"--control {unit.type}: mode= is for union ControlNets, {unit.model} is not one"
+                                 if any(n.modes for n in family.controlnet.values())
+                                 else f"--control {unit.type}: {spec.family}'s ControlNets take no mode=", "drop mode=")
     if spec.family == "flux" and len({bool(config.get("conditioning_embedding_channels")) for config in configs}) > 1:
         raise UsageError("--control: XLabs-style and InstantX-style FLUX.1 ControlNets cannot run together",
                          "diffusers reads the maps of several FLUX.1 ControlNets one way for all")
     return Resolved(units, [control_map(unit, width, height, job.model.allow_pickle, crop) for unit in units],
                     job.controls.guess_mode, model_class, all(union))
+
+
+def _check_pipeline_takes(job, units: list[Unit], configs: list[dict], nets, spec) -> None:
+    """What a family's ControlNet pipelines cannot take (Qwen-Image: one ControlNet for all maps; Z-Image: one unit on
+    every step, inpaint at strength 1 with a ControlNet that reads the masked image) stops here, before loading."""
+    from diffcli import families
+
+    if len(units) > 1 and not nets.multi:
+        raise UsageError(f"--control: {spec.family}'s ControlNet pipelines take one unit, got {len(units)}",
+                         "use one --control (a union ControlNet reads any of its map types)")
+    if nets.shared and len({unit.model for unit in units}) > 1:
+        raise UsageError(f"--control: {spec.family}'s ControlNet pipeline runs one ControlNet for all units, got "
+                         f"{', '.join(dict.fromkeys(unit.model for unit in units))}",
+                         "give every unit the same model= (a union ControlNet reads any map)")
+    if not nets.steps and any((unit.start, unit.end) != (0.0, 1.0) for unit in units):
+        raise UsageError(f"--control start/end: {spec.family}'s ControlNet pipelines act on every step",
+                         "drop start= and end=")
+    strength = getattr(job.inputs, "strength", 1.0)
+    if not families.call_style(nets.pipelines[job.task]).strength and strength != 1.0:
+        raise UsageError(f"--strength: {spec.family}'s ControlNet {job.command} pipeline repaints the masked area from "
+                         f"noise, got {strength:g}", "leave --strength out (1)")
+    channels = _denoiser_config(spec).get("in_channels")
+    if job.task == "inpaint" and "control_in_dim" in configs[0] and isinstance(channels, int) and \
+            configs[0]["control_in_dim"] != 2 * channels + 1:  # the map's, the masked image's latents and the mask
+        raise UsageError(f"--control model={units[0].model}: reads a map only (control_in_dim "
+                         f"{configs[0]['control_in_dim']}); {spec.family}'s ControlNet inpaint pipeline needs one that "
+                         f"also reads the masked image (control_in_dim {2 * channels + 1})",
+                         "use a ControlNet made for inpainting (Z-Image-Turbo-Fun-Controlnet-Union-2.0 or later)")
 
 
 def _model_class(units: list[Unit], configs: list[dict], family, spec) -> str:
@@ -180,7 +210,8 @@ def _model_class(units: list[Unit], configs: list[dict], family, spec) -> str:
     return classes[0]
 
 
-MATCHED = ("cross_attention_dim", "joint_attention_dim", "in_channels")  # a ControlNet's config and its model's agree
+# a ControlNet's config and its model's agree (dim: Z-Image's width)
+MATCHED = ("cross_attention_dim", "joint_attention_dim", "in_channels", "dim")
 
 
 def _check_made_for(unit: Unit, config: dict, spec) -> None:
@@ -387,7 +418,9 @@ def pipeline(pipe, task: str, family: str, resolved: Resolved, device: str, dtyp
             except (OSError, ValueError) as exc:
                 raise ModelError(f"--control model={unit.model}: could not load it: {str(exc).splitlines()[0][:300]}") from None
         loaded.append(_MODELS[key])
-    controlnet = loaded[0] if len(loaded) == 1 else getattr(controlnets, nets.multi)(loaded)
+    if nets.shared:  # (Qwen-Image: its multi class runs one ControlNet, which every unit names, over all the maps)
+        loaded = loaded[:1]
+    controlnet = loaded[0] if len(resolved.units) == 1 else getattr(controlnets, nets.multi)(loaded)
     made = getattr(diffusers, nets.pipelines[task]).from_pipe(pipe, controlnet=controlnet)
     made.set_progress_bar_config(disable=True)
     made.diffcli_optimizations = pipe.diffcli_optimizations
@@ -409,9 +442,10 @@ def call_kwargs(pipe, resolved: Resolved) -> dict:
     pick = (lambda values: values[0]) if one else list
     units = resolved.units
     kwargs = {"control_image" if "control_image" in takes else "image": pick(resolved.maps),
-              "controlnet_conditioning_scale": pick([u.weight for u in units]),
-              "control_guidance_start": pick([u.start for u in units]),
-              "control_guidance_end": pick([u.end for u in units])}
+              "controlnet_conditioning_scale": pick([u.weight for u in units])}
+    if "control_guidance_start" in takes:  # (not Z-Image's: resolve refused other fractions)
+        kwargs.update(control_guidance_start=pick([u.start for u in units]),
+                      control_guidance_end=pick([u.end for u in units]))
     if "guess_mode" in takes:
         kwargs["guess_mode"] = resolved.guess_mode
     if resolved.union:

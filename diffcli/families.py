@@ -66,6 +66,8 @@ class CallStyle:
     # it samples with torch's global RNG (SD3's ControlNet pipeline VAE-encodes the map with latent_dist.sample()):
     # seeded with the image's seed before each call, one image per call, so an image is its seed's on every run
     global_rng: bool = False
+    # False: it repaints the masked area from noise and takes no strength (Z-Image's ControlNet inpaint): none passed
+    strength: bool = True
 
     def guidance(self, cfg: float) -> dict:
         """--cfg as the call's argument: guidance_scale, or true_cfg_scale (Qwen-Image; its guidance_scale, read by
@@ -118,14 +120,16 @@ class Variant:
 
 @dataclass(frozen=True)
 class ControlNets:
-    """How a family runs ControlNets of one model class (a config's `_class_name`): the class holding several, the
-    pipeline class per task, whether those take guess mode; `modes`: a union model's control types by name (its
-    control_mode values, from the union models' cards), for the class's union models."""
+    """How a family runs ControlNets of one model class (a config's `_class_name`): the class holding several ("":
+    one unit only), the pipeline class per task, whether those take guess mode; `modes`: a union model's control types
+    by name (its control_mode values, from the union models' cards), for the class's union models."""
 
     multi: str
     pipelines: Mapping[str, str]
     guess_mode: bool = False
     modes: Mapping[str, int] = field(default_factory=dict)
+    shared: bool = False  # the multi class holds one ControlNet that reads every unit's map: all units one model
+    steps: bool = True  # the pipelines take control_guidance_start/end; False: a unit acts on every step
 
     def __post_init__(self):
         object.__setattr__(self, "pipelines", MappingProxyType(dict(self.pipelines)))
@@ -212,6 +216,14 @@ _SD3_CONTROL = {"SD3ControlNetModel": ControlNets("SD3MultiControlNetModel", {"t
 _FLUX_CONTROL = {"FluxControlNetModel": ControlNets("FluxMultiControlNetModel", {
     "txt2img": "FluxControlNetPipeline", "img2img": "FluxControlNetImg2ImgPipeline",
     "inpaint": "FluxControlNetInpaintPipeline"}, modes=FLUX_UNION_MODES)}
+# Qwen-Image (InstantX's; the union one reads any map, no mode): diffusers' multi class runs one ControlNet over several
+# maps; its ControlNet "inpaint" pipeline is an inpainting ControlNet of its own (as SD3's). Z-Image (alibaba-pai's Fun
+# Controlnet Union, no mode): one unit on every step; its inpaint pipeline repaints from noise, the ControlNet reading
+# the masked image and mask beside the map (Union 2.0 and later).
+_QWEN_CONTROL = {"QwenImageControlNetModel": ControlNets("QwenImageMultiControlNetModel",
+                                                         {"txt2img": "QwenImageControlNetPipeline"}, shared=True)}
+_Z_IMAGE_CONTROL = {"ZImageControlNetModel": ControlNets("", {
+    "txt2img": "ZImageControlNetPipeline", "inpaint": "ZImageControlNetInpaintPipeline"}, steps=False)}
 # SD3 and FLUX.1 pipelines encode the prompt strings themselves (CLIP and T5); their img2img resizes its input to the
 # native size unless given a size, and their VAE encodes one input image with the first generator only (as SD's inpaint).
 _SD3_TEXT = CallStyle(prompt_embeds=False, clip_skip=True, max_sequence_length=512, weighted_t5=True, cfg_off=1.0)
@@ -230,7 +242,7 @@ _FLUX_STYLES = {"FluxPipeline": _FLUX_TEXT, "FluxImg2ImgPipeline": _FLUX_IMAGE, 
 # Qwen-Image and Z-Image encode the strings with their own LLM (a chat template around the prompt); their VAE encodes one
 # input image with the first generator only. Qwen-Image's img2img/inpaint resize the input to 1024 unless given a size.
 _QWEN_TEXT = CallStyle(prompt_embeds=False, true_cfg=True, cfg_off=1.0, max_sequence_length=1024)  # CFG when true_cfg_scale > 1
-_QWEN_STYLES = {"QwenImagePipeline": _QWEN_TEXT,
+_QWEN_STYLES = {"QwenImagePipeline": _QWEN_TEXT, "QwenImageControlNetPipeline": _QWEN_TEXT,
                 **dict.fromkeys(("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
                                 replace(_QWEN_TEXT, repeat_image=True, size=True))}
 # The edit pipelines: the input image joins the transformer's sequence as latents (and, Qwen-Image-Edit, goes through
@@ -240,9 +252,11 @@ _QWEN_EDIT = replace(_QWEN_TEXT, batch=False)
 EDIT_MODELS = ("FLUX.1 Kontext and Qwen-Image-Edit models, and FLUX.2 ones, e.g. black-forest-labs/FLUX.1-Kontext-dev, "
                "Qwen/Qwen-Image-Edit or black-forest-labs/FLUX.2-klein-4B")
 _Z_IMAGE_TEXT = CallStyle(prompt_embeds=False, cfg_off=0.0, max_sequence_length=0)  # CFG when guidance_scale > 0
-_Z_IMAGE_STYLES = {"ZImagePipeline": _Z_IMAGE_TEXT,
+_Z_IMAGE_STYLES = {"ZImagePipeline": _Z_IMAGE_TEXT, "ZImageControlNetPipeline": _Z_IMAGE_TEXT,
                    **dict.fromkeys(("ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
-                                   replace(_Z_IMAGE_TEXT, repeat_image=True))}
+                                   replace(_Z_IMAGE_TEXT, repeat_image=True)),
+                   # one image per call: it repeats the images for a batch, not the mask
+                   "ZImageControlNetInpaintPipeline": replace(_Z_IMAGE_TEXT, batch=False, strength=False)}
 # FLUX.2: one pipeline class generates (txt2img) and takes input images as references (img2img: IMAGE alone; edit: IMAGE
 # and the --image ones), encoded once (argmax latents) for the whole batch. Its own chat-template LLM encodes the
 # strings; no negative prompt (klein's CFG pass reads an empty one); max_sequence_length (512 unless given) is not
@@ -407,6 +421,7 @@ _ENTRIES = (
         flow_match=True,
         latent_patch=2,  # its pipeline packs 2x2 latents (image_processor's factor: vae_scale_factor * 2)
         variants=(Variant("qwen-image", {"steps": 50, "cfg": 4.0}),),  # its model card: true_cfg_scale 4.0
+        controlnet=_QWEN_CONTROL,
     ),
     Family(
         name="z-image",  # Z-Image (single-stream DiT, a Qwen3 text encoder, FLUX.1's VAE)
@@ -423,6 +438,7 @@ _ENTRIES = (
         # pass and g is A1111's CFG g + 1. No config tells Turbo from the base model: the family's defaults are Turbo's
         # (its model card: 9 steps, guidance 0), the model people run; a base model's folder says its own in diffcli.json
         variants=(Variant("turbo", {"steps": 9, "cfg": 0.0}),),
+        controlnet=_Z_IMAGE_CONTROL,
     ),
     Family(
         name="flux-kontext",  # FLUX.1 Kontext dev: FLUX.1's components, the input image's latents beside the noise

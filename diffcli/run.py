@@ -327,6 +327,8 @@ def _caller(pipe, prompts_of_images: list, one: object, steps: int, cfg: float, 
             call_kwargs.update(width=call_kwargs["image"].width, height=call_kwargs["image"].height)
         if style.repeat_image:
             call_kwargs["image"] = [call_kwargs["image"]] * count
+        if not style.strength:  # (Z-Image's ControlNet inpaint: from noise, at the strength 1 plan time allowed)
+            call_kwargs.pop("strength", None)
         if style.step_end_callback:
             call_kwargs["callback_on_step_end"] = step_end
         else:
