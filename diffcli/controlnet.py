@@ -186,6 +186,10 @@ def _check_pipeline_takes(job, units: list[Unit], configs: list[dict], nets, spe
     if not families.call_style(nets.pipelines[job.task]).strength and strength != 1.0:
         raise UsageError(f"--strength: {spec.family}'s ControlNet {job.command} pipeline repaints the masked area from "
                          f"noise, got {strength:g}", "leave --strength out (1)")
+    inpainting = next((unit for unit, config in zip(units, configs) if config.get("extra_condition_channels")), None)
+    if inpainting is not None:  # Qwen-Image's inpainting ControlNet reads a mask too, which its pipelines never give
+        raise UsageError(f"--control model={inpainting.model}: an inpainting ControlNet (extra_condition_channels), "
+                         f"which {spec.family}'s ControlNet {job.command} pipeline cannot feed", "use a map ControlNet")
     channels = _denoiser_config(spec).get("in_channels")
     if job.task == "inpaint" and "control_in_dim" in configs[0] and isinstance(channels, int) and \
             configs[0]["control_in_dim"] != 2 * channels + 1:  # the map's, the masked image's latents and the mask
@@ -404,14 +408,16 @@ def pipeline(pipe, task: str, family: str, resolved: Resolved, device: str, dtyp
     cls = getattr(controlnets, resolved.model_class)
     loaded = []
     for unit in resolved.units:
+        folder = location(unit.model)
         key = (unit.model, device, str(dtype))
-        if key not in _MODELS:
-            folder = location(unit.model)
-            if controlnet_files.is_single_file(folder):
-                config = controlnet_files.read_config(folder, allow_pickle, dict(_denoiser(pipe).config))
+        if controlnet_files.is_single_file(folder):  # its config depends on the model's U-Net; the file may change
+            config = controlnet_files.read_config(folder, allow_pickle, dict(_denoiser(pipe).config))
+            if config["_class_name"] != resolved.model_class:
+                raise ModelError(f"--control model={unit.model}: the file changed since the plan read it", "run again")
+            key = (*controlnet_files.version(folder), json.dumps(config, sort_keys=True), device, str(dtype))
+            if key not in _MODELS:
                 _MODELS[key] = controlnet_files.load(folder, config, allow_pickle, dtype).to(device)
-                loaded.append(_MODELS[key])
-                continue
+        if key not in _MODELS:
             how = _weights(Path(folder), allow_pickle) if Path(folder).is_dir() else {"use_safetensors": True}
             try:
                 _MODELS[key] = cls.from_pretrained(folder, torch_dtype=dtype, **(how or {})).to(device)

@@ -7,6 +7,7 @@ model's U-Net config, so nothing is fetched from the Hub. One conversion serves 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -22,6 +23,8 @@ FROM_MODEL = ("flip_sin_to_cos", "freq_shift", "downsample_padding", "mid_block_
               "norm_eps", "attention_head_dim", "num_attention_heads", "upcast_attention", "resnet_time_scale_shift",
               "addition_time_embed_dim", "only_cross_attention")
 FAMILY_BY_WIDTH = {768: "sd15", 1024: "sd2", 2048: "sdxl"}  # cross_attention_dim -> packaged config, when the model's is not at hand
+MAX_BLOCKS, MAX_LAYERS = 8, 16  # beyond any SD ControlNet's levels and resnets/transformer layers per level: a header
+# naming more is hostile, not a model to build
 UNION_HEADS = 8  # ControlNetUnionModel's num_trans_head (xinsir's ProMax); nn.MultiheadAttention's shapes do not show it
 
 
@@ -39,7 +42,10 @@ def read_config(path: str, allow_pickle: bool, model_unet: dict) -> dict:
     """The diffusers config of the ControlNet in `path` (with `_class_name`), from its tensor shapes and `model_unet`
     (the U-Net config of the model it runs with; {} when not at hand), checked against the model that config builds
     (every tensor there, of its shape) without loading any weights; UsageError when it is none diffcli reads."""
-    shapes = to_diffusers(_shapes(path, allow_pickle), path)
+    found = _shapes(path, allow_pickle)
+    if found is None:
+        return {"_class_name": "ControlNetModel"}  # --dry-run opens no pickle: its layout is read when it runs
+    shapes = to_diffusers(found, path)
     config = _config(shapes, path, model_unet)
     wanted = {name: list(tensor.shape) for name, tensor in _build(config, path).state_dict().items()}
     missing = [name for name in wanted if name not in shapes]
@@ -58,8 +64,7 @@ def load(path: str, config: dict, allow_pickle: bool, dtype):
     from diffcli import weights
 
     state = {name: value.to(dtype) if value.is_floating_point() else value
-             for name, value in to_diffusers(weights.load_state_dict(path, FLAG, allow_pickle), path).items()
-             if hasattr(value, "is_floating_point")}
+             for name, value in to_diffusers(_unwrapped(weights.load_state_dict(path, FLAG, allow_pickle)), path).items()}
     model = _build(config, path)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -70,37 +75,72 @@ def load(path: str, config: dict, allow_pickle: bool, dtype):
 
 def _build(config: dict, path: str):
     """The ControlNet of `config` with empty (meta) weights."""
+    import inspect
+
     import accelerate
     import diffusers.models.controlnets as controlnets
 
+    cls = getattr(controlnets, config["_class_name"])
+    takes = inspect.signature(cls.__init__).parameters  # (ControlNetUnionModel has no mid_block_type)
     try:
         with accelerate.init_empty_weights():
-            return getattr(controlnets, config["_class_name"]).from_config(
-                {key: value for key, value in config.items() if not key.startswith("_")})
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"{FLAG}={path}: its layout is none diffusers builds: {str(exc).splitlines()[0][:200]}") from None
+            return cls.from_config({key: value for key, value in config.items() if key in takes})
+    except Exception as exc:  # noqa: BLE001 - diffusers' and torch's checks of a layout raise several kinds
+        raise UsageError(f"{FLAG}={path}: its layout is none diffusers builds: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from None
 
 
-def _shapes(path: str, allow_pickle: bool) -> dict:
-    """Tensor name -> shape: the safetensors header, or an allowed pickle read through the restricted unpickler."""
+def _shapes(path: str, allow_pickle: bool) -> dict | None:
+    """Tensor name -> shape: the safetensors header, or an allowed pickle read through the restricted unpickler (once
+    per file version: a batch plans each job); None for a pickle under --dry-run, which opens no weights."""
     from diffcli import weights
 
     if weights.check(path, FLAG, allow_pickle) == weights.SAFETENSORS:
         header = weights.read_safetensors_header(path)
         return {name: entry["shape"] for name, entry in header.items()
                 if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("shape"), list)}
-    state = weights.load_state_dict(path, FLAG, allow_pickle)
-    state = state.get("state_dict", state)
-    return {name: list(value.shape) for name, value in state.items() if hasattr(value, "shape")}
+    if not weights.payloads_allowed():
+        return None
+    stat = Path(path).stat()
+    return dict(_pickle_shapes(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _pickle_shapes(path: str, size: int, mtime_ns: int) -> dict:
+    from diffcli import weights
+
+    return {name: list(value.shape) for name, value in _unwrapped(weights.load_state_dict(path, FLAG, True)).items()}
+
+
+def version(path: str) -> tuple:
+    """What names a file's current content for a cache: its resolved path, size and modification time."""
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _unwrapped(state: dict) -> dict:
+    """The tensors of a state dict, out of a training checkpoint's {"state_dict": ...} wrapper."""
+    inner = state.get("state_dict")
+    state = inner if isinstance(inner, dict) else state
+    return {name: value for name, value in state.items() if isinstance(name, str) and hasattr(value, "shape")}
 
 
 def to_diffusers(state: dict, path: str) -> dict:
-    """A ControlNet state dict (or name -> shape) in diffusers' names, from either layout; UsageError for other files."""
-    state = {name.removeprefix(LDM_PREFIX): value for name, value in state.items()}
+    """A ControlNet state dict (or name -> shape) in diffusers' names, from either layout; UsageError for other files.
+    A file with `control_model.` tensors (a v1.0 ControlNet saved with its whole SD model) is read for those alone."""
+    if any(name.startswith(LDM_PREFIX) for name in state):
+        state = {name.removeprefix(LDM_PREFIX): value for name, value in state.items() if name.startswith(LDM_PREFIX)}
     if marks_a_controlnet(state):
         return state if DIFFUSERS_MARK in state else _from_original(state)
     raise UsageError(f"{FLAG}={path}: not a ControlNet diffcli reads ({_looks_like(state)})",
                      "diffcli reads SD 1.x/2.x/XL ControlNets in one file, and any ControlNet as a diffusers folder")
+
+
+def _indices(state: dict, pattern: str) -> list[int]:
+    """The numbers N of the names matching `pattern` (a regex with one (\\d+) group), sorted."""
+    import re
+
+    found = (re.fullmatch(pattern, name) for name in state)
+    return sorted({int(match.group(1)) for match in found if match})
 
 
 def _from_original(state: dict) -> dict:
@@ -108,10 +148,15 @@ def _from_original(state: dict) -> dict:
     (`input_hint_block`: convs at even indices, the last one its output) and SDXL's `label_emb` here."""
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    downsamplers = sorted(int(name.split(".")[1]) for name in state if name.endswith(".0.op.weight"))
-    blocks = {int(name.split(".")[1]) for name in state if name.startswith("input_blocks.")}
+    state = {name: value for name, value in state.items()
+             if name.split(".")[0] in ("time_embed", "label_emb", "input_blocks", "middle_block", "zero_convs",
+                                       "middle_block_out", "input_hint_block")}  # diffusers' converter matches substrings
+    downsamplers = _indices(state, r"input_blocks\.(\d+)\.0\.op\.weight")
+    blocks = _indices(state, r"input_blocks\.(\d+)\..*")
     layers = downsamplers[0] - 1 if downsamplers else max(blocks, default=1)
-    hint = sorted(int(name.split(".")[1]) for name in state if name.startswith("input_hint_block.") and name.endswith(".weight"))
+    hint = _indices(state, r"input_hint_block\.(\d+)\.weight")
+    if layers < 1 or len(hint) < 2 or len(blocks) > MAX_BLOCKS * (MAX_LAYERS + 1):
+        return {}  # then reported as tensors missing
     out = {name: value for name, value in convert_controlnet_checkpoint(state, {"layers_per_block": layers}).items()
            if value is not None and not name.startswith("controlnet_cond_embedding.")}
     for param in ("weight", "bias"):
@@ -130,6 +175,8 @@ def _looks_like(state: dict) -> str:
         return "a ControlNet-LLLite file"
     if "lora_controlnet" in state or any(name.endswith((".up", ".down")) for name in names):
         return "a Control-LoRA"
+    if any(name.startswith(("control_all_x_embedder.", "control_layers.", "control_noise_refiner.")) for name in names):
+        return "a Z-Image ControlNet in alibaba-pai's file, which diffcli reads as a diffusers folder only"
     if any(name.startswith(("controlnet_blocks.", "controlnet_x_embedder.", "double_blocks.")) for name in names):
         return "a FLUX.1 or SD3 ControlNet, which diffcli reads as a diffusers folder"
     if any(name.startswith(("body.", "adapter.")) for name in names):
@@ -143,9 +190,10 @@ def _looks_like(state: dict) -> str:
     return f"first tensors: {', '.join(sorted(names)[:3]) or 'none'}"
 
 
-def _need(shapes: dict, name: str, path: str) -> list:
+def _need(shapes: dict, name: str, path: str, ndim: int = 2) -> list:
+    """The shape of tensor `name`, with at least `ndim` dimensions, all positive; UsageError otherwise."""
     shape = shapes.get(name)
-    if not isinstance(shape, list) or not shape or not all(isinstance(size, int) and size > 0 for size in shape):
+    if not isinstance(shape, list) or len(shape) < ndim or not all(isinstance(size, int) and size > 0 for size in shape):
         raise UsageError(f"{FLAG}={path}: no usable tensor {name}", "is the file a complete ControlNet?")
     return shape
 
@@ -156,34 +204,43 @@ def _count(shapes: dict, prefix: str) -> int:
 
 
 def _config(shapes: dict, path: str, model_unet: dict) -> dict:
-    """ControlNetModel's (or ControlNetUnionModel's) config from diffusers-named shapes and the model's U-Net config."""
+    """ControlNetModel's (or ControlNetUnionModel's) config from diffusers-named shapes and the model's U-Net config.
+    A level may hold attention with no transformer layers (the SDXL "small" and "mid" ControlNets)."""
     blocks = _count(shapes, "down_blocks.")
-    if blocks == 0:
-        raise UsageError(f"{FLAG}={path}: no down blocks", "is the file a complete ControlNet?")
-    attention = [f"down_blocks.{b}.attentions.0.transformer_blocks.0.attn2.to_k.weight" in shapes for b in range(blocks)]
-    cross = next((shape for name, shape in shapes.items() if name.endswith("attn2.to_k.weight")), None)
-    proj_in = next((shape for name, shape in shapes.items() if name.endswith("proj_in.weight")), None)
-    if cross is None or proj_in is None:
-        raise UsageError(f"{FLAG}={path}: no cross-attention layers", "is the file a complete ControlNet?")
+    layers = _count(shapes, "down_blocks.0.resnets.")
+    if not 0 < blocks <= MAX_BLOCKS or not 0 < layers <= MAX_LAYERS:
+        raise UsageError(f"{FLAG}={path}: {blocks} down blocks of {layers} resnets, no SD ControlNet's layout",
+                         "is the file a complete ControlNet?")
+    attention = [any(name.startswith(f"down_blocks.{b}.attentions.0.") for name in shapes) for b in range(blocks)]
+    transformers = [_count(shapes, f"down_blocks.{b}.attentions.0.transformer_blocks.") for b in range(blocks)]
+    middle = _count(shapes, "mid_block.attentions.0.transformer_blocks.")
+    if max(transformers + [middle]) > MAX_LAYERS:
+        raise UsageError(f"{FLAG}={path}: over {MAX_LAYERS} transformer layers in a block, no SD ControlNet's layout")
+    sdxl = "add_embedding.linear_1.weight" in shapes
+    cross = next((_need(shapes, name, path)[1] for name in shapes if name.endswith("attn2.to_k.weight")), None)
+    cross = cross or model_unet.get("cross_attention_dim") or (2048 if sdxl else None)  # no transformer layer says it
+    proj_in = next((shapes[name] for name in shapes if name.endswith("proj_in.weight")), [])
+    if any(attention) and not isinstance(cross, int):
+        raise UsageError(f"{FLAG}={path}: its text width is not in its tensors, and the model's config is not at hand")
     embed_blocks = _count(shapes, "controlnet_cond_embedding.blocks.")
     config = {
-        "in_channels": _need(shapes, "conv_in.weight", path)[1],
-        "conditioning_channels": _need(shapes, DIFFUSERS_MARK, path)[1],
-        "conditioning_embedding_out_channels": [_need(shapes, DIFFUSERS_MARK, path)[0]] + [
-            _need(shapes, f"controlnet_cond_embedding.blocks.{i}.weight", path)[0] for i in range(1, embed_blocks, 2)],
-        "block_out_channels": [_need(shapes, f"down_blocks.{b}.resnets.0.conv1.weight", path)[0] for b in range(blocks)],
-        "layers_per_block": _count(shapes, "down_blocks.0.resnets."),
+        "in_channels": _need(shapes, "conv_in.weight", path, 4)[1],
+        "conditioning_channels": _need(shapes, DIFFUSERS_MARK, path, 4)[1],
+        "conditioning_embedding_out_channels": [_need(shapes, DIFFUSERS_MARK, path, 4)[0]] + [
+            _need(shapes, f"controlnet_cond_embedding.blocks.{i}.weight", path, 4)[0] for i in range(1, embed_blocks, 2)],
+        "block_out_channels": [_need(shapes, f"down_blocks.{b}.resnets.0.conv1.weight", path, 4)[0] for b in range(blocks)],
+        "layers_per_block": layers,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-        "transformer_layers_per_block": [_count(shapes, f"down_blocks.{b}.attentions.0.transformer_blocks.") or 1
-                                         for b in range(blocks)],
-        "cross_attention_dim": cross[1],
+        # the last level's count is also the middle block's (ControlNetModel reads it there)
+        "transformer_layers_per_block": [t if a else middle for a, t in zip(attention, transformers)],
+        "cross_attention_dim": cross or 768,
         "use_linear_projection": len(proj_in) == 2,
         "mid_block_type": "UNetMidBlock2DCrossAttn" if _count(shapes, "mid_block.attentions.") else "UNetMidBlock2D",
         "global_pool_conditions": "shuffle" in Path(path).name.lower(),  # A1111's rule: shuffle ControlNets pool the map
     }
-    if "add_embedding.linear_1.weight" in shapes:  # SDXL: pooled text and size conditioning
+    if sdxl:  # pooled text and size conditioning
         config.update(addition_embed_type="text_time",
-                      projection_class_embeddings_input_dim=shapes["add_embedding.linear_1.weight"][1])
+                      projection_class_embeddings_input_dim=_need(shapes, "add_embedding.linear_1.weight", path)[1])
     model = _model_settings(model_unet, config["cross_attention_dim"], blocks)
     config.update({key: model[key] for key in FROM_MODEL if key in model})
     if config.get("addition_embed_type") and not config.get("addition_time_embed_dim"):

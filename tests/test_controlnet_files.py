@@ -76,6 +76,33 @@ def test_a_pickled_controlnet_needs_allow_pickle(cli, isolated, tiny_model, tiny
     assert np.abs(got - draw(cli, tiny_model, f"canny:{edges};model={tiny_controlnets[0]}", "folder.png")).max() == 0
 
 
+def test_a_v1_controlnet_saved_with_its_whole_sd_model_reads_its_control_model_part(cli, isolated, tiny_model,
+                                                                                   tiny_controlnets):
+    import torch
+
+    state = {**as_original(tiny_controlnets[0]), "model.diffusion_model.input_blocks.3.0.op.weight": torch.zeros(4, 4, 3, 3),
+             "first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}  # as control_sd15_canny.pth holds
+    save_file(state, str(isolated / "control_sd15_canny.safetensors"))
+    edges = outline(isolated / "edges.png")
+    got = draw(cli, tiny_model, f"canny:{edges};model={isolated / 'control_sd15_canny.safetensors'}", "file.png")
+    assert np.abs(got - draw(cli, tiny_model, f"canny:{edges};model={tiny_controlnets[0]}", "folder.png")).max() == 0
+
+
+def test_a_batch_dry_run_opens_no_pickled_controlnet(cli, isolated, tiny_model, tiny_controlnets):
+    import json
+
+    import torch
+
+    torch.save({"state_dict": as_original(tiny_controlnets[0])}, isolated / "cn.pth")  # a training checkpoint's wrapper
+    unit = f"canny:{outline(isolated / 'edges.png')};model={isolated / 'cn.pth'}"
+    Path("jobs.jsonl").write_text(json.dumps({"prompt": "a circle", "control": [unit], "steps": 2}) + "\n")
+    dry = cli("batch", "jobs.jsonl", "--model", tiny_model, "--dry-run", "--allow-pickle", *SEED[:2])
+    assert dry.exit_code == 0, dry.stderr
+    got = draw(cli, tiny_model, unit, "pickle.png", "--allow-pickle")  # and the wrapper is read when it runs
+    assert np.abs(got - draw(cli, tiny_model, unit.replace(str(isolated / "cn.pth"), str(tiny_controlnets[0])),
+                             "folder.png")).max() == 0
+
+
 def write_bytes(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -118,7 +145,8 @@ def test_an_sd15_single_file_on_sdxl_is_made_for_another_model(cli, isolated, ti
 
 @pytest.fixture(scope="module")
 def sdxl_nets(tiny_sdxl, tmp_path_factory) -> dict[str, Path]:
-    """A tiny SDXL ControlNet and a union one (ProMax's 8 modes, its 8 heads), saved as diffusers folders."""
+    """Tiny SDXL ControlNets saved as diffusers folders: plain, union (ProMax's 8 modes, its 8 heads) and "small"
+    (attention levels without transformer layers)."""
     import torch
     from diffusers import ControlNetModel, ControlNetUnionModel, UNet2DConditionModel
 
@@ -130,8 +158,10 @@ def sdxl_nets(tiny_sdxl, tmp_path_factory) -> dict[str, Path]:
     width = unet.config.block_out_channels[0]
     union = ControlNetUnionModel.from_config({**config, "num_control_type": 8, "num_trans_channel": width,
                                               "num_trans_head": 8, "num_proj_channel": width})
+    small = ControlNetModel.from_config({**{k: v for k, v in plain.config.items() if not k.startswith("_")},
+                                         "transformer_layers_per_block": 0})  # as diffusers' SDXL "small" ControlNets
     folders = {}
-    for name, net in (("plain", plain), ("union", union)):
+    for name, net in (("plain", plain), ("union", union), ("small", small)):
         for parameter in net.parameters():
             if parameter.abs().sum() == 0:
                 torch.nn.init.normal_(parameter, std=0.3)
@@ -140,11 +170,13 @@ def sdxl_nets(tiny_sdxl, tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-def test_sdxl_single_files_plain_original_and_union_draw_what_their_folders_draw(cli, isolated, tiny_sdxl, sdxl_nets):
+def test_sdxl_single_files_plain_original_union_and_small_draw_what_their_folders_draw(cli, isolated, tiny_sdxl, sdxl_nets):
     edges = outline(isolated / "edges.png")
     save_file(as_original(sdxl_nets["plain"]), str(isolated / "xl.safetensors"))  # label_emb: SDXL's size conditioning
     shutil.copy(sdxl_nets["union"] / "diffusion_pytorch_model.safetensors", isolated / "promax.safetensors")
-    for folder, file in ((sdxl_nets["plain"], "xl.safetensors"), (sdxl_nets["union"], "promax.safetensors")):
+    shutil.copy(sdxl_nets["small"] / "diffusion_pytorch_model.safetensors", isolated / "xl_small.safetensors")
+    for folder, file in ((sdxl_nets["plain"], "xl.safetensors"), (sdxl_nets["union"], "promax.safetensors"),
+                         (sdxl_nets["small"], "xl_small.safetensors")):
         expected = draw(cli, tiny_sdxl, f"canny:{edges};model={folder}", "folder.png")
         got = draw(cli, tiny_sdxl, f"canny:{edges};model={isolated / file}", "file.png")
         assert np.abs(got - expected).max() == 0, file
@@ -156,16 +188,18 @@ def test_the_server_offers_single_files_in_controlnet_dir_by_name(isolated, tiny
 
     save_file(as_original(tiny_controlnets[0]), str(isolated / "control_v11p_sd15_canny.safetensors"))
     save_file({"lora_unet_x.lora_up.weight": __import__("torch").zeros(2, 2)}, str(isolated / "a-lora.safetensors"))
+    save_file(folder_state(tiny_controlnets[0]), str(isolated / "Upper.SAFETENSORS"))
     (isolated / "notes.txt").write_text("not a model")
     shutil.copytree(tiny_controlnets[1], isolated / "tiny-cn-1")
     found = _controlnets(str(isolated))
     assert found == {"control_v11p_sd15_canny": str(isolated / "control_v11p_sd15_canny.safetensors"),
-                     "tiny-cn-1": str(isolated / "tiny-cn-1")}
+                     "Upper": str(isolated / "Upper.SAFETENSORS"), "tiny-cn-1": str(isolated / "tiny-cn-1")}
     from diffcli.server.catalog import Catalog
 
     catalog = Catalog.__new__(Catalog)
     catalog.controlnets = found
     assert catalog.controlnet("control_v11p_sd15_canny [a1b2c3d4]") == found["control_v11p_sd15_canny"]
     assert catalog.controlnet("control_v11p_sd15_canny.safetensors") == found["control_v11p_sd15_canny"]
+    assert catalog.controlnet("Upper.SAFETENSORS") == found["Upper"]
     with pytest.raises(UsageError):
         catalog.controlnet("../control_v11p_sd15_canny")

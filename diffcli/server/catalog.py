@@ -43,7 +43,8 @@ class Catalog:
     def controlnet(self, asked: str) -> str:
         """The folder or file of a ControlNet a request names (its name in --controlnet-dir, or A1111's "name [hash]")."""
         plain = str(asked).strip().rsplit(" [", 1)[0]
-        found = self.controlnets.get(plain) or self.controlnets.get(plain.removesuffix(".safetensors"))
+        found = self.controlnets.get(plain) or self.controlnets.get(plain[:-len(".safetensors")]
+                                                                    if plain.lower().endswith(".safetensors") else None)
         if found is None:
             raise UsageError(f"controlnet model {str(asked)[:120]!r} is not one of this server's ControlNets",
                              f"its --controlnet-dir offers: {', '.join(self.controlnets) or 'none'}")
@@ -130,7 +131,7 @@ def _controlnets(folder: str | None) -> dict[str, str]:
     for path in sorted(root.iterdir()):
         if not path.resolve().is_relative_to(root) or ";" in str(path):
             continue
-        if path.is_file() and path.suffix == ".safetensors":
+        if path.is_file() and path.suffix.lower() == ".safetensors":
             try:
                 header = weights.read_safetensors_header(path)
             except ModelError:
