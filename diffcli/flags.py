@@ -172,8 +172,8 @@ UPSCALE = group(
          "(default: the model's recommendation, else 20)."),
     Flag("tile", ("--tile",), int, None, "Process the input in tiles of SIZE pixels; 0: whole image. Default: 256 (x4) "
          "or 512 (latent) when the input is larger."),
-    Flag("tile_overlap", ("--tile-overlap",), int, None, "Input pixels shared by neighbouring tiles (default: an eighth "
-         "of --tile)."),
+    Flag("tile_overlap", ("--tile-overlap",), int, None, "Input pixels shared by neighbouring tiles, up to three quarters of "
+         "--tile: more is slower and closer to the untiled result (default: half of --tile)."),
 )
 EDIT = group(
     Flag("image", ("--image",), "texts", None, "A reference image besides the input (Picture 2, 3... of the instruction), "

@@ -115,7 +115,7 @@ def _x4(job, spec, images, seeds: list[int]) -> list:
     from diffcli import prompts, tiles
     from diffcli.images import to_pil
     from diffcli.pipeline import default_steps, load_for_job
-    from diffcli.tasks import AUTO_TILE, DEFAULT_NOISE_LEVEL
+    from diffcli.tasks import AUTO_TILE, DEFAULT_NOISE_LEVEL, default_overlap
 
     defaults = spec.defaults
     pipe = load_for_job(spec, "upscale", job.model, defaults.get("scheduler"))
@@ -131,7 +131,7 @@ def _x4(job, spec, images, seeds: list[int]) -> list:
         low = to_pil(array)
         tile = AUTO_TILE["x4"]
         if max(low.size) > tile:
-            result = tiles.upscale_with_tiles(pipe, low, seed, tile, tile // 8, 4, call)
+            result = tiles.upscale_with_tiles(pipe, low, seed, tile, default_overlap(tile), 4, call)
         else:
             result = call({"image": low}, torch.Generator("cpu").manual_seed(seed))
         upscaled.append(to_pil(result))

@@ -357,7 +357,7 @@ def _first_pass(pipe, plan: Plan, call, rows: list, kwargs: dict, generators: li
     job = plan.job
     tile = plan.record.get("tile")
     if tile:  # one call, its UNet and VAE decoder in overlapping windows
-        with tiles.lockstep(pipe, kwargs["image"].size, tile, plan.record["tile_overlap"]):
+        with tiles.lockstep(pipe, kwargs["image"].size, tile, plan.record["tile_overlap"], plan.record["tile_stats"]):
             return call(kwargs, generators)
     if refiner.active(job.second) and plan.spec.family == "sdxl":
         latents = call(dict(kwargs, denoising_end=job.second.refiner_start), generators, output_type="latent")

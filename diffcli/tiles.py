@@ -1,7 +1,8 @@
 """Tiled upscaling in lockstep (MultiDiffusion, Bar-Tal et al. 2023): one pipeline call draws the untiled call's
 noise; at each step its UNet runs on overlapping latent windows whose predictions are blended, and its VAE decodes in
-overlapping tiles. Group norms in windows use the whole image's statistics, read on a strided subsample (a window's
-own statistics shift its colours about as much as another seed)."""
+overlapping tiles. Group norms in windows use the whole image's statistics, read on a pass over the image whole, or
+on a strided subsample of it when it is larger than the default tiles' statistics pass sees (a window's own
+statistics shift its colours about as much as another seed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from contextlib import ExitStack, contextmanager
 
 SHAPE = 3  # blend weight (1 - |2c - 1|) ** SHAPE, c in (0, 1) across a window: a window's border, where its
 # convolutions see zero padding instead of the neighbours, counts little (3 measured better than 1)
-STATS_SPAN = 2  # the statistics pass sees the image subsampled to at most this many windows per side
+STATS_SPAN = 2  # the statistics pass sees the image subsampled to at most this many windows per side (of the default
+# tile size, or --tile when larger: a smaller --tile costs no coarser statistics, and its memory stays the default's)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -113,9 +115,10 @@ class SharedNorms:
             self.mode = None
 
 
-def _windowed(forward, norms: SharedNorms, window: int, overlap: int, output):
-    """`forward(sample, ...)` on overlapping windows when the sample is larger than one; `output(tensor, like)` wraps
-    the blended tensor as `forward` returns its result."""
+def _windowed(forward, norms: SharedNorms, window: int, overlap: int, output, stats_window: int = 0):
+    """`forward(sample, ...)` on overlapping windows when the sample is larger than one, with the statistics of a pass
+    over at most STATS_SPAN x max(window, stats_window) per side; `output(tensor, like)` wraps the blended tensor as
+    `forward` returns its result."""
 
     def tiled(sample, *args, **kwargs):
         if max(sample.shape[-2:]) <= window:
@@ -126,7 +129,7 @@ def _windowed(forward, norms: SharedNorms, window: int, overlap: int, output):
             like["out"] = forward(crop, *args, **kwargs)
             return like["out"][0] if isinstance(like["out"], tuple) else like["out"].sample
 
-        norms.record(run, sample, window)
+        norms.record(run, sample, max(window, stats_window))
         blended = blend(sample, window, overlap, lambda crop: norms.apply(run, crop))
         return output(blended, like["out"])
 
@@ -139,15 +142,17 @@ def _as(tensor, like):
 
 
 @contextmanager
-def lockstep(pipe, size: tuple[int, int], tile: int, overlap: int):
+def lockstep(pipe, size: tuple[int, int], tile: int, overlap: int, stats_tile: int = 0):
     """During the block, `pipe`'s UNet and VAE decoder work in windows of `tile` input pixels (`overlap` shared) on
-    an image of `size`; the latent's scale to the input is read from the first UNet call."""
+    an image of `size`, their group norms with the statistics of a pass over at most STATS_SPAN x max(tile,
+    stats_tile) input pixels per side; the latent's scale to the input is read from the first UNet call."""
     scale = {}
 
     def unet_forward(sample, *args, **kwargs):
         scale.setdefault("latent", sample.shape[-1] / size[0])
         window, shared = max(8, round(tile * scale["latent"])), max(0, round(overlap * scale["latent"]))
-        return _windowed(unet_plain, unet_norms, window, shared, _as)(sample, *args, **kwargs)
+        return _windowed(unet_plain, unet_norms, window, shared, _as, round(stats_tile * scale["latent"]))(
+            sample, *args, **kwargs)
 
     def vae_decode(latents, *args, **kwargs):
         ratio = scale.get("latent", latents.shape[-1] / size[0])
@@ -155,7 +160,8 @@ def lockstep(pipe, size: tuple[int, int], tile: int, overlap: int):
         tiling = getattr(pipe.vae, "use_tiling", False)  # --low-vram's: it would split the statistics pass
         pipe.vae.use_tiling = tiling and max(latents.shape[-2:]) <= window
         try:
-            return _windowed(decode_plain, vae_norms, window, shared, _as)(latents, *args, **kwargs)
+            return _windowed(decode_plain, vae_norms, window, shared, _as, round(stats_tile * ratio))(
+                latents, *args, **kwargs)
         finally:
             pipe.vae.use_tiling = tiling
 
@@ -176,9 +182,9 @@ def lockstep(pipe, size: tuple[int, int], tile: int, overlap: int):
 
 
 def upscale_with_tiles(pipe, image, seed: int, tile: int, overlap: int, scale: int, call):
-    """`image` (PIL) upscaled in lockstep tiles by `call(extra_kwargs, generator) -> HxWx3` (hires.py's x4 pass);
-    `scale` is kept for its callers: the windows read it from the latents."""
+    """`image` (PIL) upscaled in lockstep tiles by `call(extra_kwargs, generator) -> HxWx3` (hires.py's x4 pass, at
+    the default tile size); `scale` is kept for its callers: the windows read it from the latents."""
     import torch
 
-    with lockstep(pipe, image.size, tile, overlap):
+    with lockstep(pipe, image.size, tile, overlap, tile):
         return call({"image": image}, torch.Generator("cpu").manual_seed(seed))
