@@ -9,23 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_controlnet import outline, pixels
 
 from diffcli import ldm_format
 
 SEED = ("--seed", "3", "--steps", "2", "--quiet", "--width", "64", "--height", "64")
-
-
-def outline(path: Path) -> Path:
-    image = Image.new("RGB", (64, 64), "white")
-    ImageDraw.Draw(image).ellipse((12, 12, 52, 52), outline="black", width=3)
-    image.save(path)
-    return path
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def folder_state(folder: Path) -> dict:
