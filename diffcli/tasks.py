@@ -20,13 +20,13 @@ DEFAULT_UPSCALER = "tiny-shapes-x4"  # bundled; $DIFFCLI_UPSCALE_MODEL or --mode
 # output size is the memory peak (a 512 px input is 2048 px out of the x4 upscaler).
 AUTO_TILE = {"x4": 256, "latent": 512}
 MAX_OVERLAP = 0.75  # of --tile: windows every quarter tile (16x the windows of no overlap), the closest to untiled
+DEFAULT_NOISE_LEVEL = 20  # the SD x4 upscaler's own default, for models that recommend none
 
 
 def default_overlap(tile: int) -> int:
     """Half the tile, as Tiled Diffusion's MultiDiffusion defaults (96/48): on the bundled x4 with 32 px tiles, tiled
-    vs untiled fell from 0.35 to 0.12 of what another seed changes (an eighth: 0.35), at a quarter more time."""
+    vs untiled fell from 0.35 (an eighth of the tile) to 0.12 of what another seed changes, at a quarter more time."""
     return tile // 2
-DEFAULT_NOISE_LEVEL = 20  # the SD x4 upscaler's own default, for models that recommend none
 
 
 @dataclass
