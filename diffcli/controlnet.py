@@ -289,7 +289,7 @@ def check_model(model: str, allow_pickle: bool, spec) -> dict:
     """A ControlNet diffusers folder (its config naming a ControlNet class, safetensors weights unless --allow-pickle),
     a single file (controlnet_files: its config read from its tensors and the model's U-Net config) or a Hub id (its
     config fetched, or found in the HF cache offline); returns the config."""
-    from diffcli import controlnet_files, weights
+    from diffcli import controlnet_files, families, weights
     from diffcli.models import HUB_ID
     from diffcli.options import check_path
 
@@ -304,7 +304,11 @@ def check_model(model: str, allow_pickle: bool, spec) -> dict:
                              "convert it to safetensors, or pass --allow-pickle if you trust it")
         return config
     if path.is_file():
-        return controlnet_files.read_config(str(path), allow_pickle, _denoiser_config(spec))
+        takes = list(families.get(spec.family).controlnet)
+        config = controlnet_files.read_config(str(path), allow_pickle, _denoiser_config(spec), takes)
+        if config["_class_name"] is None:  # an unopened pickle (--dry-run): taken as the family's first class
+            config["_class_name"] = takes[0] if takes else "ControlNetModel"
+        return config
     if path.suffix.lower() in weights.WEIGHT_SUFFIXES or path.exists():
         raise UsageError(f"--control model={model}: no such file")
     if not HUB_ID.match(model):

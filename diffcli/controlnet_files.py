@@ -1,8 +1,9 @@
-"""Single-file ControlNets, as A1111 and ComfyUI keep them (models/ControlNet/*.safetensors) for SD 1.x/2.x/XL: the
+"""Single-file ControlNets, as A1111 and ComfyUI keep them (models/ControlNet/*.safetensors). For SD 1.x/2.x/XL: the
 original layout (`input_hint_block`, `zero_convs`, `input_blocks`, with or without `control_model.`) and diffusers' own
-layout saved as one file (ControlNetModel, and ControlNetUnionModel's `task_embedding`). The config comes from the
-tensors' names and shapes, and what shapes cannot say (attention heads, the time embedding's settings) from the
-model's U-Net config, so nothing is fetched from the Hub. One conversion serves the plan (shapes) and the load (tensors).
+layout saved as one file (ControlNetModel, and ControlNetUnionModel's `task_embedding`); for FLUX.1, SD3 and Qwen-Image:
+diffusers' layout (controlnet_transformer_files). The config comes from the tensors' names and shapes, and what shapes
+cannot say (attention heads, the time embedding's settings) from the model's denoiser config, so nothing is fetched
+from the Hub. One conversion serves the plan (shapes) and the load (tensors).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import json
 from pathlib import Path
 
+from diffcli import controlnet_transformer_files as transformer_files
 from diffcli.errors import ModelError, UsageError
 
 FLAG = "--control model"
@@ -38,15 +40,20 @@ def marks_a_controlnet(names) -> bool:
     return DIFFUSERS_MARK in names or {LDM_MARK, "time_embed.0.weight"} <= names
 
 
-def read_config(path: str, allow_pickle: bool, model_unet: dict) -> dict:
+def read_config(path: str, allow_pickle: bool, model_unet: dict, takes=None) -> dict:
     """The diffusers config of the ControlNet in `path` (with `_class_name`), from its tensor shapes and `model_unet`
-    (the U-Net config of the model it runs with; {} when not at hand), checked against the model that config builds
-    (every tensor there, of its shape) without loading any weights; UsageError when it is none diffcli reads."""
+    (the denoiser config of the model it runs with; {} when not at hand), checked against the model that config builds
+    (every tensor there, of its shape) without loading any weights; UsageError when it is none diffcli reads. A class
+    not in `takes` (the model family's) comes back as {"_class_name": ...} alone, for the caller's refusal."""
     found = _shapes(path, allow_pickle)
     if found is None:
-        return {"_class_name": "ControlNetModel"}  # --dry-run opens no pickle: its layout is read when it runs
+        return {"_class_name": None}  # --dry-run opens no pickle: its layout is read when it runs (check_model)
     shapes = to_diffusers(found, path)
-    config = _config(shapes, path, model_unet)
+    transformer = transformer_files.kind(shapes)
+    name = transformer or ("ControlNetUnionModel" if UNION_MARK in shapes else "ControlNetModel")
+    if takes is not None and name not in takes:
+        return {"_class_name": name}
+    config = (transformer_files.config if transformer else _config)(shapes, path, model_unet)
     wanted = {name: list(tensor.shape) for name, tensor in _build(config, path).state_dict().items()}
     missing = [name for name in wanted if name not in shapes]
     unknown = [name for name in shapes if name not in wanted]
@@ -55,7 +62,7 @@ def read_config(path: str, allow_pickle: bool, model_unet: dict) -> dict:
         example = (missing or unknown or wrong)[0]
         raise UsageError(f"{FLAG}={path}: its tensors do not make one ControlNet ({len(missing)} missing, "
                          f"{len(unknown)} unknown, {len(wrong)} of another shape, e.g. {example})",
-                         "is the file complete, and a ControlNet for SD 1.x/2.x/XL?")
+                         "is the file complete, and a ControlNet for this model's family?")
     return config
 
 
@@ -131,8 +138,11 @@ def to_diffusers(state: dict, path: str) -> dict:
         state = {name.removeprefix(LDM_PREFIX): value for name, value in state.items() if name.startswith(LDM_PREFIX)}
     if marks_a_controlnet(state):
         return state if DIFFUSERS_MARK in state else _from_original(state)
+    if transformer_files.kind(state):
+        return state
     raise UsageError(f"{FLAG}={path}: not a ControlNet diffcli reads ({_looks_like(state)})",
-                     "diffcli reads SD 1.x/2.x/XL ControlNets in one file, and any ControlNet as a diffusers folder")
+                     "diffcli reads SD 1.x/2.x/XL ControlNets in one file, FLUX.1, SD3 and Qwen-Image ones in diffusers' "
+                     "layout, and any ControlNet as a diffusers folder")
 
 
 def _indices(state: dict, pattern: str) -> list[int]:
@@ -177,8 +187,10 @@ def _looks_like(state: dict) -> str:
         return "a Control-LoRA"
     if any(name.startswith(("control_all_x_embedder.", "control_layers.", "control_noise_refiner.")) for name in names):
         return "a Z-Image ControlNet in alibaba-pai's file, which diffcli reads as a diffusers folder only"
-    if any(name.startswith(("controlnet_blocks.", "controlnet_x_embedder.", "double_blocks.")) for name in names):
-        return "a FLUX.1 or SD3 ControlNet, which diffcli reads as a diffusers folder"
+    if any(name.startswith("double_blocks.") for name in names):
+        return "a FLUX.1 ControlNet in XLabs' layout, which diffusers does not run"
+    if any(name.startswith(("controlnet_blocks.", "controlnet_x_embedder.")) for name in names):
+        return "a FLUX.1, SD3 or Qwen-Image ControlNet in another layout than diffusers', or incomplete"
     if any(name.startswith(("body.", "adapter.")) for name in names):
         return "a T2I-Adapter"
     if any(name.startswith(("image_proj.", "ip_adapter.")) for name in names):

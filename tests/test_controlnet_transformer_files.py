@@ -1,0 +1,134 @@
+"""Single-file FLUX.1, SD3 and Qwen-Image ControlNets in diffusers' layout (a folder's weights file kept alone, as
+ComfyUI users keep InstantX's and Shakker-Labs' files): each draws through the CLI what its folder draws, with its
+config read from the tensors and the model; files that make no ControlNet are exit 2 before any model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flow_models import FAST, SIZE, tiny_flux, tiny_qwen_image, tiny_sd3  # noqa: F401 (fixtures)
+from safetensors.torch import load_file, save_file
+from task_inputs import pixels
+from test_controlnet_families import flux_controlnets, outline, sd3_controlnet, sd3_two_blocks  # noqa: F401 (fixtures)
+from test_controlnet_qwen_zimage import qwen_controlnet  # noqa: F401 (fixture)
+
+WH = ("--width", SIZE[0], "--height", SIZE[1])
+
+
+def as_file(folder: Path, path: Path, fp16: bool = False) -> Path:
+    """The folder's weights alone, as one file (fp16 if asked)."""
+    if fp16:
+        save_file({k: v.half() for k, v in load_file(str(folder / "diffusion_pytorch_model.safetensors")).items()},
+                  str(path))
+    else:
+        shutil.copy(folder / "diffusion_pytorch_model.safetensors", path)
+    return path
+
+
+def draw(cli, model, unit: str, out: str, *extra) -> np.ndarray:
+    result = cli("txt2img", "a ring", "--model", model, *FAST, *WH, "--cfg", "3", "-o", out, "--overwrite",
+                 "--control", unit, *extra)
+    assert result.exit_code == 0, result.stderr
+    return pixels(out)
+
+
+@pytest.mark.parametrize("which, unit_extra", [("single", ""), ("union", ";mode=canny")])
+def test_a_flux_controlnet_file_draws_what_its_folder_draws(cli, isolated, tiny_flux, flux_controlnets, which,
+                                                            unit_extra):
+    folder = flux_controlnets[which]
+    edges = outline(isolated / "edges.png")
+    path = as_file(folder, isolated / f"FLUX-{which}.SAFETENSORS")
+    expected = draw(cli, tiny_flux, f"canny:{edges};model={folder}{unit_extra}", "folder.png")
+    got = draw(cli, tiny_flux, f"canny:{edges};model={path}{unit_extra}", "file.png")
+    assert np.abs(got - expected).max() == 0  # the same weights in the same class compute the same image
+    other = flux_controlnets["union" if which == "single" else "single"]
+    assert np.abs(got - draw(cli, tiny_flux, f"canny:{edges};model={other}{';mode=canny' if which == 'single' else ''}",
+                             "other.png")).max() > 8
+    again = cli("replay", "file.png", "-o", "again.png")
+    assert again.exit_code == 0 and np.abs(pixels("again.png") - got).max() == 0, again.stderr
+
+
+def test_an_sd3_controlnet_file_draws_what_its_folder_draws(cli, isolated, sd3_two_blocks, sd3_controlnet):
+    edges = outline(isolated / "edges.png")
+    path = as_file(sd3_controlnet, isolated / "sd3_canny.safetensors", fp16=True)
+    expected = draw(cli, sd3_two_blocks, f"canny:{edges};model={sd3_controlnet}", "folder.png")
+    got = draw(cli, sd3_two_blocks, f"canny:{edges};model={path}", "file.png")
+    assert np.abs(got - expected).max() <= 6  # fp16 weights round
+    free = cli("txt2img", "a ring", "--model", sd3_two_blocks, *FAST, *WH, "--cfg", "3", "-o", "free.png")
+    assert free.exit_code == 0 and np.abs(got - pixels("free.png")).max() > 8
+
+
+def test_an_sd35_large_style_controlnet_file_without_positions_is_read(isolated, sd3_two_blocks):
+    """SD3.5 Large's ControlNets have no position embedding or text projection of their own (SD3 single blocks):
+    the config still comes out of the shapes, in_channels and head size from the model."""
+    from diffusers import SD3ControlNetModel
+
+    from diffcli import controlnet_files
+
+    net = SD3ControlNetModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                             num_attention_heads=4, joint_attention_dim=None, pooled_projection_dim=32,
+                             out_channels=16, use_pos_embed=False, pos_embed_type=None, extra_conditioning_channels=1)
+    save_file(net.state_dict(), str(isolated / "sd35l.safetensors"))
+    config = controlnet_files.read_config(str(isolated / "sd35l.safetensors"), False,
+                                          {"in_channels": 16, "attention_head_dim": 8, "sample_size": 32})
+    assert config["_class_name"] == "SD3ControlNetModel" and not config["use_pos_embed"]
+    assert (config["num_layers"], config["num_attention_heads"], config["extra_conditioning_channels"]) == (2, 4, 1)
+    loaded = controlnet_files.load(str(isolated / "sd35l.safetensors"), config, False, net.dtype)
+    assert all((a == b).all() for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+
+
+def test_a_qwen_image_controlnet_file_draws_what_its_folder_draws(cli, isolated, tiny_qwen_image, qwen_controlnet):
+    edges = outline(isolated / "edges.png")
+    path = as_file(qwen_controlnet, isolated / "qwen_canny.safetensors")
+    expected = draw(cli, tiny_qwen_image, f"canny:{edges};model={qwen_controlnet}", "folder.png")
+    assert np.abs(draw(cli, tiny_qwen_image, f"canny:{edges};model={path}", "file.png") - expected).max() == 0
+
+
+def _drop(name_part: str):
+    return lambda state: {k: v for k, v in state.items() if name_part not in k}
+
+
+@pytest.mark.parametrize("change, message", [
+    (_drop("controlnet_blocks.0."), "2 missing"),
+    (lambda state: {**state, "transformer_blocks.0.attn.norm_q.weight": __import__("torch").zeros(5)},
+     "no whole number of 5-wide heads"),
+    (lambda state: {**state, **{f"transformer_blocks.{i}.x": __import__("torch").zeros(1) for i in range(200)}},
+     "200 transformer_blocks, no ControlNet's layout"),
+    (_drop("context_embedder"), "in another layout than diffusers', or incomplete"),
+    (lambda state: {**state, "transformer_blocks.0.attn.norm_q.weight": __import__("torch").zeros(1, 0)},
+     "no usable tensor transformer_blocks.0.attn.norm_q.weight"),
+])
+def test_hostile_flux_controlnet_files_are_exit_2_before_any_model_loads(cli, isolated, tiny_flux, flux_controlnets,
+                                                                         monkeypatch, change, message):
+    state = load_file(str(flux_controlnets["single"] / "diffusion_pytorch_model.safetensors"))
+    save_file(change(state), str(isolated / "cn.safetensors"))
+    edges = outline(isolated / "edges.png")
+    monkeypatch.setattr("diffcli.pipeline._load_weights", lambda *a, **k: pytest.fail("a model was loaded"))
+    result = cli("txt2img", "a ring", "--model", tiny_flux, *FAST, *WH, "--control",
+                 f"canny:{edges};model={isolated / 'cn.safetensors'}")
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_flux_controlnet_file_on_another_family_is_exit_2(cli, isolated, tiny_sd3, flux_controlnets):
+    edges = outline(isolated / "edges.png")
+    path = as_file(flux_controlnets["single"], isolated / "flux.safetensors")
+    result = cli("txt2img", "a ring", "--model", tiny_sd3, *FAST, "--control", f"canny:{edges};model={path}")
+    assert result.exit_code == 2 and "a FluxControlNetModel; sd3 models take SD3ControlNetModel" in result.stderr
+
+
+def test_a_pickled_flux_controlnet_plans_under_dry_run_without_opening_it(cli, isolated, tiny_flux, flux_controlnets):
+    import torch
+
+    torch.save(load_file(str(flux_controlnets["single"] / "diffusion_pytorch_model.safetensors")), isolated / "cn.pth")
+    edges = outline(isolated / "edges.png")
+    unit = f"canny:{edges};model={isolated / 'cn.pth'}"
+    Path("jobs.jsonl").write_text(json.dumps({"prompt": "a ring", "control": [unit], "steps": 2}) + "\n")
+    planned = cli("batch", "jobs.jsonl", "--model", tiny_flux, "--dry-run", "--allow-pickle")
+    assert planned.exit_code == 0, planned.stderr
+    got = draw(cli, tiny_flux, unit, "pickle.png", "--allow-pickle")
+    assert np.abs(got - draw(cli, tiny_flux, f"canny:{edges};model={flux_controlnets['single']}", "f.png")).max() == 0
