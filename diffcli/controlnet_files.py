@@ -35,7 +35,11 @@ def is_single_file(model: str) -> bool:
 
 
 def marks_a_controlnet(names) -> bool:
-    """Whether these tensor names hold an SD 1.x/2.x/XL ControlNet in either layout."""
+    """Whether these tensor names hold a ControlNet diffcli reads from one file (any layout, any family)."""
+    return _marks_an_sd_controlnet(names) or transformer_files.kind(names) is not None
+
+
+def _marks_an_sd_controlnet(names) -> bool:
     names = {name.removeprefix(LDM_PREFIX) for name in names}
     return DIFFUSERS_MARK in names or {LDM_MARK, "time_embed.0.weight"} <= names
 
@@ -136,7 +140,7 @@ def to_diffusers(state: dict, path: str) -> dict:
     A file with `control_model.` tensors (a v1.0 ControlNet saved with its whole SD model) is read for those alone."""
     if any(name.startswith(LDM_PREFIX) for name in state):
         state = {name.removeprefix(LDM_PREFIX): value for name, value in state.items() if name.startswith(LDM_PREFIX)}
-    if marks_a_controlnet(state):
+    if _marks_an_sd_controlnet(state):
         return state if DIFFUSERS_MARK in state else _from_original(state)
     if transformer_files.kind(state):
         return state

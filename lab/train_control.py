@@ -9,6 +9,7 @@ the scene (dark lines on a light ground), so a drawn outline works as well as a 
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -82,9 +83,13 @@ def canny_maps(images: torch.Tensor) -> torch.Tensor:
 class Pool:
     """Scenes drawn once: frozen-VAE latent moments, canny maps, caption token ids."""
 
-    def __init__(self, n, seed, tokenizer, vae, unsaid_share=0.0, conflict_share=0.0):
+    def __init__(self, n, seed, tokenizer, vae, unsaid_share=0.0, conflict_share=0.0, small_share=None):
         rng = random.Random(seed)
         scenes = [world.sample_scene(rng, rng.random() < 0.5) for _ in range(n)]
+        if small_share is not None:  # --small-share: small objects, whose shapes the map conveys worst, drawn more often
+            for s in scenes:
+                for o in s.objects:
+                    o.size = 0 if rng.random() < small_share else 1
         # train=True: held-out captions never said in full; a share say no shape, size or place (the map's to give),
         # a share name other shapes than the scene's (the map's to override)
         captions = []
@@ -124,10 +129,12 @@ class Pool:
 
 
 def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_share: float = 0.0,
-          object_weight: float = 0.0, conflict_share: float = 0.0) -> Path:
+          object_weight: float = 0.0, conflict_share: float = 0.0, small_share: float | None = None,
+          lr_decay: bool = False) -> Path:
     """Train (from `run.resume`, a ControlNet folder, if given) and save `run.out/tiny-shapes-control` (fp16
     safetensors); returns that folder. `object_weight`: the loss counts 1 + this much near the map's edges (the
-    object, a few percent of the latent, where its shape is decided)."""
+    object, a few percent of the latent, where its shape is decided). `lr_decay`: the learning rate falls along a
+    cosine to 0 at the end of the time box (the earlier runs kept it constant)."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -142,13 +149,17 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
     # the refiner's own timestep at each of the base's (nearest alphas_cumprod), as the --refiner handover calls it
     own_t = matched_timesteps(alphas_cumprod(dict(sched.config)), alphas_cumprod(dict(own_sched.config))) if refiner else None
     net = (ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32) if run.resume else controlnet(unet)).train()
-    pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share, conflict_share)
+    pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share, conflict_share, small_share)
     print(f"pool of {pool_size} scenes in {(time.time() - t0) / 60:.1f} min", flush=True)
     params = list(net.parameters())
     opt, lr_sched = optimizer(params, run.lr, torch.device("cpu"))
+    if lr_decay:
+        start, end = time.time(), run_deadline(run, t0)
+        cosine = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / (end - start))))  # noqa: E731
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     logger = Logger(run, "control", params_controlnet=models.n_params(net), batch=run.batch, pool=pool_size,
                     base=str(base), refiner=str(refiner), unsaid_share=unsaid_share, object_weight=object_weight,
-                    conflict_share=conflict_share)
+                    conflict_share=conflict_share, small_share=small_share, lr_decay=lr_decay)
     sf = vae.config.scaling_factor
 
     def step(i):
@@ -200,13 +211,15 @@ def main(argv=None):
     p.add_argument("--unsaid-share", type=float, default=0.0, help="captions saying no shape, size or place")
     p.add_argument("--conflict-share", type=float, default=0.0, help="captions naming other shapes than the map's")
     p.add_argument("--object-weight", type=float, default=0.0, help="extra loss weight near the map's edges")
+    p.add_argument("--small-share", type=float, default=None, help="share of small objects (default: half)")
+    p.add_argument("--lr-decay", action="store_true", help="cosine learning-rate decay to 0 over the time box")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     run = Run(out=a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch, lr=a.lr,
               resume=a.resume)
     folder = train(run, a.base, None if a.refiner == "none" else Path(a.refiner), a.pool, a.unsaid_share,
-                   a.object_weight, a.conflict_share)
+                   a.object_weight, a.conflict_share, a.small_share, a.lr_decay)
     print(folder)
 
 

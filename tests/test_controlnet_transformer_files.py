@@ -132,3 +132,12 @@ def test_a_pickled_flux_controlnet_plans_under_dry_run_without_opening_it(cli, i
     assert planned.exit_code == 0, planned.stderr
     got = draw(cli, tiny_flux, unit, "pickle.png", "--allow-pickle")
     assert np.abs(got - draw(cli, tiny_flux, f"canny:{edges};model={flux_controlnets['single']}", "f.png")).max() == 0
+
+
+def test_the_server_lists_flux_and_sd3_controlnet_files_by_name(isolated, flux_controlnets, sd3_controlnet):
+    from diffcli.server.catalog import _controlnets
+
+    as_file(flux_controlnets["union"], isolated / "FLUX.1-dev-ControlNet-Union-Pro.safetensors")
+    as_file(sd3_controlnet, isolated / "sd3_canny.safetensors")
+    save_file({"double_blocks.0.img_attn.qkv.weight": __import__("torch").zeros(2, 2)}, str(isolated / "xlabs.safetensors"))
+    assert set(_controlnets(str(isolated))) == {"FLUX.1-dev-ControlNet-Union-Pro", "sd3_canny"}
