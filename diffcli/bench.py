@@ -7,6 +7,7 @@ path ("diffcli") run with the same settings in the same process, plain first, so
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import subprocess
@@ -271,34 +272,48 @@ class Peer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: int, precision: str, reference,
-                 keep: bool = False) -> tuple[dict, Peer | None]:
-    """A CHILD_PEERS peer in a child process (its Python: its variable, else this one) on the bench's model, same size,
-    steps, cfg, threads and seed; PSNR against `reference`. OpenVINO exports from a diffusers folder (optimum-intel),
-    stable-diffusion.cpp reads an original-layout fp16 single file. `keep`: the child stays, returned as a Peer."""
+def peer_model(name: str, pipe, folder: Path) -> str | dict:
+    """The CHILD_PEERS peer's copy of the bench's model written into `folder`: OpenVINO's a diffusers folder
+    (optimum-intel exports from it), stable-diffusion.cpp's an original-layout fp16 single file; {"skipped": why}
+    when the peer cannot run."""
     import importlib.util
+
+    import torch
+
+    _, variable, module, package, pip = CHILD_PEERS[name]
+    python = os.environ.get(variable) or sys.executable
+    if getattr(pipe, "unet", None) is None:
+        return {"skipped": f"the bench runs {package} on SD 1.x/2.x/XL only"}
+    if python == sys.executable and importlib.util.find_spec(module) is None:
+        return {"skipped": f"{package} is not installed (pip install {pip}, or point {variable} at a Python that has it)"}
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "sdcpp":
+        from diffcli.ldm_format import save_original_checkpoint
+
+        return str(save_original_checkpoint(pipe, folder / "model.safetensors", dtype=torch.float16))
+    pipe.save_pretrained(folder)
+    hub_layout_text_encoders(folder)
+    return str(folder)
+
+
+def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: int, precision: str, reference,
+                 keep: bool = False, written: str | dict | None = None) -> tuple[dict, Peer | None]:
+    """A CHILD_PEERS peer in a child process (its Python: its variable, else this one) on the bench's model (written
+    here by peer_model, or already: `written`), same size, steps, cfg, threads and seed; PSNR against `reference`.
+    `keep`: the child stays, returned as a Peer."""
     import json
     import shutil
 
     import numpy as np
     import torch
 
-    script, variable, module, package, pip = CHILD_PEERS[name]
+    script, variable = CHILD_PEERS[name][:2]
     python = os.environ.get(variable) or sys.executable
-    if getattr(pipe, "unet", None) is None:
-        return {"skipped": f"the bench runs {package} on SD 1.x/2.x/XL only"}, None
-    if python == sys.executable and importlib.util.find_spec(module) is None:
-        return {"skipped": f"{package} is not installed (pip install {pip}, or point {variable} at a Python that has it)"}, None
     folder = tempfile.mkdtemp(prefix=f"diffcli-bench-{name}-")
     try:
-        if name == "sdcpp":
-            from diffcli.ldm_format import save_original_checkpoint
-
-            model = str(save_original_checkpoint(pipe, Path(folder) / "model.safetensors", dtype=torch.float16))
-        else:
-            pipe.save_pretrained(folder)
-            hub_layout_text_encoders(Path(folder))
-            model = folder
+        model = written if written is not None else peer_model(name, pipe, Path(folder) / "model")
+        if isinstance(model, dict):
+            return model, None
         settings = {"size": size, "steps": steps, "cfg": cfg, "prompt": PROMPT, "repeats": repeats, "serve": keep,
                     "threads": torch.get_num_threads(), "precision": precision, "image": str(Path(folder) / "seed0.npy")}
         with open(Path(folder) / "stderr.txt", "w+") as errors:  # a file: a pipe could fill and stall the child
@@ -318,6 +333,24 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+PEER_COPIES = 2.5  # what a peer's child needs beside the bench's weights: its own copy, and its export's
+
+
+def one_copy_fits_beside(pipe, device: str) -> bool:
+    """Whether a peer's copies of the weights fit in free memory beside the bench's own; when not, the bench writes
+    its copy to disk and frees it while the peers run (they then cannot alternate with diffcli's path)."""
+    import torch
+
+    from diffcli import memory
+
+    if device != "cpu":
+        return True
+    weights = sum(p.numel() * p.element_size() for component in pipe.components.values()
+                  if isinstance(component, torch.nn.Module) for p in component.parameters())
+    free = memory.host_available()
+    return free is None or PEER_COPIES * weights <= free
 
 
 def interleave(peer: Peer, pipe, device: str, size: int, steps: int, cfg: float, rounds: int) -> dict:
@@ -442,7 +475,7 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     CPU-bound process competing. Every path's seed-0 image gets its PSNR against plain's."""
     import torch
 
-    from diffcli import bench_families
+    from diffcli import bench_families, memory
     from diffcli.errors import UsageError
     from diffcli.models import resolve_model
     from diffcli.pipeline import _load_weights, _place, pipeline_class_name, resolve_device
@@ -476,12 +509,33 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     if compare_plain:
         report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
     fast = device == "cpu" and dtype_name == "auto" and not low_vram and fast_dtype(pipe) == "bf16"
-    peer = None
-    if "openvino" in compare:  # OpenVINO's bf16 where diffcli's path is bf16; kept to alternate with diffcli's path
-        precision = "bf16" if fast or str(dtype) == "torch.bfloat16" else "f32"
-        report["openvino"], peer = measure_peer("openvino", pipe, size, steps, cfg, repeats, precision, reference, True)
-    if "sdcpp" in compare:
-        report["sdcpp"] = measure_peer("sdcpp", pipe, size, steps, cfg, repeats, "fp16", reference)[0]
+    peer, stash, written = None, None, {}
+    peers = [name for name in CHILD_PEERS if name in compare]
+    if peers and not one_copy_fits_beside(pipe, device):  # (SDXL in fp32 on 24 GiB) the peers run while ours is on disk
+        stash = Path(tempfile.mkdtemp(prefix="diffcli-bench-stash-"))
+        written = {name: peer_model(name, pipe, stash / name) for name in peers}
+        if not isinstance(written.get("openvino"), str):
+            pipe.save_pretrained(stash / "openvino")
+        cls, report["peers_alone"] = type(pipe), f"{memory.gib(memory.host_available() or 0)} free holds one copy of the weights"
+        del pipe
+        gc.collect()
+    try:
+        if "openvino" in compare:  # OpenVINO's bf16 where diffcli's path is bf16; kept to alternate with diffcli's path
+            precision = "bf16" if fast or str(dtype) == "torch.bfloat16" else "f32"
+            report["openvino"], peer = measure_peer("openvino", None if stash else pipe, size, steps, cfg, repeats,
+                                                    precision, reference, stash is None, written.get("openvino"))
+        if "sdcpp" in compare:
+            report["sdcpp"] = measure_peer("sdcpp", None if stash else pipe, size, steps, cfg, repeats, "fp16",
+                                           reference, written=written.get("sdcpp"))[0]
+        if stash is not None:  # read back for diffcli's path: the same fp32 weights
+            pipe = cls.from_pretrained(stash / "openvino", torch_dtype=dtype)
+            pipe.set_progress_bar_config(disable=True)
+            _place(pipe, device, optimize=False, low_vram=low_vram, threads=threads)
+    finally:
+        if stash is not None:
+            import shutil
+
+            shutil.rmtree(stash, ignore_errors=True)
     if deep_cache:  # DeepCache hooks the eager U-Net's blocks: measure it before anything is compiled
         if "plain" not in report:
             report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
@@ -592,6 +646,9 @@ def format_table(report: dict) -> str:
         c = report["contention"]
         rows.append(f"contended: {c['competitor']} running: {c['idle_s_per_image']} -> {c['contended_s_per_image']} s/image "
                     f"end to end, {c['ratio']}x; cpu threads {c['idle_cpu_threads']} -> {c['contended_cpu_threads']}")
+    if "peers_alone" in report:
+        rows.append(f"peers: run while the bench's own weights were on disk only ({report['peers_alone']}), so not "
+                    "alternated with diffcli's path")
     if "openvino_export_s" in report:
         rows.append(f"diffcli's OpenVINO export (once per model, then cached): {report['openvino_export_s']} s")
     rows.append(f"optimizations: {', '.join(report['optimizations']) or 'none'}")

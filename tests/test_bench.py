@@ -1,6 +1,8 @@
 """`diffcli bench` runs and reports every figure (timings themselves are not asserted)."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -147,6 +149,34 @@ def test_the_openvino_peer_alternates_with_diffcli_image_by_image(cli, tiny_mode
     table = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats",
                 "1", "--compare", "openvino")
     assert "diffcli vs openvino, alternating image by image (5 rounds):" in table.stdout, table.stdout
+
+
+def test_peers_run_while_the_benchs_weights_are_on_disk_when_two_copies_do_not_fit(cli, tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """SDXL in fp32 twice is more than a 24 GiB machine holds: the bench writes its weights to disk and frees them
+    while the peer runs, reads them back for diffcli's path (the same image as plain's), and says it did."""
+    import sys
+
+    fake = tmp_path / "peer.py"
+    fake.write_text(
+        "import json, sys, pathlib\nimport numpy as np\nsettings = json.loads(sys.argv[3])\n"
+        "assert (pathlib.Path(sys.argv[2]) / 'model_index.json').is_file()\n"
+        "np.save(settings['image'], np.zeros((settings['size'], settings['size'], 3), np.float32))\n"
+        "print(json.dumps({'first_image_s': 1.0, 's_per_image_end_to_end': 0.5, 'load_s': 2.0, 'precision': "
+        "settings['precision'], 'openvino': 'fake', 'serve': settings['serve']}), flush=True)\n")
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("DIFFCLI_OPENVINO_PYTHON", str(python))
+    monkeypatch.setattr("diffcli.bench.PEER_COPIES", 1e12)
+    result = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats",
+                 "1", "--compare", "plain,openvino", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["openvino"]["serve"] is False and "openvino_interleaved" not in report
+    assert "holds one copy of the weights" in report["peers_alone"]
+    assert report["diffcli"]["psnr_vs_plain_db"] > 40  # the weights read back are the weights plain ran
+    assert not list(Path(tempfile.gettempdir()).glob("diffcli-bench-stash-*"))
 
 
 def test_bench_compare_sdcpp_says_when_it_cannot_run(cli, tiny_model, tmp_path, monkeypatch):
