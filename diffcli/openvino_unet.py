@@ -101,6 +101,7 @@ def install(pipe, where: Path, dtype) -> str:
     parameters = sum(p.numel() for p in pipe.unet.parameters())
     if not is_cached(where):
         export(pipe, where)
+        pipe.unet.to("meta")  # its IR is written: the compile's own copy gets the room (SDXL: 10 GB in fp32)
     try:
         unet, decoder, twins = _read_all(pipe, where, config, parameters)
     except ModelError:  # a damaged cache file (skips_unet removes those of folders first): exported again, once
