@@ -48,13 +48,6 @@ def _size_at(path: Path, header: dict, key: str, axis: int) -> int:
     return shape[axis]
 
 
-def _pickle_shapes(path: Path) -> dict:
-    """Tensor shapes of an allowed pickle checkpoint (restricted unpickler), in the safetensors header's shape."""
-    state = weights.load_state_dict(path, "--model", allow_pickle=True)
-    state = state.get("state_dict", state)
-    return {k: {"shape": list(v.shape)} for k, v in state.items() if hasattr(v, "shape")} if isinstance(state, dict) else {}
-
-
 def _not_a_pipeline(path: Path, keys: list[str]) -> ModelError:
     """Explain what a file without a Stable Diffusion UNet probably is instead."""
     if any("lora" in k for k in keys):
@@ -124,7 +117,8 @@ def inspect_checkpoint(path: str | Path, model_config: str | None = None, allow_
     """
     path = Path(path)
     fmt = weights.check(path, "--model", allow_pickle)
-    header = _pickle_shapes(path) if fmt == weights.PICKLE else weights.read_safetensors_header(path)
+    header = ({name: {"shape": shape} for name, shape in weights.pickle_shapes(path, "--model").items()}
+              if fmt == weights.PICKLE else weights.read_safetensors_header(path))  # (the header's form)
     family = _family(path, [k for k in header if k != "__metadata__"])
     in_channels = _size_at(path, header, CONV_IN, 1) if CONV_IN in header else 4
     prediction_type, guessed = _prediction_type(family, in_channels == 9, header)

@@ -8,7 +8,6 @@ from the Hub. One conversion serves the plan (shapes) and the load (tensors).
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -75,7 +74,7 @@ def load(path: str, config: dict, allow_pickle: bool, dtype):
     from diffcli import weights
 
     state = {name: value.to(dtype) if value.is_floating_point() else value
-             for name, value in to_diffusers(_unwrapped(weights.load_state_dict(path, FLAG, allow_pickle)), path).items()}
+             for name, value in to_diffusers(weights.unwrapped(weights.load_state_dict(path, FLAG, allow_pickle)), path).items()}
     model = _build(config, path)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -111,28 +110,13 @@ def _shapes(path: str, allow_pickle: bool) -> dict | None:
                 if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("shape"), list)}
     if not weights.payloads_allowed():
         return None
-    stat = Path(path).stat()
-    return dict(_pickle_shapes(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=8)
-def _pickle_shapes(path: str, size: int, mtime_ns: int) -> dict:
-    from diffcli import weights
-
-    return {name: list(value.shape) for name, value in _unwrapped(weights.load_state_dict(path, FLAG, True)).items()}
+    return weights.pickle_shapes(path, FLAG)
 
 
 def version(path: str) -> tuple:
     """What names a file's current content for a cache: its resolved path, size and modification time."""
     stat = Path(path).stat()
     return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
-
-
-def _unwrapped(state: dict) -> dict:
-    """The tensors of a state dict, out of a training checkpoint's {"state_dict": ...} wrapper."""
-    inner = state.get("state_dict")
-    state = inner if isinstance(inner, dict) else state
-    return {name: value for name, value in state.items() if isinstance(name, str) and hasattr(value, "shape")}
 
 
 def to_diffusers(state: dict, path: str) -> dict:

@@ -140,6 +140,25 @@ def load_state_dict(path: str | Path, flag: str, allow_pickle: bool) -> dict:
     return _load_pickle(path, flag)
 
 
+def pickle_shapes(path: str | Path, flag: str) -> dict[str, list[int]]:
+    """Tensor name -> shape of an allowed pickle (the restricted unpickler), out of a training checkpoint's
+    {"state_dict": ...} wrapper; read once per file version (a batch plans each of its jobs)."""
+    stat = Path(path).stat()
+    return dict(_pickle_shapes(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, flag))
+
+
+@functools.lru_cache(maxsize=8)
+def _pickle_shapes(path: str, size: int, mtime_ns: int, flag: str) -> dict:
+    return {name: list(value.shape) for name, value in unwrapped(load_state_dict(path, flag, True)).items()}
+
+
+def unwrapped(state: dict) -> dict:
+    """The tensors of a state dict, out of a training checkpoint's {"state_dict": ...} wrapper."""
+    inner = state.get("state_dict") if isinstance(state, dict) else None
+    state = inner if isinstance(inner, dict) else state if isinstance(state, dict) else {}
+    return {name: value for name, value in state.items() if isinstance(name, str) and hasattr(value, "shape")}
+
+
 def _load_pickle(path: Path, flag: str) -> dict:
     """torch.load with weights_only=True: tensors, numbers, strings and containers, never arbitrary objects."""
     import pickle
