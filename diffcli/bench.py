@@ -272,13 +272,9 @@ class Peer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def peer_model(name: str, pipe, folder: Path) -> str | dict:
-    """The CHILD_PEERS peer's copy of the bench's model written into `folder`: OpenVINO's a diffusers folder
-    (optimum-intel exports from it), stable-diffusion.cpp's an original-layout fp16 single file; {"skipped": why}
-    when the peer cannot run."""
+def peer_skipped(name: str, pipe) -> dict | None:
+    """{"skipped": why} when the CHILD_PEERS peer cannot run on this pipeline here, else None."""
     import importlib.util
-
-    import torch
 
     _, variable, module, package, pip = CHILD_PEERS[name]
     python = os.environ.get(variable) or sys.executable
@@ -286,6 +282,18 @@ def peer_model(name: str, pipe, folder: Path) -> str | dict:
         return {"skipped": f"the bench runs {package} on SD 1.x/2.x/XL only"}
     if python == sys.executable and importlib.util.find_spec(module) is None:
         return {"skipped": f"{package} is not installed (pip install {pip}, or point {variable} at a Python that has it)"}
+    return None
+
+
+def peer_model(name: str, pipe, folder: Path) -> str | dict:
+    """The CHILD_PEERS peer's copy of the bench's model written into `folder`: OpenVINO's a diffusers folder
+    (optimum-intel exports from it), stable-diffusion.cpp's an original-layout fp16 single file; {"skipped": why}
+    when the peer cannot run."""
+    import torch
+
+    skipped = peer_skipped(name, pipe)
+    if skipped:
+        return skipped
     folder.mkdir(parents=True, exist_ok=True)
     if name == "sdcpp":
         from diffcli.ldm_format import save_original_checkpoint
@@ -476,6 +484,7 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     import torch
 
     from diffcli import bench_families, memory
+    from diffcli.hashes import cache_dir
     from diffcli.errors import UsageError
     from diffcli.models import resolve_model
     from diffcli.pipeline import _load_weights, _place, pipeline_class_name, resolve_device
@@ -511,15 +520,20 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     fast = device == "cpu" and dtype_name == "auto" and not low_vram and fast_dtype(pipe) == "bf16"
     peer, stash, written = None, None, {}
     peers = [name for name in CHILD_PEERS if name in compare]
-    if peers and not one_copy_fits_beside(pipe, device):  # (SDXL in fp32 on 24 GiB) the peers run while ours is on disk
-        stash = Path(tempfile.mkdtemp(prefix="diffcli-bench-stash-"))
-        written = {name: peer_model(name, pipe, stash / name) for name in peers}
-        if not isinstance(written.get("openvino"), str):
-            pipe.save_pretrained(stash / "openvino")
-        cls, report["peers_alone"] = type(pipe), f"{memory.gib(memory.host_available() or 0)} free holds one copy of the weights"
-        del pipe
-        gc.collect()
+    if any(not peer_skipped(name, pipe) for name in peers) and not one_copy_fits_beside(pipe, device):
+        # (SDXL in fp32 on 24 GiB) the peers run while the bench's weights are on disk only, in the cache's folder
+        # (/tmp may be memory)
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        stash = Path(tempfile.mkdtemp(prefix=".bench-stash-", dir=cache_dir()))
     try:
+        if stash is not None:
+            written = {name: peer_model(name, pipe, stash / name) for name in peers}
+            if not isinstance(written.get("openvino"), str):
+                pipe.save_pretrained(stash / "openvino")
+            cls = type(pipe)
+            report["peers_alone"] = f"{memory.gib(memory.host_available() or 0)} free holds one copy of the weights"
+            del pipe
+            gc.collect()
         if "openvino" in compare:  # OpenVINO's bf16 where diffcli's path is bf16; kept to alternate with diffcli's path
             precision = "bf16" if fast or str(dtype) == "torch.bfloat16" else "f32"
             report["openvino"], peer = measure_peer("openvino", None if stash else pipe, size, steps, cfg, repeats,

@@ -227,6 +227,11 @@ def _check_made_for(unit: Unit, config: dict, spec) -> None:
         if isinstance(config.get(key), int) and isinstance(model.get(key), int) and config[key] != model[key]:
             raise UsageError(f"--control model={unit.model}: made for another model ({key} {config[key]}, "
                              f"{spec.name!r} has {model[key]})", f"use a ControlNet made for {spec.family} models")
+    width = [c.get("num_attention_heads", 0) * c.get("attention_head_dim", 0) for c in (config, model)
+             if all(isinstance(c.get(key), int) for key in ("num_attention_heads", "attention_head_dim"))]
+    if families.get(spec.family).denoiser != "unet" and len(width) == 2 and width[0] != width[1]:
+        raise UsageError(f"--control model={unit.model}: made for another model (width {width[0]}, {spec.name!r} is "
+                         f"{width[1]} wide)", f"use a ControlNet made for {spec.family} models of that size")
     if families.get(spec.family).denoiser == "unet" and "cross_attention_dim" in config:
         xl = config.get("addition_embed_type") == "text_time"
         if xl != (spec.family == "sdxl"):

@@ -12,6 +12,8 @@ from diffcli.errors import UsageError
 
 FLAG = "--control model"
 MAX_LAYERS = 128  # beyond FLUX.1's 19 + 38 and Qwen-Image's 60 blocks: a header naming more is hostile
+MAX_WIDTH, MAX_SIDE = 16384, 512  # beyond any of them (3072 wide; SD3.5's 192-patch position table): hostile too, and
+# SD3's position table is computed in real memory while the model is built (its buffers are not on the meta device)
 FLUX_ROPE, QWEN_ROPE = [16, 56, 56], [16, 56, 56]  # their published axes (head size 128); shapes do not show them
 SD3_HEAD = 64  # every SD3/3.5 head size; only q/k norms show it
 
@@ -59,6 +61,8 @@ class _Shapes:
         return found
 
     def heads(self, inner: int, head: int) -> int:
+        if inner > MAX_WIDTH:
+            raise UsageError(f"{FLAG}={self.path}: width {inner}, beyond any ControlNet's {MAX_WIDTH}")
         if inner % head:
             raise UsageError(f"{FLAG}={self.path}: width {inner} is no whole number of {head}-wide heads")
         return inner // head
@@ -84,8 +88,8 @@ def _flux(s: _Shapes, model: dict) -> dict:
             "axes_dims_rope": s.rope(model, head, FLUX_ROPE),
             "num_mode": s("controlnet_mode_embedder.weight")[0] if s.has("controlnet_mode_embedder.weight") else None,
             # XLabs-style map encoder (the map in pixels, not through the VAE)
-            "conditioning_embedding_channels": s("input_hint_block.conv_in.weight", 4)[1]
-            if s.has("input_hint_block.conv_in.weight") else None}
+            "conditioning_embedding_channels": s("input_hint_block.conv_out.weight", 4)[0]
+            if s.has("input_hint_block.conv_out.weight") else None}
 
 
 def _sd3(s: _Shapes, model: dict) -> dict:
@@ -97,26 +101,33 @@ def _sd3(s: _Shapes, model: dict) -> dict:
         raise UsageError(f"{FLAG}={s.path}: its map input takes {patch[1]} channels, fewer than the model's latents")
     layers = s.count("transformer_blocks.")
     norm = s("transformer_blocks.0.attn.norm_q.weight", 1) if s.has("transformer_blocks.0.attn.norm_q.weight") else None
-    head = norm[0] if norm else model.get("attention_head_dim", SD3_HEAD)
-    grid = s("pos_embed.pos_embed", 3)[1] if s.has("pos_embed.pos_embed") else None
-    side = math.isqrt(grid) if grid else model.get("pos_embed_max_size")
-    if grid and side * side != grid:
-        raise UsageError(f"{FLAG}={s.path}: a position table of {grid} entries is no square grid")
+    head = norm[0] if norm else model.get("attention_head_dim")
+    head = head if isinstance(head, int) and head > 0 else SD3_HEAD
+    heads = s.heads(inner, head)
+    table = s("pos_embed.pos_embed", 3) if s.has("pos_embed.pos_embed") else None  # saved where it has a maximum size
+    side = math.isqrt(table[1]) if table else None
+    if table and (table != [1, side * side, inner] or side > MAX_SIDE):
+        raise UsageError(f"{FLAG}={s.path}: a position table of shape {table}, not a square grid of at most "
+                         f"{MAX_SIDE}x{MAX_SIDE} positions {inner} wide")
     context = s("context_embedder.weight") if s.has("context_embedder.weight") else None
     return {"sample_size": model.get("sample_size", 128), "patch_size": patch[2], "in_channels": in_channels,
-            "num_layers": layers, "attention_head_dim": head, "num_attention_heads": s.heads(inner, head),
+            "num_layers": layers, "attention_head_dim": head, "num_attention_heads": heads,
             "joint_attention_dim": context[1] if context else None, "caption_projection_dim": context[0] if context else inner,
             "pooled_projection_dim": s("time_text_embed.text_embedder.linear_1.weight")[1], "out_channels": in_channels,
             "pos_embed_max_size": side, "extra_conditioning_channels": patch[1] - in_channels,
             "dual_attention_layers": [i for i in range(layers) if s.has(f"transformer_blocks.{i}.attn2.to_q.weight")],
             "qk_norm": None if norm is None else
             "layer_norm" if s.has("transformer_blocks.0.attn.norm_q.bias") else "rms_norm",
-            "pos_embed_type": "sincos" if positions else None, "use_pos_embed": positions}
+            "pos_embed_type": "sincos" if positions else None, "use_pos_embed": positions,
+            # SD3.5 Large's (no text projection of their own) get the pooled text and shifted map latents
+            "force_zeros_for_pooled_projection": context is not None}
 
 
 def _qwen(s: _Shapes, model: dict) -> dict:
     inner, in_channels = s("img_in.weight")[:2]
     head = s("transformer_blocks.0.attn.norm_q.weight", 1)[0]
+    if s("controlnet_x_embedder.weight")[1] < in_channels:
+        raise UsageError(f"{FLAG}={s.path}: its map input is narrower than its latent input, no ControlNet's layout")
     return {"patch_size": model.get("patch_size", 2), "in_channels": in_channels,
             "out_channels": model.get("out_channels", 16), "num_layers": s.count("transformer_blocks."),
             "attention_head_dim": head, "num_attention_heads": s.heads(inner, head),

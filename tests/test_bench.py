@@ -1,8 +1,6 @@
 """`diffcli bench` runs and reports every figure (timings themselves are not asserted)."""
 
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -176,7 +174,9 @@ def test_peers_run_while_the_benchs_weights_are_on_disk_when_two_copies_do_not_f
     assert report["openvino"]["serve"] is False and "openvino_interleaved" not in report
     assert "holds one copy of the weights" in report["peers_alone"]
     assert report["diffcli"]["psnr_vs_plain_db"] > 40  # the weights read back are the weights plain ran
-    assert not list(Path(tempfile.gettempdir()).glob("diffcli-bench-stash-*"))
+    from diffcli.hashes import cache_dir
+
+    assert not list(cache_dir().glob(".bench-stash-*"))
 
 
 def test_bench_compare_sdcpp_says_when_it_cannot_run(cli, tiny_model, tmp_path, monkeypatch):

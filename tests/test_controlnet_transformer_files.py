@@ -77,6 +77,7 @@ def test_an_sd35_large_style_controlnet_file_without_positions_is_read(isolated,
                                           {"in_channels": 16, "attention_head_dim": 8, "sample_size": 32})
     assert config["_class_name"] == "SD3ControlNetModel" and not config["use_pos_embed"]
     assert (config["num_layers"], config["num_attention_heads"], config["extra_conditioning_channels"]) == (2, 4, 1)
+    assert config["force_zeros_for_pooled_projection"] is False  # they take the pooled text, as Stability's configs say
     loaded = controlnet_files.load(str(isolated / "sd35l.safetensors"), config, False, net.dtype)
     assert all((a == b).all() for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
 
@@ -141,3 +142,68 @@ def test_the_server_lists_flux_and_sd3_controlnet_files_by_name(isolated, flux_c
     as_file(sd3_controlnet, isolated / "sd3_canny.safetensors")
     save_file({"double_blocks.0.img_attn.qkv.weight": __import__("torch").zeros(2, 2)}, str(isolated / "xlabs.safetensors"))
     assert set(_controlnets(str(isolated))) == {"FLUX.1-dev-ControlNet-Union-Pro", "sd3_canny"}
+
+
+def _config_of(net, path: Path, model: dict) -> dict:
+    from diffcli import controlnet_files
+
+    save_file(net.state_dict(), str(path))
+    return controlnet_files.read_config(str(path), False, model)
+
+
+def test_other_valid_layouts_read_their_config_from_the_shapes(isolated):
+    """FLUX.1 with a map encoder in pixels (XLabs' diffusers conversions) and no double blocks; SD3 whose position
+    table is not saved (no maximum size); each config builds the model the file holds."""
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+    flux = FluxControlNetModel(in_channels=16, num_layers=0, num_single_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
+                               axes_dims_rope=[2, 2, 4], conditioning_embedding_channels=16)
+    config = _config_of(flux, isolated / "xlabs.safetensors", {"axes_dims_rope": [2, 2, 4]})
+    assert (config["conditioning_embedding_channels"], config["num_layers"], config["num_single_layers"]) == (16, 0, 2)
+    sd3 = SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                             num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                             pooled_projection_dim=10, out_channels=4, pos_embed_max_size=None)
+    config = _config_of(sd3, isolated / "sd3.safetensors", {"pos_embed_max_size": 96, "sample_size": 16, "attention_head_dim": 8})
+    assert config["pos_embed_max_size"] is None and config["force_zeros_for_pooled_projection"] is True
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda state: {**state, "pos_embed.pos_embed": __import__("torch").zeros(1, 4096 * 4096, 1)},
+     "not a square grid of at most 512x512"),
+    (lambda state: {**state, "time_text_embed.timestep_embedder.linear_1.weight": __import__("torch").zeros(40000, 1)},
+     "beyond any ControlNet's 16384"),
+])
+def test_hostile_sd3_files_are_refused_before_their_tables_are_built(isolated, sd3_controlnet, change, message):
+    from diffcli import controlnet_files
+    from diffcli.errors import UsageError
+
+    state = load_file(str(sd3_controlnet / "diffusion_pytorch_model.safetensors"))
+    save_file(change(state), str(isolated / "cn.safetensors"))
+    with pytest.raises(UsageError, match=message):
+        controlnet_files.read_config(str(isolated / "cn.safetensors"), False, {"pos_embed_max_size": 96})
+
+
+def test_a_qwen_file_whose_map_input_is_narrower_than_its_latents_is_refused(isolated, qwen_controlnet):
+    import torch
+
+    from diffcli import controlnet_files
+    from diffcli.errors import UsageError
+
+    state = load_file(str(qwen_controlnet / "diffusion_pytorch_model.safetensors"))
+    width, channels = state["img_in.weight"].shape
+    save_file({**state, "controlnet_x_embedder.weight": torch.zeros(width, channels - 1)}, str(isolated / "q.safetensors"))
+    with pytest.raises(UsageError, match="narrower than its latent input"):
+        controlnet_files.read_config(str(isolated / "q.safetensors"), False, {})
+
+
+def test_a_controlnet_of_another_width_is_made_for_another_model(cli, isolated, tiny_flux, flux_controlnets):
+    from diffusers import FluxControlNetModel
+
+    wide = FluxControlNetModel.from_config({**FluxControlNetModel.load_config(flux_controlnets["single"]),
+                                            "num_attention_heads": 4})
+    save_file(wide.state_dict(), str(isolated / "wide.safetensors"))
+    edges = outline(isolated / "edges.png")
+    result = cli("txt2img", "a ring", "--model", tiny_flux, *FAST, "--control",
+                 f"canny:{edges};model={isolated / 'wide.safetensors'}")
+    assert result.exit_code == 2 and "made for another model (width 64" in result.stderr, result.stderr
