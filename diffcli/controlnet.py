@@ -186,9 +186,10 @@ def _check_pipeline_takes(job, units: list[Unit], configs: list[dict], nets, spe
     if not families.call_style(nets.pipelines[job.task]).strength and strength != 1.0:
         raise UsageError(f"--strength: {spec.family}'s ControlNet {job.command} pipeline repaints the masked area from "
                          f"noise, got {strength:g}", "leave --strength out (1)")
-    inpainting = next((unit for unit, config in zip(units, configs) if config.get("extra_condition_channels")), None)
-    if inpainting is not None:  # Qwen-Image's inpainting ControlNet reads a mask too, which its pipelines never give
-        raise UsageError(f"--control model={inpainting.model}: an inpainting ControlNet (extra_condition_channels), "
+    inpainting = next((unit for unit, config in zip(units, configs)
+                       if config.get("extra_condition_channels") or config.get("extra_conditioning_channels")), None)
+    if inpainting is not None:  # Qwen-Image's and SD3's inpainting ControlNets read a mask too, which these pipelines never give
+        raise UsageError(f"--control model={inpainting.model}: an inpainting ControlNet (extra condition channels), "
                          f"which {spec.family}'s ControlNet {job.command} pipeline cannot feed", "use a map ControlNet")
     channels = _denoiser_config(spec).get("in_channels")
     if job.task == "inpaint" and "control_in_dim" in configs[0] and isinstance(channels, int) and \

@@ -207,3 +207,15 @@ def test_a_controlnet_of_another_width_is_made_for_another_model(cli, isolated, 
     result = cli("txt2img", "a ring", "--model", tiny_flux, *FAST, "--control",
                  f"canny:{edges};model={isolated / 'wide.safetensors'}")
     assert result.exit_code == 2 and "made for another model (width 64" in result.stderr, result.stderr
+
+
+def test_an_sd3_inpainting_controlnet_is_refused_before_loading(cli, isolated, sd3_two_blocks, sd3_controlnet):
+    """Its map input also reads a mask (extra_conditioning_channels), which the txt2img ControlNet pipeline never gives."""
+    from diffusers import SD3ControlNetModel
+
+    config = {**SD3ControlNetModel.load_config(sd3_controlnet), "extra_conditioning_channels": 1}
+    save_file(SD3ControlNetModel.from_config(config).state_dict(), str(isolated / "sd3_inpaint.safetensors"))
+    edges = outline(isolated / "edges.png")
+    result = cli("txt2img", "a ring", "--model", sd3_two_blocks, *FAST, "--control",
+                 f"canny:{edges};model={isolated / 'sd3_inpaint.safetensors'}")
+    assert result.exit_code == 2 and "an inpainting ControlNet" in result.stderr, result.stderr
