@@ -484,8 +484,8 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     import torch
 
     from diffcli import bench_families, memory
-    from diffcli.hashes import cache_dir
     from diffcli.errors import UsageError
+    from diffcli.hashes import cache_dir
     from diffcli.models import resolve_model
     from diffcli.pipeline import _load_weights, _place, pipeline_class_name, resolve_device
     from diffcli.speed import check_deep_cache
