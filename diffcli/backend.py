@@ -1,8 +1,8 @@
 """`--backend`: which engine computes the U-Net, text encoders and VAE decoder of an SD 1.x/2.x/XL pipeline on the CPU:
 torch, or OpenVINO (diffcli/openvino_unet.py), whose CPU plugin made a full-size SD 1.5 image in about half torch bf16's
-time on AMX (docs/performance.md, "CPU fast path").
+time on AMX, and a U-Net step in 0.76x of it on an AMD EPYC's AVX512-BF16 (docs/performance.md, "CPU fast path").
 
-`auto` picks OpenVINO where the CPU fast path would run bf16 (cpu.auto_dtype: AMX and a large denoiser), the package is
+`auto` picks OpenVINO where the CPU fast path would run bf16 (cpu.auto_dtype: native bf16 and a large denoiser), the package is
 installed (`diffcli[openvino]`) and the job uses nothing that changes the U-Net at run time; else torch. An explicit
 `--backend openvino` that cannot run a job is refused when the job is planned, before any weights load.
 """

@@ -66,7 +66,7 @@ RUNTIME = group(
     Flag("vae", ("--vae",), str, None, "Replace the model's VAE (A1111's SD VAE): a .safetensors file, a diffusers "
          "folder or a Hub id."),
     Flag("device", ("--device",), str, "auto", "auto | cuda | cuda:N | mps | cpu.", envvar="DIFFCLI_DEVICE"),
-    Flag("dtype", ("--dtype",), str, "auto", "auto (fp16 on GPU, bf16 there for FLUX.1/2, SD3, Qwen-Image and Z-Image; on the CPU bf16 in channels_last where it has AMX and the model is large, "
+    Flag("dtype", ("--dtype",), str, "auto", "auto (fp16 on GPU, bf16 there for FLUX.1/2, SD3, Qwen-Image and Z-Image; on the CPU bf16 in channels_last where it has AMX or AVX512-BF16 and the model is large, "
          "else fp32) | fp16 | bf16 | fp32."),
     Flag("safety_checker", ("--safety-checker",), bool, False, "Run the model's safety checker (off by default)."),
     Flag("allow_pickle", ("--allow-pickle",), bool, False, "Allow pickle-based weights (.ckpt/.bin); unsafe for "

@@ -17,7 +17,9 @@ AMX = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
 @pytest.mark.parametrize(("flags", "parameters", "expected"), [
     (frozenset(), 860_000_000, "fp32"),  # no flags known (not Linux, or an old CPU)
     (frozenset({"avx2", "fma"}), 860_000_000, "fp32"),
-    (frozenset({"avx512f", "avx512_bf16"}), 860_000_000, "fp32"),  # AMD Zen 4: bf16 instructions, no AMX tiles
+    (frozenset({"avx512f", "avx512_bf16"}), 860_000_000, "bf16"),  # AMD Zen 4: bf16 instructions, no AMX tiles
+    (frozenset({"avx512f", "avx512_bf16"}), 9_400_000, "fp32"),
+    (frozenset({"avx512f", "avx512_fp16", "avx512vl"}), 860_000_000, "fp32"),  # fp16 instructions are not bf16 ones
     (AMX, 860_000_000, "bf16"),  # SD 1.5's U-Net on a Xeon with AMX
     (AMX, None, "bf16"),  # unknown size (a Hub model not downloaded yet): taken as large
     (AMX, 9_400_000, "fp32"),  # tiny-shapes: overhead-bound
@@ -101,8 +103,8 @@ def test_without_native_bf16_auto_is_fp32_and_says_why(cli, tiny_model, monkeypa
     finally:
         cpu.auto_dtype.cache_clear()
     assert record["dtype"] == "float32"
-    assert record["optimizations"][-1] == "cpu fp32 (this CPU has no native bf16 matrix units (AMX))"
-    assert "no native bf16 matrix units" in stderr
+    assert record["optimizations"][-1] == "cpu fp32 (this CPU has no native bf16 instructions (AMX or AVX512-BF16))"
+    assert "no native bf16 instructions" in stderr
 
 
 def test_the_bundled_model_stays_fp32_on_any_cpu(cli, amx, monkeypatch):

@@ -228,8 +228,8 @@ def test_openvino_not_installed_names_the_extra(cli, tiny_model, monkeypatch):
 
 
 @pytest.mark.parametrize(("dtype", "auto", "installed", "lora", "device", "expected"), [
-    ("auto", "bf16", True, [], "cpu", "openvino"),  # AMX and a large U-Net, OpenVINO installed
-    ("auto", "fp32", True, [], "cpu", "torch"),  # no AMX, or a small model: torch's fp32 path
+    ("auto", "bf16", True, [], "cpu", "openvino"),  # native bf16 and a large U-Net, OpenVINO installed
+    ("auto", "fp32", True, [], "cpu", "torch"),  # no native bf16, or a small model: torch's fp32 path
     ("auto", "bf16", False, [], "cpu", "torch"),  # not installed
     ("auto", "bf16", True, ["x.safetensors"], "cpu", "torch"),  # a LoRA changes the U-Net
     ("bf16", "bf16", True, [], "cpu", "torch"),  # an explicit --dtype keeps torch unless --backend says otherwise
@@ -244,8 +244,13 @@ def test_auto_picks_openvino_only_where_the_cpu_path_is_bf16(monkeypatch, tiny_m
     assert backend.resolve(job, models.resolve_model(str(tiny_model)), device) == expected
 
 
-def test_auto_runs_openvino_bf16_where_the_cpu_path_is_bf16_and_says_so(cli, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+@pytest.mark.parametrize(("flags", "native"), [
+    ({"avx512_bf16", "amx_bf16", "amx_tile"}, "amx_bf16"),  # a Xeon with AMX
+    ({"avx512f", "avx512_bf16"}, "avx512_bf16"),  # an AMD EPYC (Zen 4): OpenVINO's U-Net step 2.8x torch fp32's there
+])
+def test_auto_runs_openvino_bf16_where_the_cpu_path_is_bf16_and_says_so(cli, tiny_model, tmp_path, monkeypatch, flags,
+                                                                        native):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(cpu, "MIN_PARAMETERS", 0)  # the tiny U-Net counts as large
     cpu.auto_dtype.cache_clear()
     try:
@@ -254,7 +259,7 @@ def test_auto_runs_openvino_bf16_where_the_cpu_path_is_bf16_and_says_so(cli, tin
         cpu.auto_dtype.cache_clear()
     assert result.exit_code == 0, result.stderr
     record = result.json_lines()[0]
-    line = "openvino bf16 U-Net, text encoder and VAE decoder (this CPU has amx_bf16)"
+    line = f"openvino bf16 U-Net, text encoder and VAE decoder (this CPU has {native})"
     assert record["backend"] == "openvino" and record["dtype"] == "bfloat16" and record["optimizations"][-1] == line
     assert line in result.stderr
 
