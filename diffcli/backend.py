@@ -2,9 +2,9 @@
 torch, or OpenVINO (diffcli/openvino_unet.py), whose CPU plugin made a full-size SD 1.5 image in about half torch bf16's
 time on AMX, and a U-Net step in 0.76x of it on an AMD EPYC's AVX512-BF16 (docs/performance.md, "CPU fast path").
 
-`auto` picks OpenVINO where the CPU fast path would run bf16 (cpu.auto_dtype: native bf16 and a large denoiser), the package is
-installed (`diffcli[openvino]`) and the job uses nothing that changes the U-Net at run time; else torch. An explicit
-`--backend openvino` that cannot run a job is refused when the job is planned, before any weights load.
+`auto` picks OpenVINO where the CPU fast path would run bf16 (cpu.auto_dtype: native bf16 and a large denoiser), the
+package is installed (`diffcli[openvino]`) and the job uses nothing that changes the U-Net at run time; else torch.
+An explicit `--backend openvino` that cannot run a job is refused when the job is planned, before any weights load.
 """
 
 from __future__ import annotations

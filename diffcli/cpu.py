@@ -1,6 +1,7 @@
 """The CPU fast path: bf16 weights in channels_last memory where the CPU multiplies bf16 in hardware (Intel AMX, or
-AVX512-BF16 as on AMD Zen 4) and the denoiser is large enough to gain, fp32 elsewhere. Chosen for `--dtype auto` from /proc/cpuinfo's flags and the
-denoiser's parameter count (read from safetensors headers, before any weights load); reported in `optimizations`."""
+AVX512-BF16 as on AMD Zen 4) and the denoiser is large enough to gain, fp32 elsewhere. Chosen for `--dtype auto` from
+/proc/cpuinfo's flags and the denoiser's parameter count (read from safetensors headers, before any weights load);
+reported in `optimizations`."""
 
 from __future__ import annotations
 
