@@ -31,9 +31,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def native_bf16(flags: frozenset[str]) -> str | None:
+    """The first NATIVE_BF16 flag among `flags` (what the messages name), None if the CPU has none."""
+    return next((flag for flag in NATIVE_BF16 if flag in flags), None)
+
+
 def choose(flags: frozenset[str], parameters: int | None) -> tuple[str, str]:
     """("bf16" or "fp32", why) for a denoiser of `parameters` (None: unknown, taken as large) on a CPU with `flags`."""
-    native = next((flag for flag in NATIVE_BF16 if flag in flags), None)
+    native = native_bf16(flags)
     if native is None:
         return "fp32", "this CPU has no native bf16 instructions (AMX or AVX512-BF16)"
     if parameters is not None and parameters < MIN_PARAMETERS:
@@ -124,5 +129,5 @@ def place(pipe) -> list[str]:
     for module in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)):
         if module is not None:
             channels_last(module)
-    native = next((flag for flag in NATIVE_BF16 if flag in cpu_flags()), None)
+    native = native_bf16(cpu_flags())
     return [f"cpu bf16 + channels_last ({f'this CPU has {native}' if native else 'no native bf16: emulated'})"]

@@ -92,12 +92,17 @@ def _meta_unet(spec):
         return UNet2DConditionModel.from_config(config)
 
 
+def compile_config(hint: str) -> dict:
+    """The CPU plugin's settings for one image at a time, computing in `hint` ("bf16" or "f32")."""
+    return {"INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+
+
 def install(pipe, where: Path, dtype) -> str:
     """apply() with the IR kept in `where` (the bench's: a temporary folder)."""
     from diffcli import cpu
 
     hint = "bf16" if dtype == torch.bfloat16 else "f32"
-    config = {"INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+    config = compile_config(hint)
     parameters = sum(p.numel() for p in pipe.unet.parameters())
     if not is_cached(where):
         export(pipe, where)

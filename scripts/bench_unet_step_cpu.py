@@ -1,6 +1,7 @@
 """One U-Net step of a random-weight full-size SD 1.5 (cfg batch 2, 256 px) on the CPU, by engine and precision: torch
-fp32, torch bf16 + channels_last, OpenVINO f32 and bf16 (needs `diffcli[openvino]`). Medians of --repeats after one
-warm-up; what `diffcli/cpu.py` chooses from is measured here (docs/performance.md, "CPU fast path").
+fp32, torch bf16 + channels_last, OpenVINO f32 and bf16 (diffcli's own OpenVINOUNet; needs `diffcli[openvino]`).
+Medians of --repeats after one warm-up (the compile); what `diffcli/cpu.py` chooses from is measured here
+(docs/performance.md, "CPU fast path").
 
     python scripts/bench_unet_step_cpu.py [--threads 2] [--repeats 5] [--only fp32,bf16,ov_f32,ov_bf16]
 """
@@ -38,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = bench.random_pipeline("sd15", "cpu", torch.float32)
     sample, timestep, text = torch.randn(2, 4, 32, 32), torch.tensor([500, 500]), torch.randn(2, 77, 768)
-    result = {"cpu_bf16_flags": sorted(set(cpu.NATIVE_BF16) & cpu.cpu_flags()), "threads": args.threads}
+    result = {"native_bf16": cpu.native_bf16(cpu.cpu_flags()), "threads": args.threads}
     with torch.no_grad():
         if "fp32" in which:
             result["torch_fp32_s"] = median_s(lambda: pipe.unet(sample, timestep, text), args.repeats)
@@ -49,19 +50,15 @@ def main() -> None:
             pipe.unet.to(torch.float32)
     hints = [hint for hint in ("f32", "bf16") if f"ov_{hint}" in which]
     if hints:
-        import openvino
-
         from diffcli import openvino_unet
 
         folder = Path(tempfile.mkdtemp(prefix="unet-step-")) / "ir"
         openvino_unet.export(pipe, folder)
-        feed = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": text.numpy()}
+        parameters = sum(p.numel() for p in pipe.unet.parameters())
         for hint in hints:
-            compiled = openvino.Core().compile_model(str(folder / "unet.xml"), "CPU", {
-                "INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"})
-            request = compiled.create_infer_request()
-            names = [port.get_any_name() for port in compiled.inputs]
-            result[f"openvino_{hint}_s"] = median_s(lambda: request.infer({n: feed[n] for n in names}), args.repeats)
+            unet = openvino_unet.OpenVINOUNet(folder / "unet.xml", openvino_unet.compile_config(hint), pipe.unet,
+                                              parameters)
+            result[f"openvino_{hint}_s"] = median_s(lambda: unet(sample, timestep, text), args.repeats)
     print(json.dumps(result))
 
 
