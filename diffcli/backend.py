@@ -2,8 +2,9 @@
 torch, or OpenVINO (diffcli/openvino_unet.py), whose CPU plugin made a full-size SD 1.5 image in about half torch bf16's
 time on AMX, and a U-Net step in 0.76x of it on an AMD EPYC's AVX512-BF16 (docs/performance.md, "CPU fast path").
 
-`auto` picks OpenVINO where the CPU fast path would run bf16 (cpu.auto_dtype: native bf16 and a large denoiser), the
-package is installed (`diffcli[openvino]`) and the job uses nothing that changes the U-Net at run time; else torch.
+`auto` picks OpenVINO for a large denoiser (cpu.openvino_pays: in bf16 where the CPU has native bf16, else in f32 on an
+AVX2 CPU with the memory for it, 1.56x torch fp32 there), where the package is installed (`diffcli[openvino]`) and the
+job uses nothing that changes the U-Net at run time; else torch.
 An explicit `--backend openvino` that cannot run a job is refused when the job is planned, before any weights load.
 """
 
@@ -57,9 +58,12 @@ def resolve(job, spec, device: str) -> str:
         return requested if device == "cpu" else "torch"
     if device != "cpu" or job.model.dtype != "auto" or unsupported(job, spec) or not extras.available("openvino"):
         return "torch"
-    from diffcli import cpu
+    from diffcli import cpu, memory
 
-    return "openvino" if cpu.auto_dtype(spec)[0] == "bf16" else "torch"
+    sizes = memory.weight_sizes(spec, 4)
+    pays = cpu.openvino_pays(cpu.cpu_flags(), cpu.denoiser_parameters(spec), sizes.total if sizes else None,
+                             memory.host_available())
+    return "openvino" if pays else "torch"
 
 
 def say_export(spec, vae, notify) -> None:

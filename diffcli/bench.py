@@ -7,7 +7,6 @@ path ("diffcli") run with the same settings in the same process, plain first, so
 
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import subprocess
@@ -334,6 +333,7 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
                 return {"failed": (errors.read().strip().splitlines() or ["no output"])[-1][:300]}, None
         result["psnr_vs_plain_db"] = psnr(np.load(settings["image"]), reference)
         if not keep:
+            process.stdin.close()  # it is not asked for more images
             process.wait()
             return result, None
         peer, folder = Peer(process, folder), None  # the Peer removes the folder when it is closed
@@ -379,6 +379,81 @@ def interleave(peer: Peer, pipe, device: str, size: int, steps: int, cfg: float,
             "ratio": round(peer_s / diffcli_s, 3)}
 
 
+def export_peer(folder: str, out: Path) -> tuple[str | dict, float | None]:
+    """The OpenVINO peer's export of the diffusers `folder` into `out`, alone in its child process (its peak holds the
+    torch weights and the IR beside them): (`out`, seconds), or ({"failed": why}, None)."""
+    import json
+
+    script, variable = CHILD_PEERS["openvino"][:2]
+    done = subprocess.run([os.environ.get(variable) or sys.executable, str(Path(__file__).with_name(script)), folder,
+                           json.dumps({"export_to": str(out)})], capture_output=True, text=True)
+    answer = json_line(iter(done.stdout.splitlines()))
+    if done.returncode or answer is None:
+        return {"failed": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}, None
+    return str(out), answer["export_s"]
+
+
+def run_peers(report: dict, pipes: list, device: str, compare: tuple[str, ...], size: int, steps: int, cfg: float,
+              repeats: int, precision: str, reference, scratch: Path | None, dtype, low_vram, threads: int | None):
+    """The CHILD_PEERS peers of `compare` into `report`, stable-diffusion.cpp first; (the pipeline to go on with, the
+    OpenVINO peer's process kept to alternate with diffcli's path, or None). `pipes`: the bench's pipeline as the one
+    item of a list, which is emptied (so that no caller's name keeps the weights in memory while they are on disk).
+
+    Where a peer's copies of the weights do not fit beside the bench's (SDXL in fp32 on 24 GiB), the bench writes its
+    weights to disk and frees them while the peers run, then reads them back. With `scratch` (diffcli's path is
+    OpenVINO) diffcli's IR is exported there first, from the weights in memory, and the OpenVINO peer exports alone:
+    both compiled models then fit side by side (the pipeline comes back without its torch U-Net) and alternate."""
+    import shutil
+
+    from diffcli import memory, openvino_unet
+    from diffcli.hashes import cache_dir
+
+    pipe = pipes.pop()
+    peers = [name for name in CHILD_PEERS if name in compare]
+    stash, written, separate, export_s = None, {}, False, None
+    if any(not peer_skipped(name, pipe) for name in peers) and not one_copy_fits_beside(pipe, device):
+        cache_dir().mkdir(parents=True, exist_ok=True)  # not /tmp: it may be memory
+        stash = Path(tempfile.mkdtemp(prefix=".bench-stash-", dir=cache_dir()))
+    try:
+        if stash is not None:
+            written = {name: peer_model(name, pipe, stash / name) for name in peers}
+            if not isinstance(written.get("openvino"), str):
+                pipe.save_pretrained(stash / "openvino")
+            cls, separate = type(pipe), scratch is not None and isinstance(written.get("openvino"), str)
+            if separate:
+                started = time.perf_counter()
+                openvino_unet.export(pipe, scratch / "ir")
+                report["openvino_export_s"] = round(time.perf_counter() - started, 3)
+            report["peers_alone"] = {"free": memory.gib(memory.host_available() or 0), "alternated": separate}
+            del pipe
+            memory.release_freed()
+            if separate:
+                written["openvino"], export_s = export_peer(written["openvino"], stash / "openvino-ir")
+        if "sdcpp" in compare:
+            report["sdcpp"] = measure_peer("sdcpp", None if stash else pipe, size, steps, cfg, repeats, "fp16",
+                                           reference, written=written.get("sdcpp"))[0]
+        peer = None
+        if "openvino" in compare:
+            report["openvino"], peer = measure_peer("openvino", None if stash else pipe, size, steps, cfg, repeats,
+                                                    precision, reference, stash is None or separate,
+                                                    written.get("openvino"))
+            if export_s is not None:
+                report["openvino"]["export_s"] = export_s
+        if stash is not None:  # read back for diffcli's path: the same weights (the U-Net: its IR, if exported)
+            pipe = cls.from_pretrained(stash / "openvino", torch_dtype=dtype, **({"unet": None} if separate else {}))
+            pipe.set_progress_bar_config(disable=True)
+            if separate:
+                pipe.unet = openvino_unet.meta_unet(stash / "openvino" / "unet")
+            else:
+                from diffcli.pipeline import _place
+
+                _place(pipe, device, optimize=False, low_vram=low_vram, threads=threads)
+    finally:
+        if stash is not None:
+            shutil.rmtree(stash, ignore_errors=True)
+    return pipe, peer
+
+
 def hub_layout_text_encoders(folder: Path) -> None:
     """Rewrite a saved pipeline's CLIP text encoders with the `text_model.` level the Hub's files have: transformers
     >= 5.6 saves without it and older ones (optimum-intel's) then load random weights, warning only."""
@@ -407,14 +482,27 @@ def check_backend(backend: str, device: str) -> None:
         raise UsageError(f"--backend openvino runs on the CPU, got --device {device}", "add --device cpu")
 
 
-def bench_engine(backend: str, device: str, fast: bool) -> str:
-    """diffcli's engine in the bench: as backend.resolve picks it for a job at the defaults (no spec: the bench's
-    fast-path test stands in for cpu.auto_dtype)."""
+def bench_engine(backend: str, device: str, pays: bool) -> str:
+    """diffcli's engine in the bench: as backend.resolve picks it for a job at the defaults (`pays`: the bench's
+    cpu.openvino_pays on its loaded pipeline)."""
     from diffcli import extras
 
     if device != "cpu" or backend == "torch":
         return "torch"
-    return "openvino" if backend == "openvino" or (fast and extras.available("openvino")) else "torch"
+    return "openvino" if backend == "openvino" or (pays and extras.available("openvino")) else "torch"
+
+
+def openvino_pays(pipe) -> bool:
+    """cpu.openvino_pays for the bench's loaded pipeline (its weights, in fp32, counted into the memory available)."""
+    import torch
+
+    from diffcli import cpu, memory
+
+    weights = sum(p.numel() * 4 for component in pipe.components.values() if isinstance(component, torch.nn.Module)
+                  for p in component.parameters())
+    free = memory.host_available()
+    return cpu.openvino_pays(cpu.cpu_flags(), cpu.loaded_parameters(pipe), weights,
+                             None if free is None else free + weights)
 
 
 def fast_dtype(pipe) -> str:
@@ -483,9 +571,8 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     CPU-bound process competing. Every path's seed-0 image gets its PSNR against plain's."""
     import torch
 
-    from diffcli import bench_families, memory
+    from diffcli import bench_families
     from diffcli.errors import UsageError
-    from diffcli.hashes import cache_dir
     from diffcli.models import resolve_model
     from diffcli.pipeline import _load_weights, _place, pipeline_class_name, resolve_device
     from diffcli.speed import check_deep_cache
@@ -518,59 +605,37 @@ def run_bench(arch: str | None, model: str | None, device: str, dtype_name: str,
     if compare_plain:
         report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
     fast = device == "cpu" and dtype_name == "auto" and not low_vram and fast_dtype(pipe) == "bf16"
-    peer, stash, written = None, None, {}
-    peers = [name for name in CHILD_PEERS if name in compare]
-    if any(not peer_skipped(name, pipe) for name in peers) and not one_copy_fits_beside(pipe, device):
-        # (SDXL in fp32 on 24 GiB) the peers run while the bench's weights are on disk only, in the cache's folder
-        # (/tmp may be memory)
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        stash = Path(tempfile.mkdtemp(prefix=".bench-stash-", dir=cache_dir()))
+    pays = device == "cpu" and dtype_name == "auto" and not low_vram and openvino_pays(pipe)
+    engine = "torch" if low_vram else bench_engine(backend, device, pays)
+    # diffcli's OpenVINO IR: exported afresh into a temporary folder (its time is the first run's extra load time)
+    scratch = Path(tempfile.mkdtemp(prefix="diffcli-bench-openvino-")) if engine == "openvino" else None
+    peer = None
     try:
-        if stash is not None:
-            written = {name: peer_model(name, pipe, stash / name) for name in peers}
-            if not isinstance(written.get("openvino"), str):
-                pipe.save_pretrained(stash / "openvino")
-            cls = type(pipe)
-            report["peers_alone"] = f"{memory.gib(memory.host_available() or 0)} free holds one copy of the weights"
-            del pipe
-            gc.collect()
-        if "openvino" in compare:  # OpenVINO's bf16 where diffcli's path is bf16; kept to alternate with diffcli's path
-            precision = "bf16" if fast or str(dtype) == "torch.bfloat16" else "f32"
-            report["openvino"], peer = measure_peer("openvino", None if stash else pipe, size, steps, cfg, repeats,
-                                                    precision, reference, stash is None, written.get("openvino"))
-        if "sdcpp" in compare:
-            report["sdcpp"] = measure_peer("sdcpp", None if stash else pipe, size, steps, cfg, repeats, "fp16",
-                                           reference, written=written.get("sdcpp"))[0]
-        if stash is not None:  # read back for diffcli's path: the same fp32 weights
-            pipe = cls.from_pretrained(stash / "openvino", torch_dtype=dtype)
-            pipe.set_progress_bar_config(disable=True)
-            _place(pipe, device, optimize=False, low_vram=low_vram, threads=threads)
-    finally:
-        if stash is not None:
-            import shutil
+        precision = "bf16" if fast or str(dtype) == "torch.bfloat16" else "f32"  # OpenVINO's where diffcli's path's is
+        pipes = [pipe]
+        del pipe  # run_peers frees the weights while they are on disk
+        pipe, peer = run_peers(report, pipes, device, compare, size, steps, cfg, repeats, precision, reference,
+                               None if deep_cache else scratch, dtype, low_vram, threads)
+        if deep_cache:  # DeepCache hooks the eager U-Net's blocks: measure it before anything is compiled
+            if "plain" not in report:
+                report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
+            report["deep_cache"] = measure_deep_cache(pipe, device, size, steps, cfg, repeats, deep_cache)
+            report["deep_cache_speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["deep_cache"]["ms_per_step"], 2)
+        if fast and engine == "torch":
+            pipe.to(torch.bfloat16)
+            report["dtype"] = "bfloat16 (plain and openvino's export: float32)" if compare else "bfloat16"
+        installed = None
+        if engine == "openvino":  # before placing: a U-Net exported already is on the meta device
+            from diffcli import openvino_unet
 
-            shutil.rmtree(stash, ignore_errors=True)
-    if deep_cache:  # DeepCache hooks the eager U-Net's blocks: measure it before anything is compiled
-        if "plain" not in report:
-            report["plain"] = measure(pipe, device, size, steps, cfg, batch_sizes, repeats)
-        report["deep_cache"] = measure_deep_cache(pipe, device, size, steps, cfg, repeats, deep_cache)
-        report["deep_cache_speedup_ms_per_step"] = round(report["plain"]["ms_per_step"] / report["deep_cache"]["ms_per_step"], 2)
-    engine = "torch" if low_vram else bench_engine(backend, device, fast)
-    if fast and engine == "torch":
-        pipe.to(torch.bfloat16)
-        report["dtype"] = "bfloat16 (plain and openvino's export: float32)" if compare else "bfloat16"
-    report["optimizations"] = plain_optimizations if low_vram else _place(pipe, device, optimize, False, threads)
-    scratch = None
-    if engine == "openvino":  # exported afresh into a temporary folder: its time is the first run's extra load time
-        from diffcli import openvino_unet
-
-        scratch = Path(tempfile.mkdtemp(prefix="diffcli-bench-openvino-"))
-        started = time.perf_counter()
-        report["optimizations"][-1] = openvino_unet.install(
-            pipe, scratch / "ir", torch.bfloat16 if fast or dtype == torch.bfloat16 else torch.float32)
-        report["openvino_export_s"] = round(time.perf_counter() - started, 3)
-        report["dtype"] = report["optimizations"][-1].split(" (")[0]
-    try:
+            started, exported = time.perf_counter(), openvino_unet.is_cached(scratch / "ir")
+            installed = openvino_unet.install(pipe, scratch / "ir", torch.bfloat16 if precision == "bf16" else torch.float32)
+            if not exported:
+                report["openvino_export_s"] = round(time.perf_counter() - started, 3)
+            report["dtype"] = installed.split(" (")[0]
+        report["optimizations"] = plain_optimizations if low_vram else _place(pipe, device, optimize, False, threads)
+        if installed:
+            report["optimizations"][-1] = installed
         _measure_diffcli(report, pipe, device, size, steps, cfg, batch_sizes, repeats, reference, contended, threads)
         if peer is not None:
             report["openvino_interleaved"] = interleave(peer, pipe, device, size, steps, cfg, max(5, 2 * repeats))
@@ -635,7 +700,8 @@ def format_table(report: dict) -> str:
         ov = report["openvino"]
         rows.append(f"openvino: {ov.get('skipped') or ov.get('failed') or ''}" if "first_image_s" not in ov else
                     f"{'openvino':8} {ov['first_image_s']:>13} {'-':>9} {ov['s_per_image_end_to_end']:>12} {'-':>9}  "
-                    f"(OpenVINO {ov['openvino']}, {ov['precision']}, export and compile {ov['load_s']} s)")
+                    f"(OpenVINO {ov['openvino']}, {ov['precision']}, " + (f"export {ov['export_s']} s alone, compile "
+                    if "export_s" in ov else "export and compile ") + f"{ov['load_s']} s)")
     if "sdcpp" in report:
         peer = report["sdcpp"]
         rows.append(f"sdcpp: {peer.get('skipped') or peer.get('failed') or ''}" if "first_image_s" not in peer else
@@ -661,8 +727,10 @@ def format_table(report: dict) -> str:
         rows.append(f"contended: {c['competitor']} running: {c['idle_s_per_image']} -> {c['contended_s_per_image']} s/image "
                     f"end to end, {c['ratio']}x; cpu threads {c['idle_cpu_threads']} -> {c['contended_cpu_threads']}")
     if "peers_alone" in report:
-        rows.append(f"peers: run while the bench's own weights were on disk only ({report['peers_alone']}), so not "
-                    "alternated with diffcli's path")
+        alone = report["peers_alone"]
+        rows.append(f"peers: run while the bench's own weights were on disk only ({alone['free']} free holds one copy)"
+                    + ("; OpenVINO's export alone, then its compiled model beside diffcli's" if alone["alternated"]
+                       else ", so not alternated with diffcli's path"))
     if "openvino_export_s" in report:
         rows.append(f"diffcli's OpenVINO export (once per model, then cached): {report['openvino_export_s']} s")
     rows.append(f"optimizations: {', '.join(report['optimizations']) or 'none'}")

@@ -1,7 +1,8 @@
 """The OpenVINO peer of `diffcli bench --compare openvino`: optimum-intel's pipeline exported from the bench's diffusers
 folder, timed as diffcli's path is (prompt to PNG: first image, then the median of --repeats), with the seed-0 image
 saved for PSNR; with "serve" it then makes one more image per "image" line on stdin, answering its time, until stdin
-closes (the bench alternates it with diffcli's path).
+closes (the bench alternates it with diffcli's path). With "export_to" it only exports the folder to OpenVINO IR there
+and exits (the bench's SDXL: the export's peak memory needs the machine alone); FOLDER may be such an export.
 
 Standalone, importing nothing from diffcli: optimum-intel pins older transformers than diffcli's, so it may run in a
 venv of its own ($DIFFCLI_OPENVINO_PYTHON). Usage: python bench_openvino.py FOLDER SETTINGS_JSON; prints one JSON
@@ -23,11 +24,17 @@ def main() -> None:
     from optimum.intel import OVPipelineForText2Image
 
     folder, settings = sys.argv[1], json.loads(sys.argv[2])
+    if settings.get("export_to"):
+        started = time.perf_counter()
+        OVPipelineForText2Image.from_pretrained(folder, export=True, compile=False).save_pretrained(settings["export_to"])
+        print(json.dumps({"export_s": round(time.perf_counter() - started, 3)}), flush=True)
+        return
     size, steps, cfg, prompt = settings["size"], settings["steps"], settings["cfg"], settings["prompt"]
     started = time.perf_counter()
     config = {"INFERENCE_PRECISION_HINT": settings["precision"], "INFERENCE_NUM_THREADS": str(settings["threads"]),
               "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
-    pipe = OVPipelineForText2Image.from_pretrained(folder, export=True, compile=False, ov_config=config)
+    exported = os.path.isfile(os.path.join(folder, "unet", "openvino_model.xml"))
+    pipe = OVPipelineForText2Image.from_pretrained(folder, export=not exported, compile=False, ov_config=config)
     pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)  # static shapes: OpenVINO's fast path
     pipe.compile()
     pipe.set_progress_bar_config(disable=True)

@@ -1,9 +1,9 @@
 """Single-file ControlNets, as A1111 and ComfyUI keep them (models/ControlNet/*.safetensors). For SD 1.x/2.x/XL: the
 original layout (`input_hint_block`, `zero_convs`, `input_blocks`, with or without `control_model.`) and diffusers' own
 layout saved as one file (ControlNetModel, and ControlNetUnionModel's `task_embedding`); for FLUX.1, SD3 and Qwen-Image:
-diffusers' layout (controlnet_transformer_files). The config comes from the tensors' names and shapes, and what shapes
-cannot say (attention heads, the time embedding's settings) from the model's denoiser config, so nothing is fetched
-from the Hub. One conversion serves the plan (shapes) and the load (tensors).
+diffusers' layout; for Z-Image: alibaba-pai's files (controlnet_transformer_files). The config comes from the tensors'
+names and shapes, and what shapes cannot say (attention heads, the time embedding's settings) from the model's
+denoiser config, so nothing is fetched from the Hub. One conversion serves the plan (shapes) and the load (tensors).
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ def read_config(path: str, allow_pickle: bool, model_unet: dict, takes=None) -> 
     name = transformer or ("ControlNetUnionModel" if UNION_MARK in shapes else "ControlNetModel")
     if takes is not None and name not in takes:
         return {"_class_name": name}
-    config = (transformer_files.config if transformer else _config)(shapes, path, model_unet)
+    if transformer:
+        config = transformer_files.config(shapes, path, model_unet, lambda name: _tensor(path, name, allow_pickle))
+        shapes = {name: shape for name, shape in shapes.items() if not name.startswith(transformer_files.unused(config))}
+    else:
+        config = _config(shapes, path, model_unet)
     wanted = {name: list(tensor.shape) for name, tensor in _build(config, path).state_dict().items()}
     missing = [name for name in wanted if name not in shapes]
     unknown = [name for name in shapes if name not in wanted]
@@ -73,8 +77,10 @@ def load(path: str, config: dict, allow_pickle: bool, dtype):
     """The ControlNet in `path`, built from `config` (read_config's) and filled with the file's tensors in `dtype`."""
     from diffcli import weights
 
+    dropped = transformer_files.unused(config)
     state = {name: value.to(dtype) if value.is_floating_point() else value
-             for name, value in to_diffusers(weights.unwrapped(weights.load_state_dict(path, FLAG, allow_pickle)), path).items()}
+             for name, value in to_diffusers(weights.unwrapped(weights.load_state_dict(path, FLAG, allow_pickle)), path).items()
+             if not name.startswith(dropped)}
     model = _build(config, path)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -113,6 +119,21 @@ def _shapes(path: str, allow_pickle: bool) -> dict | None:
     return weights.pickle_shapes(path, FLAG)
 
 
+def _tensor(path: str, name: str, allow_pickle: bool):
+    """One tensor of the file: read alone from a safetensors file, else from the whole (allowed) pickle."""
+    from diffcli import weights
+
+    if weights.check(path, FLAG, allow_pickle) == weights.SAFETENSORS:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as file:
+                return file.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own errors for a damaged file)
+            raise UsageError(f"{FLAG}={path}: its tensor {name} cannot be read ({str(exc)[:200]})") from None
+    return weights.unwrapped(weights.load_state_dict(path, FLAG, allow_pickle))[name]
+
+
 def version(path: str) -> tuple:
     """What names a file's current content for a cache: its resolved path, size and modification time."""
     stat = Path(path).stat()
@@ -130,7 +151,7 @@ def to_diffusers(state: dict, path: str) -> dict:
         return state
     raise UsageError(f"{FLAG}={path}: not a ControlNet diffcli reads ({_looks_like(state)})",
                      "diffcli reads SD 1.x/2.x/XL ControlNets in one file, FLUX.1, SD3 and Qwen-Image ones in diffusers' "
-                     "layout, and any ControlNet as a diffusers folder")
+                     "layout, Z-Image ones in alibaba-pai's, and any ControlNet as a diffusers folder")
 
 
 def _indices(state: dict, pattern: str) -> list[int]:
@@ -174,7 +195,7 @@ def _looks_like(state: dict) -> str:
     if "lora_controlnet" in state or any(name.endswith((".up", ".down")) for name in names):
         return "a Control-LoRA"
     if any(name.startswith(("control_all_x_embedder.", "control_layers.", "control_noise_refiner.")) for name in names):
-        return "a Z-Image ControlNet in alibaba-pai's file, which diffcli reads as a diffusers folder only"
+        return "a Z-Image ControlNet without its first control layer, or incomplete"
     if any(name.startswith("double_blocks.") for name in names):
         return "a FLUX.1 ControlNet in XLabs' layout, which diffusers does not run"
     if any(name.startswith(("controlnet_blocks.", "controlnet_x_embedder.")) for name in names):

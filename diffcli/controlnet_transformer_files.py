@@ -1,7 +1,8 @@
 """Single-file ControlNets of the transformer families in diffusers' layout (a diffusers folder's weights file kept
 alone, as ComfyUI users keep InstantX's and Shakker-Labs' FLUX.1 ControlNets): FluxControlNetModel, SD3ControlNetModel
-and QwenImageControlNetModel. Their config comes from the tensors' shapes; what shapes cannot say (rotary axes, the
-sample size, a head size without q/k norms) from the model's transformer config, else the family's published value.
+and QwenImageControlNetModel, and alibaba-pai's Z-Image Fun Controlnet Union files (ZImageControlNetModel). Their
+config comes from the tensors' shapes; what shapes cannot say (rotary axes, the sample size, a head size without q/k
+norms, the heads of Z-Image) from the model's transformer config, else the family's published value.
 controlnet_files reads the file and checks the config against it; this module only names the class and its config."""
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ MAX_WIDTH, MAX_SIDE = 16384, 512  # beyond any of them (3072 wide; SD3.5's 192-p
 # SD3's position table is computed in real memory while the model is built (its buffers are not on the meta device)
 FLUX_ROPE, QWEN_ROPE = [16, 56, 56], [16, 56, 56]  # their published axes (head size 128); shapes do not show them
 SD3_HEAD = 64  # every SD3/3.5 head size; only q/k norms show it
+# Z-Image Turbo's transformer, where the model's config is not at hand: 30 layers, 2 noise refiners, 30 heads
+Z_IMAGE = {"n_layers": 30, "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+           "all_patch_size": [2], "all_f_patch_size": [1]}
+Z_REFINER_ENTRY = "control_noise_refiner.0.before_proj.weight"  # zero (or absent) in Union 2.0's files, trained in 2.1
 
 
 def kind(names) -> str | None:
     """The ControlNet class these diffusers-layout tensor names make, or None."""
     names = set(names)
+    if "control_layers.0.after_proj.weight" in names and any(n.startswith("control_all_x_embedder.") for n in names):
+        return "ZImageControlNetModel"
     if "pos_embed_input.proj.weight" in names and "time_text_embed.timestep_embedder.linear_1.weight" in names:
         return "SD3ControlNetModel"
     if "controlnet_x_embedder.weight" in names and "img_in.weight" in names and "txt_in.weight" in names:
@@ -30,12 +37,23 @@ def kind(names) -> str | None:
     return None
 
 
-def config(shapes: dict, path: str, model: dict) -> dict:
+def config(shapes: dict, path: str, model: dict, tensor) -> dict:
     """The diffusers config (with `_class_name`) of the ControlNet whose diffusers-named shapes are `shapes`;
-    `model`: the transformer config of the model it runs with ({} when not at hand)."""
+    `model`: the transformer config of the model it runs with ({} when not at hand); `tensor(name)`: one of the
+    file's tensors (Z-Image's version shows in a value)."""
     found = kind(shapes)
+    if found == "ZImageControlNetModel":
+        return {"_class_name": found, **_z_image(_Shapes(shapes, path), model, tensor)}
     read = {"FluxControlNetModel": _flux, "SD3ControlNetModel": _sd3, "QwenImageControlNetModel": _qwen}[found]
     return {"_class_name": found, **read(_Shapes(shapes, path), model)}
+
+
+def unused(config: dict) -> tuple[str, ...]:
+    """Prefixes of the file's tensors the ControlNet of `config` does not take: a Z-Image Union 2.0 file's untrained
+    noise-refiner blocks (its control layers serve the noise refiner too)."""
+    if config.get("_class_name") == "ZImageControlNetModel" and config.get("add_control_noise_refiner") == "control_layers":
+        return ("control_noise_refiner.",)
+    return ()
 
 
 class _Shapes:
@@ -133,3 +151,37 @@ def _qwen(s: _Shapes, model: dict) -> dict:
             "attention_head_dim": head, "num_attention_heads": s.heads(inner, head),
             "joint_attention_dim": s("txt_in.weight")[1], "axes_dims_rope": s.rope(model, head, QWEN_ROPE),
             "extra_condition_channels": s("controlnet_x_embedder.weight")[1] - in_channels}
+
+
+def _z_image(s: _Shapes, model: dict, tensor) -> dict:
+    """alibaba-pai's Fun Controlnet Union files: 1.0 (noise-refiner blocks of the transformer's kind), 2.0 (its control
+    layers serve the noise refiner; the refiner blocks it carries are untrained) and 2.1 (control blocks of its own for
+    the refiner). Which transformer layers the control layers feed is not in the file: as in every published version
+    (1.0: 6 of 30, 2.x: 15, lite: 3), they spread evenly from layer 0."""
+    model = {**Z_IMAGE, **{key: value for key, value in model.items() if key in Z_IMAGE}}
+    patch, f_patch = model["all_patch_size"][0], model["all_f_patch_size"][0]
+    inner, width = s(f"control_all_x_embedder.{patch}-{f_patch}.weight")
+    count, layers = s.count("control_layers."), model["n_layers"]
+    if width % (patch * patch * f_patch) or not isinstance(layers, int) or not 0 < count <= layers or layers % count:
+        raise UsageError(f"{FLAG}={s.path}: {count} control layers taking {width} values per patch do not fit this "
+                         f"model's {layers} layers and {patch}x{patch} patches",
+                         "use the ControlNet as a diffusers folder with its config.json")
+    heads = model["n_heads"]
+    if inner > MAX_WIDTH or not isinstance(heads, int) or heads <= 0 or inner % heads:
+        raise UsageError(f"{FLAG}={s.path}: width {inner}, no whole number of this model's {heads} heads",
+                         "is it a ControlNet for this model?")
+    refiners = s.count("control_noise_refiner.")
+    if not refiners:
+        mode = "control_layers"
+    elif not s.has("control_noise_refiner.0.after_proj.weight"):
+        mode = None
+    elif s.has(Z_REFINER_ENTRY) and bool(tensor(Z_REFINER_ENTRY).abs().sum() > 0):
+        mode = "control_noise_refiner"
+    else:
+        mode = "control_layers"
+    return {"control_layers_places": list(range(0, layers, layers // count)),
+            "control_refiner_layers_places": list(range(model["n_refiner_layers"])),
+            "control_in_dim": width // (patch * patch * f_patch), "add_control_noise_refiner": mode,
+            "all_patch_size": [patch], "all_f_patch_size": [f_patch], "dim": inner,
+            "n_refiner_layers": model["n_refiner_layers"], "n_heads": heads,
+            "n_kv_heads": model["n_kv_heads"], "norm_eps": model["norm_eps"], "qk_norm": model["qk_norm"]}

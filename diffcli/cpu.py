@@ -16,6 +16,11 @@ NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
 # Below this a denoiser is overhead-bound: tiny-shapes (9.4 M) ran no faster in bf16 (fp32 keeps its judged quality),
 # and faster on one thread than on two (speed.configure_cpu_threads).
 MIN_PARAMETERS = 100_000_000
+# OpenVINO's f32 against torch fp32 where there is no native bf16, measured with oneDNN held to AVX2 on the AMD EPYC
+# (`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`, a laptop's instructions): 1.56x end to end for SD 1.5 at 256 px,
+# the same image (docs/performance.md). In f32 it holds the text encoders twice (torch's and its own), so `auto`
+# takes it only where the memory available holds the model's fp32 weights this many times.
+OPENVINO_F32_COPIES = 1.5
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,6 +49,17 @@ def choose(flags: frozenset[str], parameters: int | None) -> tuple[str, str]:
     if parameters is not None and parameters < MIN_PARAMETERS:
         return "fp32", f"the denoiser's {parameters / 1e6:.1f} M parameters are too few for bf16 to pay"
     return "bf16", f"this CPU has {native}"
+
+
+def openvino_pays(flags: frozenset[str], parameters: int | None, fp32_bytes: int | None, free: int | None) -> bool:
+    """Whether `--backend auto` runs OpenVINO (where installed) for a denoiser of `parameters` (None: unknown, taken as
+    large): in bf16 where the CPU has native bf16, else in f32 on an x86 CPU with AVX2 where `free` bytes of memory
+    hold the model's `fp32_bytes` OPENVINO_F32_COPIES times (either unknown: taken as held)."""
+    if parameters is not None and parameters < MIN_PARAMETERS:
+        return False
+    if native_bf16(flags):
+        return True
+    return "avx2" in flags and (fp32_bytes is None or free is None or free >= OPENVINO_F32_COPIES * fp32_bytes)
 
 
 def _safetensors_parameters(files) -> int | None:

@@ -78,8 +78,9 @@ RUNTIME = group(
          off="--no-low-vram"),
     Flag("threads", ("--threads",), int, None, "CPU threads (default: OMP_NUM_THREADS, else 1 for a model under 100 M "
          "denoiser parameters, else the cores other processes leave free).", envvar="DIFFCLI_THREADS"),
-    Flag("backend", ("--backend",), str, "auto", "CPU engine of an SD 1.x/2.x/XL U-Net, text encoders and VAE decoder: auto (OpenVINO where "
-         "it is installed and the CPU runs bf16, else torch) | torch | openvino (pip install 'diffcli[openvino]').",
+    Flag("backend", ("--backend",), str, "auto", "CPU engine of an SD 1.x/2.x/XL U-Net, text encoders and VAE decoder: auto (OpenVINO for "
+         "a model of 100 M denoiser parameters or more where it is installed: bf16 on a CPU with native bf16, else "
+         "f32; else torch) | torch | openvino (pip install 'diffcli[openvino]').",
          envvar="DIFFCLI_BACKEND"),
 )
 DEEP_CACHE = Flag("deep_cache", ("--deep-cache",), int, None, "DeepCache: run the whole U-Net every N steps, reuse its "

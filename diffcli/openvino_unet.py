@@ -77,17 +77,17 @@ def apply(pipe, spec, dtype, vae=None) -> str:
     bf16 (`dtype` bfloat16) or fp32, exported on first use, then read from the cache; the optimizations line that says
     so. A U-Net left out of the load (skips_unet) is built on the meta device for its config: no weights."""
     if pipe.unet is None:
-        pipe.unet = _meta_unet(spec)
+        from diffcli import models
+
+        pipe.unet = meta_unet(models.folder_of(spec) / "unet")
     return install(pipe, folder(spec, vae), dtype)
 
 
-def _meta_unet(spec):
-    """The model's U-Net without weights: its full config (defaults filled in) and parameter count."""
+def meta_unet(unet_folder: Path):
+    """The U-Net of a diffusers folder without weights: its full config (defaults filled in) and parameter count."""
     from diffusers import UNet2DConditionModel
 
-    from diffcli import models
-
-    config = json.loads((models.folder_of(spec) / "unet" / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((unet_folder / "config.json").read_text(encoding="utf-8"))
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
 

@@ -149,31 +149,54 @@ def test_the_openvino_peer_alternates_with_diffcli_image_by_image(cli, tiny_mode
     assert "diffcli vs openvino, alternating image by image (5 rounds):" in table.stdout, table.stdout
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("openvino", marks=pytest.mark.slow)])
 def test_peers_run_while_the_benchs_weights_are_on_disk_when_two_copies_do_not_fit(cli, tiny_model, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, backend):
     """SDXL in fp32 twice is more than a 24 GiB machine holds: the bench writes its weights to disk and frees them
-    while the peer runs, reads them back for diffcli's path (the same image as plain's), and says it did."""
+    while the peer runs, reads them back for diffcli's path (the same image as plain's), and says it did. When
+    diffcli's path is OpenVINO, its IR is exported before the weights go, the peer exports alone (the "export_to"
+    call) and then runs from its export, kept to alternate with diffcli's path."""
     import sys
 
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     fake = tmp_path / "peer.py"
     fake.write_text(
         "import json, sys, pathlib\nimport numpy as np\nsettings = json.loads(sys.argv[3])\n"
-        "assert (pathlib.Path(sys.argv[2]) / 'model_index.json').is_file()\n"
+        "folder = pathlib.Path(sys.argv[2])\n"
+        "if settings.get('export_to'):\n"
+        "    assert (folder / 'model_index.json').is_file()\n"
+        "    (pathlib.Path(settings['export_to']) / 'unet').mkdir(parents=True)\n"
+        "    (pathlib.Path(settings['export_to']) / 'unet' / 'openvino_model.xml').write_text('ir')\n"
+        "    print(json.dumps({'export_s': 7.5}))\n"
+        "    sys.exit()\n"
+        "exported = (folder / 'unet' / 'openvino_model.xml').is_file()\n"
+        "assert exported or (folder / 'model_index.json').is_file()\n"
         "np.save(settings['image'], np.zeros((settings['size'], settings['size'], 3), np.float32))\n"
         "print(json.dumps({'first_image_s': 1.0, 's_per_image_end_to_end': 0.5, 'load_s': 2.0, 'precision': "
-        "settings['precision'], 'openvino': 'fake', 'serve': settings['serve']}), flush=True)\n")
+        "settings['precision'], 'openvino': 'fake', 'serve': settings['serve'], 'exported': exported}), flush=True)\n"
+        "for line in sys.stdin if settings['serve'] else ():\n"
+        "    print(json.dumps({'s': 0.25}), flush=True)\n")
     python = tmp_path / "python"
     python.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
     python.chmod(0o755)
     monkeypatch.setenv("DIFFCLI_OPENVINO_PYTHON", str(python))
     monkeypatch.setattr("diffcli.bench.PEER_COPIES", 1e12)
-    result = cli("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats",
-                 "1", "--compare", "plain,openvino", "--json")
+    args = ("bench", "--model", tiny_model, "--device", "cpu", "--steps", "3", "--batch-sizes", "1", "--repeats", "1",
+            "--compare", "plain,openvino", "--backend", backend)
+    result = cli(*args, "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["openvino"]["serve"] is False and "openvino_interleaved" not in report
-    assert "holds one copy of the weights" in report["peers_alone"]
-    assert report["diffcli"]["psnr_vs_plain_db"] > 40  # the weights read back are the weights plain ran
+    separate = backend == "openvino"
+    assert report["peers_alone"]["alternated"] is separate and report["peers_alone"]["free"].endswith("GiB")
+    assert report["openvino"]["serve"] is separate and report["openvino"]["exported"] is separate
+    assert ("openvino_interleaved" in report) is separate and (report["openvino"].get("export_s") == 7.5) is separate
+    assert report["diffcli"]["psnr_vs_plain_db"] > 35  # the weights read back (or exported) are the weights plain ran
+    if separate:
+        assert report["openvino_export_s"] > 0 and report["optimizations"][-1].startswith("openvino f32")
+    table = cli(*args).stdout
+    assert ("OpenVINO's export alone, then its compiled model beside diffcli's" in table) is separate, table
+    assert ("export 7.5 s alone, compile 2.0 s" in table) is separate, table
     from diffcli.hashes import cache_dir
 
     assert not list(cache_dir().glob(".bench-stash-*"))

@@ -126,6 +126,82 @@ def test_z_image_inpaint_with_a_controlnet_equals_diffusers(cli, isolated, tiny_
         assert np.array_equal(pixels(f"m-{seed}.png")[~repaint], pixels(photo)[~repaint])
 
 
+@pytest.fixture(scope="module")
+def z_union_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """alibaba-pai's Fun Controlnet Union files at the tiny Z-Image's width, each beside the diffusers folder of the
+    same weights: 1.0 (noise-refiner blocks of the transformer's kind), 2.0 (its control layers serve the noise
+    refiner; the file carries refiner control blocks with a zero before_proj, which diffusers drops) and 2.1 (trained
+    refiner control blocks)."""
+    import torch
+    from diffusers import ZImageControlNetModel
+    from safetensors.torch import save_file
+
+    root, made = tmp_path_factory.mktemp("z-files"), {}
+    for version, mode, channels in (("1.0", None, 16), ("2.0", "control_layers", 33), ("2.1", "control_noise_refiner", 33)):
+        settings = dict(control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=channels, dim=32,
+                        n_refiner_layers=1, n_heads=2, n_kv_heads=2)
+        net = waken(ZImageControlNetModel(add_control_noise_refiner=mode, **settings), len(made))
+        state = {name: tensor.contiguous() for name, tensor in net.state_dict().items()}
+        if version == "2.0":  # the untrained refiner blocks alibaba-pai's 2.0 file carries
+            spare = waken(ZImageControlNetModel(add_control_noise_refiner="control_noise_refiner", **settings), 9)
+            state.update({name: tensor.contiguous() for name, tensor in spare.state_dict().items()
+                          if name.startswith("control_noise_refiner.")})
+            state["control_noise_refiner.0.before_proj.weight"] = torch.zeros_like(state["control_noise_refiner.0.before_proj.weight"])
+        save_file(state, root / f"Z-Image-Turbo-Fun-Controlnet-Union-{version}.safetensors")
+        made[version] = (root / f"Z-Image-Turbo-Fun-Controlnet-Union-{version}.safetensors",
+                         save_net(net, root / f"folder-{version}"))
+    return made
+
+
+def test_z_image_reads_alibaba_pais_controlnet_files(cli, isolated, tiny_z_image, z_union_files):
+    """Each Union version's single file makes the image the plain diffusers pipeline makes with its diffusers folder;
+    nothing is fetched (the config comes from the tensors and the model's transformer config)."""
+    edges = outline(isolated / "edges.png")
+    images = {}
+    for version, (file, folder) in z_union_files.items():
+        result = cli("txt2img", "a ring", "--model", tiny_z_image, *FAST, "--cfg", "2", *WH, "-o", f"{version}.png",
+                     "--control", f"canny:{edges};model={file};weight=0.8")
+        assert result.exit_code == 0, (version, result.stderr)
+        expected = plain_image("ZImageControlNetPipeline", tiny_z_image, [folder], "ZImageControlNetModel", "a ring",
+                               control_image=canny_of(edges), controlnet_conditioning_scale=0.8, guidance_scale=2.0,
+                               width=SIZE[0], height=SIZE[1])
+        assert np.abs(pixels(f"{version}.png") - expected).max() <= TOLERANCE, version
+        images[version] = pixels(f"{version}.png")
+    assert np.abs(images["2.0"] - images["2.1"]).max() > 8  # the versions are told apart
+
+
+def test_a_z_image_controlnet_file_that_does_not_fit_exits_2_before_loading(cli, isolated, tiny_z_image,
+                                                                            z_union_files, tmp_path):
+    """Hostile or mismatched files: more control layers than the model has (which layers they feed is unknown), a
+    width of another model, a missing first control layer, a truncated file."""
+    from safetensors.torch import load_file, save_file
+
+    edges = outline(isolated / "edges.png")
+    state = load_file(z_union_files["2.1"][0])
+    extra = {**state, **{name.replace("control_layers.0.", "control_layers.1."): tensor.clone()
+                         for name, tensor in state.items() if name.startswith("control_layers.0.")}}
+    from diffusers import ZImageControlNetModel
+
+    wide = ZImageControlNetModel(control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=33,
+                                 add_control_noise_refiner="control_noise_refiner", dim=64, n_refiner_layers=1,
+                                 n_heads=2, n_kv_heads=2).state_dict()
+    wide["control_noise_refiner.0.before_proj.weight"] += 1  # (a 2.1 file: trained refiner blocks)
+    headless = {name: tensor for name, tensor in state.items() if not name.startswith("control_layers.0.")}
+    cases = {"extra": (extra, "2 control layers taking 132 values per patch do not fit this model's 1 layers"),
+             "wide": (wide, "made for another model (dim 64"),
+             "headless": (headless, "a Z-Image ControlNet without its first control layer")}
+    for name, (tensors, message) in cases.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        result = cli("txt2img", "a ring", "--model", tiny_z_image, *FAST, "--control",
+                     f"canny:{edges};model={tmp_path / f'{name}.safetensors'}")
+        assert result.exit_code == 2 and message in result.stderr, (name, result.stderr)
+        assert "Loading" not in result.stderr
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(z_union_files["2.1"][0].read_bytes()[:200])
+    result = cli("txt2img", "a ring", "--model", tiny_z_image, *FAST, "--control", f"canny:{edges};model={cut}")
+    assert result.exit_code == 2 and str(cut) in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(("model", "command", "units", "message"), [
     ("tiny_qwen_image", "img2img", ["{qwen}"], "diffusers has no qwen-image ControlNet pipeline for img2img"),
     ("tiny_qwen_image", "inpaint", ["{qwen}"], "diffusers has no qwen-image ControlNet pipeline for inpaint"),

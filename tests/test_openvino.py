@@ -1,7 +1,8 @@
 """`--backend openvino` (diffcli/backend.py, diffcli/openvino_unet.py): the U-Net, text encoders and VAE decoder run by
-OpenVINO give torch's image within a stated tolerance, through the CLI, for SD 1.x and SDXL, txt2img, img2img and inpaint, at sizes
-whose latents do not halve evenly; the IR is exported once and reused; what it cannot run is exit 2 before loading;
-`auto` picks it only where the CPU fast path is bf16. Timings: `diffcli bench` (docs/performance.md), never here."""
+OpenVINO give torch's image within a stated tolerance, through the CLI, for SD 1.x and SDXL, txt2img, img2img and
+inpaint, at sizes whose latents do not halve evenly; the IR is exported once and reused; what it cannot run is exit 2
+before loading; `auto` picks it for large denoisers: bf16 on native bf16, else f32 where memory allows. Timings:
+`diffcli bench` (docs/performance.md), never here."""
 
 import json
 import subprocess
@@ -227,21 +228,50 @@ def test_openvino_not_installed_names_the_extra(cli, tiny_model, monkeypatch):
     assert result.exit_code == 2 and "pip install 'diffcli[openvino]'" in result.stderr
 
 
-@pytest.mark.parametrize(("dtype", "auto", "installed", "lora", "device", "expected"), [
-    ("auto", "bf16", True, [], "cpu", "openvino"),  # native bf16 and a large U-Net, OpenVINO installed
-    ("auto", "fp32", True, [], "cpu", "torch"),  # no native bf16, or a small model: torch's fp32 path
-    ("auto", "bf16", False, [], "cpu", "torch"),  # not installed
-    ("auto", "bf16", True, ["x.safetensors"], "cpu", "torch"),  # a LoRA changes the U-Net
-    ("bf16", "bf16", True, [], "cpu", "torch"),  # an explicit --dtype keeps torch unless --backend says otherwise
-    ("auto", "bf16", True, [], "cuda", "torch"),
+BF16, AVX2 = frozenset({"avx512f", "avx512_bf16"}), frozenset({"avx2", "fma"})
+LARGE, GIB = 860_000_000, 2**30
+
+
+@pytest.mark.parametrize(("flags", "parameters", "free", "dtype", "installed", "lora", "device", "expected"), [
+    (BF16, LARGE, 1 * GIB, "auto", True, [], "cpu", "openvino"),  # native bf16 (its weights are halved there)
+    (AVX2, LARGE, 8 * GIB, "auto", True, [], "cpu", "openvino"),  # f32: 8 GiB hold the 4 GiB of fp32 weights 1.5x
+    (AVX2, LARGE, 5 * GIB, "auto", True, [], "cpu", "torch"),  # f32 does not fit: torch's fp32 path
+    (AVX2, LARGE, None, "auto", True, [], "cpu", "openvino"),  # memory unknown
+    (frozenset({"sse4_2"}), LARGE, 8 * GIB, "auto", True, [], "cpu", "torch"),  # no AVX2 (or not x86): not measured
+    (BF16, 9_400_000, 8 * GIB, "auto", True, [], "cpu", "torch"),  # a small denoiser: overhead-bound
+    (AVX2, 9_400_000, 8 * GIB, "auto", True, [], "cpu", "torch"),
+    (BF16, LARGE, 8 * GIB, "auto", False, [], "cpu", "torch"),  # not installed
+    (BF16, LARGE, 8 * GIB, "auto", True, ["x.safetensors"], "cpu", "torch"),  # a LoRA changes the U-Net
+    (BF16, LARGE, 8 * GIB, "bf16", True, [], "cpu", "torch"),  # an explicit --dtype keeps torch unless --backend says so
+    (BF16, LARGE, 8 * GIB, "auto", True, [], "cuda", "torch"),
 ])
-def test_auto_picks_openvino_only_where_the_cpu_path_is_bf16(monkeypatch, tiny_model, dtype, auto, installed, lora,
-                                                              device, expected):
-    monkeypatch.setattr(cpu, "auto_dtype", lambda spec: (auto, "why"))
+def test_what_auto_picks(monkeypatch, tiny_model, flags, parameters, free, dtype, installed, lora, device, expected):
+    from diffcli import memory
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(cpu, "denoiser_parameters", lambda spec: parameters)
+    monkeypatch.setattr(memory, "weight_sizes", lambda spec, itemsize: memory.Weights(4 * GIB, 3 * GIB, GIB // 8))
+    monkeypatch.setattr(memory, "host_available", lambda: free)
     monkeypatch.setattr(extras, "available", lambda module: installed)
     job = jobs.Job(command="txt2img")
     job.model.dtype, job.adapters.lora = dtype, lora
     assert backend.resolve(job, models.resolve_model(str(tiny_model)), device) == expected
+
+
+def test_auto_runs_openvino_f32_without_native_bf16_and_says_why(cli, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: AVX2)
+    monkeypatch.setattr(cpu, "MIN_PARAMETERS", 0)  # the tiny U-Net counts as large
+    cpu.auto_dtype.cache_clear()
+    try:
+        result = cli("txt2img", "a red star", "-m", tiny_model, *FAST, "-o", tmp_path / "auto.png", "--json")
+    finally:
+        cpu.auto_dtype.cache_clear()
+    assert result.exit_code == 0, result.stderr
+    record = result.json_lines()[0]
+    line = ("openvino f32 U-Net, text encoder and VAE decoder (this CPU has no native bf16 instructions (AMX or "
+            "AVX512-BF16))")
+    assert record["backend"] == "openvino" and record["dtype"] == "float32" and record["optimizations"][-1] == line
+    assert line in result.stderr
 
 
 @pytest.mark.parametrize(("flags", "native"), [
