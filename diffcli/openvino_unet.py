@@ -25,7 +25,11 @@ import torch
 
 from diffcli.errors import ModelError, first_line
 
-IR_VERSION = 2  # part of the cache key: bump when what is exported changes
+IR_VERSION = 3  # part of the cache key: bump when what is exported changes
+# A module of this many parameters or more is kept with int8 weights (asymmetric, per output channel; nncf), computed in
+# the inference precision: optimum-intel's default for its exports, which made its SDXL U-Net (2.6 B) 1.1x faster than
+# diffcli's bf16 one at the same PSNR (docs/performance.md, "CPU fast path"); SD 1.x/2.x U-Nets stay under it.
+INT8_WEIGHTS_FROM = 1_000_000_000
 # Traced at a latent side that does not halve evenly, so the U-Net's up blocks take their sizes from the skip
 # connections (diffusers' forward_upsample_size) and the graph serves every size; at even sizes it computes the same.
 EXAMPLE_SIDE = 9
@@ -42,7 +46,7 @@ def cache_key(spec, vae=None) -> str:
 
     parts = {"model": identity.model_identity(spec), "vae": vaes.identity(vae) if vae is not None else None,
              "base": spec.base, "ir": IR_VERSION, "openvino": openvino.__version__, "torch": torch.__version__,
-             "diffusers": diffusers.__version__}
+             "diffusers": diffusers.__version__, "int8_weights": _nncf_version()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -74,8 +78,9 @@ def skips_unet(spec, vae=None) -> bool:
 
 def apply(pipe, spec, dtype, vae=None) -> str:
     """Replace `pipe`'s U-Net and VAE decoder by OpenVINO ones, and give its text encoders OpenVINO twins, computing in
-    bf16 (`dtype` bfloat16) or fp32, exported on first use, then read from the cache; the optimizations line that says
-    so. A U-Net left out of the load (skips_unet) is built on the meta device for its config: no weights."""
+    bf16 (`dtype` bfloat16) or fp32 (a U-Net of INT8_WEIGHTS_FROM parameters or more: from int8 weights), exported on
+    first use, then read from the cache; the optimizations line that says so. A U-Net left out of the load
+    (skips_unet) is built on the meta device for its config: no weights."""
     if pipe.unet is None:
         from diffcli import models
 
@@ -122,7 +127,8 @@ def install(pipe, where: Path, dtype) -> str:
     chosen, why = cpu.choose(cpu.cpu_flags(), parameters)
     if (chosen == "bf16") != (hint == "bf16"):
         why = f"--dtype {'bf16' if hint == 'bf16' else 'fp32'}"
-    return f"openvino {hint} U-Net, text encoder and VAE decoder ({why})"
+    int8 = " (int8 weights)" if parameters >= INT8_WEIGHTS_FROM and _nncf_version() else ""
+    return f"openvino {hint} U-Net{int8}, text encoder and VAE decoder ({why})"
 
 
 def _read_all(pipe, where: Path, config: dict, parameters: int):
@@ -136,6 +142,38 @@ def _read_all(pipe, where: Path, config: dict, parameters: int):
 def is_cached(where: Path) -> bool:
     return all((where / f"{name}.xml").is_file() and (where / f"{name}.bin").is_file()
                for name in ("unet", "vae_decoder", "text_encoder"))
+
+
+def _nncf_version() -> str | None:
+    """nncf's version where it is installed (it compresses large modules' weights), else None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("nncf")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _compress_large(path: Path, parameters: int) -> None:
+    """Rewrite the IR at `path` with int8 weights if its module has INT8_WEIGHTS_FROM parameters or more and nncf is
+    installed: read back from disk (the weights memory-mapped), so that the converted graph is no longer in memory."""
+    if parameters < INT8_WEIGHTS_FROM or _nncf_version() is None:
+        return
+    import contextlib
+    import io
+    import logging
+
+    import nncf
+    import openvino
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # its statistics tables
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bar: stdout is --json's
+        compressed = nncf.compress_weights(core().read_model(path), mode=nncf.CompressWeightsMode.INT8_ASYM)
+    staged = path.with_name(f"compressed-{path.name}")
+    openvino.save_model(compressed, staged, compress_to_fp16=False)
+    del compressed
+    staged.with_suffix(".bin").replace(path.with_suffix(".bin"))
+    staged.replace(path)
 
 
 def export(pipe, folder: Path) -> None:
@@ -152,6 +190,7 @@ def export(pipe, folder: Path) -> None:
             warnings.simplefilter("ignore")  # the tracer's notes on shape checks it fixes as constants
             openvino.save_model(openvino.convert_model(unet, example_input=unet.example()), scratch / "unet.xml",
                                 compress_to_fp16=False)
+            _compress_large(scratch / "unet.xml", sum(p.numel() for p in pipe.unet.parameters()))
             openvino.save_model(openvino.convert_model(pipe.vae.decoder, example_input=(latents,)),
                                 scratch / "vae_decoder.xml", compress_to_fp16=False)
             for name in TEXT_ENCODERS:

@@ -294,6 +294,19 @@ def test_auto_runs_openvino_bf16_where_the_cpu_path_is_bf16_and_says_so(cli, tin
     assert line in result.stderr
 
 
+def test_a_large_unet_is_exported_with_int8_weights(cli, tiny_model, tmp_path, monkeypatch):
+    """optimum-intel's default for modules of 1 B parameters or more (SDXL's U-Net): int8 weights, computed in the
+    inference precision; the image stays near torch's and the optimizations line says so."""
+    pytest.importorskip("nncf")
+    monkeypatch.setattr(openvino_unet, "INT8_WEIGHTS_FROM", 0)  # the tiny U-Net counts as large
+    torch_image, ov_image, record = both(cli, tmp_path, "txt2img", "a red star", "-m", tiny_model)
+    assert record["optimizations"][-1].startswith("openvino f32 U-Net (int8 weights), text encoder and VAE decoder")
+    assert np.abs(torch_image - ov_image).mean() < 3
+    ir = next((tmp_path / "home").rglob("unet.xml")).read_text()
+    assert 'element_type="u8"' in ir and not list((tmp_path / "home").rglob("compressed-*"))
+    assert 'element_type="u8"' not in next((tmp_path / "home").rglob("vae_decoder.xml")).read_text()
+
+
 @pytest.mark.slow
 def test_a_replay_of_an_openvino_image_runs_on_openvino(cli, tiny_model, tmp_path):
     made = tmp_path / "made.png"
