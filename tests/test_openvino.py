@@ -300,7 +300,7 @@ def test_a_large_unet_is_exported_with_int8_weights(cli, tiny_model, tmp_path, m
     pytest.importorskip("nncf")
     monkeypatch.setattr(openvino_unet, "INT8_WEIGHTS_FROM", 0)  # the tiny U-Net counts as large
     torch_image, ov_image, record = both(cli, tmp_path, "txt2img", "a red star", "-m", tiny_model)
-    assert record["optimizations"][-1].startswith("openvino f32 U-Net (int8 weights), text encoder and VAE decoder")
+    assert record["optimizations"][-1].startswith("openvino f32 U-Net with int8 weights, text encoder and VAE decoder")
     assert np.abs(torch_image - ov_image).mean() < 3
     ir = next((tmp_path / "home").rglob("unet.xml")).read_text()
     assert 'element_type="u8"' in ir and not list((tmp_path / "home").rglob("compressed-*"))
