@@ -179,6 +179,9 @@ def _z_image(s: _Shapes, model: dict, tensor) -> dict:
         mode = "control_noise_refiner"
     else:
         mode = "control_layers"
+    if mode == "control_layers" and count < model["n_refiner_layers"]:  # its control layers feed every noise refiner
+        raise UsageError(f"{FLAG}={s.path}: {count} control layers cannot feed this model's "
+                         f"{model['n_refiner_layers']} noise refiners", "is it a ControlNet for this model?")
     return {"control_layers_places": list(range(0, layers, layers // count)),
             "control_refiner_layers_places": list(range(model["n_refiner_layers"])),
             "control_in_dim": width // (patch * patch * f_patch), "add_control_noise_refiner": mode,

@@ -219,3 +219,23 @@ def test_an_sd3_inpainting_controlnet_is_refused_before_loading(cli, isolated, s
     result = cli("txt2img", "a ring", "--model", sd3_two_blocks, *FAST, "--control",
                  f"canny:{edges};model={isolated / 'sd3_inpaint.safetensors'}")
     assert result.exit_code == 2 and "an inpainting ControlNet" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"n_layers": 2, "n_refiner_layers": 2, "n_heads": 2}, "1 control layers cannot feed this model's 2 noise refiners"),
+    ({"n_layers": 3, "n_refiner_layers": 1, "n_heads": 2}, None),  # one control layer, fed to layer 0 only
+    ({"n_layers": 2, "n_refiner_layers": 1, "n_heads": 3}, "width 32, no whole number of this model's 3 heads"),
+])
+def test_a_z_image_file_checked_against_its_model(model, message):
+    """Union 2.0's layout (no refiner blocks of its own): its control layers also feed the noise refiners."""
+    from diffcli import controlnet_transformer_files as files
+    from diffcli.errors import UsageError
+
+    shapes = {"control_layers.0.after_proj.weight": [32, 32], "control_all_x_embedder.2-1.weight": [32, 132]}
+    if message is None:
+        config = files.config(shapes, "z.safetensors", model, lambda name: pytest.fail("no value is read"))
+        assert config["control_layers_places"] == [0] and config["add_control_noise_refiner"] == "control_layers"
+        assert config["control_in_dim"] == 33 and files.unused(config) == ("control_noise_refiner.",)
+        return
+    with pytest.raises(UsageError, match=message):
+        files.config(shapes, "z.safetensors", model, lambda name: pytest.fail("no value is read"))
