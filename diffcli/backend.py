@@ -10,6 +10,8 @@ An explicit `--backend openvino` that cannot run a job is refused when the job i
 
 from __future__ import annotations
 
+import functools
+
 from diffcli import extras
 from diffcli.errors import UsageError
 
@@ -58,12 +60,18 @@ def resolve(job, spec, device: str) -> str:
         return requested if device == "cpu" else "torch"
     if device != "cpu" or job.model.dtype != "auto" or unsupported(job, spec) or not extras.available("openvino"):
         return "torch"
+    return "openvino" if openvino_pays(spec) else "torch"
+
+
+@functools.lru_cache(maxsize=64)
+def openvino_pays(spec) -> bool:
+    """cpu.openvino_pays for `spec`, decided once per process: the memory available falls once the model has loaded,
+    and a later job of a batch or server must not pick the other engine (and load the model a second time)."""
     from diffcli import cpu, memory
 
     sizes = memory.weight_sizes(spec, 4)
-    pays = cpu.openvino_pays(cpu.cpu_flags(), cpu.denoiser_parameters(spec), sizes.total if sizes else None,
+    return cpu.openvino_pays(cpu.cpu_flags(), cpu.denoiser_parameters(spec), sizes.total if sizes else None,
                              memory.host_available())
-    return "openvino" if pays else "torch"
 
 
 def say_export(spec, vae, notify) -> None:

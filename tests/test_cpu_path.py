@@ -58,8 +58,14 @@ def run_json(cli, *args) -> dict:
 
 @pytest.fixture(autouse=True)
 def fresh_pipelines(monkeypatch):
-    """Each test loads its models afresh (the path is chosen, and said, when a model loads)."""
+    """Each test loads its models afresh (the path is chosen, and said, when a model loads) and chooses its engine
+    afresh (backend.openvino_pays is decided once per process)."""
+    from diffcli import backend
+
     monkeypatch.setattr(pipeline, "_CACHE", {})
+    backend.openvino_pays.cache_clear()
+    yield
+    backend.openvino_pays.cache_clear()
 
 
 @pytest.fixture

@@ -26,6 +26,9 @@ def fresh(monkeypatch, tmp_path):
     """Each test loads its models afresh, with its own OpenVINO cache."""
     monkeypatch.setattr(pipeline, "_CACHE", {})
     monkeypatch.setenv("DIFFCLI_HOME", str(tmp_path / "home"))
+    backend.openvino_pays.cache_clear()  # each test's CPU flags and memory decide afresh
+    yield
+    backend.openvino_pays.cache_clear()
 
 
 def pixels(path) -> np.ndarray:
@@ -256,6 +259,23 @@ def test_what_auto_picks(monkeypatch, tiny_model, flags, parameters, free, dtype
     job = jobs.Job(command="txt2img")
     job.model.dtype, job.adapters.lora = dtype, lora
     assert backend.resolve(job, models.resolve_model(str(tiny_model)), device) == expected
+
+
+def test_auto_keeps_its_choice_when_the_loaded_model_has_used_the_memory(monkeypatch, tiny_model):
+    """A batch's second job sees less memory available (the first loaded the model): it keeps the first job's engine
+    rather than loading the model again on the other one."""
+    from diffcli import memory
+
+    free = [8 * GIB]
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: AVX2)
+    monkeypatch.setattr(cpu, "denoiser_parameters", lambda spec: LARGE)
+    monkeypatch.setattr(memory, "weight_sizes", lambda spec, itemsize: memory.Weights(4 * GIB, 3 * GIB, GIB // 8))
+    monkeypatch.setattr(memory, "host_available", lambda: free[0])
+    monkeypatch.setattr(extras, "available", lambda module: True)
+    spec, job = models.resolve_model(str(tiny_model)), jobs.Job(command="txt2img")
+    assert backend.resolve(job, spec, "cpu") == "openvino"
+    free[0] = 2 * GIB
+    assert backend.resolve(job, spec, "cpu") == "openvino"
 
 
 @pytest.mark.parametrize(("flags", "hint", "why"), [
