@@ -346,19 +346,23 @@ def measure_peer(name: str, pipe, size: int, steps: int, cfg: float, repeats: in
 PEER_COPIES = 2.5  # what a peer's child needs beside the bench's weights: its own copy, and its export's
 
 
-def one_copy_fits_beside(pipe, device: str) -> bool:
-    """Whether a peer's copies of the weights fit in free memory beside the bench's own; when not, the bench writes
-    its copy to disk and frees it while the peers run (they then cannot alternate with diffcli's path)."""
+def weight_bytes(pipe, itemsize: int | None = None) -> int:
+    """Bytes of the pipeline's weights: as loaded, or at `itemsize` bytes each."""
     import torch
 
+    return sum(p.numel() * (itemsize or p.element_size()) for component in pipe.components.values()
+               if isinstance(component, torch.nn.Module) for p in component.parameters())
+
+
+def one_copy_fits_beside(pipe, device: str) -> bool:
+    """Whether a peer's copies of the weights fit in free memory beside the bench's own; when not, the bench writes
+    its copy to disk and frees it while the peers run (run_peers)."""
     from diffcli import memory
 
     if device != "cpu":
         return True
-    weights = sum(p.numel() * p.element_size() for component in pipe.components.values()
-                  if isinstance(component, torch.nn.Module) for p in component.parameters())
     free = memory.host_available()
-    return free is None or PEER_COPIES * weights <= free
+    return free is None or PEER_COPIES * weight_bytes(pipe) <= free
 
 
 def interleave(peer: Peer, pipe, device: str, size: int, steps: int, cfg: float, rounds: int) -> dict:
@@ -494,12 +498,9 @@ def bench_engine(backend: str, device: str, pays: bool) -> str:
 
 def openvino_pays(pipe) -> bool:
     """cpu.openvino_pays for the bench's loaded pipeline (its weights, in fp32, counted into the memory available)."""
-    import torch
-
     from diffcli import cpu, memory
 
-    weights = sum(p.numel() * 4 for component in pipe.components.values() if isinstance(component, torch.nn.Module)
-                  for p in component.parameters())
+    weights = weight_bytes(pipe, itemsize=4)
     free = memory.host_available()
     return cpu.openvino_pays(cpu.cpu_flags(), cpu.loaded_parameters(pipe), weights,
                              None if free is None else free + weights)

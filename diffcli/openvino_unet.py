@@ -127,7 +127,7 @@ def install(pipe, where: Path, dtype) -> str:
     chosen, why = cpu.choose(cpu.cpu_flags(), parameters)
     if (chosen == "bf16") != (hint == "bf16"):
         why = f"--dtype {'bf16' if hint == 'bf16' else 'fp32'}"
-    int8 = " with int8 weights" if parameters >= INT8_WEIGHTS_FROM and _nncf_version() else ""
+    int8 = " with int8 weights" if int8_weights(parameters) else ""
     return f"openvino {hint} U-Net{int8}, text encoder and VAE decoder ({why})"
 
 
@@ -154,10 +154,15 @@ def _nncf_version() -> str | None:
         return None
 
 
+def int8_weights(parameters: int) -> bool:
+    """Whether a U-Net of `parameters` is exported with int8 weights: INT8_WEIGHTS_FROM or more, and nncf installed."""
+    return parameters >= INT8_WEIGHTS_FROM and _nncf_version() is not None
+
+
 def _compress_large(path: Path, parameters: int) -> None:
     """Rewrite the IR at `path` with int8 weights if its module has INT8_WEIGHTS_FROM parameters or more and nncf is
     installed: read back from disk (the weights memory-mapped), so that the converted graph is no longer in memory."""
-    if parameters < INT8_WEIGHTS_FROM or _nncf_version() is None:
+    if not int8_weights(parameters):
         return
     import contextlib
     import io
