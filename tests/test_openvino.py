@@ -7,6 +7,7 @@ before loading; `auto` picks it for large denoisers: bf16 on native bf16, else f
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,12 +301,20 @@ def test_auto_runs_openvino_and_says_why(cli, tiny_model, tmp_path, monkeypatch,
 
 
 def test_a_large_unet_is_exported_with_int8_weights(cli, tiny_model, tmp_path, monkeypatch):
-    """optimum-intel's default for modules of 1 B parameters or more (SDXL's U-Net): int8 weights, computed in the
-    inference precision; the image stays near torch's and the optimizations line says so."""
+    """optimum-intel's default for modules of 1 B parameters or more (SDXL's U-Net): int8 weights, and int8 activations
+    quantised on the fly in groups of DYNAMIC_INT8_GROUP channels (the U-Net only); the image stays near torch's and
+    the optimizations line says so."""
     pytest.importorskip("nncf")
     monkeypatch.setattr(openvino_unet, "INT8_WEIGHTS_FROM", 0)  # the tiny U-Net counts as large
+    compiled, init = [], openvino_unet._Compiled.__init__
+    monkeypatch.setattr(openvino_unet._Compiled, "__init__", lambda self, path, config: (
+        compiled.append((Path(path).stem, self)), init(self, path, config))[1])
     torch_image, ov_image, record = both(cli, tmp_path, "txt2img", "a red star", "-m", tiny_model)
-    assert record["optimizations"][-1].startswith("openvino f32 U-Net with int8 weights, text encoder and VAE decoder")
+    assert record["optimizations"][-1].startswith(
+        "openvino f32 U-Net with int8 weights and dynamic int8 activations, text encoder and VAE decoder")
+    groups = {name: {request.get_compiled_model().get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
+                     for request in each.requests.values()} for name, each in compiled}
+    assert groups["unet"] == {openvino_unet.DYNAMIC_INT8_GROUP} and openvino_unet.DYNAMIC_INT8_GROUP not in groups["vae_decoder"]
     assert np.abs(torch_image - ov_image).mean() < 3
     ir = next((tmp_path / "home").rglob("unet.xml")).read_text()
     assert 'element_type="u8"' in ir and not list((tmp_path / "home").rglob("compressed-*"))
