@@ -74,10 +74,11 @@ def openvino_pays(spec) -> bool:
                              memory.host_available())
 
 
-def say_export(spec, vae, notify) -> None:
-    """Say (before loading) that the model's modules are about to be converted to OpenVINO, once, if they are."""
+def say_export(spec, vae, dtype, notify) -> None:
+    """Say (before loading) that the model's modules are about to be converted to OpenVINO for `dtype`, once, if they
+    are."""
     from diffcli import openvino_unet
 
-    where = openvino_unet.folder(spec, vae)
+    where = openvino_unet.folder(spec, vae, openvino_unet.hint_of(dtype))
     if not openvino_unet.is_cached(where):
         notify(f"{spec.name}: converting its U-Net, text encoders and VAE decoder to OpenVINO, once (kept in {where.parent})")

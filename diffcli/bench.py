@@ -426,7 +426,7 @@ def run_peers(report: dict, pipes: list, device: str, compare: tuple[str, ...], 
             cls, separate = type(pipe), scratch is not None and isinstance(written.get("openvino"), str)
             if separate:
                 started = time.perf_counter()
-                openvino_unet.export(pipe, scratch / "ir")
+                openvino_unet.export(pipe, scratch / "ir", precision)
                 report["openvino_export_s"] = round(time.perf_counter() - started, 3)
             report["peers_alone"] = {"free": memory.gib(memory.host_available() or 0), "alternated": separate}
             del pipe

@@ -30,9 +30,13 @@ IR_VERSION = 3  # part of the cache key: bump when what is exported changes
 # the inference precision: optimum-intel's default for its exports. SDXL's U-Net (2.6 B) went from 9.98 to 9.70 s per
 # 256 px image at 43.3 dB (docs/performance.md, "CPU fast path"); SD 1.x/2.x U-Nets stay under it.
 INT8_WEIGHTS_FROM = 1_000_000_000
-# Such a U-Net's int8-weight layers also take int8 activations, quantised on the fly per group of this many input
-# channels (the CPU plugin's dynamic quantisation; its default group is 32). SDXL's U-Net step at 256 px: 2.04 s with
-# 32, 1.66-1.71 s with 128-256 (2.37-2.65 s without), 51 dB from the unquantised step (docs/performance.md).
+# Computing in bf16 on AVX512-BF16 without AMX (AMD Zen 4), a U-Net of cpu.MIN_PARAMETERS or more also gets int8
+# weights: SD 1.5's step (2x4x32x32) went from 0.887 to 0.787 s with the activations below, 43 dB from bf16's output.
+# On AMX, int8 weights made it slower (0.430 against 0.358 s), and in f32 too (emulated AVX2: 1.805 against 1.724 s).
+INT8_WEIGHTS_CPU = "avx512_bf16"
+# Under bf16, int8-weight layers also take int8 activations, quantised on the fly per group of this many input channels
+# (the CPU plugin's dynamic quantisation; its default group is 32). SDXL's U-Net step at 256 px: 2.04 s with 32,
+# 1.66-1.71 s with 128-256 (2.37-2.65 s without), 51 dB from the unquantised step (docs/performance.md).
 DYNAMIC_INT8_GROUP = 256
 # Traced at a latent side that does not halve evenly, so the U-Net's up blocks take their sizes from the skip
 # connections (diffusers' forward_upsample_size) and the graph serves every size; at even sizes it computes the same.
@@ -40,8 +44,9 @@ EXAMPLE_SIDE = 9
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD 1.x/2.x have the first, SDXL both
 
 
-def cache_key(spec, vae=None) -> str:
-    """The IR's folder name: the weights (by hash), the --vae, and the versions that export and read it."""
+def cache_key(spec, vae=None, hint: str = "bf16") -> str:
+    """The IR's folder name: the weights (by hash), the --vae, the versions that export and read it, and whether a
+    mid-size U-Net gets int8 weights (int8_weights: the CPU and the inference precision `hint`)."""
     import diffusers
     import openvino
 
@@ -50,7 +55,8 @@ def cache_key(spec, vae=None) -> str:
 
     parts = {"model": identity.model_identity(spec), "vae": vaes.identity(vae) if vae is not None else None,
              "base": spec.base, "ir": IR_VERSION, "openvino": openvino.__version__, "torch": torch.__version__,
-             "diffusers": diffusers.__version__, "int8_weights": _nncf_version()}
+             "diffusers": diffusers.__version__, "int8_weights": _nncf_version(),
+             "int8_mid_size": int8_weights(INT8_WEIGHTS_FROM - 1, hint)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -60,15 +66,20 @@ def cache_root() -> Path:
     return cache_dir() / "openvino"
 
 
-def folder(spec, vae=None) -> Path:
-    """Where the model's IR is (or will be) kept."""
-    return cache_root() / cache_key(spec, vae)
+def folder(spec, vae=None, hint: str = "bf16") -> Path:
+    """Where the model's IR for inference precision `hint` is (or will be) kept."""
+    return cache_root() / cache_key(spec, vae, hint)
 
 
-def skips_unet(spec, vae=None) -> bool:
+def hint_of(dtype) -> str:
+    """The CPU plugin's inference precision for a torch dtype: "bf16" for bfloat16, else "f32"."""
+    return "bf16" if dtype == torch.bfloat16 else "f32"
+
+
+def skips_unet(spec, vae=None, hint: str = "bf16") -> bool:
     """Whether the model's torch U-Net need not load: a diffusers folder (local, bundled or Hub) whose IR is cached and
     readable. A damaged IR is removed here, so that the U-Net loads and is exported again."""
-    where = folder(spec, vae)
+    where = folder(spec, vae, hint)
     if spec.source not in ("folder", "bundled", "hub") or spec.base or not is_cached(where):
         return False
     try:
@@ -82,14 +93,14 @@ def skips_unet(spec, vae=None) -> bool:
 
 def apply(pipe, spec, dtype, vae=None) -> str:
     """Replace `pipe`'s U-Net and VAE decoder by OpenVINO ones, and give its text encoders OpenVINO twins, computing in
-    bf16 (`dtype` bfloat16) or fp32 (a U-Net of INT8_WEIGHTS_FROM parameters or more: from int8 weights), exported on
+    bf16 (`dtype` bfloat16) or fp32 (int8 weights where int8_weights says), exported on
     first use, then read from the cache; the optimizations line that says so. A U-Net left out of the load
     (skips_unet) is built on the meta device for its config: no weights."""
     if pipe.unet is None:
         from diffcli import models
 
         pipe.unet = meta_unet(models.folder_of(spec) / "unet")
-    return install(pipe, folder(spec, vae), dtype)
+    return install(pipe, folder(spec, vae, hint_of(dtype)), dtype)
 
 
 def meta_unet(unet_folder: Path):
@@ -110,19 +121,18 @@ def install(pipe, where: Path, dtype) -> str:
     """apply() with the IR kept in `where` (the bench's: a temporary folder)."""
     from diffcli import cpu
 
-    hint = "bf16" if dtype == torch.bfloat16 else "f32"
-    config = compile_config(hint)
+    hint = hint_of(dtype)
     parameters = sum(p.numel() for p in pipe.unet.parameters())
     if not is_cached(where):
-        export(pipe, where)
+        export(pipe, where, hint)
         pipe.unet.to("meta")  # its IR is written: the compile's own copy gets the room (SDXL: 10 GB in fp32)
     try:
-        unet, decoder, twins = _read_all(pipe, where, config, parameters)
+        unet, decoder, twins = _read_all(pipe, where, hint, parameters)
     except ModelError:  # a damaged cache file (skips_unet removes those of folders first): exported again, once
         if pipe.unet.device.type == "meta":
             raise
-        export(pipe, where)
-        unet, decoder, twins = _read_all(pipe, where, config, parameters)
+        export(pipe, where, hint)
+        unet, decoder, twins = _read_all(pipe, where, hint, parameters)
     pipe.unet = unet
     pipe.vae.decoder = decoder
     for encoder, twin in twins:
@@ -131,15 +141,19 @@ def install(pipe, where: Path, dtype) -> str:
     chosen, why = cpu.choose(cpu.cpu_flags(), parameters)
     if (chosen == "bf16") != (hint == "bf16"):
         why = f"--dtype {'bf16' if hint == 'bf16' else 'fp32'}"
-    int8 = " with int8 weights and dynamic int8 activations" if int8_weights(parameters) else ""
+    int8 = "" if not int8_weights(parameters, hint) else " with int8 weights" + (
+        " and dynamic int8 activations" if hint == "bf16" else "")
     return f"openvino {hint} U-Net{int8}, text encoder and VAE decoder ({why})"
 
 
-def _read_all(pipe, where: Path, config: dict, parameters: int):
-    """The U-Net, the VAE decoder and (encoder, twin) pairs read from `where`; a damaged file is a ModelError."""
+def _read_all(pipe, where: Path, hint: str, parameters: int):
+    """The U-Net, the VAE decoder and (encoder, twin) pairs read from `where`, to compute in `hint`; a damaged file is
+    a ModelError."""
+    config = compile_config(hint)
     twins = [(encoder, OpenVINOTextEncoder(where / f"{name}.xml", config, encoder)) for name in TEXT_ENCODERS
              if (encoder := getattr(pipe, name, None)) is not None and (where / f"{name}.xml").is_file()]
-    unet_config = dict(config, DYNAMIC_QUANTIZATION_GROUP_SIZE=str(DYNAMIC_INT8_GROUP)) if int8_weights(parameters) else config
+    dynamic = hint == "bf16" and int8_weights(parameters, hint)
+    unet_config = dict(config, DYNAMIC_QUANTIZATION_GROUP_SIZE=str(DYNAMIC_INT8_GROUP)) if dynamic else config
     return (OpenVINOUNet(where / "unet.xml", unet_config, pipe.unet, parameters),
             OpenVINODecoder(where / "vae_decoder.xml", config), twins)
 
@@ -159,15 +173,23 @@ def _nncf_version() -> str | None:
         return None
 
 
-def int8_weights(parameters: int) -> bool:
-    """Whether a U-Net of `parameters` is exported with int8 weights: INT8_WEIGHTS_FROM or more, and nncf installed."""
-    return parameters >= INT8_WEIGHTS_FROM and _nncf_version() is not None
+def int8_weights(parameters: int, hint: str) -> bool:
+    """Whether a U-Net of `parameters` is exported with int8 weights to compute in `hint` (nncf installed): from
+    INT8_WEIGHTS_FROM parameters (optimum-intel's rule), or from cpu.MIN_PARAMETERS in bf16 on an INT8_WEIGHTS_CPU
+    CPU without AMX."""
+    from diffcli import cpu
+
+    if _nncf_version() is None:
+        return False
+    flags = cpu.cpu_flags()
+    mid_size = hint == "bf16" and INT8_WEIGHTS_CPU in flags and "amx_bf16" not in flags
+    return parameters >= INT8_WEIGHTS_FROM or (mid_size and parameters >= cpu.MIN_PARAMETERS)
 
 
-def _compress_large(path: Path, parameters: int) -> None:
-    """Rewrite the IR at `path` with int8 weights if its module has INT8_WEIGHTS_FROM parameters or more and nncf is
-    installed: read back from disk (the weights memory-mapped), so that the converted graph is no longer in memory."""
-    if not int8_weights(parameters):
+def _compress_large(path: Path, parameters: int, hint: str) -> None:
+    """Rewrite the IR at `path` with int8 weights where int8_weights says: read back from disk (the weights
+    memory-mapped), so that the converted graph is no longer in memory."""
+    if not int8_weights(parameters, hint):
         return
     import contextlib
     import io
@@ -186,9 +208,10 @@ def _compress_large(path: Path, parameters: int) -> None:
     staged.replace(path)
 
 
-def export(pipe, folder: Path) -> None:
-    """Convert the pipeline's U-Net, VAE decoder and text encoders to OpenVINO IR in `folder`, atomically (a temporary folder beside
-    it, renamed): a crash leaves no half-written model behind."""
+def export(pipe, folder: Path, hint: str) -> None:
+    """Convert the pipeline's U-Net, VAE decoder and text encoders to OpenVINO IR in `folder`, for inference precision
+    `hint` (int8_weights), atomically (a temporary folder beside it, renamed): a crash leaves no half-written model
+    behind."""
     import openvino
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +223,7 @@ def export(pipe, folder: Path) -> None:
             warnings.simplefilter("ignore")  # the tracer's notes on shape checks it fixes as constants
             openvino.save_model(openvino.convert_model(unet, example_input=unet.example()), scratch / "unet.xml",
                                 compress_to_fp16=False)
-            _compress_large(scratch / "unet.xml", sum(p.numel() for p in pipe.unet.parameters()))
+            _compress_large(scratch / "unet.xml", sum(p.numel() for p in pipe.unet.parameters()), hint)
             openvino.save_model(openvino.convert_model(pipe.vae.decoder, example_input=(latents,)),
                                 scratch / "vae_decoder.xml", compress_to_fp16=False)
             for name in TEXT_ENCODERS:

@@ -191,7 +191,7 @@ def load_pipeline(spec: ModelSpec, task: str, device: str, dtype, safety_checker
                 from diffcli import openvino_unet
 
                 pipe = _load_weights(cls, spec, torch.float32, safety_checker, allow_pickle, vae,
-                                     without_unet=openvino_unet.skips_unet(spec, vae))
+                                     without_unet=openvino_unet.skips_unet(spec, vae, openvino_unet.hint_of(dtype)))
                 engine = openvino_unet.apply(pipe, spec, dtype, vae)
                 pipe.diffcli_optimizations = _place(pipe, device, optimize, low_vram, threads)[:-1] + [engine]
             else:

@@ -65,7 +65,7 @@ def images(plans: list[Plan], progress_bar: bool = False, notify: Callable[[str]
     if loading:  # a model too large for the memory free stops here, before its weights load (exit 2)
         memory_plan(plan.spec, device, dtype, job.model.low_vram, engine)
     if loading and engine == "openvino":
-        backend.say_export(plan.spec, plan.vae, notify)
+        backend.say_export(plan.spec, plan.vae, dtype, notify)
     with progress.loading(plan.spec.name, loading, progress_bar, notify):
         pipe = load_for_job(plan.spec, job.task, job.model, plan.scheduler, job.model.safety_checker, plan.vae, engine)
     if loading and device == "cpu":  # the CPU path chosen (bf16 or fp32, and why), once per model

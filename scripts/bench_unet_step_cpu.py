@@ -54,7 +54,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory(prefix="unet-step-") as scratch:  # the IR: 3.4 GB
             folder = Path(scratch) / "ir"
-            openvino_unet.export(pipe, folder)
+            openvino_unet.export(pipe, folder, "f32")  # full-precision weights for both hints
             parameters = sum(p.numel() for p in pipe.unet.parameters())
             for hint in hints:
                 unet = openvino_unet.OpenVINOUNet(folder / "unet.xml", openvino_unet.compile_config(hint), pipe.unet,

@@ -279,13 +279,13 @@ def test_auto_keeps_its_choice_when_the_loaded_model_has_used_the_memory(monkeyp
     assert backend.resolve(job, spec, "cpu") == "openvino"
 
 
-@pytest.mark.parametrize(("flags", "hint", "why"), [
-    ({"avx512_bf16", "amx_bf16", "amx_tile"}, "bf16", "this CPU has amx_bf16"),  # a Xeon with AMX
-    # an AMD EPYC (Zen 4): OpenVINO's U-Net step 2.8x torch fp32's there
-    ({"avx512f", "avx512_bf16"}, "bf16", "this CPU has avx512_bf16"),
-    (AVX2, "f32", "this CPU has no native bf16 instructions (AMX or AVX512-BF16)"),  # a laptop: 1.56x torch fp32
+@pytest.mark.parametrize(("flags", "hint", "why", "int8"), [
+    ({"avx512_bf16", "amx_bf16", "amx_tile"}, "bf16", "this CPU has amx_bf16", False),  # a Xeon with AMX
+    # an AMD EPYC (Zen 4): OpenVINO's U-Net step 2.8x torch fp32's there, 1.13x more with int8 weights (nncf's)
+    ({"avx512f", "avx512_bf16"}, "bf16", "this CPU has avx512_bf16", True),
+    (AVX2, "f32", "this CPU has no native bf16 instructions (AMX or AVX512-BF16)", False),  # a laptop: 1.56x torch fp32
 ])
-def test_auto_runs_openvino_and_says_why(cli, tiny_model, tmp_path, monkeypatch, flags, hint, why):
+def test_auto_runs_openvino_and_says_why(cli, tiny_model, tmp_path, monkeypatch, flags, hint, why, int8):
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(cpu, "MIN_PARAMETERS", 0)  # the tiny U-Net counts as large
     cpu.auto_dtype.cache_clear()
@@ -295,30 +295,61 @@ def test_auto_runs_openvino_and_says_why(cli, tiny_model, tmp_path, monkeypatch,
         cpu.auto_dtype.cache_clear()
     assert result.exit_code == 0, result.stderr
     record = result.json_lines()[0]
-    line = f"openvino {hint} U-Net, text encoder and VAE decoder ({why})"
+    int8 = " with int8 weights and dynamic int8 activations" if int8 and openvino_unet._nncf_version() else ""
+    line = f"openvino {hint} U-Net{int8}, text encoder and VAE decoder ({why})"
     assert record["backend"] == "openvino" and record["optimizations"][-1] == line
     assert record["dtype"] == {"bf16": "bfloat16", "f32": "float32"}[hint] and line in result.stderr
 
 
-def test_a_large_unet_is_exported_with_int8_weights(cli, tiny_model, tmp_path, monkeypatch):
-    """optimum-intel's default for modules of 1 B parameters or more (SDXL's U-Net): int8 weights, and int8 activations
-    quantised on the fly in groups of DYNAMIC_INT8_GROUP channels (the U-Net only); the image stays near torch's and
-    the optimizations line says so."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_large_unet_is_exported_with_int8_weights(cli, tiny_model, tmp_path, monkeypatch, dtype):
+    """optimum-intel's default for modules of 1 B parameters or more (SDXL's U-Net): int8 weights, computed in the
+    inference precision; in bf16 their activations are quantised to int8 on the fly, in groups of DYNAMIC_INT8_GROUP
+    channels (the U-Net only). The image stays near torch's and the optimizations line says so."""
     pytest.importorskip("nncf")
     monkeypatch.setattr(openvino_unet, "INT8_WEIGHTS_FROM", 0)  # the tiny U-Net counts as large
     compiled, init = [], openvino_unet._Compiled.__init__
     monkeypatch.setattr(openvino_unet._Compiled, "__init__", lambda self, path, config: (
         compiled.append((Path(path).stem, self)), init(self, path, config))[1])
-    torch_image, ov_image, record = both(cli, tmp_path, "txt2img", "a red star", "-m", tiny_model)
+    torch_image, ov_image, record = both(cli, tmp_path, "txt2img", "a red star", "-m", tiny_model, "--dtype", dtype)
+    hint, activations = {"fp32": ("f32", ""), "bf16": ("bf16", " and dynamic int8 activations")}[dtype]
     assert record["optimizations"][-1].startswith(
-        "openvino f32 U-Net with int8 weights and dynamic int8 activations, text encoder and VAE decoder")
+        f"openvino {hint} U-Net with int8 weights{activations}, text encoder and VAE decoder")
+    assert np.abs(torch_image - ov_image).mean() < 3
     groups = {name: {request.get_compiled_model().get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
                      for request in each.requests.values()} for name, each in compiled}
-    assert groups["unet"] == {openvino_unet.DYNAMIC_INT8_GROUP} and openvino_unet.DYNAMIC_INT8_GROUP not in groups["vae_decoder"]
-    assert np.abs(torch_image - ov_image).mean() < 3
+    assert (groups["unet"] == {openvino_unet.DYNAMIC_INT8_GROUP}) == (dtype == "bf16")
+    assert openvino_unet.DYNAMIC_INT8_GROUP not in groups["vae_decoder"]
     ir = next((tmp_path / "home").rglob("unet.xml")).read_text()
     assert 'element_type="u8"' in ir and not list((tmp_path / "home").rglob("compressed-*"))
     assert 'element_type="u8"' not in next((tmp_path / "home").rglob("vae_decoder.xml")).read_text()
+
+
+@pytest.mark.parametrize("flags, hint, parameters, int8", [
+    ({"avx512_bf16"}, "bf16", 860_000_000, True),  # AMD Zen 4: SD 1.5's U-Net
+    ({"avx512_bf16"}, "f32", 860_000_000, False),  # --dtype fp32
+    ({"avx512_bf16"}, "bf16", 50_000_000, False),  # small: not on OpenVINO by default, nor int8
+    ({"amx_bf16", "avx512_bf16"}, "bf16", 860_000_000, False),  # AMX: bf16 weights were faster
+    ({"amx_bf16", "avx512_bf16"}, "bf16", 2_600_000_000, True),  # SDXL: optimum-intel's rule
+    ({"avx2"}, "f32", 2_600_000_000, True),
+    ({"avx2"}, "f32", 860_000_000, False),
+])
+def test_which_unets_get_int8_weights(monkeypatch, flags, hint, parameters, int8):
+    monkeypatch.setattr(openvino_unet, "_nncf_version", lambda: "3.4.0")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    assert openvino_unet.int8_weights(parameters, hint) is int8
+    monkeypatch.setattr(openvino_unet, "_nncf_version", lambda: None)  # nncf not installed: never
+    assert not openvino_unet.int8_weights(parameters, hint)
+
+
+def test_the_cache_keeps_int8_and_bf16_weights_apart(monkeypatch, tiny_model):
+    """On a CPU where a mid-size U-Net gets int8 weights in bf16 only, bf16 and f32 read different IR folders."""
+    spec = models.resolve_model(str(tiny_model))
+    monkeypatch.setattr(openvino_unet, "_nncf_version", lambda: "3.4.0")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert openvino_unet.folder(spec, hint="bf16") != openvino_unet.folder(spec, hint="f32")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    assert openvino_unet.folder(spec, hint="bf16") == openvino_unet.folder(spec, hint="f32")
 
 
 @pytest.mark.slow
