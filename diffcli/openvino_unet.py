@@ -28,7 +28,7 @@ from diffcli.errors import ModelError, first_line
 IR_VERSION = 3  # part of the cache key: bump when what is exported changes
 # A module of this many parameters or more is kept with int8 weights (asymmetric, per output channel; nncf), computed in
 # the inference precision: optimum-intel's default for its exports. SDXL's U-Net (2.6 B) went from 9.98 to 9.70 s per
-# 256 px image at 43.3 dB (docs/performance.md, "CPU fast path"); SD 1.x/2.x U-Nets stay under it.
+# 256 px image at 43.3 dB (docs/performance.md, "CPU fast path"); SD 1.x/2.x U-Nets stay under it (but see INT8_WEIGHTS_CPU).
 INT8_WEIGHTS_FROM = 1_000_000_000
 # Computing in bf16 on AVX512-BF16 without AMX (AMD Zen 4), a U-Net of cpu.MIN_PARAMETERS or more also gets int8
 # weights: SD 1.5's step (2x4x32x32) went from 0.887 to 0.787 s with the activations below, 43 dB from bf16's output.
