@@ -28,7 +28,8 @@ from diffcli.errors import ModelError, first_line
 IR_VERSION = 3  # part of the cache key: bump when what is exported changes
 # A module of this many parameters or more is kept with int8 weights (asymmetric, per output channel; nncf), computed in
 # the inference precision: optimum-intel's default for its exports. SDXL's U-Net (2.6 B) went from 9.98 to 9.70 s per
-# 256 px image at 43.3 dB (docs/performance.md, "CPU fast path"); SD 1.x/2.x U-Nets stay under it (but see INT8_WEIGHTS_CPU).
+# 256 px image at 43.3 dB (docs/performance.md, "CPU fast path"); SD 1.x/2.x U-Nets stay under it (see
+# INT8_WEIGHTS_CPU for where they get int8 weights too).
 INT8_WEIGHTS_FROM = 1_000_000_000
 # Computing in bf16 on AVX512-BF16 without AMX (AMD Zen 4), a U-Net of cpu.MIN_PARAMETERS or more also gets int8
 # weights: SD 1.5's step (2x4x32x32) went from 0.887 to 0.787 s with the activations below, 43 dB from bf16's output.
@@ -56,7 +57,7 @@ def cache_key(spec, vae=None, hint: str = "bf16") -> str:
     parts = {"model": identity.model_identity(spec), "vae": vaes.identity(vae) if vae is not None else None,
              "base": spec.base, "ir": IR_VERSION, "openvino": openvino.__version__, "torch": torch.__version__,
              "diffusers": diffusers.__version__, "int8_weights": _nncf_version(),
-             "int8_mid_size": int8_weights(INT8_WEIGHTS_FROM - 1, hint)}
+             "int8_mid_size": _int8_mid_size(hint)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -173,17 +174,23 @@ def _nncf_version() -> str | None:
         return None
 
 
+def _int8_mid_size(hint: str) -> bool:
+    """Whether U-Nets from cpu.MIN_PARAMETERS get int8 weights too: computed in bf16 on an INT8_WEIGHTS_CPU CPU
+    without AMX."""
+    from diffcli import cpu
+
+    flags = cpu.cpu_flags()
+    return hint == "bf16" and INT8_WEIGHTS_CPU in flags and "amx_bf16" not in flags
+
+
 def int8_weights(parameters: int, hint: str) -> bool:
     """Whether a U-Net of `parameters` is exported with int8 weights to compute in `hint` (nncf installed): from
-    INT8_WEIGHTS_FROM parameters (optimum-intel's rule), or from cpu.MIN_PARAMETERS in bf16 on an INT8_WEIGHTS_CPU
-    CPU without AMX."""
+    INT8_WEIGHTS_FROM parameters (optimum-intel's rule), or from cpu.MIN_PARAMETERS where _int8_mid_size says."""
     from diffcli import cpu
 
     if _nncf_version() is None:
         return False
-    flags = cpu.cpu_flags()
-    mid_size = hint == "bf16" and INT8_WEIGHTS_CPU in flags and "amx_bf16" not in flags
-    return parameters >= INT8_WEIGHTS_FROM or (mid_size and parameters >= cpu.MIN_PARAMETERS)
+    return parameters >= INT8_WEIGHTS_FROM or (_int8_mid_size(hint) and parameters >= cpu.MIN_PARAMETERS)
 
 
 def _compress_large(path: Path, parameters: int, hint: str) -> None:
