@@ -118,6 +118,12 @@ def compile_config(hint: str) -> dict:
     return {"INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
 
 
+def unet_config(hint: str, int8: bool) -> dict:
+    """compile_config for a U-Net, with int8 weights or not: in bf16 their layers also quantise activations to int8."""
+    dynamic = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": str(DYNAMIC_INT8_GROUP)} if int8 and hint == "bf16" else {}
+    return compile_config(hint) | dynamic
+
+
 def install(pipe, where: Path, dtype) -> str:
     """apply() with the IR kept in `where` (the bench's: a temporary folder)."""
     from diffcli import cpu
@@ -153,9 +159,7 @@ def _read_all(pipe, where: Path, hint: str, parameters: int):
     config = compile_config(hint)
     twins = [(encoder, OpenVINOTextEncoder(where / f"{name}.xml", config, encoder)) for name in TEXT_ENCODERS
              if (encoder := getattr(pipe, name, None)) is not None and (where / f"{name}.xml").is_file()]
-    dynamic = hint == "bf16" and int8_weights(parameters, hint)
-    unet_config = dict(config, DYNAMIC_QUANTIZATION_GROUP_SIZE=str(DYNAMIC_INT8_GROUP)) if dynamic else config
-    return (OpenVINOUNet(where / "unet.xml", unet_config, pipe.unet, parameters),
+    return (OpenVINOUNet(where / "unet.xml", unet_config(hint, int8_weights(parameters, hint)), pipe.unet, parameters),
             OpenVINODecoder(where / "vae_decoder.xml", config), twins)
 
 
@@ -193,11 +197,9 @@ def int8_weights(parameters: int, hint: str) -> bool:
     return parameters >= INT8_WEIGHTS_FROM or (_int8_mid_size(hint) and parameters >= cpu.MIN_PARAMETERS)
 
 
-def _compress_large(path: Path, parameters: int, hint: str) -> None:
-    """Rewrite the IR at `path` with int8 weights where int8_weights says: read back from disk (the weights
-    memory-mapped), so that the converted graph is no longer in memory."""
-    if not int8_weights(parameters, hint):
-        return
+def compress_int8(path: Path) -> None:
+    """Rewrite the IR at `path` with int8 weights (asymmetric, per output channel; nncf): read back from disk (the
+    weights memory-mapped), so that the converted graph is no longer in memory."""
     import contextlib
     import io
     import logging
@@ -230,7 +232,8 @@ def export(pipe, folder: Path, hint: str) -> None:
             warnings.simplefilter("ignore")  # the tracer's notes on shape checks it fixes as constants
             openvino.save_model(openvino.convert_model(unet, example_input=unet.example()), scratch / "unet.xml",
                                 compress_to_fp16=False)
-            _compress_large(scratch / "unet.xml", sum(p.numel() for p in pipe.unet.parameters()), hint)
+            if int8_weights(sum(p.numel() for p in pipe.unet.parameters()), hint):
+                compress_int8(scratch / "unet.xml")
             openvino.save_model(openvino.convert_model(pipe.vae.decoder, example_input=(latents,)),
                                 scratch / "vae_decoder.xml", compress_to_fp16=False)
             for name in TEXT_ENCODERS:

@@ -1,13 +1,15 @@
 """One U-Net step of a random-weight full-size SD 1.5 (cfg batch 2, 256 px) on the CPU, by engine and precision: torch
-fp32, torch bf16 + channels_last, OpenVINO f32 and bf16 (diffcli's own OpenVINOUNet; needs `diffcli[openvino]`).
-Medians of --repeats after one warm-up (the compile); what `diffcli/cpu.py` chooses from is measured here
+fp32, torch bf16 + channels_last, OpenVINO f32 and bf16, and OpenVINO bf16 from int8 weights with dynamic int8
+activations (diffcli's own OpenVINOUNet; needs `diffcli[openvino]`, and nncf for the last). Medians of --repeats after
+one warm-up (the compile); what `diffcli/cpu.py` and `openvino_unet.int8_weights` choose from is measured here
 (docs/performance.md, "CPU fast path").
 
-    python scripts/bench_unet_step_cpu.py [--threads 2] [--repeats 5] [--only fp32,bf16,ov_f32,ov_bf16]
+    python scripts/bench_unet_step_cpu.py [--threads 2] [--repeats 5] [--only fp32,bf16,ov_f32,ov_bf16,ov_bf16_int8]
 """
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -28,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", default="fp32,bf16,ov_f32,ov_bf16")
+    parser.add_argument("--only", default="fp32,bf16,ov_f32,ov_bf16,ov_bf16_int8")
     args = parser.parse_args()
     which = args.only.split(",")
 
@@ -48,7 +50,7 @@ def main() -> None:
             result["torch_bf16_channels_last_s"] = median_s(
                 lambda: unet(sample.bfloat16(), timestep, text.bfloat16()), args.repeats)
             pipe.unet.to(torch.float32)
-    hints = [hint for hint in ("f32", "bf16") if f"ov_{hint}" in which]
+    hints = [hint for hint in ("f32", "bf16", "bf16_int8") if f"ov_{hint}" in which]
     if hints:
         from diffcli import openvino_unet
 
@@ -57,8 +59,15 @@ def main() -> None:
             openvino_unet.export(pipe, folder, "f32")  # full-precision weights for both hints
             parameters = sum(p.numel() for p in pipe.unet.parameters())
             for hint in hints:
-                unet = openvino_unet.OpenVINOUNet(folder / "unet.xml", openvino_unet.compile_config(hint), pipe.unet,
-                                                  parameters)
+                path, int8 = folder / "unet.xml", hint.endswith("_int8")
+                if int8:  # a copy of the U-Net's IR with int8 weights
+                    path = Path(scratch) / "int8" / "unet.xml"
+                    path.parent.mkdir()
+                    for suffix in (".xml", ".bin"):
+                        shutil.copyfile(folder / f"unet{suffix}", path.with_suffix(suffix))
+                    openvino_unet.compress_int8(path)
+                config = openvino_unet.unet_config(hint.removesuffix("_int8"), int8)
+                unet = openvino_unet.OpenVINOUNet(path, config, pipe.unet, parameters)
                 result[f"openvino_{hint}_s"] = median_s(lambda: unet(sample, timestep, text), args.repeats)
     print(json.dumps(result))
 
