@@ -130,16 +130,17 @@ def install(pipe, where: Path, dtype) -> str:
 
     hint = hint_of(dtype)
     parameters = sum(p.numel() for p in pipe.unet.parameters())
+    int8 = int8_weights(parameters, hint)
     if not is_cached(where):
         export(pipe, where, hint)
         pipe.unet.to("meta")  # its IR is written: the compile's own copy gets the room (SDXL: 10 GB in fp32)
     try:
-        unet, decoder, twins = _read_all(pipe, where, hint, parameters)
+        unet, decoder, twins = _read_all(pipe, where, hint, parameters, int8)
     except ModelError:  # a damaged cache file (skips_unet removes those of folders first): exported again, once
         if pipe.unet.device.type == "meta":
             raise
         export(pipe, where, hint)
-        unet, decoder, twins = _read_all(pipe, where, hint, parameters)
+        unet, decoder, twins = _read_all(pipe, where, hint, parameters, int8)
     pipe.unet = unet
     pipe.vae.decoder = decoder
     for encoder, twin in twins:
@@ -148,18 +149,18 @@ def install(pipe, where: Path, dtype) -> str:
     chosen, why = cpu.choose(cpu.cpu_flags(), parameters)
     if (chosen == "bf16") != (hint == "bf16"):
         why = f"--dtype {'bf16' if hint == 'bf16' else 'fp32'}"
-    int8 = "" if not int8_weights(parameters, hint) else " with int8 weights" + (
-        " and dynamic int8 activations" if hint == "bf16" else "")
-    return f"openvino {hint} U-Net{int8}, text encoder and VAE decoder ({why})"
+    dynamic = "DYNAMIC_QUANTIZATION_GROUP_SIZE" in unet_config(hint, int8)
+    weights = (" with int8 weights" + (" and dynamic int8 activations" if dynamic else "")) if int8 else ""
+    return f"openvino {hint} U-Net{weights}, text encoder and VAE decoder ({why})"
 
 
-def _read_all(pipe, where: Path, hint: str, parameters: int):
-    """The U-Net, the VAE decoder and (encoder, twin) pairs read from `where`, to compute in `hint`; a damaged file is
-    a ModelError."""
+def _read_all(pipe, where: Path, hint: str, parameters: int, int8: bool):
+    """The U-Net (of `parameters`, with int8 weights or not), the VAE decoder and (encoder, twin) pairs read from
+    `where`, to compute in `hint`; a damaged file is a ModelError."""
     config = compile_config(hint)
     twins = [(encoder, OpenVINOTextEncoder(where / f"{name}.xml", config, encoder)) for name in TEXT_ENCODERS
              if (encoder := getattr(pipe, name, None)) is not None and (where / f"{name}.xml").is_file()]
-    return (OpenVINOUNet(where / "unet.xml", unet_config(hint, int8_weights(parameters, hint)), pipe.unet, parameters),
+    return (OpenVINOUNet(where / "unet.xml", unet_config(hint, int8), pipe.unet, parameters),
             OpenVINODecoder(where / "vae_decoder.xml", config), twins)
 
 
