@@ -250,15 +250,16 @@ def _load_vae(run: Run, name, dev):
     return AutoencoderKL.from_pretrained(path, dtype=torch.float32).to(dev).eval().requires_grad_(False)
 
 
-def _diffusion_loss(pred, noise, t, sched, latents=None, pixel_weights=None):
+def _diffusion_loss(pred, noise, t, sched, latents=None, pixel_weights=None, target=None):
     """Epsilon MSE with min-SNR-5 weighting (Hang et al. 2023); for v-prediction, v MSE weighted so the x0 error
     counts clamp(SNR, 1, 5) times (at low SNR min-SNR would weight x0 by SNR, ~0 near pure noise). `pixel_weights`
-    (N, 1, h, w) weight each latent position's error."""
+    (N, 1, h, w) weight each latent position's error; `target` (a teacher's prediction) replaces the data's."""
     snr = sched.alphas_cumprod.to(t.device)[t] / (1 - sched.alphas_cumprod.to(t.device)[t])
     if sched.config.prediction_type == "v_prediction":
-        target, w = sched.get_velocity(latents, noise, t), snr.clamp(1.0, 5.0) / (snr + 1)
+        data, w = (sched.get_velocity(latents, noise, t) if target is None else None), snr.clamp(1.0, 5.0) / (snr + 1)
     else:
-        target, w = noise, snr.clamp(max=5.0) / snr
+        data, w = noise, snr.clamp(max=5.0) / snr
+    target = data if target is None else target
     error = (pred.float() - target) ** 2
     if pixel_weights is not None:
         error = error * pixel_weights

@@ -83,13 +83,19 @@ def canny_maps(images: torch.Tensor) -> torch.Tensor:
 class Pool:
     """Scenes drawn once: frozen-VAE latent moments, canny maps, caption token ids."""
 
-    def __init__(self, n, seed, tokenizer, vae, unsaid_share=0.0, conflict_share=0.0, small_share=None):
+    def __init__(self, n, seed, tokenizer, vae, unsaid_share=0.0, conflict_share=0.0, small_share=None, focus=(),
+                 focus_share=0.0, distill=False):
         rng = random.Random(seed)
         scenes = [world.sample_scene(rng, rng.random() < 0.5) for _ in range(n)]
         if small_share is not None:  # --small-share: small objects, whose shapes the map conveys worst, drawn more often
             for s in scenes:
                 for o in s.objects:
                     o.size = 0 if rng.random() < small_share else 1
+        if focus:  # --focus: the (size, shape) kinds the map conveys worst, given to one object of a share of scenes
+            for s in scenes:
+                if rng.random() < focus_share:
+                    o = rng.choice(s.objects)
+                    o.size, o.shape = rng.choice(focus)
         # train=True: held-out captions never said in full; a share say no shape, size or place (the map's to give),
         # a share name other shapes than the scene's (the map's to override)
         captions = []
@@ -103,6 +109,12 @@ class Pool:
                 captions.append(world.caption(rng, s))
         self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         self.empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        if distill:  # --distill-share: each scene also captioned with everything but shape, size and place (the
+            # student's), and with everything but what the held-out split keeps back (the teacher's)
+            ids = lambda texts: tokenizer(texts, padding="max_length", max_length=77, truncation=True,  # noqa: E731
+                                          return_tensors="pt").input_ids
+            self.student_ids = ids([world.caption(rng, s, full=True, drop=UNSAID) for s in scenes])
+            self.teacher_ids = ids([world.caption(rng, s, full=True) for s in scenes])
         moments, maps = [], []
         for i in range(0, n, 64):
             t = world.to_tensors(scenes[i:i + 64])
@@ -111,12 +123,14 @@ class Pool:
                 moments.append(vae.encode(images * 2 - 1).latent_dist.parameters)
             outline = torch.tensor([rng.random() < OUTLINE_SHARE for _ in range(len(images))])
             maps.append(canny_maps(torch.where(outline[:, None, None, None], outline_drawing(t, rng), images)))
-        self.moments, self.maps, self.n = torch.cat(moments), torch.cat(maps), n
+        self.scenes, self.moments, self.maps, self.n = scenes, torch.cat(moments), torch.cat(maps), n
         self.gen = torch.Generator().manual_seed(seed)
 
-    def batch(self, b, dropout):
+    def batch(self, b, dropout, distill_share=0.0):
         """Latents (sampled from their moments), maps (N, 3, 128, 128) in [0, 1], caption ids (`dropout` emptied),
-        and where each map has edges, dilated at the latent's resolution (N, 1, h, w) for --object-weight."""
+        where each map has edges, dilated at the latent's resolution (N, 1, h, w) for --object-weight, and which
+        scenes (a `distill_share`, never emptied) are taught by the teacher instead: their ids are the student's
+        caption, and their teacher's caption ids follow."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         idx = torch.randint(0, self.n, (b,), generator=self.gen)
@@ -125,16 +139,24 @@ class Pool:
         maps = self.maps[idx].float()[:, None]
         near = torch.nn.functional.max_pool2d(maps, maps.shape[-1] // latents.shape[-1])
         near = torch.nn.functional.max_pool2d(near, 3, stride=1, padding=1)
-        return latents, maps.expand(-1, 3, -1, -1), torch.where(drop, self.empty, self.ids[idx]), near
+        ids = torch.where(drop, self.empty, self.ids[idx])
+        taught = torch.rand(b, generator=self.gen) < distill_share
+        teacher = self.teacher_ids[idx[taught]] if distill_share else ids[:0]
+        if distill_share:
+            ids[taught] = self.student_ids[idx[taught]]
+        return latents, maps.expand(-1, 3, -1, -1), ids, near, taught, teacher
 
 
 def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_share: float = 0.0,
           object_weight: float = 0.0, conflict_share: float = 0.0, small_share: float | None = None,
-          lr_decay: bool = False) -> Path:
+          lr_decay: bool = False, focus: tuple = (), focus_share: float = 0.0, distill_share: float = 0.0) -> Path:
     """Train (from `run.resume`, a ControlNet folder, if given) and save `run.out/tiny-shapes-control` (fp16
     safetensors); returns that folder. `object_weight`: the loss counts 1 + this much near the map's edges (the
     object, a few percent of the latent, where its shape is decided). `lr_decay`: the learning rate falls along a
-    cosine to 0 at the end of the time box (the earlier runs kept it constant)."""
+    cosine to 0 at the end of the time box (the earlier runs kept it constant). `focus`: (size, shape) index pairs,
+    one of which a share `focus_share` of the scenes gets for one of its objects. `distill_share`: a share of each
+    batch is captioned without shape, size or place and trained to predict what the frozen starting ControlNet and
+    UNet predict from the full caption: the map must then carry what the words would have said."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -149,7 +171,10 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
     # the refiner's own timestep at each of the base's (nearest alphas_cumprod), as the --refiner handover calls it
     own_t = matched_timesteps(alphas_cumprod(dict(sched.config)), alphas_cumprod(dict(own_sched.config))) if refiner else None
     net = (ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32) if run.resume else controlnet(unet)).train()
-    pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share, conflict_share, small_share)
+    pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share, conflict_share, small_share, focus, focus_share,
+                distill=bool(distill_share))
+    teacher = ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32).eval().requires_grad_(False) \
+        if distill_share else None
     print(f"pool of {pool_size} scenes in {(time.time() - t0) / 60:.1f} min", flush=True)
     params = list(net.parameters())
     opt, lr_sched = optimizer(params, run.lr, torch.device("cpu"))
@@ -159,27 +184,41 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
         lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     logger = Logger(run, "control", params_controlnet=models.n_params(net), batch=run.batch, pool=pool_size,
                     base=str(base), refiner=str(refiner), unsaid_share=unsaid_share, object_weight=object_weight,
-                    conflict_share=conflict_share, small_share=small_share, lr_decay=lr_decay)
+                    conflict_share=conflict_share, small_share=small_share, lr_decay=lr_decay,
+                    focus=[f"{world.SIZES[a]}-{world.SHAPES[b]}" for a, b in focus], focus_share=focus_share, distill_share=distill_share)
     sf = vae.config.scaling_factor
 
     def step(i):
-        lat, cond, ids, near = pool.batch(run.batch, run.caption_dropout)
-        weights = 1 + object_weight * near if object_weight else None
+        lat, cond, ids, near, taught, teacher_ids = pool.batch(run.batch, run.caption_dropout, distill_share)
+        weights = 1 + object_weight * near if object_weight else torch.ones_like(near)
         lat = lat * sf
-        with torch.no_grad():
-            states = text(ids)[0]
         eps = torch.randn_like(lat)
         t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],))
         noisy = sched.add_noise(lat, eps, t)
+        with torch.no_grad():
+            states = text(ids)[0]
+            if taught.any():  # the teacher's residuals from the full caption, for the taught scenes
+                said = text(teacher_ids)[0]
+                said_down, said_mid = teacher(noisy[taught], t[taught], said, cond[taught], return_dict=False)
         down, mid = net(noisy, t, states, cond, return_dict=False)
         low = t < HANDOVER if refiner else torch.zeros_like(t, dtype=torch.bool)
         loss = 0.0
         for part, model, steps, schedule in ((~low, unet, t, sched), (low, own, own_t[t] if refiner else t, own_sched)):
-            if part.any():
-                pred = model(noisy[part], steps[part], states[part], down_block_additional_residuals=[d[part] for d in down],
-                             mid_block_additional_residual=mid[part]).sample
-                loss = loss + _diffusion_loss(pred, eps[part], steps[part], schedule, lat[part],
-                                              None if weights is None else weights[part]) * part.float().mean()
+            if not part.any():
+                continue
+            pred = model(noisy[part], steps[part], states[part], down_block_additional_residuals=[d[part] for d in down],
+                         mid_block_additional_residual=mid[part]).sample
+            target = None
+            if taught[part].any():  # the teacher's prediction replaces the data's target for its scenes
+                among = part[taught]
+                with torch.no_grad():
+                    target = eps[part].clone() if schedule.config.prediction_type == "epsilon" else \
+                        schedule.get_velocity(lat[part], eps[part], steps[part])
+                    target[taught[part]] = model(noisy[part & taught], steps[part & taught], said[among],
+                                                 down_block_additional_residuals=[d[among] for d in said_down],
+                                                 mid_block_additional_residual=said_mid[among]).sample
+            loss = loss + _diffusion_loss(pred, eps[part], steps[part], schedule, lat[part], weights[part],
+                                          target) * part.float().mean()
         return _optimize(loss, opt, params, lr_sched)
 
     loop(step, run_deadline(run, t0), run, logger, params)
@@ -213,13 +252,27 @@ def main(argv=None):
     p.add_argument("--object-weight", type=float, default=0.0, help="extra loss weight near the map's edges")
     p.add_argument("--small-share", type=float, default=None, help="share of small objects (default: half)")
     p.add_argument("--lr-decay", action="store_true", help="cosine learning-rate decay to 0 over the time box")
+    p.add_argument("--focus", default="", metavar="SIZE-SHAPE,...",
+                   help="kinds given to one object of a --focus-share of the scenes, e.g. small-square,small-star")
+    p.add_argument("--focus-share", type=float, default=0.3)
+    p.add_argument("--distill-share", type=float, default=0.0,
+                   help="share of each batch captioned without shape, size or place and taught by the --resume model")
     a = p.parse_args(argv)
+    if a.distill_share and not a.resume:
+        p.error("--distill-share needs --resume: the ControlNet that teaches")
+    focus = []
+    for kind in filter(None, a.focus.split(",")):
+        size, _, shape = kind.partition("-")
+        if size not in world.SIZES or shape not in world.SHAPES:
+            p.error(f"--focus {kind!r}: expected SIZE-SHAPE with SIZE in {world.SIZES}, SHAPE in {world.SHAPES}")
+        focus.append((world.SIZES.index(size), world.SHAPES.index(shape)))
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     run = Run(out=a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch, lr=a.lr,
               resume=a.resume)
     folder = train(run, a.base, None if a.refiner == "none" else Path(a.refiner), a.pool, a.unsaid_share,
-                   a.object_weight, a.conflict_share, a.small_share, a.lr_decay)
+                   a.object_weight, a.conflict_share, a.small_share, a.lr_decay, tuple(focus), a.focus_share,
+                   a.distill_share)
     print(folder)
 
 
