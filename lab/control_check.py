@@ -65,11 +65,11 @@ def scores(scene, image: np.ndarray) -> dict:
 
 def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threads=1, extra=None, source="scene") -> dict:
     """Generate and judge n controlled images, the maps made from the rendered scenes or (`outline`) from outline
-    drawings of them; returns the mean of each score."""
+    drawings of them; returns the mean of each score, and the shape's per kind of object (`shape_by_kind`)."""
     from lab.train_control import outline_drawing
 
     items = scenes(n, seed, prompt)
-    acc, t0 = defaultdict(list), time.time()
+    acc, kinds, t0 = defaultdict(list), defaultdict(list), time.time()
     with tempfile.TemporaryDirectory(prefix="control-check-") as folder:
         t = world.to_tensors([s for _, s in items])
         drawn = outline_drawing(t, random.Random(seed)) if source == "outline" else world.render(t)
@@ -83,8 +83,11 @@ def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threa
         for (_, scene), image in zip(items, evaluate._images("txt2img", values)):
             for key, value in scores(scene, image).items():
                 acc[key].append(value)
+            o = scene.objects[0]
+            kinds[f"{world.SIZES[o.size]} {world.SHAPES[o.shape]}"].append(acc["shape"][-1])
     return {"n": n, "seed": seed, "prompt": prompt, "source": source, "weight": weight, "model": model, "extra": extra,
-            "seconds": round(time.time() - t0, 1), "accuracy": {k: round(float(np.mean(acc[k])), 4) for k in KEYS}}
+            "seconds": round(time.time() - t0, 1), "accuracy": {k: round(float(np.mean(acc[k])), 4) for k in KEYS},
+            "shape_by_kind": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(kinds.items())}}
 
 
 def main(argv=None):
