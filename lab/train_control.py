@@ -185,7 +185,8 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
     logger = Logger(run, "control", params_controlnet=models.n_params(net), batch=run.batch, pool=pool_size,
                     base=str(base), refiner=str(refiner), unsaid_share=unsaid_share, object_weight=object_weight,
                     conflict_share=conflict_share, small_share=small_share, lr_decay=lr_decay,
-                    focus=[f"{world.SIZES[a]}-{world.SHAPES[b]}" for a, b in focus], focus_share=focus_share, distill_share=distill_share)
+                    focus=[f"{world.SIZES[a]}-{world.SHAPES[b]}" for a, b in focus], focus_share=focus_share,
+                    distill_share=distill_share)
     sf = vae.config.scaling_factor
 
     def step(i):
