@@ -250,16 +250,18 @@ def _load_vae(run: Run, name, dev):
     return AutoencoderKL.from_pretrained(path, dtype=torch.float32).to(dev).eval().requires_grad_(False)
 
 
+def _data_target(sched, latents, noise, t):
+    """What the model learns to predict from the data: the noise, or for v-prediction the velocity."""
+    return sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+
+
 def _diffusion_loss(pred, noise, t, sched, latents=None, pixel_weights=None, target=None):
     """Epsilon MSE with min-SNR-5 weighting (Hang et al. 2023); for v-prediction, v MSE weighted so the x0 error
     counts clamp(SNR, 1, 5) times (at low SNR min-SNR would weight x0 by SNR, ~0 near pure noise). `pixel_weights`
     (N, 1, h, w) weight each latent position's error; `target` (a teacher's prediction) replaces the data's."""
     snr = sched.alphas_cumprod.to(t.device)[t] / (1 - sched.alphas_cumprod.to(t.device)[t])
-    if sched.config.prediction_type == "v_prediction":
-        data, w = (sched.get_velocity(latents, noise, t) if target is None else None), snr.clamp(1.0, 5.0) / (snr + 1)
-    else:
-        data, w = noise, snr.clamp(max=5.0) / snr
-    target = data if target is None else target
+    w = snr.clamp(1.0, 5.0) / (snr + 1) if sched.config.prediction_type == "v_prediction" else snr.clamp(max=5.0) / snr
+    target = _data_target(sched, latents, noise, t) if target is None else target
     error = (pred.float() - target) ** 2
     if pixel_weights is not None:
         error = error * pixel_weights

@@ -8,6 +8,7 @@ the scene (dark lines on a light ground), so a drawn outline works as well as a 
 """
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -22,7 +23,7 @@ from diffcli import control
 from diffcli.refiner import alphas_cumprod, matched_timesteps
 from diffcli.shapes import world
 from lab import models
-from lab.train import Logger, Run, _diffusion_loss, _optimize, loop, optimizer
+from lab.train import Logger, Run, _data_target, _diffusion_loss, _optimize, loop, optimizer
 
 BUNDLED = Path(__file__).resolve().parents[1] / "diffcli" / "bundled"
 HANDOVER = 500  # timesteps below this go to the refiner (tiny-shapes' refiner_start 0.5)
@@ -33,8 +34,6 @@ UNSAID = ("shape0", "shape1", "size0", "size1", "position", "relation")  # --uns
 def misnamed(rng: random.Random, scene):
     """A copy of `scene` whose objects have other shapes: its caption names shapes the map does not show
     (--conflict-share: the map's shape must win over the prompt's, as a canny map's edges do)."""
-    import copy
-
     other = copy.deepcopy(scene)
     for o in other.objects:
         o.shape = rng.choice([k for k in range(len(world.SHAPES)) if k != o.shape])
@@ -139,11 +138,11 @@ class Pool:
         maps = self.maps[idx].float()[:, None]
         near = torch.nn.functional.max_pool2d(maps, maps.shape[-1] // latents.shape[-1])
         near = torch.nn.functional.max_pool2d(near, 3, stride=1, padding=1)
-        ids = torch.where(drop, self.empty, self.ids[idx])
-        taught = torch.rand(b, generator=self.gen) < distill_share
-        teacher = self.teacher_ids[idx[taught]] if distill_share else ids[:0]
-        if distill_share:
-            ids[taught] = self.student_ids[idx[taught]]
+        ids, teacher = torch.where(drop, self.empty, self.ids[idx]), self.ids[:0]
+        # no draw without distillation: the earlier runs' batches stay as they were
+        taught = torch.rand(b, generator=self.gen) < distill_share if distill_share else torch.zeros(b, dtype=torch.bool)
+        if taught.any():
+            ids[taught], teacher = self.student_ids[idx[taught]], self.teacher_ids[idx[taught]]
         return latents, maps.expand(-1, 3, -1, -1), ids, near, taught, teacher
 
 
@@ -173,8 +172,7 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
     net = (ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32) if run.resume else controlnet(unet)).train()
     pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share, conflict_share, small_share, focus, focus_share,
                 distill=bool(distill_share))
-    teacher = ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32).eval().requires_grad_(False) \
-        if distill_share else None
+    teacher = copy.deepcopy(net).eval().requires_grad_(False) if distill_share else None  # the starting weights
     print(f"pool of {pool_size} scenes in {(time.time() - t0) / 60:.1f} min", flush=True)
     params = list(net.parameters())
     opt, lr_sched = optimizer(params, run.lr, torch.device("cpu"))
@@ -213,8 +211,7 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
             if taught[part].any():  # the teacher's prediction replaces the data's target for its scenes
                 among = part[taught]
                 with torch.no_grad():
-                    target = eps[part].clone() if schedule.config.prediction_type == "epsilon" else \
-                        schedule.get_velocity(lat[part], eps[part], steps[part])
+                    target = _data_target(schedule, lat[part], eps[part], steps[part])  # a copy: eps[part] indexes
                     target[taught[part]] = model(noisy[part & taught], steps[part & taught], said[among],
                                                  down_block_additional_residuals=[d[among] for d in said_down],
                                                  mid_block_additional_residual=said_mid[among]).sample
