@@ -1,6 +1,9 @@
-"""The control trainer's captions: what --unsaid-share and --conflict-share put in its pool."""
+"""The control trainer: what --unsaid-share, --conflict-share, --focus and --distill-share put in its pool and batches,
+and the options it refuses."""
 
 import random
+
+import pytest
 
 from diffcli.shapes import world
 from lab.train_control import misnamed
@@ -52,3 +55,18 @@ def test_taught_scenes_leave_shape_size_and_place_to_the_map_and_the_teacher_hea
     latents, maps, ids, near, taught, teacher = pool.batch(8, dropout=1.0, distill_share=0.0)
     assert not taught.any() and len(teacher) == 0 and (ids == pool.empty).all()
     assert maps.shape == (8, 3, 128, 128) and near.shape == latents[:, :1].shape and torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--focus", "small-blob"], "--focus 'small-blob': expected SIZE-SHAPE"),
+    (["--focus", "SMALL-square"], "--focus 'SMALL-square'"),
+    (["--focus", "small-square,../star"], "--focus '../star'"),
+    (["--distill-share", "0.5"], "--distill-share needs --resume"),
+])
+def test_bad_training_options_are_refused_before_any_work(tmp_path, capsys, argv, says):
+    from lab.train_control import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "run"), *argv])
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
