@@ -63,7 +63,8 @@ def scores(scene, image: np.ndarray) -> dict:
     return right
 
 
-def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threads=1, extra=None, source="scene") -> dict:
+def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threads=1, extra=None, source="scene",
+          guess_mode=False) -> dict:
     """Generate and judge n controlled images, the maps made from the rendered scenes or (`outline`) from outline
     drawings of them; returns the mean of each score, and the shape's per kind of object (`shape_by_kind`)."""
     from lab.train_control import outline_drawing
@@ -79,13 +80,14 @@ def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threa
             Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(f"{folder}/scene{i}.png")
             unit = f"canny:{folder}/scene{i}.png;weight={weight:g}" + (f";{extra}" if extra else "")
             values.append(dict(prompt=text, seed=seed * SEED_STRIDE + i, model=model, device="cpu", threads=threads,
-                               control=[unit]))
+                               control=[unit], guess_mode=guess_mode))
         for (_, scene), image in zip(items, evaluate._images("txt2img", values)):
             for key, value in scores(scene, image).items():
                 acc[key].append(value)
             o = scene.objects[0]
             kinds[f"{world.SIZES[o.size]} {world.SHAPES[o.shape]}"].append(acc["shape"][-1])
     return {"n": n, "seed": seed, "prompt": prompt, "source": source, "weight": weight, "model": model, "extra": extra,
+            "guess_mode": guess_mode,
             "seconds": round(time.time() - t0, 1), "accuracy": {k: round(float(np.mean(acc[k])), 4) for k in KEYS},
             "shape_by_kind": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(kinds.items())}}
 
@@ -100,8 +102,9 @@ def main(argv=None):
     p.add_argument("--model", default="tiny-shapes")
     p.add_argument("--unit", default=None, help="more unit options, e.g. 'model=DIR' or 'end=0.5'")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--guess-mode", action="store_true", help="the ControlNet sees no prompt (diffcli's --guess-mode)")
     a = p.parse_args(argv)
-    result = check(a.n, a.seed, a.prompt, a.weight, a.model, a.threads, a.unit, a.source)
+    result = check(a.n, a.seed, a.prompt, a.weight, a.model, a.threads, a.unit, a.source, a.guess_mode)
     print(json.dumps(result), flush=True)
     print(" ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items()), file=sys.stderr)
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from diffcli import control
-from diffcli.refiner import alphas_cumprod, matched_timesteps
+from diffcli.refiner import _converted_unet, alphas_cumprod, matched_timesteps
 from diffcli.shapes import world
 from lab import models
 from lab.train import Logger, Run, _data_target, _diffusion_loss, _optimize, loop, optimizer
@@ -79,6 +79,41 @@ def canny_maps(images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(control.canny(Image.fromarray(a)))[..., 0] > 127 for a in arrays]))
 
 
+def rollout(net, unet, refined, sampler, text, pool, idx, below, steps, cfg, gen, chunk=100):
+    """The states the sampler passes through below timestep `below` when `diffcli txt2img` draws pool scenes `idx`
+    from their student captions (colours and background only) and maps: `sampler` (the model's euler-a) over `steps`
+    steps, guidance `cfg`, the base UNet above HANDOVER and `refined` (the refiner standing in for it,
+    diffcli.refiner) below, `net`'s residuals on both halves. Returns (scene index, state as the UNets read it,
+    timestep) per visit, and the final latents of `idx`. Where a map-only image goes wrong (a small square's rounded
+    corners, settled by the refiner in the last steps) these states are off the path of noised data, so training on
+    noised data alone never meets them."""
+    sched = sampler
+    empty = text(pool.empty)[0]
+    scenes, states, times, finals = [], [], [], []
+    for i in range(0, len(idx), chunk):
+        part = idx[i:i + chunk]
+        n = len(part)
+        sched.set_timesteps(steps)
+        said = torch.cat([empty.expand(n, -1, -1), text(pool.student_ids[part])[0]])
+        cond = pool.maps[part].float()[:, None].expand(-1, 3, -1, -1).repeat(2, 1, 1, 1)
+        x = torch.randn(n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                        generator=gen) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            model_in = sched.scale_model_input(torch.cat([x, x]), t)
+            if t < below:
+                scenes.append(part)
+                states.append(model_in[n:].clone())
+                times.append(torch.full((n,), int(round(float(t)))))
+            down, mid = net(model_in, t, said, cond, return_dict=False)
+            model = refined if t < HANDOVER else unet
+            pred = model(model_in, t, encoder_hidden_states=said, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid)[0]
+            uncond, texted = pred.chunk(2)
+            x = sched.step(uncond + cfg * (texted - uncond), t, x, generator=gen).prev_sample
+        finals.append(x)
+    return torch.cat(scenes), torch.cat(states), torch.cat(times), torch.cat(finals)
+
+
 class Pool:
     """Scenes drawn once: frozen-VAE latent moments, canny maps, caption token ids."""
 
@@ -125,14 +160,20 @@ class Pool:
         self.scenes, self.moments, self.maps, self.n = scenes, torch.cat(moments), torch.cat(maps), n
         self.gen = torch.Generator().manual_seed(seed)
 
-    def batch(self, b, dropout, distill_share=0.0):
+    def batch(self, b, dropout, distill_share=0.0, bank=None, rollout_share=0.0):
         """Latents (sampled from their moments), maps (N, 3, 128, 128) in [0, 1], caption ids (`dropout` emptied),
-        where each map has edges, dilated at the latent's resolution (N, 1, h, w) for --object-weight, and which
-        scenes (a `distill_share`, never emptied) are taught by the teacher instead: their ids are the student's
-        caption, and their teacher's caption ids follow."""
+        where each map has edges, dilated at the latent's resolution (N, 1, h, w) for --object-weight, which scenes
+        (a `distill_share`, never emptied) are taught by the teacher instead: their ids are the student's caption,
+        and their teacher's caption ids follow; then which rows (a `rollout_share`, taught too) are sampler states
+        from `bank` (rollout's scene index, state, timestep), with their states and timesteps."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         idx = torch.randint(0, self.n, (b,), generator=self.gen)
+        fixed, states, times = torch.zeros(b, dtype=torch.bool), None, None
+        if rollout_share:
+            fixed = torch.rand(b, generator=self.gen) < rollout_share
+            visit = torch.randint(0, len(bank[0]), (int(fixed.sum()),), generator=self.gen)
+            idx[fixed], states, times = bank[0][visit], bank[1][visit], bank[2][visit]
         drop = (torch.rand(b, generator=self.gen) < dropout)[:, None]
         latents = DiagonalGaussianDistribution(self.moments[idx]).sample(self.gen)
         maps = self.maps[idx].float()[:, None]
@@ -141,21 +182,27 @@ class Pool:
         ids, teacher = torch.where(drop, self.empty, self.ids[idx]), self.ids[:0]
         # no draw without distillation: the earlier runs' batches stay as they were
         taught = torch.rand(b, generator=self.gen) < distill_share if distill_share else torch.zeros(b, dtype=torch.bool)
+        taught = taught | fixed
         if taught.any():
             ids[taught], teacher = self.student_ids[idx[taught]], self.teacher_ids[idx[taught]]
-        return latents, maps.expand(-1, 3, -1, -1), ids, near, taught, teacher
+        return latents, maps.expand(-1, 3, -1, -1), ids, near, taught, teacher, fixed, states, times
 
 
 def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_share: float = 0.0,
           object_weight: float = 0.0, conflict_share: float = 0.0, small_share: float | None = None,
-          lr_decay: bool = False, focus: tuple = (), focus_share: float = 0.0, distill_share: float = 0.0) -> Path:
+          lr_decay: bool = False, focus: tuple = (), focus_share: float = 0.0, distill_share: float = 0.0,
+          rollout_share: float = 0.0, rollout_scenes: int = 1000, rollout_below: int = 250,
+          teacher_dir: Path | None = None) -> Path:
     """Train (from `run.resume`, a ControlNet folder, if given) and save `run.out/tiny-shapes-control` (fp16
     safetensors); returns that folder. `object_weight`: the loss counts 1 + this much near the map's edges (the
     object, a few percent of the latent, where its shape is decided). `lr_decay`: the learning rate falls along a
     cosine to 0 at the end of the time box (the earlier runs kept it constant). `focus`: (size, shape) index pairs,
     one of which a share `focus_share` of the scenes gets for one of its objects. `distill_share`: a share of each
-    batch is captioned without shape, size or place and trained to predict what the frozen starting ControlNet and
-    UNet predict from the full caption: the map must then carry what the words would have said."""
+    batch is captioned without shape, size or place and trained to predict what the frozen teacher (`teacher_dir`'s
+    ControlNet, default the starting one) and UNet predict from the full caption: the map must then carry what the
+    words would have said. `rollout_share`: a share of each batch is, instead of noised data, a state the sampler
+    visits below timestep `rollout_below` when the starting ControlNet draws one of `rollout_scenes` pool scenes
+    (those with a `focus` kind first) from colours and background only (`rollout`), taught the same way."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -170,10 +217,29 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
     # the refiner's own timestep at each of the base's (nearest alphas_cumprod), as the --refiner handover calls it
     own_t = matched_timesteps(alphas_cumprod(dict(sched.config)), alphas_cumprod(dict(own_sched.config))) if refiner else None
     net = (ControlNetModel.from_pretrained(run.resume, torch_dtype=torch.float32) if run.resume else controlnet(unet)).train()
+    # the teacher: --teacher's ControlNet, or a copy of the starting weights
+    teacher = None
+    if distill_share or rollout_share:
+        teacher = frozen(ControlNetModel, teacher_dir) if teacher_dir else copy.deepcopy(net).eval().requires_grad_(False)
     pool = Pool(pool_size, run.seed + 3, tok, vae, unsaid_share, conflict_share, small_share, focus, focus_share,
-                distill=bool(distill_share))
-    teacher = copy.deepcopy(net).eval().requires_grad_(False) if distill_share else None  # the starting weights
+                distill=bool(distill_share or rollout_share))
     print(f"pool of {pool_size} scenes in {(time.time() - t0) / 60:.1f} min", flush=True)
+    bank = None
+    if rollout_share:
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        read = lambda path: json.loads(path.read_text())  # noqa: E731
+        sampler = EulerAncestralDiscreteScheduler.from_config(read(base / "scheduler" / "scheduler_config.json"))
+        refined = unet
+        if refiner:
+            refined = _converted_unet(own, read(refiner / "scheduler" / "scheduler_config.json"), sampler, unet.config, None)
+        defaults = read(base / "diffcli.json")  # the steps and guidance diffcli txt2img draws with
+        chosen = sorted(range(pool_size), key=lambda i: not any((o.size, o.shape) in focus for o in pool.scenes[i].objects))
+        # (the student's states, as it starts: where its own sampling goes)
+        with torch.no_grad():
+            bank = rollout(net, unet, refined, sampler, text, pool, torch.tensor(chosen[:rollout_scenes]),
+                           rollout_below, defaults["steps"], defaults["cfg"], torch.Generator().manual_seed(run.seed))[:3]
+        print(f"{len(bank[0])} sampler states in {(time.time() - t0) / 60:.1f} min", flush=True)
     params = list(net.parameters())
     opt, lr_sched = optimizer(params, run.lr, torch.device("cpu"))
     if lr_decay:
@@ -184,16 +250,21 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
                     base=str(base), refiner=str(refiner), unsaid_share=unsaid_share, object_weight=object_weight,
                     conflict_share=conflict_share, small_share=small_share, lr_decay=lr_decay,
                     focus=[f"{world.SIZES[a]}-{world.SHAPES[b]}" for a, b in focus], focus_share=focus_share,
-                    distill_share=distill_share)
+                    distill_share=distill_share, rollout_share=rollout_share, rollout_scenes=rollout_scenes,
+                    rollout_below=rollout_below, rollout_states=len(bank[0]) if bank else 0,
+                    teacher=str(teacher_dir or run.resume) if teacher is not None else None)
     sf = vae.config.scaling_factor
 
     def step(i):
-        lat, cond, ids, near, taught, teacher_ids = pool.batch(run.batch, run.caption_dropout, distill_share)
+        lat, cond, ids, near, taught, teacher_ids, fixed, states_at, times = pool.batch(
+            run.batch, run.caption_dropout, distill_share, bank, rollout_share)
         weights = 1 + object_weight * near if object_weight else torch.ones_like(near)
         lat = lat * sf
         eps = torch.randn_like(lat)
         t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],))
         noisy = sched.add_noise(lat, eps, t)
+        if fixed.any():  # the sampler's own states, where noised data never goes
+            noisy[fixed], t[fixed] = states_at, times
         with torch.no_grad():
             states = text(ids)[0]
             if taught.any():  # the teacher's residuals from the full caption, for the taught scenes
@@ -255,9 +326,15 @@ def main(argv=None):
     p.add_argument("--focus-share", type=float, default=0.3)
     p.add_argument("--distill-share", type=float, default=0.0,
                    help="share of each batch captioned without shape, size or place and taught by the --resume model")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="the ControlNet folder that teaches --distill-share and --rollout-share (default: --resume)")
+    p.add_argument("--rollout-share", type=float, default=0.0,
+                   help="share of each batch that is the sampler's own states (below --rollout-below), taught by --resume")
+    p.add_argument("--rollout-scenes", type=int, default=1000, help="pool scenes the sampler draws for those states")
+    p.add_argument("--rollout-below", type=int, default=250, help="timestep under which the sampler's states are kept")
     a = p.parse_args(argv)
-    if a.distill_share and not a.resume:
-        p.error("--distill-share needs --resume: the ControlNet that teaches")
+    if (a.distill_share or a.rollout_share) and not a.resume:
+        p.error("--distill-share and --rollout-share need --resume: the ControlNet that teaches")
     focus = []
     for kind in filter(None, a.focus.split(",")):
         size, _, shape = kind.partition("-")
@@ -270,7 +347,7 @@ def main(argv=None):
               resume=a.resume)
     folder = train(run, a.base, None if a.refiner == "none" else Path(a.refiner), a.pool, a.unsaid_share,
                    a.object_weight, a.conflict_share, a.small_share, a.lr_decay, tuple(focus), a.focus_share,
-                   a.distill_share)
+                   a.distill_share, a.rollout_share, a.rollout_scenes, a.rollout_below, a.teacher)
     print(folder)
 
 

@@ -1,5 +1,5 @@
-"""The control trainer: what --unsaid-share, --conflict-share, --focus and --distill-share put in its pool and batches,
-and the options it refuses."""
+"""The control trainer: what --unsaid-share, --conflict-share, --focus, --distill-share and --rollout-share put in its
+pool and batches, that its rollout walks the states `diffcli txt2img` does, and the options it refuses."""
 
 import random
 
@@ -50,18 +50,67 @@ def test_taught_scenes_leave_shape_size_and_place_to_the_map_and_the_teacher_hea
                                      *(w for v in world.SIZE_WORDS.values() for w in v)}
         assert {world.SHAPES[o.shape] for o in s.objects} <= words(teacher)
         assert {world.COLOUR_NAMES[o.colour] for o in s.objects} | {world.COLOUR_NAMES[s.background]} <= words(student)
-    latents, maps, ids, near, taught, teacher = pool.batch(8, dropout=1.0, distill_share=1.0)
+    latents, maps, ids, near, taught, teacher, fixed, _, _ = pool.batch(8, dropout=1.0, distill_share=1.0)
     assert taught.all() and len(teacher) == 8 and not (ids == pool.empty).all(dim=1).any()  # never emptied
-    latents, maps, ids, near, taught, teacher = pool.batch(8, dropout=1.0, distill_share=0.0)
-    assert not taught.any() and len(teacher) == 0 and (ids == pool.empty).all()
+    latents, maps, ids, near, taught, teacher, fixed, _, _ = pool.batch(8, dropout=1.0, distill_share=0.0)
+    assert not taught.any() and not fixed.any() and len(teacher) == 0 and (ids == pool.empty).all()
     assert maps.shape == (8, 3, 128, 128) and near.shape == latents[:, :1].shape and torch.isfinite(latents).all()
+
+
+def test_rollout_states_are_taught_and_walk_the_states_diffcli_txt2img_does(tmp_path):
+    """The bundled pair and ControlNet drawing one pool scene from its student caption: the rollout keeps the states
+    below its timestep, and its final latents decode to the image `diffcli txt2img` makes of that caption, map and
+    seed (euler-a, the refiner from 0.5; the same noise draws, so equal up to float rounding)."""
+    import json
+
+    import numpy as np
+    import torch
+    from diffusers import ControlNetModel, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel
+
+    from diffcli.refiner import _converted_unet
+    from diffcli.shapes import evaluate
+    from lab.train_control import BUNDLED, rollout
+
+    tok, pool = _pool(distill=True)
+    base, refiner = BUNDLED / "tiny-shapes", BUNDLED / "tiny-shapes-refiner"
+    load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    text, unet, own = load(CLIPTextModel, base / "text_encoder"), load(UNet2DConditionModel, base / "unet"), load(
+        UNet2DConditionModel, refiner / "unet")
+    net = load(ControlNetModel, BUNDLED / "tiny-shapes-control")
+    sampler = EulerAncestralDiscreteScheduler.from_config(json.loads((base / "scheduler" / "scheduler_config.json").read_text()))
+    refined = _converted_unet(own, json.loads((refiner / "scheduler" / "scheduler_config.json").read_text()), sampler,
+                              unet.config, None)
+    with torch.no_grad():
+        scenes, states, times, finals = rollout(net, unet, refined, sampler, text, pool, torch.tensor([3]), 250, 14, 3.0,
+                                                torch.Generator().manual_seed(7))
+    assert scenes.tolist() == [3] * len(times) and len(times) >= 2 and (times < 250).all() and states.shape[1:] == (4, 16, 16)
+
+    Image.fromarray(pool.maps[3].numpy().astype(np.uint8) * 255).convert("RGB").save(tmp_path / "map.png")
+    prompt = tok.decode(pool.student_ids[3], skip_special_tokens=True)
+    made, = evaluate._images("txt2img", [dict(prompt=prompt, seed=7, model="tiny-shapes", device="cpu",
+                                              control=[f"none:{tmp_path / 'map.png'}"])])
+    from diffusers import AutoencoderKL
+
+    vae = load(AutoencoderKL, base / "vae")
+    with torch.no_grad():
+        image = (vae.decode(finals / vae.config.scaling_factor).sample[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+    assert np.abs(image - made).mean() < 2 / 255 and np.abs(image - made).max() < 0.1
+
+    batch = pool.batch(8, dropout=0.0, bank=(scenes, states, times), rollout_share=1.0)
+    taught, fixed, at, when = batch[4], *batch[6:]
+    assert fixed.all() and taught.all()  # every row a visited state, taught from the full caption
+    for state, t in zip(at, when):
+        assert any(torch.equal(state, s) and t == u for s, u in zip(states, times))
 
 
 @pytest.mark.parametrize("argv, says", [
     (["--focus", "small-blob"], "--focus 'small-blob': expected SIZE-SHAPE"),
     (["--focus", "SMALL-square"], "--focus 'SMALL-square'"),
     (["--focus", "small-square,../star"], "--focus '../star'"),
-    (["--distill-share", "0.5"], "--distill-share needs --resume"),
+    (["--distill-share", "0.5"], "--distill-share and --rollout-share need --resume"),
+    (["--rollout-share", "0.5"], "--distill-share and --rollout-share need --resume"),
 ])
 def test_bad_training_options_are_refused_before_any_work(tmp_path, capsys, argv, says):
     from lab.train_control import main
