@@ -119,3 +119,18 @@ def test_bad_training_options_are_refused_before_any_work(tmp_path, capsys, argv
         main(["--out", str(tmp_path / "run"), *argv])
     assert stop.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--kinds", "small-blob"], "--kinds 'small-blob': expected SIZE-SHAPE"),
+    (["--kinds", "Small-square"], "--kinds 'Small-square'"),
+    (["--at", "120-0"], "--at '120-0': expected LO-HI"),
+    (["--at", "5-5"], "--at '5-5'"),
+    (["--at", "abc"], "--at 'abc'"),
+])
+def test_bad_phase_probe_options_are_refused_before_any_work(capsys, argv, says):
+    from lab.control_phase import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and says in capsys.readouterr().err
