@@ -325,16 +325,26 @@ def main(argv=None):
                    help="kinds given to one object of a --focus-share of the scenes, e.g. small-square,small-star")
     p.add_argument("--focus-share", type=float, default=0.3)
     p.add_argument("--distill-share", type=float, default=0.0,
-                   help="share of each batch captioned without shape, size or place and taught by the --resume model")
+                   help="share of each batch captioned without shape, size or place and taught by --teacher")
     p.add_argument("--teacher", type=Path, default=None,
                    help="the ControlNet folder that teaches --distill-share and --rollout-share (default: --resume)")
     p.add_argument("--rollout-share", type=float, default=0.0,
-                   help="share of each batch that is the sampler's own states (below --rollout-below), taught by --resume")
+                   help="share of each batch that is the sampler's own states (below --rollout-below), taught by --teacher")
     p.add_argument("--rollout-scenes", type=int, default=1000, help="pool scenes the sampler draws for those states")
     p.add_argument("--rollout-below", type=int, default=250, help="timestep under which the sampler's states are kept")
     a = p.parse_args(argv)
     if (a.distill_share or a.rollout_share) and not a.resume:
         p.error("--distill-share and --rollout-share need --resume: the ControlNet that teaches")
+    for flag, share in (("--distill-share", a.distill_share), ("--rollout-share", a.rollout_share)):
+        if not 0 <= share <= 1:
+            p.error(f"{flag} {share:g}: expected a share from 0 to 1")
+    if a.rollout_share and not 1 <= a.rollout_scenes <= a.pool:
+        p.error(f"--rollout-scenes {a.rollout_scenes}: expected 1 to --pool ({a.pool})")
+    if not 0 < a.rollout_below <= 1000:
+        p.error(f"--rollout-below {a.rollout_below}: expected a timestep from 1 to 1000")
+    for flag, folder in (("--resume", a.resume), ("--teacher", a.teacher)):
+        if folder is not None and not (folder / "config.json").is_file():
+            p.error(f"--{flag.lstrip('-')} {folder}: not a ControlNet folder (no config.json)")
     focus = []
     for kind in filter(None, a.focus.split(",")):
         size, _, shape = kind.partition("-")

@@ -6,7 +6,9 @@ import random
 import pytest
 
 from diffcli.shapes import world
-from lab.train_control import misnamed
+from lab.train_control import BUNDLED, misnamed
+
+CONTROL = str(BUNDLED / "tiny-shapes-control")
 
 
 def test_misnamed_scenes_change_every_shape_and_nothing_else():
@@ -111,6 +113,14 @@ def test_rollout_states_are_taught_and_walk_the_states_diffcli_txt2img_does(tmp_
     (["--focus", "small-square,../star"], "--focus '../star'"),
     (["--distill-share", "0.5"], "--distill-share and --rollout-share need --resume"),
     (["--rollout-share", "0.5"], "--distill-share and --rollout-share need --resume"),
+    (["--resume", CONTROL, "--rollout-share", "1.5"], "--rollout-share 1.5: expected a share"),
+    (["--resume", CONTROL, "--distill-share", "-0.1"], "--distill-share -0.1"),
+    (["--resume", CONTROL, "--rollout-share", "0.5", "--rollout-scenes", "0"],
+     "--rollout-scenes 0: expected 1 to --pool"),
+    (["--rollout-below", "0"], "--rollout-below 0: expected a timestep"),
+    (["--resume", CONTROL, "--distill-share", "0.5", "--teacher", "../nowhere"],
+     "--teacher ../nowhere: not a ControlNet folder"),
+    (["--resume", str(BUNDLED / "tiny-shapes"), "--distill-share", "0.5"], "tiny-shapes: not a ControlNet folder"),
 ])
 def test_bad_training_options_are_refused_before_any_work(tmp_path, capsys, argv, says):
     from lab.train_control import main
