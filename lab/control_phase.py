@@ -18,18 +18,18 @@ from PIL import Image
 from diffcli import refiner
 from diffcli.shapes import SEED_STRIDE, evaluate, judge, world
 from lab.control_check import scenes
-from lab.train_control import BUNDLED
+from lab.train_control import BUNDLED, kinds
 
 
-def probe(kinds, at=(0, 1000), swap="colour-then-shape", n=200, seed=0, model=None, threads=2) -> dict:
-    """Right shapes per kind (`kinds`: (size, shape) index pairs) when the refiner's prompt is swapped in `at`."""
+def probe(wanted, at=(0, 1000), swap="colour-then-shape", n=200, seed=0, model=None, threads=2) -> dict:
+    """Right shapes per kind (`wanted`: (size, shape) index pairs) when the refiner's prompt is swapped in `at`."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     base = BUNDLED / "tiny-shapes"
     tok, text = CLIPTokenizer.from_pretrained(base / "tokenizer"), CLIPTextModel.from_pretrained(base / "text_encoder")
     colour, shape = scenes(n, seed, "colour"), scenes(n, seed, "shape")
     said, other = (colour, shape) if swap == "colour-then-shape" else (shape, colour)
-    chosen = [i for i, (_, s) in enumerate(colour) if (s.objects[0].size, s.objects[0].shape) in kinds]
+    chosen = [i for i, (_, s) in enumerate(colour) if (s.objects[0].size, s.objects[0].shape) in wanted]
     with torch.no_grad():
         swapped = {said[i][0]: text(tok([other[i][0]], padding="max_length", max_length=77,
                                         return_tensors="pt").input_ids)[0] for i in chosen}
@@ -45,7 +45,7 @@ def probe(kinds, at=(0, 1000), swap="colour-then-shape", n=200, seed=0, model=No
             return inner(sample, timestep, encoder_hidden_states, **kwargs)
         return refiner._StandIn(forward, base_config)
 
-    right = {f"{world.SIZES[a]}-{world.SHAPES[b]}": [] for a, b in kinds}
+    right = {f"{world.SIZES[a]}-{world.SHAPES[b]}": [] for a, b in wanted}
     refiner._converted_unet = converted
     try:
         with tempfile.TemporaryDirectory(prefix="control-phase-") as folder:
@@ -76,17 +76,12 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="a ControlNet folder (default: the bundled one)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    kinds = []
-    for kind in a.kinds.split(","):
-        size, _, shape = kind.partition("-")
-        if size not in world.SIZES or shape not in world.SHAPES:
-            p.error(f"--kinds {kind!r}: expected SIZE-SHAPE with SIZE in {world.SIZES}, SHAPE in {world.SHAPES}")
-        kinds.append((world.SIZES.index(size), world.SHAPES.index(shape)))
+    chosen = kinds(p, "--kinds", a.kinds.split(","))
     lo, _, hi = a.at.partition("-")
     if not (lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
         p.error(f"--at {a.at!r}: expected LO-HI, two timesteps with LO < HI")
     torch.set_num_threads(a.threads)
-    print(json.dumps(probe(kinds, (int(lo), int(hi)), a.swap, a.n, a.seed, a.model, a.threads)))
+    print(json.dumps(probe(chosen, (int(lo), int(hi)), a.swap, a.n, a.seed, a.model, a.threads)))
 
 
 if __name__ == "__main__":

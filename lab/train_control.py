@@ -87,19 +87,18 @@ def rollout(net, unet, refined, sampler, text, pool, idx, below, steps, cfg, gen
     timestep) per visit, and the final latents of `idx`. Where a map-only image goes wrong (a small square's rounded
     corners, settled by the refiner in the last steps) these states are off the path of noised data, so training on
     noised data alone never meets them."""
-    sched = sampler
     empty = text(pool.empty)[0]
     scenes, states, times, finals = [], [], [], []
     for i in range(0, len(idx), chunk):
         part = idx[i:i + chunk]
         n = len(part)
-        sched.set_timesteps(steps)
+        sampler.set_timesteps(steps)
         said = torch.cat([empty.expand(n, -1, -1), text(pool.student_ids[part])[0]])
         cond = pool.maps[part].float()[:, None].expand(-1, 3, -1, -1).repeat(2, 1, 1, 1)
         x = torch.randn(n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
-                        generator=gen) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            model_in = sched.scale_model_input(torch.cat([x, x]), t)
+                        generator=gen) * sampler.init_noise_sigma
+        for t in sampler.timesteps:
+            model_in = sampler.scale_model_input(torch.cat([x, x]), t)
             if t < below:
                 scenes.append(part)
                 states.append(model_in[n:].clone())
@@ -109,7 +108,7 @@ def rollout(net, unet, refined, sampler, text, pool, idx, below, steps, cfg, gen
             pred = model(model_in, t, encoder_hidden_states=said, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid)[0]
             uncond, texted = pred.chunk(2)
-            x = sched.step(uncond + cfg * (texted - uncond), t, x, generator=gen).prev_sample
+            x = sampler.step(uncond + cfg * (texted - uncond), t, x, generator=gen).prev_sample
         finals.append(x)
     return torch.cat(scenes), torch.cat(states), torch.cat(times), torch.cat(finals)
 
@@ -298,6 +297,17 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
     return folder
 
 
+def kinds(parser, flag: str, names) -> list[tuple[int, int]]:
+    """(size, shape) index pairs of SIZE-SHAPE `names` ("small-square"); one unknown is `parser`'s exit 2."""
+    pairs = []
+    for kind in names:
+        size, _, shape = kind.partition("-")
+        if size not in world.SIZES or shape not in world.SHAPES:
+            parser.error(f"{flag} {kind!r}: expected SIZE-SHAPE with SIZE in {world.SIZES}, SHAPE in {world.SHAPES}")
+        pairs.append((world.SIZES.index(size), world.SHAPES.index(shape)))
+    return pairs
+
+
 def run_deadline(run: Run, t0: float) -> float:
     """The end of the time box, counted from the start (pool drawing included)."""
     return t0 + run.minutes * 60
@@ -345,12 +355,7 @@ def main(argv=None):
     for flag, folder in (("--resume", a.resume), ("--teacher", a.teacher)):
         if folder is not None and not (folder / "config.json").is_file():
             p.error(f"--{flag.lstrip('-')} {folder}: not a ControlNet folder (no config.json)")
-    focus = []
-    for kind in filter(None, a.focus.split(",")):
-        size, _, shape = kind.partition("-")
-        if size not in world.SIZES or shape not in world.SHAPES:
-            p.error(f"--focus {kind!r}: expected SIZE-SHAPE with SIZE in {world.SIZES}, SHAPE in {world.SHAPES}")
-        focus.append((world.SIZES.index(size), world.SHAPES.index(shape)))
+    focus = kinds(p, "--focus", filter(None, a.focus.split(",")))
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     run = Run(out=a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch, lr=a.lr,
