@@ -113,6 +113,11 @@ def rollout(net, unet, refined, sampler, text, pool, idx, below, steps, cfg, gen
     return torch.cat(scenes), torch.cat(states), torch.cat(times), torch.cat(finals)
 
 
+def bank_scenes(order: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The scenes of the k-th rollout bank: the k-th run of `n` along `order`, wrapping round it."""
+    return order[torch.arange(k * n, (k + 1) * n) % len(order)]
+
+
 class Pool:
     """Scenes drawn once: frozen-VAE latent moments, canny maps, caption token ids."""
 
@@ -191,7 +196,7 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
           object_weight: float = 0.0, conflict_share: float = 0.0, small_share: float | None = None,
           lr_decay: bool = False, focus: tuple = (), focus_share: float = 0.0, distill_share: float = 0.0,
           rollout_share: float = 0.0, rollout_scenes: int = 1000, rollout_below: int = 250,
-          teacher_dir: Path | None = None) -> Path:
+          teacher_dir: Path | None = None, rollout_refresh: float = 0.0) -> Path:
     """Train (from `run.resume`, a ControlNet folder, if given) and save `run.out/tiny-shapes-control` (fp16
     safetensors); returns that folder. `object_weight`: the loss counts 1 + this much near the map's edges (the
     object, a few percent of the latent, where its shape is decided). `lr_decay`: the learning rate falls along a
@@ -201,7 +206,8 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
     ControlNet, default the starting one) and UNet predict from the full caption: the map must then carry what the
     words would have said. `rollout_share`: a share of each batch is, instead of noised data, a state the sampler
     visits below timestep `rollout_below` when the starting ControlNet draws one of `rollout_scenes` pool scenes
-    (those with a `focus` kind first) from colours and background only (`rollout`), taught the same way."""
+    (those with a `focus` kind first) from colours and background only (`rollout`), taught the same way; every
+    `rollout_refresh` minutes (0: never) the student, as it is then, draws the next `rollout_scenes` for a new bank."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -233,12 +239,24 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
         if refiner:
             refined = _converted_unet(own, read(refiner / "scheduler" / "scheduler_config.json"), sampler, unet.config, None)
         defaults = read(base / "diffcli.json")  # the steps and guidance diffcli txt2img draws with
-        chosen = sorted(range(pool_size), key=lambda i: not any((o.size, o.shape) in focus for o in pool.scenes[i].objects))
-        # (the student's states, as it starts: where its own sampling goes)
-        with torch.no_grad():
-            bank = rollout(net, unet, refined, sampler, text, pool, torch.tensor(chosen[:rollout_scenes]),
-                           rollout_below, defaults["steps"], defaults["cfg"], torch.Generator().manual_seed(run.seed))[:3]
-        print(f"{len(bank[0])} sampler states in {(time.time() - t0) / 60:.1f} min", flush=True)
+        chosen = torch.tensor(sorted(range(pool_size),
+                                     key=lambda i: not any((o.size, o.shape) in focus for o in pool.scenes[i].objects)))
+        roll_gen = torch.Generator().manual_seed(run.seed)
+
+        def draw_bank(k):
+            """The student's states now (where its own sampling goes) on the k-th `rollout_scenes` of `chosen`,
+            focus kinds first, wrapping round the pool."""
+            idx = bank_scenes(chosen, k, rollout_scenes)
+            was = net.training
+            net.eval()
+            with torch.no_grad():
+                states = rollout(net, unet, refined, sampler, text, pool, idx, rollout_below, defaults["steps"],
+                                 defaults["cfg"], roll_gen)[:3]
+            net.train(was)
+            print(f"{len(states[0])} sampler states (bank {k}) at {(time.time() - t0) / 60:.1f} min", flush=True)
+            return states
+
+        bank = draw_bank(0)
     params = list(net.parameters())
     opt, lr_sched = optimizer(params, run.lr, torch.device("cpu"))
     if lr_decay:
@@ -250,11 +268,17 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
                     conflict_share=conflict_share, small_share=small_share, lr_decay=lr_decay,
                     focus=[f"{world.SIZES[a]}-{world.SHAPES[b]}" for a, b in focus], focus_share=focus_share,
                     distill_share=distill_share, rollout_share=rollout_share, rollout_scenes=rollout_scenes,
-                    rollout_below=rollout_below, rollout_states=len(bank[0]) if bank else 0,
+                    rollout_below=rollout_below, rollout_refresh=rollout_refresh, rollout_states=len(bank[0]) if bank else 0,
                     teacher=str(teacher_dir or run.resume) if teacher is not None else None)
     sf = vae.config.scaling_factor
 
+    refreshed = [time.time(), 0]  # when the bank was last drawn, and how many times
+
     def step(i):
+        nonlocal bank
+        if rollout_share and rollout_refresh and time.time() - refreshed[0] > rollout_refresh * 60:
+            refreshed[1] += 1
+            bank, refreshed[0] = draw_bank(refreshed[1]), time.time()
         lat, cond, ids, near, taught, teacher_ids, fixed, states_at, times = pool.batch(
             run.batch, run.caption_dropout, distill_share, bank, rollout_share)
         weights = 1 + object_weight * near if object_weight else torch.ones_like(near)
@@ -342,6 +366,8 @@ def main(argv=None):
                    help="share of each batch that is the sampler's own states (below --rollout-below), taught by --teacher")
     p.add_argument("--rollout-scenes", type=int, default=1000, help="pool scenes the sampler draws for those states")
     p.add_argument("--rollout-below", type=int, default=250, help="timestep under which the sampler's states are kept")
+    p.add_argument("--rollout-refresh", type=float, default=0.0,
+                   help="minutes after which the student draws a new bank of states from the next scenes (0: never)")
     a = p.parse_args(argv)
     if (a.distill_share or a.rollout_share) and not a.resume:
         p.error("--distill-share and --rollout-share need --resume: the ControlNet that teaches")
@@ -350,6 +376,8 @@ def main(argv=None):
             p.error(f"{flag} {share:g}: expected a share from 0 to 1")
     if a.rollout_share and not 1 <= a.rollout_scenes <= a.pool:
         p.error(f"--rollout-scenes {a.rollout_scenes}: expected 1 to --pool ({a.pool})")
+    if a.rollout_refresh < 0 or (a.rollout_refresh and not a.rollout_share):
+        p.error(f"--rollout-refresh {a.rollout_refresh:g}: expected minutes > 0, with --rollout-share")
     if not 0 < a.rollout_below <= 1000:
         p.error(f"--rollout-below {a.rollout_below}: expected a timestep from 1 to 1000")
     for flag, folder in (("--resume", a.resume), ("--teacher", a.teacher)):
@@ -362,7 +390,8 @@ def main(argv=None):
               resume=a.resume)
     folder = train(run, a.base, None if a.refiner == "none" else Path(a.refiner), a.pool, a.unsaid_share,
                    a.object_weight, a.conflict_share, a.small_share, a.lr_decay, tuple(focus), a.focus_share,
-                   a.distill_share, a.rollout_share, a.rollout_scenes, a.rollout_below, a.teacher)
+                   a.distill_share, a.rollout_share, a.rollout_scenes, a.rollout_below, a.teacher,
+                   a.rollout_refresh)
     print(folder)
 
 

@@ -1,5 +1,6 @@
 """The control trainer: what --unsaid-share, --conflict-share, --focus, --distill-share and --rollout-share put in its
-pool and batches, that its rollout walks the states `diffcli txt2img` does, and the options it refuses."""
+pool and batches, that its rollout walks the states `diffcli txt2img` does, which scenes each refreshed bank draws,
+and the options it refuses."""
 
 import random
 
@@ -107,6 +108,18 @@ def test_rollout_states_are_taught_and_walk_the_states_diffcli_txt2img_does(tmp_
         assert any(torch.equal(state, s) and t == u for s, u in zip(states, times))
 
 
+def test_each_refreshed_bank_draws_the_next_scenes_round_the_pool():
+    import torch
+
+    from lab.train_control import bank_scenes
+
+    order = torch.tensor([4, 2, 0, 1, 3])
+    assert bank_scenes(order, 0, 2).tolist() == [4, 2]
+    assert bank_scenes(order, 1, 2).tolist() == [0, 1]
+    assert bank_scenes(order, 2, 2).tolist() == [3, 4]  # wraps round
+    assert bank_scenes(order, 3, 5).tolist() == [4, 2, 0, 1, 3]
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--focus", "small-blob"], "--focus 'small-blob': expected SIZE-SHAPE"),
     (["--focus", "SMALL-square"], "--focus 'SMALL-square'"),
@@ -118,6 +131,8 @@ def test_rollout_states_are_taught_and_walk_the_states_diffcli_txt2img_does(tmp_
     (["--resume", CONTROL, "--rollout-share", "0.5", "--rollout-scenes", "0"],
      "--rollout-scenes 0: expected 1 to --pool"),
     (["--rollout-below", "0"], "--rollout-below 0: expected a timestep"),
+    (["--resume", CONTROL, "--rollout-share", "0.5", "--rollout-refresh", "-1"], "--rollout-refresh -1: expected"),
+    (["--resume", CONTROL, "--distill-share", "0.5", "--rollout-refresh", "10"], "with --rollout-share"),
     (["--resume", CONTROL, "--distill-share", "0.5", "--teacher", "../nowhere"],
      "--teacher ../nowhere: not a ControlNet folder"),
     (["--resume", str(BUNDLED / "tiny-shapes"), "--distill-share", "0.5"], "tiny-shapes: not a ControlNet folder"),
