@@ -11,6 +11,7 @@ a light ground) instead. `--weight 0` gives the uncontrolled images of the same 
 
 import argparse
 import json
+import math
 import random
 import sys
 import tempfile
@@ -63,13 +64,28 @@ def scores(scene, image: np.ndarray) -> dict:
     return right
 
 
+def moved(items: list, offset: float, seed: int) -> list:
+    """`items` with each object `offset` px from its place in a random direction, instead of the world's few px of
+    jitter: off the five places where every training scene has one object, still nearest the same one while `offset`
+    < 16 (the places are 32 px apart)."""
+    import dataclasses
+
+    rng, out = random.Random(30_000 + seed), []
+    for text, s in items:
+        (x, y), angle = world.POSITIONS[world.POSITION_NAMES[s.position]], rng.uniform(0, 2 * math.pi)
+        o = dataclasses.replace(s.objects[0], x=x + offset * math.cos(angle), y=y + offset * math.sin(angle))
+        out.append((text, dataclasses.replace(s, objects=[o])))
+    return out
+
+
 def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threads=1, extra=None, source="scene",
-          guess_mode=False) -> dict:
+          guess_mode=False, offset=0.0) -> dict:
     """Generate and judge n controlled images, the maps made from the rendered scenes or (`outline`) from outline
-    drawings of them; returns the mean of each score, and the shape's per kind of object (`shape_by_kind`)."""
+    drawings of them, each object moved `offset` px off its place; returns the mean of each score, and the shape's
+    per kind of object (`shape_by_kind`)."""
     from lab.train_control import outline_drawing
 
-    items = scenes(n, seed, prompt)
+    items = moved(scenes(n, seed, prompt), offset, seed) if offset else scenes(n, seed, prompt)
     acc, kinds, t0 = defaultdict(list), defaultdict(list), time.time()
     with tempfile.TemporaryDirectory(prefix="control-check-") as folder:
         t = world.to_tensors([s for _, s in items])
@@ -87,7 +103,7 @@ def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threa
             o = scene.objects[0]
             kinds[f"{world.SIZES[o.size]} {world.SHAPES[o.shape]}"].append(acc["shape"][-1])
     return {"n": n, "seed": seed, "prompt": prompt, "source": source, "weight": weight, "model": model, "extra": extra,
-            "guess_mode": guess_mode,
+            "guess_mode": guess_mode, "offset": offset,
             "seconds": round(time.time() - t0, 1), "accuracy": {k: round(float(np.mean(acc[k])), 4) for k in KEYS},
             "shape_by_kind": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(kinds.items())}}
 
@@ -103,8 +119,12 @@ def main(argv=None):
     p.add_argument("--unit", default=None, help="more unit options, e.g. 'model=DIR' or 'end=0.5'")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--guess-mode", action="store_true", help="the ControlNet sees no prompt (diffcli's --guess-mode)")
+    p.add_argument("--offset", type=float, default=0.0,
+                   help="px (0 to 15) from its place in the world each object is put, in a random direction")
     a = p.parse_args(argv)
-    result = check(a.n, a.seed, a.prompt, a.weight, a.model, a.threads, a.unit, a.source, a.guess_mode)
+    if not 0 <= a.offset < 16:
+        p.error(f"--offset {a.offset:g}: expected 0 to 15 px (16 or more can be nearer another place)")
+    result = check(a.n, a.seed, a.prompt, a.weight, a.model, a.threads, a.unit, a.source, a.guess_mode, a.offset)
     print(json.dumps(result), flush=True)
     print(" ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items()), file=sys.stderr)
 
