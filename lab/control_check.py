@@ -120,11 +120,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--guess-mode", action="store_true", help="the ControlNet sees no prompt (diffcli's --guess-mode)")
     p.add_argument("--offset", type=float, default=0.0,
-                   help="put each object this many px (1 to 15) from its place in the world, in a random direction; "
+                   help="put each object this many px (under 16) from its place in the world, in a random direction; "
                         "0: as drawn (within 4 px)")
     a = p.parse_args(argv)
     if not 0 <= a.offset < 16:
-        p.error(f"--offset {a.offset:g}: expected 0 to 15 px (16 or more can be nearer another place)")
+        p.error(f"--offset {a.offset:g}: expected at least 0 and under 16 px (16 or more can be nearer another place)")
     result = check(a.n, a.seed, a.prompt, a.weight, a.model, a.threads, a.unit, a.source, a.guess_mode, a.offset)
     print(json.dumps(result), flush=True)
     print(" ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items()), file=sys.stderr)
