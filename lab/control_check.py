@@ -10,6 +10,7 @@ a light ground) instead. `--weight 0` gives the uncontrolled images of the same 
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -33,8 +34,6 @@ def scenes(n: int, seed: int, prompt: str) -> list:
     """(caption, scene) of `diffcli eval`'s held-out one-object scenes; `colour` captions leave shape, size and
     position unsaid (the map's to give), `shape` ones size and position (the issue's "a red star" with an outline),
     `other` ones name another shape than the map's (which one wins), `full` ones say everything."""
-    import dataclasses
-
     items = evaluate.prompts(n, seed, two_object=False)
     if prompt == "full":
         return items
@@ -68,8 +67,6 @@ def moved(items: list, offset: float, seed: int) -> list:
     """`items` with each object `offset` px from its place in a random direction, instead of the world's few px of
     jitter: off the five places where every training scene has one object, still nearest the same one while `offset`
     < 16 (the places are 32 px apart)."""
-    import dataclasses
-
     rng, out = random.Random(30_000 + seed), []
     for text, s in items:
         (x, y), angle = world.POSITIONS[world.POSITION_NAMES[s.position]], rng.uniform(0, 2 * math.pi)
@@ -85,7 +82,9 @@ def check(n=200, seed=0, prompt="colour", weight=1.0, model="tiny-shapes", threa
     per kind of object (`shape_by_kind`)."""
     from lab.train_control import outline_drawing
 
-    items = moved(scenes(n, seed, prompt), offset, seed) if offset else scenes(n, seed, prompt)
+    items = scenes(n, seed, prompt)
+    if offset:
+        items = moved(items, offset, seed)
     acc, kinds, t0 = defaultdict(list), defaultdict(list), time.time()
     with tempfile.TemporaryDirectory(prefix="control-check-") as folder:
         t = world.to_tensors([s for _, s in items])

@@ -272,13 +272,13 @@ def train(run: Run, base: Path, refiner: Path | None, pool_size: int, unsaid_sha
                     teacher=str(teacher_dir or run.resume) if teacher is not None else None)
     sf = vae.config.scaling_factor
 
-    refreshed = [time.time(), 0]  # when the bank was last drawn, and how many times
+    bank_number, bank_drawn = 0, time.time()
 
     def step(i):
-        nonlocal bank
-        if rollout_share and rollout_refresh and time.time() - refreshed[0] > rollout_refresh * 60:
-            refreshed[1] += 1
-            bank, refreshed[0] = draw_bank(refreshed[1]), time.time()
+        nonlocal bank, bank_number, bank_drawn
+        if rollout_share and rollout_refresh and time.time() - bank_drawn > rollout_refresh * 60:
+            bank_number += 1
+            bank, bank_drawn = draw_bank(bank_number), time.time()
         lat, cond, ids, near, taught, teacher_ids, fixed, states_at, times = pool.batch(
             run.batch, run.caption_dropout, distill_share, bank, rollout_share)
         weights = 1 + object_weight * near if object_weight else torch.ones_like(near)
@@ -382,7 +382,7 @@ def main(argv=None):
         p.error(f"--rollout-below {a.rollout_below}: expected a timestep from 1 to 1000")
     for flag, folder in (("--resume", a.resume), ("--teacher", a.teacher)):
         if folder is not None and not (folder / "config.json").is_file():
-            p.error(f"--{flag.lstrip('-')} {folder}: not a ControlNet folder (no config.json)")
+            p.error(f"{flag} {folder}: not a ControlNet folder (no config.json)")
     focus = kinds(p, "--focus", filter(None, a.focus.split(",")))
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
